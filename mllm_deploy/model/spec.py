@@ -1,0 +1,102 @@
+"""What the rest of the pipeline knows about a model: its architecture and its float weights.
+
+`ModelSpec` is read from file metadata alone (no weights), so the resolver can check a
+profile against a model in milliseconds. `LlamaWeights` holds the float32 weights, all in
+the (out, in) layout, so a linear is `y = x @ W.T`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+RopeStyle = Literal["adjacent", "half"]
+"""`adjacent`: rotate pairs (2i, 2i+1) — GGUF's permuted Q/K (ggml "normal" rope).
+`half`: rotate (i, i + d/2) — Hugging Face checkpoints (NeoX style)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of a Llama-family decoder, from metadata only."""
+
+    source: str  # the profile's model.source, as given
+    path: str  # resolved file or directory
+    format: Literal["gguf", "hf"]
+    architecture: str  # "llama", "qwen2", "mistral"
+    name: str
+    n_layers: int
+    hidden: int
+    ffn: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    context: int
+    rope_theta: float
+    rope_style: RopeStyle
+    rms_eps: float
+    tied_embeddings: bool
+    qkv_bias: bool  # Qwen2 has q/k/v biases
+    weight_bytes_f32: int  # float32 size of all weights
+    file_bytes: int  # size on disk
+    file_sha256: str | None = None  # filled when verified (builtin registry)
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    add_bos: bool = False
+    chat_template: str | None = None  # the model's own Jinja template, if any
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def kv_cache_bytes(self, tokens: int, dtype_bytes: int = 4) -> int:
+        """K and V for every layer at `tokens` positions."""
+        return 2 * self.n_layers * tokens * self.kv_dim * dtype_bytes
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear in one layer."""
+        return {
+            "attn_q": (self.q_dim, self.hidden),
+            "attn_k": (self.kv_dim, self.hidden),
+            "attn_v": (self.kv_dim, self.hidden),
+            "attn_output": (self.hidden, self.q_dim),
+            "ffn_gate": (self.ffn, self.hidden),
+            "ffn_up": (self.ffn, self.hidden),
+            "ffn_down": (self.hidden, self.ffn),
+        }
+
+
+@dataclass
+class LayerWeights:
+    """One transformer block, float32, linears (out, in)."""
+
+    attn_norm: np.ndarray  # [hidden]
+    wq: np.ndarray  # [n_heads*head_dim, hidden]
+    wk: np.ndarray  # [n_kv_heads*head_dim, hidden]
+    wv: np.ndarray  # [n_kv_heads*head_dim, hidden]
+    wo: np.ndarray  # [hidden, n_heads*head_dim]
+    ffn_norm: np.ndarray  # [hidden]
+    w_gate: np.ndarray  # [ffn, hidden]
+    w_up: np.ndarray  # [ffn, hidden]
+    w_down: np.ndarray  # [hidden, ffn]
+    bq: np.ndarray | None = None  # [n_heads*head_dim] (Qwen2)
+    bk: np.ndarray | None = None  # [n_kv_heads*head_dim]
+    bv: np.ndarray | None = None  # [n_kv_heads*head_dim]
+
+
+@dataclass
+class LlamaWeights:
+    """All float32 weights of a Llama-family model."""
+
+    spec: ModelSpec
+    tok_embd: np.ndarray  # [vocab, hidden]
+    layers: list[LayerWeights]
+    output_norm: np.ndarray  # [hidden]
+    output: np.ndarray  # [vocab, hidden]; the same array as tok_embd when tied

@@ -1,0 +1,85 @@
+"""`mllm-deploy` command line: parse arguments and call the pipeline; nothing else.
+
+Each command lives in its own module exposing `register(subparsers)`, which adds a parser
+whose `func` default is `run(args) -> int`. Diagnostics go to stderr, data to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from mllm_deploy import __version__
+from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.cli.common import print_diagnostics
+
+COMMAND_MODULES = (
+    "validate_cmd",
+    "plan_cmd",
+    "schema_cmd",
+    "init_cmd",
+    "devices_cmd",
+    "models_cmd",
+    "run_cmd",
+    "chat_cmd",
+    "up_cmd",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a one-line usage error (its default), never a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = _Parser(
+        prog="mllm-deploy",
+        description="Deploy small LLMs with chunked INT8 NPU prefill, shadow outliers and "
+        "out-of-order NPU/CPU scheduling.",
+    )
+    parser.add_argument("--version", action="version", version=f"mllm-deploy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mllm_deploy.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command not written yet
+            if exc.name == f"mllm_deploy.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return ExitCode.INVALID
+    try:
+        return int(args.func(args))
+    except UserError as err:
+        print_diagnostics(err.warnings + err.diagnostics)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        return ExitCode.OK
+    except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
+        if os.environ.get("MLLM_DEPLOY_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"internal error: {type(exc).__name__}: {exc}\n"
+            "    this is a bug in mllm-deploy; rerun with MLLM_DEPLOY_DEBUG=1 for a traceback",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

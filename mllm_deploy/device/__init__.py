@@ -1,0 +1,53 @@
+"""Device capabilities: the catalog of targets and the probed `host`.
+
+Entry points: `load_capabilities(target) -> Capabilities` and `list_devices()`.
+Catalog figures are public nominal specs (each data file says where they come from);
+`host` is this machine, probed in a subprocess and cached (see `probe`).
+"""
+
+from __future__ import annotations
+
+from mllm_deploy.device.catalog import HOST_ID, CatalogError, catalog, device_ids
+from mllm_deploy.device.models import (
+    Capabilities,
+    ChunkSizeRule,
+    CpuCluster,
+    HostProbe,
+    NpuCaps,
+)
+
+__all__ = [
+    "HOST_ID",
+    "Capabilities",
+    "CatalogError",
+    "ChunkSizeRule",
+    "CpuCluster",
+    "HostProbe",
+    "NpuCaps",
+    "device_ids",
+    "list_devices",
+    "load_capabilities",
+]
+
+
+def load_capabilities(target: str, *, use_probe_cache: bool = True) -> Capabilities:
+    """Capabilities of `target` (a catalog id). `host` is the catalog defaults plus a probe
+    of this machine. Unknown ids raise UserError (exit 2) with a did-you-mean; a broken
+    catalog file raises CatalogError (exit 1) naming the file."""
+    from mllm_deploy.device.catalog import unknown_target
+
+    entries = catalog()
+    if target not in entries:
+        raise unknown_target(target)
+    if target != HOST_ID:
+        return entries[target]
+    from mllm_deploy.device.host import build_host
+    from mllm_deploy.device.probe import probe_host
+
+    return build_host(entries[HOST_ID], probe_host(use_cache=use_probe_cache))
+
+
+def list_devices(*, include_host: bool = True) -> list[Capabilities]:
+    """Every device, `host` (probed) first, then the catalog in id order."""
+    ids = [i for i in device_ids() if include_host or i != HOST_ID]
+    return [load_capabilities(i) for i in ids]

@@ -1,0 +1,68 @@
+"""Plain events the runtime emits while it works; front ends (CLI, TUI) consume them.
+
+Only data here: no front-end imports, no callbacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "eos", "length", "cancelled", "context"]
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    """One prefill chunk went through every layer."""
+
+    index: int  # 0-based chunk number within this prefill
+    n_chunks: int
+    tokens: int  # real tokens in the chunk
+    seconds: float  # wall time of the chunk
+
+
+@dataclass(frozen=True)
+class PrefillDone:
+    """The prompt is in the KV cache (or prefill was cancelled)."""
+
+    prompt_tokens: int  # tokens of the whole prompt (conversation so far)
+    reused_tokens: int  # already in the KV cache from an earlier turn
+    prefilled_tokens: int  # computed now: prompt_tokens - reused_tokens (fewer if cancelled)
+    truncated_tokens: int  # oldest tokens dropped by prefill.overflow = truncate-left
+    seconds: float
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEmitted:
+    """A generated token; `text` is what it adds to the visible output (may be empty while a
+    UTF-8 character or a possible stop string is incomplete)."""
+
+    index: int  # 0-based among generated tokens
+    token_id: int
+    text: str
+    seconds_since_start: float  # since the request started (first token: the TTFT)
+
+
+@dataclass(frozen=True)
+class GenerationMetrics:
+    ttft_ms: float | None  # request start to first generated token
+    prefill_seconds: float
+    prefill_tokens_per_s: float | None
+    decode_seconds: float  # first token to last token
+    decode_tokens_per_s: float | None  # tokens after the first / decode_seconds
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    """A turn finished; carries the whole result."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    reused_tokens: int
+    prefilled_tokens: int
+    truncated_tokens: int
+    generated_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    metrics: GenerationMetrics | None = None

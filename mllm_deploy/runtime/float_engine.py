@@ -1,0 +1,180 @@
+"""numpy float32 forward of a Llama-family decoder over a KV cache: chunked prefill and decode.
+
+The engine is stateless apart from its weights; a conversation's state is its `KVCache`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from mllm_deploy.model.spec import LlamaWeights, ModelSpec
+from mllm_deploy.runtime.events import ChunkDone
+from mllm_deploy.runtime.kv_cache import KVCache
+from mllm_deploy.runtime.layers import (
+    BlockLinears,
+    ChunkSpan,
+    FloatBlockLinears,
+    causal_attention,
+    rms_norm,
+)
+from mllm_deploy.runtime.rope import RopeTables
+
+LogitRows = Literal["last", "all", "none"]
+PAD_TOKEN_ID = 0  # fills padded chunk rows; its results are discarded
+
+
+@dataclass
+class PrefillResult:
+    logits: np.ndarray | None  # [1, vocab] ("last"), [prefilled tokens, vocab] ("all"), or None
+    tokens: int  # real tokens committed to the cache
+    chunks: int  # chunks run
+    cancelled: bool
+
+
+class FloatEngine:
+    """Runs a model's blocks in float32 with numpy; `block_linears` can be replaced per layer."""
+
+    def __init__(self, weights: LlamaWeights):
+        spec = weights.spec
+        if spec.n_heads % spec.n_kv_heads:
+            raise ValueError(f"n_heads {spec.n_heads} is not a multiple of n_kv_heads {spec.n_kv_heads}")
+        self.spec: ModelSpec = spec
+        self.weights = weights
+        self.rope = RopeTables(spec.head_dim, spec.rope_theta, spec.rope_style, n_positions=1024)
+        self.block_linears: list[BlockLinears] = [FloatBlockLinears(layer) for layer in weights.layers]
+
+    # -- state ---------------------------------------------------------------------------
+
+    def new_cache(self, capacity: int) -> KVCache:
+        spec = self.spec
+        self.rope.ensure(capacity)
+        return KVCache(spec.n_layers, capacity, spec.n_kv_heads, spec.head_dim)
+
+    # -- the three steps of a block --------------------------------------------------------
+
+    def qkv_step(self, layer: int, x: np.ndarray):
+        """x [T, hidden] -> q [T, q_dim], k [T, kv_dim], v [T, kv_dim]."""
+        x_norm = rms_norm(x, self.weights.layers[layer].attn_norm, self.spec.rms_eps)
+        return self.block_linears[layer].qkv(x_norm)
+
+    def attention_step(self, layer: int, q, k, v, span: ChunkSpan, cache: KVCache) -> np.ndarray:
+        """Rotate q/k, store the real rows' k/v in the cache, attend. Returns [T, q_dim]."""
+        spec = self.spec
+        n_rows = q.shape[0]
+        q = self.rope.apply(q.reshape(n_rows, spec.n_heads, spec.head_dim), span.start)
+        k = self.rope.apply(k.reshape(n_rows, spec.n_kv_heads, spec.head_dim), span.start)
+        v = v.reshape(n_rows, spec.n_kv_heads, spec.head_dim)
+        cache.write(layer, span.start, k[: span.n_real], v[: span.n_real])
+        keys = cache.keys(layer, span.end)  # [start + n_real, kv_heads, head_dim]
+        values = cache.values(layer, span.end)
+        return causal_attention(q, keys, values, span.start, spec.n_kv_heads)
+
+    def out_mlp_step(self, layer: int, x: np.ndarray, attn: np.ndarray) -> np.ndarray:
+        """Residual stream after the block: x + wo(attn), then + mlp(norm(.)). [T, hidden]."""
+        linears = self.block_linears[layer]
+        h = x + linears.attn_output(attn)
+        h_norm = rms_norm(h, self.weights.layers[layer].ffn_norm, self.spec.rms_eps)
+        return h + linears.mlp(h_norm)
+
+    def block(self, layer: int, x: np.ndarray, span: ChunkSpan, cache: KVCache) -> np.ndarray:
+        q, k, v = self.qkv_step(layer, x)
+        attn = self.attention_step(layer, q, k, v, span, cache)
+        return self.out_mlp_step(layer, x, attn)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Output head on x [n, hidden] -> [n, vocab]."""
+        x_norm = rms_norm(x, self.weights.output_norm, self.spec.rms_eps)
+        return x_norm @ self.weights.output.T
+
+    # -- whole chunks ------------------------------------------------------------------------
+
+    def forward_chunk(
+        self, cache: KVCache, token_ids: Sequence[int], *, n_rows: int | None = None, logit_rows: LogitRows = "last"
+    ) -> np.ndarray | None:
+        """Run `token_ids` (padded to `n_rows` rows) after what the cache holds, then commit them.
+
+        Returns logits for the last real token [1, vocab], every real token [n, vocab], or None.
+        """
+        n_real = len(token_ids)
+        n_rows = n_real if n_rows is None else n_rows
+        if not 1 <= n_real <= n_rows:
+            raise ValueError(f"a chunk needs 1..{n_rows} real tokens, got {n_real}")
+        if cache.length + n_real > cache.capacity:
+            raise ValueError(f"{n_real} tokens do not fit the KV cache ({cache.free} free)")
+        span = ChunkSpan(start=cache.length, n_real=n_real, n_rows=n_rows)
+        self.rope.ensure(span.start + n_rows)
+        ids = np.full(n_rows, PAD_TOKEN_ID, np.int64)
+        ids[:n_real] = token_ids
+        x = self.weights.tok_embd[ids]  # [T, hidden]
+        for layer in range(self.spec.n_layers):
+            x = self.block(layer, x, span, cache)
+        cache.advance(list(token_ids))
+        if logit_rows == "none":
+            return None
+        rows = x[n_real - 1 : n_real] if logit_rows == "last" else x[:n_real]
+        return self.logits(rows)
+
+    def prefill_chunks(
+        self,
+        cache: KVCache,
+        token_ids: Sequence[int],
+        *,
+        chunk_size: int,
+        pad_last_chunk: bool = False,
+        logit_rows: LogitRows = "last",
+    ) -> Iterator[tuple[ChunkDone, np.ndarray | None]]:
+        """Feed `token_ids` in chunks of `chunk_size`, yielding after each chunk its event and
+        logits ("all": the chunk's real rows; "last": only after the final chunk; else None).
+
+        With `pad_last_chunk` every chunk has exactly `chunk_size` rows (as a static-shape
+        NPU graph needs); the padding is neither cached nor attended to. Stopping the
+        iteration between chunks leaves the cache holding exactly the chunks done.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        n_chunks = -(-len(token_ids) // chunk_size)
+        for index in range(n_chunks):
+            started = time.perf_counter()
+            chunk = list(token_ids[index * chunk_size : (index + 1) * chunk_size])
+            n_rows = chunk_size if pad_last_chunk else len(chunk)
+            rows: LogitRows = logit_rows if (logit_rows == "all" or index == n_chunks - 1) else "none"
+            logits = self.forward_chunk(cache, chunk, n_rows=n_rows, logit_rows=rows)
+            yield ChunkDone(index, n_chunks, len(chunk), time.perf_counter() - started), logits
+
+    def prefill(
+        self,
+        cache: KVCache,
+        token_ids: Sequence[int],
+        *,
+        chunk_size: int,
+        pad_last_chunk: bool = False,
+        logit_rows: LogitRows = "last",
+        cancel: threading.Event | None = None,
+        on_chunk: Callable[[ChunkDone], None] | None = None,
+    ) -> PrefillResult:
+        """`prefill_chunks` run to the end; `cancel` is checked before each chunk."""
+        pieces: list[np.ndarray] = []
+        done = chunks = 0
+        for event, logits in self.prefill_chunks(
+            cache, token_ids, chunk_size=chunk_size, pad_last_chunk=pad_last_chunk, logit_rows=logit_rows
+        ):
+            done += event.tokens
+            chunks += 1
+            if logits is not None:
+                pieces.append(logits)
+            if on_chunk is not None:
+                on_chunk(event)
+            if cancel is not None and cancel.is_set() and done < len(token_ids):
+                return PrefillResult(None, done, chunks, cancelled=True)
+        logits = np.concatenate(pieces) if pieces else None
+        return PrefillResult(logits, done, chunks, cancelled=False)
+
+    def decode_step(self, cache: KVCache, token_id: int) -> np.ndarray:
+        """Append one token and return the next-token logits [vocab]."""
+        return self.forward_chunk(cache, [int(token_id)], logit_rows="last")[0]

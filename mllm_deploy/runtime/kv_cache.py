@@ -1,0 +1,76 @@
+"""Preallocated float32 key/value cache of one conversation.
+
+Prefill writes a chunk's keys and values layer by layer, then commits the chunk's real
+tokens with `advance`; decode does the same one token at a time. Padding of a chunk is
+never written, and `length` counts real tokens only. `truncate` rolls back (multi-turn
+prefix reuse, cancel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class KVCache:
+    """K and V of every layer, `[layers, capacity, kv_heads, head_dim]` float32, plus the token ids held."""
+
+    def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int):
+        if capacity < 1:
+            raise ValueError(f"KV cache capacity must be >= 1, got {capacity}")
+        self.n_layers = n_layers
+        self.capacity = capacity
+        # np.zeros maps untouched pages lazily, so RSS grows with the tokens actually held.
+        self.k = np.zeros((n_layers, capacity, n_kv_heads, head_dim), np.float32)
+        self.v = np.zeros((n_layers, capacity, n_kv_heads, head_dim), np.float32)
+        self.token_ids: list[int] = []  # the token at each committed position
+
+    @property
+    def length(self) -> int:
+        """Committed positions (real tokens whose K/V every layer holds)."""
+        return len(self.token_ids)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.length
+
+    def write(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Store `keys`/`values` [n, kv_heads, head_dim] of `layer` at positions `start .. start+n-1`."""
+        n = keys.shape[0]
+        if start != self.length:
+            raise ValueError(f"write at position {start} but the cache holds {self.length} tokens")
+        if start + n > self.capacity:
+            raise ValueError(f"KV cache full: {start} + {n} tokens > capacity {self.capacity}")
+        self.k[layer, start : start + n] = keys
+        self.v[layer, start : start + n] = values
+
+    def keys(self, layer: int, end: int) -> np.ndarray:
+        """Keys of positions `0 .. end-1` of `layer`: a view [end, kv_heads, head_dim]."""
+        return self.k[layer, :end]
+
+    def values(self, layer: int, end: int) -> np.ndarray:
+        """Values of positions `0 .. end-1` of `layer`: a view [end, kv_heads, head_dim]."""
+        return self.v[layer, :end]
+
+    def advance(self, token_ids: list[int]) -> None:
+        """Commit `token_ids`, whose K/V every layer has just written after the current length."""
+        if self.length + len(token_ids) > self.capacity:
+            raise ValueError("advance beyond the KV cache capacity")
+        self.token_ids.extend(int(t) for t in token_ids)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (the stale K/V is overwritten later)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        del self.token_ids[length:]
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def common_prefix(self, token_ids: list[int]) -> int:
+        """How many leading `token_ids` the cache already holds."""
+        n = 0
+        for held, new in zip(self.token_ids, token_ids):
+            if held != new:
+                break
+            n += 1
+        return n

@@ -1,0 +1,118 @@
+"""The pieces of one Llama block in numpy float32: RMSNorm, linears, attention, SwiGLU.
+
+A block runs as three steps so that the linears can later be swapped for static-shape NPU
+graphs while attention (dynamic: a chunk against every earlier token) stays on the CPU:
+
+    qkv_step        x -> norm -> q, k, v           (linears)
+    attention_step  rope, KV-cache write, causal attention over the cache   (CPU, float)
+    out_mlp_step    attn -> wo + residual -> norm -> SwiGLU MLP + residual  (linears)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from mllm_deploy.model.spec import LayerWeights
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x [T, hidden] * weight / sqrt(mean(x^2) + eps)."""
+    mean_sq = np.einsum("th,th->t", x, x)[:, None] / np.float32(x.shape[1])  # [T, 1]
+    return x * (1.0 / np.sqrt(mean_sq + np.float32(eps))) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class BlockLinears(Protocol):
+    """The linear layers of one block; the float version is below, NPU graphs come later."""
+
+    def qkv(self, x_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x_norm [T, hidden] -> q [T, q_dim], k [T, kv_dim], v [T, kv_dim] (biases included)."""
+
+    def attn_output(self, attn: np.ndarray) -> np.ndarray:
+        """attn [T, q_dim] -> [T, hidden]."""
+
+    def mlp(self, x_norm: np.ndarray) -> np.ndarray:
+        """x_norm [T, hidden] -> down(silu(gate(x)) * up(x)) [T, hidden]."""
+
+
+class FloatBlockLinears:
+    """float32 numpy matmuls against the (out, in) weights: `y = x @ W.T`."""
+
+    def __init__(self, layer: LayerWeights):
+        self.w = layer
+
+    def qkv(self, x_norm):
+        w = self.w
+        q = x_norm @ w.wq.T  # [T, q_dim]
+        k = x_norm @ w.wk.T  # [T, kv_dim]
+        v = x_norm @ w.wv.T  # [T, kv_dim]
+        if w.bq is not None:
+            q += w.bq
+        if w.bk is not None:
+            k += w.bk
+        if w.bv is not None:
+            v += w.bv
+        return q, k, v
+
+    def attn_output(self, attn):
+        return attn @ self.w.wo.T
+
+    def mlp(self, x_norm):
+        gate = x_norm @ self.w.w_gate.T  # [T, ffn]
+        up = x_norm @ self.w.w_up.T  # [T, ffn]
+        return (silu(gate) * up) @ self.w.w_down.T  # [T, hidden]
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """Where a chunk sits: its first position, its real tokens and its padded length."""
+
+    start: int  # position of the chunk's first token (= tokens already in the cache)
+    n_real: int  # real tokens; rows n_real.. are padding
+    n_rows: int  # rows actually computed (n_real, or chunk_size when padded)
+
+    @property
+    def end(self) -> int:
+        """One past the last real position."""
+        return self.start + self.n_real
+
+
+def causal_attention(
+    q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, n_kv_heads: int
+) -> np.ndarray:
+    """Grouped-query attention of a chunk over every earlier token and causally within itself.
+
+    q: [T, n_heads, head_dim], already rotated, row t at position `start + t`.
+    keys, values: [L, n_kv_heads, head_dim], positions 0 .. L-1 (L = start + real tokens).
+    Query t sees keys j <= start + t. Padding rows (start + t >= L) see every real key and
+    are discarded by the caller; padding keys are never in `keys`.
+    Returns [T, n_heads * head_dim].
+    """
+    n_rows, n_heads, head_dim = q.shape
+    n_keys = keys.shape[0]
+    group = n_heads // n_kv_heads
+    scale = np.float32(1.0 / np.sqrt(head_dim))
+    # Query head h uses KV head h // group.
+    q_grouped = (q * scale).reshape(n_rows, n_kv_heads, group, head_dim)
+    q_grouped = q_grouped.transpose(1, 2, 0, 3).reshape(n_kv_heads, group * n_rows, head_dim)
+    scores = q_grouped @ keys.transpose(1, 2, 0)  # [kv_heads, group*T, L]
+    scores = scores.reshape(n_kv_heads, group, n_rows, n_keys)
+    n_new = n_keys - start  # keys of this chunk; only they can be in a query's future
+    if n_new > 1:
+        row = np.arange(n_rows)[:, None]
+        col = np.arange(n_new)[None, :]
+        future = col > row  # [T, n_new]
+        scores[..., start:] = np.where(future, -np.inf, scores[..., start:])
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    probs = scores.reshape(n_kv_heads, group * n_rows, n_keys)
+    out = probs @ values.transpose(1, 0, 2)  # [kv_heads, group*T, head_dim]
+    out = out.reshape(n_kv_heads, group, n_rows, head_dim).transpose(2, 0, 1, 3)
+    return out.reshape(n_rows, n_heads * head_dim)

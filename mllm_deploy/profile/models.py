@@ -6,7 +6,7 @@ Every field's docstring is its documentation: `mllm-deploy schema` and
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,7 @@ class _Section(BaseModel):
         strict=True,
         use_attribute_docstrings=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
 
@@ -152,7 +153,7 @@ class DecodeSection(_Section):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     """Random seed for sampling."""
 
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     """Strings that end generation when they appear in the output (not included in it)."""
 
 

@@ -24,8 +24,14 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(mean_sq + np.float32(eps))) * weight
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+def silu_mul_(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gate <- silu(gate) * up, in place (no temporaries beyond one [T, ffn] buffer)."""
+    denom = np.negative(gate)
+    np.exp(denom, out=denom)
+    denom += 1.0
+    gate /= denom
+    gate *= up
+    return gate
 
 
 class BlockLinears(Protocol):
@@ -66,7 +72,7 @@ class FloatBlockLinears:
     def mlp(self, x_norm):
         gate = x_norm @ self.w.w_gate.T  # [T, ffn]
         up = x_norm @ self.w.w_up.T  # [T, ffn]
-        return (silu(gate) * up) @ self.w.w_down.T  # [T, hidden]
+        return silu_mul_(gate, up) @ self.w.w_down.T  # [T, hidden]
 
 
 @dataclass(frozen=True)
@@ -97,22 +103,34 @@ def causal_attention(
     n_rows, n_heads, head_dim = q.shape
     n_keys = keys.shape[0]
     group = n_heads // n_kv_heads
-    scale = np.float32(1.0 / np.sqrt(head_dim))
-    # Query head h uses KV head h // group.
-    q_grouped = (q * scale).reshape(n_rows, n_kv_heads, group, head_dim)
-    q_grouped = q_grouped.transpose(1, 2, 0, 3).reshape(n_kv_heads, group * n_rows, head_dim)
+    # Query head h uses KV head h // group; the group's heads and rows form one matrix.
+    q_grouped = q.reshape(n_rows, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+    q_grouped = q_grouped * np.float32(1.0 / np.sqrt(head_dim))  # [kv_heads, group, T, head_dim]
+    q_grouped = q_grouped.reshape(n_kv_heads, group * n_rows, head_dim)
     scores = q_grouped @ keys.transpose(1, 2, 0)  # [kv_heads, group*T, L]
-    scores = scores.reshape(n_kv_heads, group, n_rows, n_keys)
-    n_new = n_keys - start  # keys of this chunk; only they can be in a query's future
+    n_new = n_keys - start  # keys of this chunk: only they can lie in a query's future
     if n_new > 1:
-        row = np.arange(n_rows)[:, None]
-        col = np.arange(n_new)[None, :]
-        future = col > row  # [T, n_new]
-        scores[..., start:] = np.where(future, -np.inf, scores[..., start:])
+        grid = scores.reshape(n_kv_heads, group, n_rows, n_keys)
+        grid[..., start:] += _future_mask(n_rows, n_new)
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    probs = scores.reshape(n_kv_heads, group * n_rows, n_keys)
-    out = probs @ values.transpose(1, 0, 2)  # [kv_heads, group*T, head_dim]
+    denom = scores.sum(axis=-1, keepdims=True)  # [kv_heads, group*T, 1]
+    out = scores @ values.transpose(1, 0, 2)  # [kv_heads, group*T, head_dim]
+    out /= denom  # normalise after the product: head_dim columns instead of L
     out = out.reshape(n_kv_heads, group, n_rows, head_dim).transpose(2, 0, 1, 3)
     return out.reshape(n_rows, n_heads * head_dim)
+
+
+_MASK_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _future_mask(n_rows: int, n_new: int) -> np.ndarray:
+    """[n_rows, n_new] float32: -inf where key column > query row, else 0."""
+    mask = _MASK_CACHE.get((n_rows, n_new))
+    if mask is None:
+        future = np.arange(n_new)[None, :] > np.arange(n_rows)[:, None]
+        mask = np.where(future, np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
+        if len(_MASK_CACHE) > 64:
+            _MASK_CACHE.clear()
+        _MASK_CACHE[(n_rows, n_new)] = mask
+    return mask

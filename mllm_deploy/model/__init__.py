@@ -1,0 +1,89 @@
+"""Model sources: `builtin:NAME`, a `.gguf` file, or a Hugging Face directory.
+
+    read_spec(source, base_dir) -> ModelSpec     metadata only (~0.1 s for the default model)
+    load_weights(spec) -> LlamaWeights           float32, linears (out, in)
+    load_tokenizer(spec) -> ModelTokenizer       see mllm_deploy.model.tokenizer
+
+Every problem with a source (unknown syntax, missing path, broken file, unsupported
+architecture) is a UserError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from mllm_deploy.errors import user_error
+from mllm_deploy.model.spec import LayerWeights, LlamaWeights, ModelSpec
+
+__all__ = ["LayerWeights", "LlamaWeights", "ModelSpec", "read_spec", "load_weights", "load_tokenizer", "resolve_source_path"]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?![\\/])")  # "builtin:x", "hf:x"; not "C:\" or "/a:b"
+SOURCE_SYNTAX = "builtin:NAME, a path to a .gguf file, or a Hugging Face model directory"
+
+
+def resolve_source_path(source: str, base_dir: Path | None = None) -> tuple[Path, str | None]:
+    """(path, verified sha256 or None) that `source` names; relative paths are under `base_dir`."""
+    from mllm_deploy.model import registry
+
+    text = source.strip()
+    if text.startswith(registry.BUILTIN_PREFIX):
+        return registry.resolve_builtin(text)
+    path = Path(text).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    scheme = _SCHEME.match(text)
+    if scheme and not path.exists():
+        raise user_error(
+            f"unknown model source syntax {scheme.group(1) + ':'!r}",
+            key="model.source",
+            value=source,
+            allowed=SOURCE_SYNTAX,
+        )
+    if not path.exists():
+        raise user_error("model path not found", file=str(path), key="model.source", value=source, allowed=SOURCE_SYNTAX)
+    return path, None
+
+
+def read_spec(source: str, base_dir: Path | None = None) -> ModelSpec:
+    """The ModelSpec of a model source, from metadata alone (no weights are read)."""
+    from mllm_deploy.model.gguf_file import GGUF_MAGIC
+    from mllm_deploy.model.gguf_source import read_gguf_spec
+    from mllm_deploy.model.hf_source import read_hf_spec
+
+    path, sha256 = resolve_source_path(source, base_dir)
+    if path.is_dir():
+        return read_hf_spec(path, source)
+    if path.suffix == ".safetensors" or path.name == "config.json":
+        raise user_error(
+            "a Hugging Face model is a directory: give the folder holding config.json, not one of its files",
+            file=str(path),
+        )
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise user_error(f"cannot read the model file: {exc.strerror or exc}", file=str(path)) from None
+    if magic != GGUF_MAGIC and path.suffix != ".gguf":
+        raise user_error(f"not a model: expected a GGUF file or a Hugging Face directory ({SOURCE_SYNTAX})", file=str(path))
+    spec = read_gguf_spec(path, source)
+    return replace(spec, file_sha256=sha256) if sha256 else spec
+
+
+def load_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeights:
+    """All weights as float32, linears (out, in). GGUF weights are dequantized once and cached."""
+    if spec.format == "gguf":
+        from mllm_deploy.model.gguf_source import load_gguf_weights
+
+        return load_gguf_weights(spec, use_cache=use_cache)
+    from mllm_deploy.model.hf_source import load_hf_weights
+
+    return load_hf_weights(spec)
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer (a ModelTokenizer)."""
+    from mllm_deploy.model.tokenizer import load_tokenizer as _load
+
+    return _load(spec)

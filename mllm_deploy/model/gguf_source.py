@@ -1,0 +1,182 @@
+"""Llama-family models from GGUF files: metadata -> ModelSpec, tensors -> float32 LlamaWeights.
+
+Conventions (llama.cpp): arch `llama` stores Q/K rows permuted so RoPE rotates adjacent
+pairs (ggml "normal" rope) -> rope_style "adjacent"; arch `qwen2` is converted without
+the permutation and run with NeoX rope -> rope_style "half". A model without
+`output.weight` ties its output head to `token_embd.weight`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from mllm_deploy.errors import user_error
+from mllm_deploy.model import layout, weight_cache
+from mllm_deploy.model.gguf_file import GGUFFile
+from mllm_deploy.model.spec import LlamaWeights, ModelSpec
+
+LOADER_VERSION = 1  # bump when the cached float32 arrays would differ
+ROPE_STYLE_OF_ARCH = {"llama": "adjacent", "qwen2": "half"}
+# metadata keys that describe variants the float engine would run wrongly
+_UNSUPPORTED_KEYS = {
+    "expert_count": "mixture-of-experts layers",
+    "attention.sliding_window": "sliding-window attention",
+    "attn_logit_softcapping": "attention logit soft-capping",
+    "final_logit_softcapping": "final logit soft-capping",
+}
+
+
+def read_gguf_spec(path: Path, source: str) -> ModelSpec:
+    """The ModelSpec of a GGUF file, from its header alone (~0.1 s for the default model)."""
+    gfile = GGUFFile(path)
+    try:
+        return _spec_from_file(gfile, source)
+    finally:
+        gfile.close()
+
+
+def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
+    file = str(gfile.path)
+    arch = gfile.get("general.architecture")
+    if arch not in ROPE_STYLE_OF_ARCH:
+        raise user_error(
+            f"unsupported model architecture {arch!r}",
+            file=file,
+            key="general.architecture",
+            allowed=", ".join(ROPE_STYLE_OF_ARCH),
+        )
+
+    def need(key: str):
+        value = gfile.get(f"{arch}.{key}")
+        if value is None:
+            raise user_error(f"metadata key '{arch}.{key}' is missing", file=file)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise user_error(f"metadata key '{arch}.{key}' must be a number (per-layer values are not supported)", file=file)
+        return value
+
+    for key, what in _UNSUPPORTED_KEYS.items():
+        if gfile.get(f"{arch}.{key}"):
+            raise user_error(f"{what} ('{arch}.{key}') are not supported", file=file)
+    scaling = gfile.get(f"{arch}.rope.scaling.type")
+    if (scaling not in (None, "none")) or "rope_freqs.weight" in gfile.tensors:
+        raise user_error("RoPE scaling (rope.scaling.type / rope_freqs.weight) is not supported", file=file)
+
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    n_kv_heads = int(gfile.get(f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = int(gfile.get(f"{arch}.attention.key_length", hidden // max(n_heads, 1)))
+    rope_dims = int(gfile.get(f"{arch}.rope.dimension_count", head_dim))
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise user_error(f"invalid head counts: {n_heads} heads, {n_kv_heads} KV heads", file=file)
+    if rope_dims != head_dim or head_dim % 2:
+        raise user_error(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported", file=file)
+
+    tokens = gfile.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise user_error("the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)", file=file)
+    embd = gfile.tensors.get("token_embd.weight")
+    vocab = int(gfile.get(f"{arch}.vocab_size", len(tokens)))
+    if embd is not None and len(embd.shape) == 2:
+        vocab = embd.shape[0]
+    if len(tokens) > vocab:
+        raise user_error(f"the tokenizer has {len(tokens)} tokens but the embedding only {vocab} rows", file=file)
+
+    eos = gfile.get("tokenizer.ggml.eos_token_id")
+    eot = gfile.get("tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
+    bos = gfile.get("tokenizer.ggml.bos_token_id")
+    template = gfile.get("tokenizer.chat_template")
+    spec = ModelSpec(
+        source=source,
+        path=file,
+        format="gguf",
+        architecture=arch,
+        name=str(gfile.get("general.name") or gfile.path.stem),
+        n_layers=int(need("block_count")),
+        hidden=hidden,
+        ffn=int(need("feed_forward_length")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        context=int(need("context_length")),
+        rope_theta=float(gfile.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_style=ROPE_STYLE_OF_ARCH[arch],
+        rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+        tied_embeddings="output.weight" not in gfile.tensors,
+        qkv_bias="blk.0.attn_q.bias" in gfile.tensors,
+        weight_bytes_f32=0,
+        file_bytes=gfile.file_bytes,
+        bos_id=int(bos) if bos is not None else None,
+        eos_ids=eos_ids,
+        add_bos=bool(gfile.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=template if isinstance(template, str) else None,
+        extra={
+            "tokenizer_model": gfile.get("tokenizer.ggml.model"),
+            "tokenizer_pre": gfile.get("tokenizer.ggml.pre"),
+            "tensor_types": _type_histogram(gfile),
+        },
+    )
+    found = {name: info.shape for name, info in gfile.tensors.items()}
+    layout.check_tensor_table(spec, "gguf", found, file)
+    return replace(spec, weight_bytes_f32=layout.weight_bytes_f32(layout.expected_tensors(spec, "gguf")))
+
+
+def _type_histogram(gfile: GGUFFile) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for info in gfile.tensors.values():
+        counts[info.ggml_type.name] = counts.get(info.ggml_type.name, 0) + 1
+    return counts
+
+
+def gguf_weights_cache_key(spec: ModelSpec) -> str:
+    """Content hash when verified (builtin registry), else path + size + mtime."""
+    if spec.file_sha256:
+        identity = ("sha256", spec.file_sha256)
+    else:
+        st = Path(spec.path).stat()
+        identity = ("file", str(Path(spec.path).resolve()), st.st_size, st.st_mtime_ns)
+    return "gguf-" + weight_cache.cache_key(*identity, "loader", LOADER_VERSION)
+
+
+def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeights:
+    """Float32 weights (out, in); dequantized once, then mmap-loaded from the weight cache."""
+    names = list(layout.expected_tensors(spec, "gguf"))
+    key = gguf_weights_cache_key(spec) if use_cache else None
+    if key is not None:
+        cached = weight_cache.load_entry(key)
+        if cached is not None and set(cached) == set(names):
+            return layout.assemble_weights(spec, "gguf", cached.__getitem__)
+    gfile = GGUFFile(Path(spec.path))
+    try:
+        if _spec_from_file(gfile, spec.source).weight_bytes_f32 != spec.weight_bytes_f32:
+            raise user_error("the file changed since its spec was read; read it again", file=spec.path)
+        if key is None:
+            return layout.assemble_weights(spec, "gguf", gfile.dequantize)
+        started = time.perf_counter()
+        weight_cache.store_entry(
+            key, names, gfile.dequantize,
+            {"source": spec.source, "path": spec.path, "loader_version": LOADER_VERSION},
+        )  # fmt: skip
+        cached = weight_cache.load_entry(key)
+        if cached is None:  # the cache directory is unusable (full disk?): run from memory
+            return layout.assemble_weights(spec, "gguf", gfile.dequantize)
+        spec.extra.setdefault("dequantize_s", round(time.perf_counter() - started, 3))
+        return layout.assemble_weights(spec, "gguf", cached.__getitem__)
+    finally:
+        gfile.close()
+
+
+def gguf_tensor(spec: ModelSpec, name: str) -> np.ndarray:
+    """One tensor as float32, straight from the file (no cache); for tools and tests."""
+    gfile = GGUFFile(Path(spec.path))
+    try:
+        if name not in gfile.tensors:
+            raise user_error(f"no tensor named {name!r}", file=spec.path)
+        return gfile.dequantize(name)
+    finally:
+        gfile.close()

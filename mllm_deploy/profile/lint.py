@@ -69,13 +69,7 @@ def profile_warnings(profile: Profile, explicit: frozenset[str], where: Where) -
     """Every warning for `profile`, located with `where(dotted_key)`."""
     found = [item for check in CHECKS for item in check(profile, explicit)]
     return [
-        Diagnostic(message=message, severity="warning", value=_value_of(profile, key), **where(key))
+        Diagnostic(message=message, severity="warning", **where(key))
         for key, message in found
     ]
 
-
-def _value_of(profile: Profile, key: str) -> object:
-    node: object = profile
-    for part in key.split("."):
-        node = getattr(node, part, None)
-    return node

@@ -72,7 +72,7 @@ def load_profile_text(
     if problems:
         raise UserError(problems)
     explicit = frozenset(leaf_keys(document) | set_by_overrides)
-    warnings = profile_warnings(profile, explicit, where)
+    warnings = in_reading_order(profile_warnings(profile, explicit, where), overrides)
     if not document and not overrides:
         warnings.insert(0, Diagnostic(
             message="the profile sets no keys: every key has its default value",

@@ -1,0 +1,41 @@
+"""`mllm-deploy validate PROFILE [--set KEY=VALUE]`: is this profile well formed?"""
+
+from __future__ import annotations
+
+import argparse
+
+from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
+from mllm_deploy.errors import ExitCode
+from mllm_deploy.profile import LoadedProfile
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a profile and report every problem with its file:line:col",
+        description="Check a profile: every key, type, value and range, with --set overrides applied. "
+        "Problems go to stderr as file:line:col with the key, the value, what is allowed and a "
+        "'did you mean'. Exit 0 when valid (warnings do not fail), 2 when not.",
+    )
+    add_profile_args(parser)
+    parser.set_defaults(func=run)
+
+
+def validate_profile_shape(args: argparse.Namespace) -> LoadedProfile:
+    """The profile part of `validate`: load, validate and print warnings; raises UserError (exit 2)."""
+    return load_profile_from_args(args)
+
+
+def ok_line(loaded: LoadedProfile, shown_path: str) -> str:
+    """`PROFILE: ok (name 'x')`, plus the number of warnings when there are any."""
+    line = f"{shown_path}: ok (name {loaded.profile.name!r})"
+    count = len(loaded.warnings)
+    if count:
+        line += f"; {count} warning{'s' if count != 1 else ''}"
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = validate_profile_shape(args)
+    print(ok_line(loaded, args.profile if args.profile is not None else str(loaded.path)))
+    return ExitCode.OK

@@ -7,7 +7,7 @@ Catalog figures are public nominal specs (each data file says where they come fr
 
 from __future__ import annotations
 
-from mllm_deploy.device.catalog import HOST_ID, CatalogError, catalog, device_ids
+from mllm_deploy.device.catalog import HOST_ID, CatalogError, catalog_entries, device_ids
 from mllm_deploy.device.models import (
     Capabilities,
     ChunkSizeRule,
@@ -36,7 +36,7 @@ def load_capabilities(target: str, *, use_probe_cache: bool = True) -> Capabilit
     catalog file raises CatalogError (exit 1) naming the file."""
     from mllm_deploy.device.catalog import unknown_target
 
-    entries = catalog()
+    entries = catalog_entries()
     if target not in entries:
         raise unknown_target(target)
     if target != HOST_ID:

@@ -67,14 +67,14 @@ def _load_all(folder: str) -> dict[str, Capabilities]:
     return {p.stem: load_file(p) for p in sorted(Path(folder).glob("*.toml"))}
 
 
-def catalog(folder: Path | None = None) -> dict[str, Capabilities]:
+def catalog_entries(folder: Path | None = None) -> dict[str, Capabilities]:
     """Every catalog entry by id, as stored (the `host` entry holds unprobed defaults)."""
     return _load_all(str(folder or catalog_dir()))
 
 
 def device_ids() -> list[str]:
     """All valid `device.target` ids, `host` first."""
-    ids = sorted(catalog())
+    ids = sorted(catalog_entries())
     return [HOST_ID] + [i for i in ids if i != HOST_ID] if HOST_ID in ids else ids
 
 

@@ -2,9 +2,9 @@
 
 The probe runs in a subprocess (`python -m mllm_deploy.device.probe`) so that a crashing
 driver (QNN loads vendor libraries) cannot take the tool down. The child prints its
-findings as JSON lines prefixed with `MARKER`: first the CPU/RAM facts, then the full
-result once onnxruntime and QNN have been looked at, so a crash in the QNN stage still
-leaves the CPU facts. The parent caches a complete result in
+findings as JSON lines prefixed with `MARKER` after each stage (`cpu`: cores, RAM, flags;
+`ort`: onnxruntime; `full`: QNN EP registered and HTP mode), so a crash in a later stage
+still leaves the facts of the earlier ones. The parent caches a complete result in
 `cache_dir()/host-probe.json`, keyed by a fingerprint of this machine and its libraries.
 A failed, crashed or timed-out probe yields conservative values with a warning.
 """
@@ -221,12 +221,12 @@ def int8_emulated(cpu: dict[str, Any], gflops_per_core: float) -> tuple[float, s
     """Nominal ort-cpu INT8 GOP/s for the usable CPUs, and where the figure comes from."""
     cores = cpu["usable_cpus"]
     if cpu["has_amx_int8"]:
-        per, why = AMX_INT8_GOPS_PER_CORE, "AMX: DESIGN.md §3 measured 1-2.4 TOP/s on 2 cores; low end"
+        per, why = AMX_INT8_GOPS_PER_CORE, "AMX; DESIGN.md §3 measured 1-2.4 TOP/s on 2 cores, low end"
     elif cpu["has_avx512_vnni"] or cpu["has_avx_vnni"]:
-        per, why = VNNI_INT8_GOPS_PER_CORE, "VNNI: about half of AMX (DESIGN.md §3)"
+        per, why = VNNI_INT8_GOPS_PER_CORE, "VNNI; about half of AMX per DESIGN.md §3"
     else:
-        per, why = gflops_per_core, "no VNNI/AMX: assumed no faster than float32 peak"
-    return per * cores, f"nominal {per:g} GOP/s per core x {cores} usable CPUs ({why})"
+        per, why = gflops_per_core, "no VNNI/AMX; assumed no faster than float32 peak"
+    return per * cores, f"nominal {per:g} GOP/s per core x {cores} usable CPUs: {why}"
 
 
 def _fallback(warnings: list[str], partial: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Compile stage: quantize weights, build static-shape QDQ ONNX graphs per layer, audit them."""

@@ -1,0 +1,88 @@
+"""`ort-cpu`: the INT8 QDQ graphs on onnxruntime's CPU provider — an emulated NPU.
+
+onnxruntime fuses each DQ→MatMul→Q unit into an integer kernel (QLinearMatMul, or
+MatMulIntegerToFloat for float outputs) that runs on AMX/VNNI where the CPU has them;
+`compile.audit.integer_kernel_report` shows which kernels a graph really gets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle, check_inputs
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def session_io(session: ort.InferenceSession) -> tuple[dict, dict]:
+    """Static input and output shapes of a session, name → shape."""
+    def shapes(values) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for v in values:
+            if not all(isinstance(d, int) and d > 0 for d in v.shape):
+                raise BackendError(f"{v.name}: shape {v.shape} is not static")
+            out[v.name] = tuple(v.shape)
+        return out
+
+    return shapes(session.get_inputs()), shapes(session.get_outputs())
+
+
+RECORD_ASSIGNMENT = "session.record_ep_graph_assignment_info"
+
+
+def assigned_node_counts(session: ort.InferenceSession) -> dict[str, int]:
+    """provider → number of graph nodes it was assigned (needs RECORD_ASSIGNMENT = "1")."""
+    counts: dict[str, int] = {}
+    for subgraph in session.get_provider_graph_assignment_info():
+        counts[subgraph.ep_name] = counts.get(subgraph.ep_name, 0) + len(subgraph.get_nodes())
+    return counts
+
+
+class OrtCpuBackend(Backend):
+    """onnxruntime CPUExecutionProvider, `npu_threads` intra-op threads, sequential execution."""
+
+    name = "ort-cpu"
+
+    def __init__(self, npu_threads: int = 1, allow_spinning: bool = False):
+        if npu_threads < 1:
+            raise ValueError(f"npu_threads must be >= 1, got {npu_threads}")
+        self.npu_threads = npu_threads
+        # Spinning worker threads would steal cores from the CPU executors that run attention
+        # and outlier corrections in parallel with the emulated NPU, so it is off by default.
+        self.allow_spinning = allow_spinning
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.npu_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
+        options.log_severity_level = 3
+        return options
+
+    def load(self, graph_path: Path) -> GraphHandle:
+        session = ort.InferenceSession(str(graph_path), self.session_options(), providers=[CPU_PROVIDER])
+        assigned = assigned_node_counts(session)
+        if set(assigned) != {CPU_PROVIDER}:
+            raise BackendError(f"{graph_path}: nodes assigned to {assigned}, expected only {CPU_PROVIDER}")
+        inputs, outputs = session_io(session)
+        return GraphHandle(str(graph_path), inputs, outputs, session, assigned)
+
+    def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_inputs(handle, inputs)
+        names = list(handle.outputs)
+        return dict(zip(names, handle.impl.run(names, feeds), strict=True))
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "provider": CPU_PROVIDER,
+            "device_mode": "ort-cpu emulation",
+            "threads": self.npu_threads,
+            "onnxruntime": ort.__version__,
+        }

@@ -1,0 +1,159 @@
+"""`qnn-htp`: onnxruntime-qnn's HTP backend (Hexagon NPU; Qualcomm's simulator on x86-64).
+
+onnxruntime-qnn 2.x is a plugin execution provider: its library is registered with
+onnxruntime once per process, the QNN EP device is picked from `ort.get_ep_devices()`, and a
+session gets it through `SessionOptions.add_provider_for_devices(devices, options)`.
+
+Options we set (names as parsed by onnxruntime-qnn's QnnEp):
+    backend_type = "htp"           the HTP backend library (libQnnHtp.so)
+    htp_arch     = "75" ...        HTP generation the graph is prepared for (68/69/73/75/79/81)
+    soc_model    = "57" ...        Qualcomm SoC id (e.g. 43 8 Gen 2, 57 8 Gen 3); optional
+    htp_performance_mode           "burst" etc., only where the real NPU is present
+and the session config entries
+    session.disable_cpu_ep_fallback = "1"   a node QNN cannot take is an error, never silent
+                                             CPU execution (this also stops QNN from
+                                             offloading the graph-input Q / output DQ to CPU)
+    ep.context_enable / ep.context_embed_mode   ahead-of-time context binaries (compile_context)
+
+On x86-64 the same wheel runs graphs in Qualcomm's HTP simulator: bit-faithful to the NPU's
+integer arithmetic but hundreds of times slower than the CPU, so only tiny graphs belong there.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle, check_inputs
+from mllm_deploy.runtime.backends.ort_cpu import RECORD_ASSIGNMENT, assigned_node_counts, session_io
+
+QNN_PROVIDER = "QNNExecutionProvider"
+HTP_ARCHS = (68, 69, 73, 75, 79, 81)
+
+_register_lock = threading.Lock()
+_registered = False
+
+
+def register_qnn_plugin() -> None:
+    """Register onnxruntime-qnn's EP library with onnxruntime (once per process)."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        try:
+            import onnxruntime_qnn
+        except ImportError as exc:
+            raise BackendError("qnn-htp needs the onnxruntime-qnn package (pip install onnxruntime-qnn)") from exc
+        try:
+            ort.register_execution_provider_library(QNN_PROVIDER, onnxruntime_qnn.get_library_path())
+        except Exception as exc:  # onnxruntime raises a plain Fail for a second registration
+            if "already registered" not in str(exc):
+                raise BackendError(f"cannot register the QNN EP library: {exc}") from exc
+        _registered = True
+
+
+def qnn_ep_devices() -> list:
+    """The OrtEpDevice entries the QNN EP offers (a CPU-type device under the x86 simulator,
+    an NPU-type device on a Snapdragon)."""
+    register_qnn_plugin()
+    return [d for d in ort.get_ep_devices() if d.ep_name == QNN_PROVIDER]
+
+
+class QnnHtpBackend(Backend):
+    """Graphs on QNN HTP with CPU fallback disabled."""
+
+    name = "qnn-htp"
+
+    def __init__(
+        self,
+        htp_arch: int = 75,
+        soc_model: int | None = None,
+        performance_mode: str | None = None,
+        extra_options: dict[str, str] | None = None,
+    ):
+        if htp_arch not in HTP_ARCHS:
+            raise ValueError(f"htp_arch must be one of {HTP_ARCHS}, got {htp_arch}")
+        self.htp_arch = htp_arch
+        self.soc_model = soc_model
+        self.performance_mode = performance_mode
+        self.extra_options = dict(extra_options or {})
+        devices = qnn_ep_devices()
+        if not devices:
+            raise BackendError("onnxruntime-qnn is registered but offers no QNN device")
+        self.devices = devices
+        self.simulated = all(d.device.type != ort.OrtHardwareDeviceType.NPU for d in devices)
+
+    def provider_options(self) -> dict[str, str]:
+        options = {"backend_type": "htp", "htp_arch": str(self.htp_arch)}
+        if self.soc_model is not None:
+            options["soc_model"] = str(self.soc_model)
+        if self.performance_mode is not None:
+            options["htp_performance_mode"] = self.performance_mode
+        options.update(self.extra_options)
+        return options
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        options.add_session_config_entry(RECORD_ASSIGNMENT, "1")
+        options.log_severity_level = 3
+        options.add_provider_for_devices(self.devices, self.provider_options())
+        return options
+
+    def load(self, graph_path: Path) -> GraphHandle:
+        """Load a QDQ graph (QNN prepares it now) or a context model from `compile_context`."""
+        try:
+            session = ort.InferenceSession(str(graph_path), self.session_options())
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BackendError(f"QNN HTP cannot run {graph_path}: {exc}") from exc
+        assigned = assigned_node_counts(session)
+        if set(assigned) != {QNN_PROVIDER}:
+            raise BackendError(f"{graph_path}: nodes assigned to {assigned}, expected only {QNN_PROVIDER}")
+        inputs, outputs = session_io(session)
+        return GraphHandle(str(graph_path), inputs, outputs, session, assigned)
+
+    def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = check_inputs(handle, inputs)
+        names = list(handle.outputs)
+        return dict(zip(names, handle.impl.run(names, feeds), strict=True))
+
+    def compile_context(self, graph_path: Path, context_path: Path) -> Path:
+        """Prepare `graph_path` for this htp_arch/soc_model ahead of time and write a context
+        model (one EPContext node with the QNN context binary embedded) to `context_path`,
+        atomically. `load(context_path)` then skips QNN graph preparation."""
+        context_path = Path(context_path)
+        context_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = context_path.with_name(f".{context_path.name}.{os.getpid()}.tmp")
+        try:
+            compiler = ort.ModelCompiler(
+                self.session_options(),
+                str(graph_path),
+                embed_compiled_data_into_model=True,
+                flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED,
+            )
+            compiler.compile_to_file(str(tmp))
+            os.replace(tmp, context_path)
+        except Exception as exc:
+            raise BackendError(f"QNN context compile of {graph_path} failed: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return context_path
+
+    def describe(self) -> dict:
+        import onnxruntime_qnn
+
+        mode = f"QNN HTP simulator v{self.htp_arch}" if self.simulated else "QNN HTP device"
+        return {
+            "name": self.name,
+            "provider": QNN_PROVIDER,
+            "device_mode": mode,
+            "threads": None,  # the HTP runs its own threads; the simulator is single-graph
+            "htp_arch": self.htp_arch,
+            "soc_model": self.soc_model,
+            "onnxruntime": ort.__version__,
+            "onnxruntime_qnn": onnxruntime_qnn.__version__,
+        }

@@ -230,16 +230,24 @@ def int8_emulated(cpu: dict[str, Any], gflops_per_core: float) -> tuple[float, s
 
 
 def _fallback(warnings: list[str], partial: dict[str, Any] | None) -> dict[str, Any]:
-    """Conservative values when the probe did not finish: what we know, the rest off."""
+    """Conservative values when the probe did not finish: the facts of the stages that did,
+    else CPU count and RAM read in-process (psutil and os only, no vendor libraries), with
+    every INT8 unit and accelerator off."""
+    try:
+        import psutil
+
+        ram = int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - stay conservative whatever goes wrong
+        ram = 0
     facts: dict[str, Any] = {
         "system": platform.system() or "unknown",
         "machine": platform.machine() or "unknown",
         "cpu_model": "unknown CPU (probe failed)",
         "physical_cores": 1,
-        "logical_cpus": 1,
-        "usable_cpus": 1,
+        "logical_cpus": _usable_cpus(),
+        "usable_cpus": _usable_cpus(),
         "cpu_ghz": None,
-        "ram_bytes": 0,
+        "ram_bytes": ram,
         "has_amx_int8": False,
         "has_avx512_vnni": False,
         "has_avx_vnni": False,

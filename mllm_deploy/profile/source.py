@@ -62,7 +62,9 @@ def decode_profile_bytes(data: bytes, display: str) -> str:
         ) from None
 
 
-def _syntax_hint(source_line: str) -> str | None:
+def _syntax_hint(reason: str, source_line: str) -> str | None:
+    if "illegal character '\\n'" in reason.lower():
+        return "a string is not closed on this line (use triple quotes for text spanning lines)"
     match = _BARE_WORD_VALUE.match(source_line)
     if match and match.group(2).lower() not in _TOML_WORDS:
         key, word = match.group(1), match.group(2)
@@ -90,7 +92,7 @@ def toml_syntax_diagnostic(exc: tomllib.TOMLDecodeError, text: str, display: str
         line=line,
         col=col,
         key=display_key(max(on_line, key=len)) if on_line else None,
-        hint=_syntax_hint(source_line),
+        hint=_syntax_hint(reason, source_line),
     )
 
 

@@ -121,9 +121,9 @@ def audit_graph(model_path: str | Path, *, require_quantized_outputs: bool = Fal
     return AuditReport(name, len(matmuls), activation_dtypes, weight_dtypes, quantized_outputs)
 
 
-def integer_kernel_report(model_path: str | Path, threads: int = 1) -> dict:
-    """Optimize `model_path` with onnxruntime's CPU provider (level ALL, as `ort-cpu` runs it),
-    save the optimized graph and report the kernels that really run.
+def integer_kernel_report(model_path: str | Path, threads: int = 1, uint16_accuracy_level: int = 1) -> dict:
+    """Optimize `model_path` with exactly the session options of the `ort-cpu` backend, save
+    the optimized graph and report the kernels that really run.
 
     Returns {"model", "provider", "op_counts", "integer_kernels", "float_matmuls",
     "all_linears_integer"}; `float_matmuls` lists matmul kernels that take float activations
@@ -131,14 +131,14 @@ def integer_kernel_report(model_path: str | Path, threads: int = 1) -> dict:
     """
     import onnxruntime as ort
 
+    from mllm_deploy.runtime.backends.ort_cpu import CPU_PROVIDER, OrtCpuBackend
+
+    backend = OrtCpuBackend(npu_threads=threads, uint16_accuracy_level=uint16_accuracy_level)
     with tempfile.TemporaryDirectory(prefix="mllm-deploy-opt-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
+        options = backend.session_options()  # log level 3: the "hardware specific" warning is expected
         options.optimized_model_filepath = str(optimized_path)
-        options.log_severity_level = 3  # the "hardware specific optimizations" warning is expected
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model_path), options, providers=[CPU_PROVIDER])
         providers = session.get_providers()
         optimized = onnx.load(str(optimized_path))
     nodes = list(optimized.graph.node)

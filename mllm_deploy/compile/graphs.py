@@ -41,7 +41,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mllm_deploy.compile.quantize import ActQuant, QuantizedWeight, WeightGranularity, quantize_weight
+from mllm_deploy.compile.quantize import (
+    ActDtype,
+    ActQuant,
+    QuantizedWeight,
+    WeightGranularity,
+    activation_quant_symmetric,
+    quantize_weight,
+)
 from mllm_deploy.model.spec import LayerWeights
 
 GraphKind = Literal["qkv", "o_proj", "gate_up", "down"]
@@ -88,6 +95,45 @@ class BuiltGraph:
     path: Path
     inputs: dict[str, tuple[int, ...]]  # name → [chunk, width]
     outputs: dict[str, tuple[int, ...]]
+
+
+def max_abs_layer_act_quant(
+    layer: LayerWeights,
+    attn_in: np.ndarray,
+    attn_out: np.ndarray,
+    mlp_in: np.ndarray,
+    dtype: ActDtype,
+    quantize_outputs: bool = True,
+) -> LayerActQuant:
+    """Symmetric grids set to the max |value| of sample float activations of one layer:
+    attn_in / mlp_in [tokens, hidden] (normed inputs), attn_out [tokens, q_dim].
+
+    The down input and every linear output are computed here in float from those samples.
+    This is the `outliers.policy = "none"` choice of scales (nothing clamped on the samples);
+    calibration replaces the input clamps with percentiles for shadow outlier execution.
+    """
+
+    def grid(values: np.ndarray) -> ActQuant:
+        return activation_quant_symmetric(float(np.abs(values).max()), dtype)
+
+    products = {
+        "attn_q": attn_in @ layer.wq.T,
+        "attn_k": attn_in @ layer.wk.T,
+        "attn_v": attn_in @ layer.wv.T,
+        "attn_output": attn_out @ layer.wo.T,
+        "ffn_gate": mlp_in @ layer.w_gate.T,
+        "ffn_up": mlp_in @ layer.w_up.T,
+    }
+    gate = products["ffn_gate"]
+    h = gate / (1.0 + np.exp(-gate)) * products["ffn_up"]  # [tokens, ffn]
+    products["ffn_down"] = h @ layer.w_down.T
+    return LayerActQuant(
+        attn_in=grid(attn_in),
+        attn_out=grid(attn_out),
+        mlp_in=grid(mlp_in),
+        down_in=grid(h),
+        outputs={name: grid(y) if quantize_outputs else None for name, y in products.items()},
+    )
 
 
 def quantize_layer_weights(

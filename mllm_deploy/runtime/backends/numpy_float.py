@@ -17,9 +17,6 @@ from mllm_deploy.model.spec import LayerWeights
 from mllm_deploy.paths import atomic_write_bytes
 from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle, check_inputs
 
-FLOAT_GRAPH_KINDS = ("qkv", "o_proj", "gate_up", "down")
-
-
 @dataclass(frozen=True)
 class FloatLinearGraph:
     """Linears sharing one float input; with `swiglu`, (gate, up) → silu(gate)·up."""

@@ -13,9 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "validate",
         help="check a profile and report every problem with its file:line:col",
-        description="Check a profile: every key, type, value and range, with --set overrides applied. "
+        description="Check a profile: every key, type, value and range, with --set overrides applied; then "
+        "check it against the target device and the model's metadata (dtypes, chunk size, context, "
+        "memory, threads, placement). "
         "Problems go to stderr as file:line:col with the key, the value, what is allowed and a "
-        "'did you mean'. Exit 0 when valid (warnings do not fail), 2 when not.",
+        "'did you mean'. Exit 0 when valid (warnings do not fail), 2 when invalid, 3 when it cannot run on the device.",
     )
     add_profile_args(parser)
     parser.set_defaults(func=run)
@@ -36,6 +38,12 @@ def ok_line(loaded: LoadedProfile, shown_path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.cli.common import print_diagnostics
+    from mllm_deploy.resolve import resolve_profile
+
     loaded = validate_profile_shape(args)
+    resolved = resolve_profile(loaded)  # second pass: the device and the model (exit 3 if it cannot run)
+    print_diagnostics(w for w in resolved.warnings if w not in loaded.warnings)
     print(ok_line(loaded, args.profile if args.profile is not None else str(loaded.path)))
+    print(f"  runs on {resolved.caps.id} with npu backend {resolved.backend_label}; model {resolved.spec.name}")
     return ExitCode.OK

@@ -1,0 +1,109 @@
+"""Memory each processor needs for a profile and model, computed from shapes alone."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from mllm_deploy.model.spec import ModelSpec
+from mllm_deploy.profile.models import Profile
+
+F32 = 4
+
+
+class MemoryBudget(BaseModel):
+    """Bytes per processor. On phones and on the host both processors share the same DRAM,
+    so `total_bytes` is what must fit in RAM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    npu_weight_bytes: int
+    """INT8 weights and their scales for every NPU graph (one graph per layer, shared by all chunks)."""
+
+    npu_activation_bytes: int
+    """Largest set of NPU graph inputs and outputs alive at once (one chunk)."""
+
+    cpu_weight_bytes: int
+    """Float32 weights kept on the CPU: embeddings, norms, the output head when on the CPU,
+    the linears when the CPU runs them (backend `none`, decode), hot-channel shadow rows."""
+
+    kv_cache_bytes: int
+    """Float32 K and V for every layer at `prefill.max_context` positions."""
+
+    cpu_activation_bytes: int
+    """CPU working set for one chunk: attention scores against the whole context and
+    the float activations around the NPU graphs."""
+
+    shadow_hot_bytes: int
+    """Float32 weight rows of hot channels kept in memory for shadow outlier correction
+    (included in `cpu_weight_bytes`)."""
+
+    @property
+    def npu_bytes(self) -> int:
+        return self.npu_weight_bytes + self.npu_activation_bytes
+
+    @property
+    def cpu_bytes(self) -> int:
+        return self.cpu_weight_bytes + self.kv_cache_bytes + self.cpu_activation_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.npu_bytes + self.cpu_bytes
+
+
+def linear_params_per_layer(spec: ModelSpec) -> int:
+    return sum(out * inp for out, inp in spec.linear_shapes().values())
+
+
+def shadowed_layer_count(profile: Profile, spec: ModelSpec) -> int:
+    """Layers that keep shadow outlier correction after pruning `outliers.prune_fraction`."""
+    if profile.outliers.policy != "shadow":
+        return 0
+    return spec.n_layers - int(round(profile.outliers.prune_fraction * spec.n_layers))
+
+
+def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudget:
+    """Memory per processor for `profile` on `spec` with the resolved `backend`."""
+    chunk = profile.prefill.chunk_size
+    ctx = profile.prefill.max_context
+    per_layer = linear_params_per_layer(spec)
+    linears = per_layer * spec.n_layers
+    embed = spec.vocab * spec.hidden * F32
+    head = 0 if spec.tied_embeddings else spec.vocab * spec.hidden * F32
+    norms = (2 * spec.n_layers + 1) * spec.hidden * F32
+    kv = spec.kv_cache_bytes(ctx)
+    widest = max(spec.ffn, spec.q_dim + 2 * spec.kv_dim, spec.hidden)
+    # attention scores [heads, chunk, ctx] + float activations around the graphs [chunk, widest] x 4
+    cpu_act = spec.n_heads * chunk * ctx * F32 + 4 * chunk * widest * F32
+
+    if backend == "none":
+        return MemoryBudget(
+            npu_weight_bytes=0,
+            npu_activation_bytes=0,
+            cpu_weight_bytes=embed + head + norms + linears * F32,
+            kv_cache_bytes=kv,
+            cpu_activation_bytes=cpu_act,
+            shadow_hot_bytes=0,
+        )
+
+    per_channel = profile.quantization.weights == "int8-per-channel"
+    scales = sum(out if per_channel else 1 for out, _ in spec.linear_shapes().values()) * F32 * spec.n_layers
+    npu_weights = linears + scales
+    if profile.placement.lm_head == "npu":
+        npu_weights += spec.vocab * spec.hidden + (spec.vocab if per_channel else 1) * F32
+        head = 0
+    act_bytes = 2 if profile.quantization.activations == "uint16" else 1
+    # graph I/O for the widest graph (gate/up: in [chunk, hidden], out [chunk, ffn] float)
+    npu_act = chunk * (spec.hidden + 2 * spec.ffn) * F32 + chunk * spec.ffn * act_bytes
+    # hot rows: for each shadowed linear input channel kept hot, the float row of W^T it multiplies
+    hot_fraction = profile.outliers.hot_channel_fraction
+    hot_per_layer = sum(int(round(hot_fraction * inp)) * out * F32 for out, inp in spec.linear_shapes().values())
+    hot = shadowed_layer_count(profile, spec) * hot_per_layer
+    # decode runs on the CPU from the INT8 weights the NPU graphs hold (shared, no copy)
+    return MemoryBudget(
+        npu_weight_bytes=npu_weights,
+        npu_activation_bytes=npu_act,
+        cpu_weight_bytes=embed + head + norms + hot,
+        kv_cache_bytes=kv,
+        cpu_activation_bytes=cpu_act,
+        shadow_hot_bytes=hot,
+    )

@@ -1,0 +1,253 @@
+"""The passes that build a plan, in order: chunk -> place -> insert_shadow -> schedule.
+
+Each pass is a pure function `(Plan, PlanInputs) -> Plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mllm_deploy.device.models import Capabilities
+from mllm_deploy.model.spec import ModelSpec
+from mllm_deploy.plan.memory import shadowed_layer_count
+from mllm_deploy.plan.models import LINEAR_KINDS, Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, TensorSpec
+from mllm_deploy.profile.models import Profile
+
+F32 = "float32"
+OUTLIER_SHARE = 0.003
+"""Share of activation values beyond the clamp range assumed for estimates (DESIGN.md: 0.1-0.3%)."""
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What passes read besides the plan: the profile, device, model and calibration ranks."""
+
+    profile: Profile
+    caps: Capabilities
+    spec: ModelSpec
+    backend: str
+    calibrated_shadow_layers: tuple[int, ...] | None = None  # from `build`'s calibration, if any
+
+
+def _t(name: str, shape: tuple[int, ...], dtype: str = F32) -> TensorSpec:
+    return TensorSpec(name=name, shape=shape, dtype=dtype)
+
+
+def _layer_kinds(spec: ModelSpec, chunk: int) -> list[tuple[str, list[TensorSpec], list[TensorSpec], int]]:
+    """(kind, inputs, outputs, ops per chunk) of the subgraphs of one layer, in data-flow order."""
+    h, q, kv, f = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn
+    return [
+        ("attn_norm", [_t("residual", (chunk, h)), _t("mlp_out", (chunk, h))], [_t("residual", (chunk, h)), _t("x_norm", (chunk, h))], 4 * chunk * h),
+        ("qkv", [_t("x_norm", (chunk, h))], [_t("q", (chunk, q)), _t("k", (chunk, kv)), _t("v", (chunk, kv))], 2 * chunk * h * (q + 2 * kv)),
+        ("attention", [_t("q", (chunk, q)), _t("k", (chunk, kv)), _t("v", (chunk, kv))], [_t("attn_out", (chunk, q))], 0),
+        ("o_proj", [_t("attn_out", (chunk, q))], [_t("o_out", (chunk, h))], 2 * chunk * q * h),
+        ("ffn_norm", [_t("residual", (chunk, h)), _t("o_out", (chunk, h))], [_t("residual", (chunk, h)), _t("x_norm", (chunk, h))], 4 * chunk * h),
+        ("gate_up", [_t("x_norm", (chunk, h))], [_t("act", (chunk, f))], 2 * chunk * h * 2 * f + 4 * chunk * f),
+        ("down", [_t("act", (chunk, f))], [_t("mlp_out", (chunk, h))], 2 * chunk * f * h),
+    ]
+
+
+def attention_ops(spec: ModelSpec, chunk: int, context_end: int) -> int:
+    """Q K^T and P V for one chunk against `context_end` tokens (causal part ignored)."""
+    return 2 * 2 * chunk * context_end * spec.q_dim
+
+
+def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
+    """Split the prompt into fixed-size chunks and lay out every subgraph with its shapes."""
+    spec, chunk = inp.spec, plan.chunk_size
+    n_chunks = max(1, math.ceil(plan.prompt_tokens / chunk))
+    subgraphs: list[Subgraph] = []
+    edges: list[tuple[str, str]] = []
+    kinds = _layer_kinds(spec, chunk)
+    for c in range(n_chunks):
+        prev = f"c{c}.embed"
+        subgraphs.append(_sub(prev, c, -1, "embed", [_t("token_ids", (chunk,), "int32")], [_t("residual", (chunk, spec.hidden))], 0))
+        for layer in range(spec.n_layers):
+            for kind, ins, outs, ops in kinds:
+                sid = f"c{c}.L{layer}.{kind}"
+                if kind == "attention":
+                    ops = attention_ops(spec, chunk, (c + 1) * chunk)
+                subgraphs.append(_sub(sid, c, layer, kind, ins, outs, ops))
+                edges.append((prev, sid))
+                if kind == "attention" and c > 0:  # K/V of every earlier chunk at this layer
+                    edges.append((f"c{c - 1}.L{layer}.attention", sid))
+                prev = sid
+        if c == n_chunks - 1:
+            fin = f"c{c}.L{spec.n_layers}.final_norm"
+            subgraphs.append(_sub(fin, c, spec.n_layers, "final_norm", [_t("residual", (1, spec.hidden)), _t("mlp_out", (1, spec.hidden))], [_t("x_norm", (1, spec.hidden))], 4 * spec.hidden))
+            head = f"c{c}.L{spec.n_layers}.lm_head"
+            subgraphs.append(_sub(head, c, spec.n_layers, "lm_head", [_t("x_norm", (1, spec.hidden))], [_t("logits", (1, spec.vocab))], 2 * spec.hidden * spec.vocab))
+            edges += [(prev, fin), (fin, head)]
+    return plan.model_copy(
+        update={
+            "n_chunks": n_chunks,
+            "padded_tokens": n_chunks * chunk - plan.prompt_tokens,
+            "subgraphs": subgraphs,
+            "edges": edges,
+            "passes": [*plan.passes, "chunk"],
+        }
+    )
+
+
+def _sub(sid: str, chunk: int, layer: int, kind: str, ins, outs, ops: int) -> Subgraph:
+    return Subgraph(id=sid, chunk=chunk, layer=layer, kind=kind, processor="cpu", graph=None, inputs=ins, outputs=outs, ops=ops, estimate_ms=0.0)
+
+
+def _act_dtype(profile: Profile) -> str:
+    return profile.quantization.activations
+
+
+def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
+    """Put linears (and norms / output head where placed) on the NPU; everything else on the CPU.
+
+    One static graph per layer and linear kind is shared by every chunk.
+    """
+    profile, spec = inp.profile, inp.spec
+    on_npu = set(LINEAR_KINDS) if inp.backend != "none" else set()
+    if inp.backend != "none":
+        if profile.placement.norms == "npu":
+            on_npu |= {"attn_norm", "ffn_norm", "final_norm"}
+        if profile.placement.lm_head == "npu":
+            on_npu.add("lm_head")
+    per_channel = profile.quantization.weights == "int8-per-channel"
+    shapes = spec.linear_shapes()
+    linear_members = {"qkv": ("attn_q", "attn_k", "attn_v"), "o_proj": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"), "down": ("ffn_down",), "lm_head": ()}
+
+    def weight_bytes(kind: str) -> int:
+        if kind == "lm_head":
+            return spec.vocab * spec.hidden + (spec.vocab if per_channel else 1) * 4
+        total = 0
+        for name in linear_members.get(kind, ()):
+            out, inn = shapes[name]
+            total += out * inn + (out if per_channel else 1) * 4
+        return total
+
+    graphs: dict[str, GraphSpec] = {}
+    placed = []
+    for sg in plan.subgraphs:
+        if sg.kind not in on_npu:
+            placed.append(sg)
+            continue
+        gid = f"L{sg.layer}.{sg.kind}" if sg.kind != "lm_head" else "lm_head"
+        if gid in graphs:
+            graphs[gid] = graphs[gid].model_copy(update={"used_by_chunks": graphs[gid].used_by_chunks + 1})
+        else:
+            graphs[gid] = GraphSpec(id=gid, layer=sg.layer, kind=sg.kind, processor="npu", weight_bytes=weight_bytes(sg.kind), ops=sg.ops, used_by_chunks=1)
+        # the NPU quantizes its float input on entry (QuantizeLinear) and returns float
+        inputs = [TensorSpec(name=t.name, shape=t.shape, dtype=F32) for t in sg.inputs]
+        note = [TensorSpec(name=f"{t.name}_q", shape=t.shape, dtype=_act_dtype(profile)) for t in sg.inputs if sg.kind in LINEAR_KINDS]
+        placed.append(sg.model_copy(update={"processor": "npu", "graph": gid, "inputs": inputs + note}))
+    return plan.model_copy(update={"subgraphs": placed, "graphs": list(graphs.values()), "passes": [*plan.passes, "place"]})
+
+
+def choose_shadow_layers(profile: Profile, spec: ModelSpec, calibrated: tuple[int, ...] | None) -> tuple[list[int], str]:
+    """(layers, source): calibrated ranks when known, else an even spread (provisional)."""
+    count = shadowed_layer_count(profile, spec)
+    if count == 0:
+        return [], "calibration" if calibrated is not None else "provisional"
+    if calibrated is not None:
+        return sorted(calibrated[:count]), "calibration"
+    step = spec.n_layers / count
+    return sorted({min(spec.n_layers - 1, int(i * step + step / 2)) for i in range(count)}), "provisional"
+
+
+def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
+    """For each linear of a shadowed layer, a CPU subgraph that multiplies the input's outliers
+    (values beyond the clamp range) by their float weight rows, in parallel with the NPU."""
+    profile, spec = inp.profile, inp.spec
+    if inp.backend == "none":
+        return plan.model_copy(update={"passes": [*plan.passes, "insert_shadow"]})
+    layers, source = choose_shadow_layers(profile, spec, inp.calibrated_shadow_layers)
+    shadow = ShadowPlan(policy=profile.outliers.policy, layers=layers, source=source, hot_channel_fraction=profile.outliers.hot_channel_fraction)
+    if not layers:
+        return plan.model_copy(update={"shadow": shadow, "passes": [*plan.passes, "insert_shadow"]})
+    wanted = set(layers)
+    producers = {}
+    for src, dst in plan.edges:
+        producers.setdefault(dst, []).append(src)
+    consumers = {}
+    for src, dst in plan.edges:
+        consumers.setdefault(src, []).append(dst)
+    new_subgraphs = list(plan.subgraphs)
+    new_edges = list(plan.edges)
+    for sg in plan.subgraphs:
+        if sg.processor != "npu" or sg.kind not in LINEAR_KINDS or sg.layer not in wanted:
+            continue
+        x = sg.inputs[0]  # [chunk, in]
+        sid = f"{sg.id}.shadow"
+        out_width = sum(t.shape[1] for t in sg.outputs)
+        ops = int(2 * OUTLIER_SHARE * x.shape[0] * x.shape[1] * out_width)
+        outs = [TensorSpec(name=f"{t.name}_correction", shape=t.shape, dtype=F32) for t in sg.outputs]
+        new_subgraphs.append(Subgraph(id=sid, chunk=sg.chunk, layer=sg.layer, kind="shadow", processor="cpu", graph=None, inputs=[x], outputs=outs, ops=ops, estimate_ms=0.0))
+        new_edges += [(src, sid) for src in producers.get(sg.id, [])]  # whatever made its input
+        new_edges += [(sid, dst) for dst in consumers.get(sg.id, [])]  # the correction is added before use
+    return plan.model_copy(update={"subgraphs": new_subgraphs, "edges": new_edges, "shadow": shadow, "passes": [*plan.passes, "insert_shadow"]})
+
+
+def _ms(ops: int, gops: float) -> float:
+    return ops / (gops * 1e9) * 1e3 if gops > 0 else 0.0
+
+
+def schedule_pass(plan: Plan, inp: PlanInputs) -> Plan:
+    """Estimate each subgraph from nominal peak throughput and order the DAG topologically."""
+    caps = inp.caps
+    npu_gops = (caps.npu.int8_tops or 0.0) * 1e3 if caps.npu is not None else 0.0
+    cores = max(1, caps.cpu_cores)
+    cpu_gops = caps.cpu_gflops * min(plan.cpu_threads or cores, cores) / cores
+    timed = []
+    for sg in plan.subgraphs:
+        gops = npu_gops if sg.processor == "npu" else cpu_gops
+        timed.append(sg.model_copy(update={"estimate_ms": round(_ms(sg.ops, gops), 4)}))
+    order = topological_order([s.id for s in timed], plan.edges)
+    rank = {sid: i for i, sid in enumerate(order)}
+    timed.sort(key=lambda s: rank[s.id])
+    npu_ms = sum(s.estimate_ms for s in timed if s.processor == "npu")
+    cpu_ms = sum(s.estimate_ms for s in timed if s.processor == "cpu")
+    seq, over = npu_ms + cpu_ms, max(npu_ms, cpu_ms)
+    chosen = over if plan.scheduler == "out-of-order" and plan.backend != "none" else seq
+    estimate = Estimate(
+        label="nominal lower bound from peak INT8 TOPS and float GFLOP/s; not a measurement (run `mllm-deploy bench`)",
+        prompt_tokens=plan.prompt_tokens,
+        npu_ms=round(npu_ms, 3),
+        cpu_ms=round(cpu_ms, 3),
+        sequential_ms=round(seq, 3),
+        overlapped_ms=round(over, 3),
+        prefill_tokens_per_s=round(plan.prompt_tokens / (chosen / 1e3), 1) if chosen > 0 else 0.0,
+    )
+    return plan.model_copy(update={"subgraphs": timed, "estimate": estimate, "passes": [*plan.passes, "schedule"]})
+
+
+def topological_order(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
+    """Kahn's order, ties broken by the nodes' original order; raises on a cycle."""
+    index = {n: i for i, n in enumerate(nodes)}
+    indegree = dict.fromkeys(nodes, 0)
+    out: dict[str, list[str]] = {}
+    for a, b in edges:
+        indegree[b] += 1
+        out.setdefault(a, []).append(b)
+    import heapq
+
+    ready = [(index[n], n) for n in nodes if indegree[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        order.append(n)
+        for m in out.get(n, []):
+            indegree[m] -= 1
+            if indegree[m] == 0:
+                heapq.heappush(ready, (index[m], m))
+    if len(order) != len(nodes):
+        raise ValueError("plan DAG has a cycle")
+    return order
+
+
+PlanPass = Callable[[Plan, PlanInputs], Plan]
+PASSES: tuple[tuple[str, PlanPass], ...] = (
+    ("chunk", chunk_pass),
+    ("place", place_pass),
+    ("insert_shadow", insert_shadow_pass),
+    ("schedule", schedule_pass),
+)

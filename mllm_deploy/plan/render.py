@@ -1,0 +1,69 @@
+"""The plan as text for people: summary, memory, graphs, layers x subgraphs, estimate."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mllm_deploy.plan.models import Plan
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:,.1f} MiB"
+
+
+def render_plan(plan: Plan, *, dag_lines: int = 24) -> str:
+    """A readable plan: header, memory per processor, graphs, per-layer placement, DAG head, estimate."""
+    m = plan.memory
+    lines = [
+        f"plan for profile {plan.profile_name!r}",
+        f"  model        {plan.model}",
+        f"  target       {plan.target}",
+        f"  npu backend  {plan.backend_label}",
+        f"  scheduler    {plan.scheduler}",
+        f"  threads      cpu {plan.cpu_threads}, npu {plan.npu_threads}",
+        f"  prompt       {plan.prompt_tokens} tokens = {plan.n_chunks} chunk(s) of {plan.chunk_size}"
+        f" ({plan.padded_tokens} padding in the last)",
+        f"  passes       {' -> '.join(plan.passes)}",
+        "",
+        "memory",
+        f"  npu  {_mib(m.npu_bytes):>14}  (weights {_mib(m.npu_weight_bytes)}, activations {_mib(m.npu_activation_bytes)})",
+        f"  cpu  {_mib(m.cpu_bytes):>14}  (weights {_mib(m.cpu_weight_bytes)}, KV cache {_mib(m.kv_cache_bytes)}, "
+        f"activations {_mib(m.cpu_activation_bytes)}, hot shadow rows {_mib(m.shadow_hot_bytes)})",
+        f"  total {_mib(m.total_bytes):>13}",
+        "",
+    ]
+    if plan.graphs:
+        kinds = Counter(g.kind for g in plan.graphs)
+        shared = sum(g.used_by_chunks for g in plan.graphs)
+        lines += [
+            f"static npu graphs: {len(plan.graphs)} ({', '.join(f'{k} x{v}' for k, v in kinds.items())}); "
+            f"{shared} subgraph runs share them across {plan.n_chunks} chunk(s)",
+            f"  weights {_mib(sum(g.weight_bytes for g in plan.graphs))}",
+            "",
+        ]
+    if plan.shadow is not None:
+        s = plan.shadow
+        layers = ", ".join(str(x) for x in s.layers) or "none"
+        lines += [f"outliers: {s.policy}; shadowed layers ({s.source}): {layers}; hot channels <= {s.hot_channel_fraction:.1%}", ""]
+    lines.append("layer placement (chunk 0)")
+    by_layer: dict[int, list[str]] = {}
+    for sg in plan.subgraphs:
+        if sg.chunk == 0 or sg.kind in ("final_norm", "lm_head"):
+            by_layer.setdefault(sg.layer, []).append(f"{sg.kind}@{sg.processor}")
+    for layer, items in sorted(by_layer.items()):
+        name = "pre" if layer < 0 else ("post" if any(i.startswith("final_norm") for i in items) else f"L{layer}")
+        lines.append(f"  {name:>5}  {' '.join(items)}")
+    lines += ["", f"subgraphs: {len(plan.subgraphs)}, edges: {len(plan.edges)}; first {dag_lines} in schedule order:"]
+    for sg in plan.subgraphs[:dag_lines]:
+        ins = " ".join(t.render() for t in sg.inputs)
+        outs = " ".join(t.render() for t in sg.outputs)
+        lines.append(f"  {sg.id:<22} {sg.processor}  {ins} -> {outs}")
+    if plan.estimate is not None:
+        e = plan.estimate
+        lines += [
+            "",
+            f"estimate ({e.label})",
+            f"  npu {e.npu_ms:.2f} ms, cpu {e.cpu_ms:.2f} ms; sequential {e.sequential_ms:.2f} ms, "
+            f"overlapped {e.overlapped_ms:.2f} ms; ~{e.prefill_tokens_per_s:,.0f} prompt tokens/s",
+        ]
+    return "\n".join(lines) + "\n"

@@ -204,3 +204,14 @@ def test_uint16_activations_have_no_integer_kernel_on_ort_cpu(tmp_path):
     assert [(m["op_type"], m["attributes"]["bits"], m["attributes"]["accuracy_level"]) for m in report["float_matmuls"]] == [
         ("MatMulNBits", 8, 1)
     ]
+
+
+def test_biased_linears_are_integer_gemms_with_int32_bias(tmp_path):
+    layer, act, built = build_tiny(tmp_path, bias=True)
+    model = onnx.load(built["qkv"].path)
+    bias_q = initializer(model, "attn_q_bias_q")
+    assert bias_q.dtype == np.int32
+    w_scale = initializer(model, "attn_q_weight_scale")
+    np.testing.assert_allclose(bias_q * act.attn_in.scale * w_scale, layer.bq, atol=float(act.attn_in.scale * w_scale.max()))
+    report = integer_kernel_report(built["qkv"].path)
+    assert report["integer_kernels"] == {"QGemm": 3} and report["all_linears_integer"]

@@ -69,8 +69,8 @@ class QuantizedLinear:
 
     name: str  # GGUF-style name: "attn_q", "ffn_down", ...
     weight: QuantizedWeight  # int8 [out, in]
-    output: ActQuant | None  # grid of x @ W.T (before bias); None = float output (ort-cpu only)
-    bias: np.ndarray | None = None  # float32 [out], added in float after the output DQ
+    output: ActQuant | None  # grid of x @ W.T + bias; None = float output (ort-cpu only)
+    bias: np.ndarray | None = None  # float32 [out]; stored int32 on the accumulator grid (Gemm)
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,9 @@ def max_abs_layer_act_quant(
         return activation_quant_symmetric(float(np.abs(values).max()), dtype)
 
     products = {
-        "attn_q": attn_in @ layer.wq.T,
-        "attn_k": attn_in @ layer.wk.T,
-        "attn_v": attn_in @ layer.wv.T,
+        "attn_q": _plus(attn_in @ layer.wq.T, layer.bq),
+        "attn_k": _plus(attn_in @ layer.wk.T, layer.bk),
+        "attn_v": _plus(attn_in @ layer.wv.T, layer.bv),
         "attn_output": attn_out @ layer.wo.T,
         "ffn_gate": mlp_in @ layer.w_gate.T,
         "ffn_up": mlp_in @ layer.w_up.T,
@@ -134,6 +134,10 @@ def max_abs_layer_act_quant(
         down_in=grid(h),
         outputs={name: grid(y) if quantize_outputs else None for name, y in products.items()},
     )
+
+
+def _plus(y: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    return y if bias is None else y + bias
 
 
 def quantize_layer_weights(
@@ -170,33 +174,55 @@ def _act_qdq(
     return out
 
 
-def _linear(x_dq: str, linear: QuantizedLinear, out_name: str, nodes: list, inits: list) -> None:
-    """Append DQ(W^T) → MatMul → [Q → DQ] → [+ bias], writing `out_name`."""
+def _linear(x_dq: str, linear: QuantizedLinear, act_in: ActQuant, out_name: str, nodes: list, inits: list) -> None:
+    """Append the quantized linear reading `x_dq` and writing `out_name`.
+
+    Without bias: DQ(W^T int8 [in, out]) → MatMul → [Q → DQ]. With bias: a Gemm with transB
+    on W int8 [out, in] and the bias as int32 on the accumulator grid (scale s_x·s_w, zero
+    point 0), the QDQ form both onnxruntime (QGemm) and QNN (FullyConnected with bias) run as
+    one integer op, so the bias never goes through a float (fp16 on HTP) add.
+    """
     w = linear.weight
     n = linear.name
-    # W^T: int8 [in, out], so MatMul(x [chunk, in], W^T) = x @ W.T; per-channel axis is 1 (out).
-    inits.append(numpy_helper.from_array(np.ascontiguousarray(w.q.T), f"{n}_weight_q"))
+    per_channel = w.granularity == "per-channel"
+    gemm = linear.bias is not None
+    w_int8 = w.q if gemm else np.ascontiguousarray(w.q.T)  # Gemm: [out, in]; MatMul: [in, out]
+    inits.append(numpy_helper.from_array(w_int8, f"{n}_weight_q"))
     inits.append(numpy_helper.from_array(w.scale, f"{n}_weight_scale"))
     inits.append(numpy_helper.from_array(np.zeros(w.scale.shape, np.int8), f"{n}_weight_zero_point"))
-    dq_attrs = {"axis": 1} if w.granularity == "per-channel" else {}
+    axis = {"axis": 0 if gemm else 1} if per_channel else {}  # the output-channel axis
     nodes.append(
         helper.make_node(
             "DequantizeLinear",
             [f"{n}_weight_q", f"{n}_weight_scale", f"{n}_weight_zero_point"],
             [f"{n}_weight_dq"],
             name=f"{n}_weight_dequantize",
-            **dq_attrs,
+            **axis,
         )
     )
-    has_bias = linear.bias is not None
-    before_bias = f"{n}_no_bias" if has_bias else out_name
-    product = f"{n}_matmul" if linear.output is not None else before_bias
-    nodes.append(helper.make_node("MatMul", [x_dq, f"{n}_weight_dq"], [product], name=f"{n}_matmul"))
+    product = f"{n}_matmul" if linear.output is not None else out_name
+    if gemm:
+        bias_scale = (np.float32(act_in.scale) * w.scale).astype(np.float32)  # [] or [out]
+        bias_q = np.rint(np.asarray(linear.bias, np.float64) / bias_scale).astype(np.int32)  # [out]
+        inits.append(numpy_helper.from_array(bias_q, f"{n}_bias_q"))
+        inits.append(numpy_helper.from_array(bias_scale, f"{n}_bias_scale"))
+        inits.append(numpy_helper.from_array(np.zeros(w.scale.shape, np.int32), f"{n}_bias_zero_point"))
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{n}_bias_q", f"{n}_bias_scale", f"{n}_bias_zero_point"],
+                [f"{n}_bias_dq"],
+                name=f"{n}_bias_dequantize",
+                **({"axis": 0} if per_channel else {}),
+            )
+        )
+        nodes.append(
+            helper.make_node("Gemm", [x_dq, f"{n}_weight_dq", f"{n}_bias_dq"], [product], name=f"{n}_matmul", transB=1)
+        )
+    else:
+        nodes.append(helper.make_node("MatMul", [x_dq, f"{n}_weight_dq"], [product], name=f"{n}_matmul"))
     if linear.output is not None:
-        _act_qdq(product, f"{n}_output", linear.output, nodes, inits, out=before_bias)
-    if has_bias:
-        inits.append(numpy_helper.from_array(np.asarray(linear.bias, np.float32), f"{n}_bias"))
-        nodes.append(helper.make_node("Add", [before_bias, f"{n}_bias"], [out_name], name=f"{n}_bias_add"))
+        _act_qdq(product, f"{n}_output", linear.output, nodes, inits, out=out_name)
 
 
 def build_linear_group_model(
@@ -218,15 +244,15 @@ def build_linear_group_model(
     x_dq = _act_qdq(input_name, f"{input_name}_input", input_quant, nodes, inits)
     if swiglu:
         gate, up = linears
-        _linear(x_dq, gate, "gate", nodes, inits)
-        _linear(x_dq, up, "up", nodes, inits)
+        _linear(x_dq, gate, input_quant, "gate", nodes, inits)
+        _linear(x_dq, up, input_quant, "up", nodes, inits)
         nodes.append(helper.make_node("Sigmoid", ["gate"], ["gate_sigmoid"], name="silu_sigmoid"))
         nodes.append(helper.make_node("Mul", ["gate", "gate_sigmoid"], ["gate_silu"], name="silu_mul"))
         nodes.append(helper.make_node("Mul", ["gate_silu", "up"], [output_names[0]], name="swiglu_mul"))
         out_widths = [up.weight.q.shape[0]]
     else:
         for lin, out_name in zip(linears, output_names, strict=True):
-            _linear(x_dq, lin, out_name, nodes, inits)
+            _linear(x_dq, lin, input_quant, out_name, nodes, inits)
         out_widths = [lin.weight.q.shape[0] for lin in linears]
     graph = helper.make_graph(
         nodes,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -196,11 +197,15 @@ def write_tiny_gguf(
     cfg: TinyConfig = TINY,
     name: str | None = None,
     skip_tensors: tuple[str, ...] = (),
+    transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    tokenizer_model: str | None = "gpt2",
 ) -> Path:
     """Write the tiny model as a GGUF file; returns its path.
 
     weight_type: a `gguf.GGMLQuantizationType` name for the 2-D tensors ("F32", "F16", "Q8_0",
     "Q4_1", ...); 1-D tensors (norms, biases) stay F32 as llama.cpp's converter keeps them.
+    For broken-file tests: `skip_tensors` leaves tensors out, `transform(name, array)` replaces
+    an array before writing (e.g. a wrong shape), `tokenizer_model=None` writes no tokenizer.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -220,19 +225,22 @@ def write_tiny_gguf(
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
     writer.add_vocab_size(len(tokens))
     writer.add_file_type(int(qtype) if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else 7)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
-    writer.add_add_bos_token(False)
+    if tokenizer_model is not None:
+        writer.add_tokenizer_model(tokenizer_model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(BOS_ID)
+        writer.add_eos_token_id(EOS_ID)
+        writer.add_add_bos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     for tname, arr in tiny_gguf_weights(arch, seed, tied, cfg).items():
         if tname in skip_tensors:
             continue
+        if transform is not None:
+            arr = transform(tname, arr)
         if arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:

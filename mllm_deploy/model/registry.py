@@ -73,7 +73,7 @@ def lookup(name: str) -> BuiltinModel:
     if name not in BUILTIN_MODELS:
         from difflib import get_close_matches
 
-        close = get_close_matches(name, BUILTIN_MODELS, n=1)
+        close = get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.4)
         raise user_error(
             f"unknown built-in model {name!r}",
             value=name,

@@ -1,0 +1,34 @@
+"""Pinned inputs for resolver and plan tests: a recorded host probe and profile builders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mllm_deploy.device.catalog import catalog_entries
+from mllm_deploy.device.host import build_host
+from mllm_deploy.device.models import Capabilities, HostProbe
+from mllm_deploy.profile import load_profile
+
+GOLDEN = Path(__file__).parent / "golden"
+REPO = Path(__file__).parent.parent
+
+
+def pinned_host() -> Capabilities:
+    """`host` as probed once on the 2-core dev machine, so golden plans do not depend on CI's machine."""
+    probe = HostProbe.model_validate(json.loads((GOLDEN / "host_probe.json").read_text()))
+    return build_host(catalog_entries()["host"], probe)
+
+
+def capabilities(target: str) -> Capabilities:
+    return pinned_host() if target == "host" else catalog_entries()[target]
+
+
+def write_profile(tmp_path: Path, text: str, name: str = "p.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def loaded_from(tmp_path: Path, text: str, overrides=()):
+    return load_profile(write_profile(tmp_path, text), overrides)

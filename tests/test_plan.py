@@ -1,0 +1,134 @@
+"""The plan: passes in order, chunk-sharing graphs, DAG shape, placement, golden text and JSON."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections import Counter
+
+import pytest
+
+from mllm_deploy.model import read_spec
+from mllm_deploy.plan import build_plan, plan_to_json
+from mllm_deploy.plan.passes import topological_order
+from mllm_deploy.plan.render import render_plan
+from mllm_deploy.profile import load_profile
+from mllm_deploy.resolve import resolve
+from plan_fixtures import GOLDEN, REPO, capabilities, loaded_from
+
+UPDATE = os.environ.get("MLLM_DEPLOY_UPDATE_GOLDEN") == "1"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return read_spec("builtin:smollm2-135m-instruct")
+
+
+def _plan(loaded, spec, **kw):
+    return build_plan(resolve(loaded, capabilities(loaded.profile.device.target), spec), **kw)
+
+
+def test_passes_run_in_order_and_dump(tmp_path, spec):
+    dump = tmp_path / "dump"
+    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=300, dump_dir=dump)
+    assert plan.passes == ["chunk", "place", "insert_shadow", "schedule"]
+    files = sorted(p.name for p in dump.iterdir())
+    assert files == ["01-chunk.json", "02-place.json", "03-insert_shadow.json", "04-schedule.json"]
+    after_chunk = json.loads((dump / "01-chunk.json").read_text())
+    assert {s["processor"] for s in after_chunk["subgraphs"]} == {"cpu"}  # placement comes later
+
+
+def test_chunking_and_padding(tmp_path, spec):
+    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=300)
+    assert (plan.n_chunks, plan.padded_tokens, plan.chunk_size) == (2, 212, 256)
+    per_chunk = Counter(s.chunk for s in plan.subgraphs if s.kind != "shadow")
+    assert per_chunk == {0: 1 + 30 * 7, 1: 1 + 30 * 7 + 2}  # embed + 7 per layer (+ final norm, head)
+
+
+def test_chunk_sharing_one_graph_per_layer_and_linear(tmp_path, spec):
+    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=1024)
+    assert len(plan.graphs) == 30 * 4
+    assert {g.used_by_chunks for g in plan.graphs} == {4}
+    qkv = next(g for g in plan.graphs if g.id == "L0.qkv")
+    assert qkv.weight_bytes == 576 * (576 + 192 + 192) + (576 + 192 + 192) * 4
+    runs = [s for s in plan.subgraphs if s.graph == "L0.qkv"]
+    assert [s.chunk for s in runs] == [0, 1, 2, 3]
+
+
+def test_placement_shapes_and_dtypes(tmp_path, spec):
+    plan = _plan(loaded_from(tmp_path, '[quantization]\nactivations = "uint16"\n'), spec, prompt_tokens=256)
+    by_id = {s.id: s for s in plan.subgraphs}
+    down = by_id["c0.L5.down"]
+    assert down.processor == "npu" and down.graph == "L5.down"
+    assert [t.render() for t in down.inputs] == ["act:float32[256,1536]", "act_q:uint16[256,1536]"]
+    assert [t.render() for t in down.outputs] == ["mlp_out:float32[256,576]"]
+    att = by_id["c0.L5.attention"]
+    assert att.processor == "cpu" and [t.render() for t in att.outputs] == ["attn_out:float32[256,576]"]
+    assert by_id["c0.L30.lm_head"].outputs[0].shape == (1, 49152)
+
+
+def test_dag_dependencies_across_chunks_and_layers(tmp_path, spec):
+    plan = _plan(loaded_from(tmp_path, '[outliers]\npolicy = "none"\n'), spec, prompt_tokens=512)
+    edges = set(plan.edges)
+    assert ("c1.L3.qkv", "c1.L3.attention") in edges
+    assert ("c0.L3.attention", "c1.L3.attention") in edges  # K/V of the earlier chunk
+    assert ("c1.L2.down", "c1.L3.attn_norm") in edges
+    assert ("c0.L2.down", "c1.L3.attn_norm") not in edges  # chunks are independent outside attention
+    order = topological_order([s.id for s in plan.subgraphs], plan.edges)
+    assert order == [s.id for s in plan.subgraphs]  # the plan lists subgraphs in a valid schedule order
+    assert plan.shadow.layers == [] and not any(s.kind == "shadow" for s in plan.subgraphs)
+
+
+def test_shadow_insertion(tmp_path, spec):
+    plan = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256)
+    assert plan.shadow.layers == [5, 15, 25] and plan.shadow.source == "provisional"
+    shadows = [s for s in plan.subgraphs if s.kind == "shadow"]
+    assert len(shadows) == 3 * 4
+    assert {s.processor for s in shadows} == {"cpu"}
+    edges = set(plan.edges)
+    assert ("c0.L15.ffn_norm", "c0.L15.gate_up.shadow") in edges  # same input as the NPU linear
+    assert ("c0.L15.gate_up.shadow", "c0.L15.down") in edges  # correction added before use
+    calibrated = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256, calibrated_shadow_layers=(29, 0, 7, 3))
+    assert calibrated.shadow.layers == [0, 7, 29] and calibrated.shadow.source == "calibration"
+
+
+def test_float_baseline_plan_is_all_cpu(tmp_path, spec):
+    plan = _plan(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), spec, prompt_tokens=256)
+    assert plan.graphs == [] and {s.processor for s in plan.subgraphs} == {"cpu"}
+    assert plan.estimate.sequential_ms == plan.estimate.cpu_ms
+
+
+def test_estimate_overlap_is_busier_processor(tmp_path, spec):
+    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=1024)
+    e = plan.estimate
+    assert e.overlapped_ms == pytest.approx(max(e.npu_ms, e.cpu_ms), abs=1e-2)
+    assert e.sequential_ms == pytest.approx(e.npu_ms + e.cpu_ms, abs=1e-2)
+    assert "nominal" in e.label and "not a measurement" in e.label
+    assert e.prefill_tokens_per_s == pytest.approx(1024 / (e.overlapped_ms / 1e3), rel=1e-3)
+
+
+GOLDEN_CASES = [
+    ("default", REPO / "profiles" / "default.toml", 512),
+    ("sd8gen3", REPO / "profiles" / "sd8gen3.toml", 512),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "tokens"), GOLDEN_CASES, ids=[c[0] for c in GOLDEN_CASES])
+def test_golden_plan_text_and_json(spec, name, path, tokens):
+    loaded = load_profile(path)
+    plan = _plan(loaded, spec, prompt_tokens=tokens)
+    text = render_plan(plan)
+    data = json.loads(plan_to_json(plan))
+    text_file = GOLDEN / f"plan_{name}.txt"
+    json_file = GOLDEN / f"plan_{name}.json.gz"
+    if UPDATE:
+        text_file.write_text(text)
+        json_file.write_bytes(gzip.compress(json.dumps(data, indent=1, sort_keys=True).encode(), mtime=0))
+    assert text == text_file.read_text(), "plan text changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
+    golden = json.loads(gzip.decompress(json_file.read_bytes()))
+    for key in golden:
+        assert data[key] == golden[key], f"plan JSON key {key!r} changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
+    assert set(data) == set(golden)
+    assert {"subgraphs", "edges", "memory", "estimate"} <= set(data)
+    assert {"id", "layer", "kind", "processor", "inputs", "outputs"} <= set(data["subgraphs"][0])

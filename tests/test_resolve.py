@@ -1,0 +1,137 @@
+"""The resolver: every capability refusal names the key (located), the value and the device limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.model import read_spec
+from mllm_deploy.resolve import resolve
+from plan_fixtures import capabilities, loaded_from
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return read_spec("builtin:smollm2-135m-instruct")
+
+
+def _caps(target: str, npu: dict | None = None, **top):
+    caps = capabilities(target)
+    if npu:
+        top["npu"] = caps.npu.model_copy(update=npu)
+    return caps.model_copy(update=top)
+
+
+# (name, profile text, target, npu overrides, caps overrides, key, line, message part, allowed part)
+REFUSALS = [
+    ("attention on npu", '[placement]\nattention = "npu"\n', "host", None, {}, "placement.attention", 2, "dynamic shapes", "cpu"),
+    ("norms need fp16", '[placement]\nnorms = "npu"\n', "host", None, {}, "placement.norms", 2, "no float16", "cpu"),
+    ("chunk rule", "[prefill]\nchunk_size = 100\n", "sd8gen3", None, {}, "prefill.chunk_size", 2, "not allowed on sd8gen3", "multiples of 32 from 32 to 1024"),
+    ("chunk above context", "[prefill]\nchunk_size = 512\nmax_context = 256\n", "host", None, {}, "prefill.chunk_size", 2, "cannot hold more tokens", "<= prefill.max_context (256)"),
+    ("context above model", "[prefill]\nmax_context = 16384\n", "host", None, {}, "prefill.max_context", 2, "model's context length", "<= 8192"),
+    ("int16 unsupported", '[quantization]\nactivations = "uint16"\n', "sd8gen3", {"supports_int16_activations": False}, {}, "quantization.activations", 2, "no 16-bit activations", "uint8"),
+    ("per-channel unsupported", '[quantization]\nweights = "int8-per-channel"\n', "sd8gen3", {"supports_per_channel_weights": False}, {}, "quantization.weights", 2, "no per-channel", "int8-per-tensor"),
+    ("npu memory", "[prefill]\nchunk_size = 256\n", "sd8gen3", {"addressable_memory_bytes": 50 * 1024**2}, {}, "prefill.chunk_size", 2, "more than sd8gen3's NPU can address", "<= 0.05 GiB"),
+    ("ram", "[prefill]\nmax_context = 8192\n", "qcs6490", None, {"ram_bytes": GIB // 2}, "prefill.max_context", 2, "more than 80% of qcs6490's RAM", "<= 0.40 GiB"),
+    ("cpu threads", "[device]\ncpu_threads = 16\n", "sd8gen3", None, {}, "device.cpu_threads", 2, "more threads than sd8gen3 has cores", "<= 8"),
+    ("npu threads", '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 64\n', "host", None, {}, "device.npu_threads", 3, "more threads than host has cores", "<= 2"),
+    ("backend not on device", '[device]\nnpu_backend = "ort-cpu"\n', "sd8gen3", None, {}, "device.npu_backend", 2, "not available on sd8gen3", "qnn-htp, none"),
+]
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=[c[0] for c in REFUSALS])
+def test_each_refusal_names_key_line_value_and_limit(tmp_path, spec, case):
+    _, text, target, npu, top, key, line, message, allowed = case
+    loaded = loaded_from(tmp_path, f'[device]\ntarget = "{target}"\n' + text if "[device]" not in text else text.replace("[device]\n", f'[device]\ntarget = "{target}"\n'))
+    shift = 0 if "[device]" in text else 2
+    with pytest.raises(UserError) as info:
+        resolve(loaded, _caps(target, npu, **top), spec)
+    err = info.value
+    assert err.exit_code == ExitCode.CANNOT_RUN
+    assert len(err.diagnostics) == 1, [d.render() for d in err.diagnostics]
+    diag = err.diagnostics[0]
+    assert diag.key == key
+    assert diag.line == line + shift + (1 if "[device]" in text else 0)
+    assert diag.file == str(loaded.path)
+    assert message in diag.message
+    assert allowed in diag.allowed
+    assert diag.render().startswith(f"{loaded.path}:{diag.line}:1: error: {key}: ")
+
+
+def test_all_refusals_reported_at_once(tmp_path, spec):
+    text = '[device]\ntarget = "sd8gen3"\ncpu_threads = 12\n[prefill]\nchunk_size = 100\n[placement]\nattention = "npu"\n'
+    with pytest.raises(UserError) as info:
+        resolve(loaded_from(tmp_path, text), capabilities("sd8gen3"), spec)
+    keys = sorted(d.key for d in info.value.diagnostics)
+    assert keys == ["device.cpu_threads", "placement.attention", "prefill.chunk_size"]
+
+
+def test_override_refusal_points_at_the_set(tmp_path, spec):
+    loaded = loaded_from(tmp_path, "", overrides=["prefill.max_context=9000"])
+    with pytest.raises(UserError) as info:
+        resolve(loaded, capabilities("host"), spec)
+    assert info.value.diagnostics[0].file == "--set prefill.max_context=9000"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "message"),
+    [
+        ('[model]\nchat_template = "nope.jinja"\n', "model.chat_template", "chat template file not found"),
+        ('[calibration]\nsource = "texts/*.txt"\n', "calibration.source", "no text files match"),
+    ],
+)
+def test_missing_files_are_invalid_input(tmp_path, spec, text, key, message):
+    with pytest.raises(UserError) as info:
+        resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+    assert info.value.exit_code == ExitCode.INVALID
+    assert info.value.diagnostics[0].key == key
+    assert message in info.value.diagnostics[0].message
+    assert info.value.diagnostics[0].line == 2
+
+
+def test_calibration_glob_that_matches_is_accepted(tmp_path, spec):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text")
+    resolved = resolve(loaded_from(tmp_path, '[calibration]\nsource = "texts/*.txt"\n'), capabilities("host"), spec)
+    assert resolved.backend == "ort-cpu"
+
+
+@pytest.mark.parametrize(
+    ("text", "target", "backend", "label", "threads"),
+    [
+        ("", "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (1, 1)),
+        ('[device]\nnpu_backend = "none"\n', "host", "none", "none (float32 on the CPU)", (2, 0)),
+        ('[device]\nnpu_backend = "qnn-htp"\n', "host", "qnn-htp", "QNN HTP x86 simulator", (2, 0)),
+        ("", "sd8gen3", "qnn-htp", "QNN HTP v75", (8, 0)),
+        ('[device]\nnpu_threads = 2\ncpu_threads = 2\n', "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (2, 2)),
+    ],
+)
+def test_backend_label_and_threads(tmp_path, spec, text, target, backend, label, threads):
+    body = text if "[device]" in text else "[device]\n" + text
+    body = body.replace("[device]\n", f'[device]\ntarget = "{target}"\n')
+    resolved = resolve(loaded_from(tmp_path, body), capabilities(target), spec)
+    assert (resolved.backend, resolved.backend_label) == (backend, label)
+    assert (resolved.cpu_threads, resolved.npu_threads) == threads
+
+
+def test_simulator_and_oversubscription_warn_but_run(tmp_path, spec):
+    text = '[device]\nnpu_backend = "qnn-htp"\n'
+    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+    assert any("x86 simulator" in w.message and w.line == 2 for w in resolved.warnings)
+    text = '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 2\ncpu_threads = 2\n'
+    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+    assert any("compete for cores" in w.message for w in resolved.warnings)
+
+
+def test_memory_budget_of_default_profile(tmp_path, spec):
+    resolved = resolve(loaded_from(tmp_path, ""), capabilities("host"), spec)
+    m = resolved.memory
+    linear_params = 30 * (576 * 576 * 2 + 2 * 192 * 576 + 3 * 1536 * 576)
+    assert m.npu_weight_bytes == linear_params + 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) * 4
+    assert m.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
+    assert m.cpu_weight_bytes >= 49152 * 576 * 4  # float embeddings (tied output head)
+    float_run = resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), spec)
+    assert float_run.memory.npu_bytes == 0
+    assert float_run.memory.cpu_weight_bytes > resolved.memory.cpu_weight_bytes + 3 * linear_params

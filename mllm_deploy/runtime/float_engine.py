@@ -49,6 +49,17 @@ class FloatEngine:
         self.rope = RopeTables(spec.head_dim, spec.rope_theta, spec.rope_style, n_positions=1024)
         self.block_linears: list[BlockLinears] = [FloatBlockLinears(layer) for layer in weights.layers]
 
+    def warm_up(self) -> None:
+        """Make the weights resident (they may be memory-mapped from the weight cache) and start
+        the BLAS threads, so the first prompt is not charged for page faults."""
+        arrays = [self.weights.tok_embd, self.weights.output, self.weights.output_norm]
+        for layer in self.weights.layers:
+            arrays += [a for a in vars(layer).values() if isinstance(a, np.ndarray)]
+        for array in arrays:
+            flat = array.reshape(-1)
+            float(flat[:: max(1, 4096 // flat.itemsize)].sum())  # one read per page
+        self.forward_chunk(self.new_cache(2), [0, 0], logit_rows="last")
+
     # -- state ---------------------------------------------------------------------------
 
     def new_cache(self, capacity: int) -> KVCache:

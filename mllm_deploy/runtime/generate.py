@@ -35,9 +35,9 @@ Event = ChunkDone | PrefillDone | TokenEmitted | GenerationDone
 class Detokenizer(Protocol):
     """Streaming detokenizer: text added by each token, never half a UTF-8 character."""
 
-    def add(self, token_id: int) -> str: ...
+    def push(self, token_id: int) -> str: ...
 
-    def flush(self) -> str: ...
+    def finish(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def generate(
         generated.append(token)
         context_ids.append(token)
         is_eos = token in request.eos_ids
-        text = stop_filter.feed("" if is_eos else detokenizer.add(token))
+        text = stop_filter.feed("" if is_eos else detokenizer.push(token))
         if stop_filter.stopped:
             finish = "stop"
         elif is_eos:
@@ -110,7 +110,7 @@ def generate(
         elif cache.free == 0:
             finish = "context"  # no room to feed this token back
         if finish in ("eos", "length", "context"):
-            text += stop_filter.feed(detokenizer.flush())
+            text += stop_filter.feed(detokenizer.finish())
             text += stop_filter.flush()
             if stop_filter.stopped:
                 finish = "stop"

@@ -1,0 +1,90 @@
+"""`mllm-deploy chat`: a plain line-based chat REPL (no TUI) that keeps the conversation and its
+KV cache between turns. Works from a pipe: the `> ` prompt is printed only when stdin is a
+terminal. `/reset` starts a new conversation, `/quit` (or end of input) leaves.
+
+Ctrl-C during a reply stops it (the partial reply stays in the conversation); on a terminal
+the REPL goes on, from a pipe it exits 130. Ctrl-C at the prompt exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
+from mllm_deploy.errors import ExitCode, user_error
+
+HELP_TEXT = "commands: /reset (new conversation), /quit (leave), /help"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="line-based chat REPL without the UI (keeps the KV cache between turns)",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_profile_args(parser, optional=True)
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.cli.run_cmd import run_turn
+    from mllm_deploy.runtime.availability import require_runnable_backend
+    from mllm_deploy.runtime.report import metrics_line
+    from mllm_deploy.runtime.session import ChatSession, load_model
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise user_error("--max-new-tokens must be at least 1", value=args.max_new_tokens)
+    loaded = load_profile_from_args(args)
+    backend = require_runnable_backend(loaded)
+    interactive = sys.stdin.isatty()
+    session = ChatSession(load_model(loaded), loaded)
+    if interactive:
+        print(f"{session.model.spec.name} ({backend}); {HELP_TEXT}", file=sys.stderr)
+    first_turn = True
+    while True:
+        try:
+            line = _read_line(interactive)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return ExitCode.INTERRUPTED
+        if line is None:
+            return ExitCode.OK
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            return ExitCode.OK
+        if text == "/reset":
+            session.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if text == "/help":
+            print(HELP_TEXT, file=sys.stderr)
+            continue
+        done = run_turn(lambda cancel: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        load_s = session.model.load_seconds if first_turn else None
+        print(metrics_line(done, load_s=load_s, backend=backend), file=sys.stderr, flush=True)
+        first_turn = False
+        if done.finish_reason == "cancelled" and not interactive:
+            return ExitCode.INTERRUPTED
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next input line, or None at end of input."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,190 @@
+"""`mllm-deploy run`: one prompt (or a JSONL batch of them) through the profile's model, headless.
+
+Tokens stream to stdout and metrics go to stderr; `--json` prints one result object instead;
+`--batch FILE.jsonl` reads one request per line and prints one result per line. Ctrl-C stops
+generation cleanly, prints the partial result and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
+from mllm_deploy.errors import ExitCode, UserError, user_error
+from mllm_deploy.runtime.events import GenerationDone, TokenEmitted
+
+BATCH_KEYS = {"prompt", "raw", "max_new_tokens", "system", "messages", "id"}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="generate from one prompt (or a JSONL batch) without the UI",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_profile_args(parser, optional=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt text")
+    source.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE ('-' for stdin)")
+    source.add_argument(
+        "--batch",
+        metavar="FILE.jsonl",
+        help="one JSON request per line: {prompt | messages, raw, max_new_tokens, system, id}; "
+        "one JSON result per line out",
+    )
+    parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.runtime.availability import require_runnable_backend
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise user_error("--max-new-tokens must be at least 1", value=args.max_new_tokens)
+    loaded = load_profile_from_args(args)
+    backend = require_runnable_backend(loaded)
+    if args.batch:
+        lines = _read_text(args.batch, "batch file").splitlines()
+    else:
+        prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
+    session = _open_session(loaded)
+    if args.batch:
+        return run_batch(session, lines, backend=backend, raw_default=args.raw, max_new_default=args.max_new_tokens)
+    if args.raw:
+        turn = lambda cancel: session.complete(prompt, cancel=cancel, max_new_tokens=args.max_new_tokens)  # noqa: E731
+    else:
+        turn = lambda cancel: session.send(prompt, cancel=cancel, max_new_tokens=args.max_new_tokens)  # noqa: E731
+    on_text = None if args.json else _write_stdout
+    done = run_turn(turn, on_text)
+    load_s = session.model.load_seconds
+    if args.json:
+        from mllm_deploy.runtime.report import result_record
+
+        print(json.dumps(result_record(done, load_s=load_s, backend=backend), ensure_ascii=False))
+    else:
+        from mllm_deploy.runtime.report import metrics_line
+
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(metrics_line(done, load_s=load_s, backend=backend), file=sys.stderr)
+    return ExitCode.INTERRUPTED if done.finish_reason == "cancelled" else ExitCode.OK
+
+
+def _open_session(loaded):
+    from mllm_deploy.runtime.session import ChatSession, load_model
+
+    return ChatSession(load_model(loaded), loaded)
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _read_text(name: str, what: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise user_error(f"{what} not found", file=name) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise user_error(f"cannot read the {what}: {exc}", file=name) from None
+
+
+def run_turn(turn: Callable[[threading.Event], Iterable], on_text: Callable[[str], None] | None) -> GenerationDone:
+    """Drive one generation with Ctrl-C mapped to cancel; stream text to `on_text`."""
+    from mllm_deploy.runtime.interrupt import sigint_cancels
+
+    cancel = threading.Event()
+    done = None
+    with sigint_cancels(cancel):
+        for event in turn(cancel):
+            if isinstance(event, TokenEmitted) and on_text is not None and event.text:
+                on_text(event.text)
+            elif isinstance(event, GenerationDone):
+                done = event
+    return done
+
+
+def run_batch(session, lines: list[str], *, backend: str, raw_default: bool, max_new_default: int | None) -> int:
+    """Run every request line; bad lines give an error object (and exit 2 at the end)."""
+    from mllm_deploy.runtime.report import result_record
+
+    failed = False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            request = parse_batch_line(line, number)
+            max_new = request.get("max_new_tokens", max_new_default)
+            if "messages" in request:
+                turn = lambda cancel: session.reply_to(  # noqa: E731
+                    request["messages"], system=request.get("system"), cancel=cancel, max_new_tokens=max_new
+                )
+            elif request.get("raw", raw_default):
+                turn = lambda cancel: session.complete(request["prompt"], cancel=cancel, max_new_tokens=max_new)  # noqa: E731
+            else:
+                conversation = [{"role": "user", "content": request["prompt"]}]
+                turn = lambda cancel: session.reply_to(  # noqa: E731
+                    conversation, system=request.get("system"), cancel=cancel, max_new_tokens=max_new
+                )
+            done = run_turn(turn, None)
+        except UserError as err:
+            failed = True
+            out = {"line": number, "error": "; ".join(d.message for d in err.diagnostics)}
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+            continue
+        record = {"line": number, **({"id": request["id"]} if "id" in request else {})}
+        record.update(result_record(done, load_s=session.model.load_seconds, backend=backend))
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+        if done.finish_reason == "cancelled":
+            return ExitCode.INTERRUPTED
+    return ExitCode.INVALID if failed else ExitCode.OK
+
+
+def parse_batch_line(line: str, number: int) -> dict:
+    """One batch request, checked; UserError names what is wrong with line `number`."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise user_error(f"line {number}: not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(request, dict):
+        raise user_error(f"line {number}: expected a JSON object, got {type(request).__name__}")
+    unknown = sorted(set(request) - BATCH_KEYS)
+    if unknown:
+        raise user_error(f"line {number}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(BATCH_KEYS))})")
+    if ("prompt" in request) == ("messages" in request):
+        raise user_error(f"line {number}: give exactly one of 'prompt' or 'messages'")
+    if "prompt" in request and (not isinstance(request["prompt"], str) or not request["prompt"]):
+        raise user_error(f"line {number}: 'prompt' must be a non-empty string")
+    if "messages" in request:
+        messages = request["messages"]
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and set(m) == {"role", "content"}
+            and m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
+            for m in messages
+        )  # fmt: skip
+        if not ok:
+            raise user_error(
+                f"line {number}: 'messages' must be a non-empty list of "
+                "{\"role\": system|user|assistant, \"content\": string}"
+            )
+        if request.get("raw"):
+            raise user_error(f"line {number}: 'raw' cannot be combined with 'messages'")
+    if "raw" in request and not isinstance(request["raw"], bool):
+        raise user_error(f"line {number}: 'raw' must be true or false")
+    if "system" in request and not isinstance(request["system"], str):
+        raise user_error(f"line {number}: 'system' must be a string")
+    if "max_new_tokens" in request:
+        value = request["max_new_tokens"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise user_error(f"line {number}: 'max_new_tokens' must be an integer >= 1")
+    return request

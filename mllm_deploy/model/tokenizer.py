@@ -128,7 +128,7 @@ def tokenizer_from_gguf_metadata(metadata: dict, file: str) -> Tokenizer:
             f"unsupported pre-tokenizer {pre!r}", file=file, key="tokenizer.ggml.pre", allowed=", ".join(PRE_TOKENIZERS)
         )
     merges_raw = metadata.get("tokenizer.ggml.merges")
-    if not merges_raw:
+    if merges_raw is None:
         raise user_error("a BPE tokenizer needs tokenizer.ggml.merges, which is missing", file=file)
     vocab: dict[str, int] = {}
     for idx, tok in enumerate(tokens):

@@ -240,3 +240,18 @@ def test_warning_for_a_key_set_by_override_points_at_it(tmp_path):
     assert warning.render() == (
         "--set decode.top_k=5: warning: decode.top_k: has no effect with decode.temperature = 0 (greedy decoding)"
     )
+
+
+def test_undecodable_override_and_file_name_are_reported_printably(tmp_path, capsys):
+    from mllm_deploy.cli import main
+
+    path = write(tmp_path, 'name = "x"\n')
+    with pytest.raises(UserError) as caught:
+        load_profile(path, ["name=caf\udce9"])  # how Python decodes a non-UTF-8 argv byte
+    (diag,) = caught.value.diagnostics
+    assert diag.message == "not valid UTF-8 text"
+    assert diag.file == "--set name=caf\\xe9"
+    odd = tmp_path / "pro\udcfffile.toml"
+    odd.write_text('name = ""\n', encoding="utf-8")
+    assert main(["validate", str(odd)]) == 2
+    assert "pro\\xfffile.toml:1:1: error: name: must not be empty" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import argparse
 from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
 from mllm_deploy.errors import ExitCode
 from mllm_deploy.profile import LoadedProfile
+from mllm_deploy.profile.source import printable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = validate_profile_shape(args)
     resolved = resolve_profile(loaded)  # second pass: the device and the model (exit 3 if it cannot run)
     print_diagnostics(w for w in resolved.warnings if w not in loaded.warnings)
-    print(ok_line(loaded, args.profile if args.profile is not None else str(loaded.path)))
+    shown = args.profile if args.profile is not None else str(loaded.path)
+    print(ok_line(loaded, printable(shown)))
     print(f"  runs on {resolved.caps.id} with npu backend {resolved.backend_label}; model {resolved.spec.name}")
     return ExitCode.OK

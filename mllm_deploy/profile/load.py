@@ -17,7 +17,7 @@ from mllm_deploy.profile.loaded import LoadedProfile, locate
 from mllm_deploy.profile.locate import locate_keys
 from mllm_deploy.profile.models import Profile
 from mllm_deploy.profile.overrides import apply_overrides, leaf_keys
-from mllm_deploy.profile.source import parse_toml, read_profile_text
+from mllm_deploy.profile.source import parse_toml, printable, read_profile_text
 
 DEFAULT_PROFILE_NAME = "default.toml"
 
@@ -37,7 +37,7 @@ def load_profile(path: str | Path | None, overrides: Sequence[str] = ()) -> Load
     """Read, parse and validate the profile at `path` (None: the built-in default) with
     `--set KEY=VALUE` overrides. Raises :class:`UserError` (exit 2) carrying every problem."""
     file = default_profile_path() if path is None else Path(path)
-    display = str(file)
+    display = printable(str(file))
     text = read_profile_text(file, display)
     try:
         base_dir = file.resolve().parent
@@ -54,14 +54,14 @@ def load_profile_text(
     overrides: Sequence[str] = (),
 ) -> LoadedProfile:
     """Like :func:`load_profile` for profile text already in memory (`file` names it)."""
-    display = str(file) if file is not None else "<profile>"
+    display = printable(str(file)) if file is not None else "<profile>"
     overrides = tuple(overrides)
     document = parse_toml(text, display)
     locations = locate_keys(text)
-    merged, set_by_overrides, problems = apply_overrides(document, overrides)
+    merged, set_by_overrides, applied, problems = apply_overrides(document, overrides)
 
     def where(key) -> dict:
-        return locate(key, file=display, locations=locations, overrides=overrides)
+        return locate(key, file=display, locations=locations, overrides=applied)
 
     try:
         profile = Profile.model_validate(merged)

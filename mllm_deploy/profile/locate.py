@@ -125,9 +125,10 @@ class _Scanner:
         self.pos += 2 + width
         if width:
             try:
-                return chr(int(digits, 16))
+                char = chr(int(digits, 16))
             except ValueError:
                 return ""
+            return "\ufffd" if 0xD800 <= ord(char) <= 0xDFFF else char
         return _ESCAPES.get(code, code)
 
     def multiline_string(self, delimiter: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mllm_deploy.errors import Diagnostic
 from mllm_deploy.profile.fields import all_keys, keys_in
+from mllm_deploy.profile.source import printable
 from mllm_deploy.profile.suggest import suggest_key
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -83,6 +84,9 @@ def _check_key(text: str, parts: list[str], value: object) -> Diagnostic | None:
 
 def parse_override(text: str) -> Override | Diagnostic:
     """One `KEY=VALUE` string as an :class:`Override`, or the diagnostic saying why not."""
+    shown = printable(text)
+    if shown != text:
+        return _diagnostic(shown, "not valid UTF-8 text")
     if "=" not in text:
         return _diagnostic(text, "expected KEY=VALUE", hint="e.g. --set prefill.chunk_size=128")
     raw_key, raw_value = text.split("=", 1)
@@ -129,11 +133,15 @@ def leaf_keys(document: object, prefix: str = "") -> set[str]:
     return out
 
 
-def apply_overrides(document: dict, overrides: Sequence[str]) -> tuple[dict, set[str], list[Diagnostic]]:
-    """(merged copy of `document`, dotted keys the overrides set, diagnostics of bad overrides)."""
+def apply_overrides(
+    document: dict, overrides: Sequence[str]
+) -> tuple[dict, set[str], list[str], list[Diagnostic]]:
+    """(merged copy of `document`, dotted keys the overrides set, the overrides applied,
+    diagnostics of the overrides that could not be applied)."""
     merged = dict(document)
     explicit: set[str] = set()
     problems: list[Diagnostic] = []
+    applied: list[str] = []
     for text in overrides:
         parsed = parse_override(text)
         if isinstance(parsed, Diagnostic):
@@ -141,4 +149,5 @@ def apply_overrides(document: dict, overrides: Sequence[str]) -> tuple[dict, set
             continue
         _merge(merged, parsed.key, parsed.value)
         explicit |= leaf_keys(parsed.value, parsed.dotted)
-    return merged, explicit, problems
+        applied.append(text)
+    return merged, explicit, applied, problems

@@ -16,6 +16,15 @@ _BARE_WORD_VALUE = re.compile(r"""^\s*([A-Za-z0-9_.\-"']+)\s*=\s*([A-Za-z][A-Za-
 _TOML_WORDS = {"true", "false", "inf", "nan"}
 
 
+def printable(text: str) -> str:
+    """`text` without lone surrogates, safe to print: an undecodable byte of a file name or an
+    argument (which Python holds as a surrogate) is shown as `\\xNN`."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def _fail(message: str, file: str, **where) -> UserError:
     return UserError([Diagnostic(message=message, file=file, **where)])
 

@@ -8,7 +8,6 @@ the permutation and run with NeoX rope -> rope_style "half". A model without
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,21 +150,24 @@ def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeight
         cached = weight_cache.load_entry(key)
         if cached is not None and set(cached) == set(names):
             return layout.assemble_weights(spec, "gguf", cached.__getitem__)
+        if cached is not None:  # an entry for other tensors under this key: replace it
+            weight_cache.drop_entry(key)
     gfile = GGUFFile(Path(spec.path))
     try:
         if _spec_from_file(gfile, spec.source).weight_bytes_f32 != spec.weight_bytes_f32:
             raise user_error("the file changed since its spec was read; read it again", file=spec.path)
         if key is None:
             return layout.assemble_weights(spec, "gguf", gfile.dequantize)
-        started = time.perf_counter()
-        weight_cache.store_entry(
-            key, names, gfile.dequantize,
-            {"source": spec.source, "path": spec.path, "loader_version": LOADER_VERSION},
-        )  # fmt: skip
-        cached = weight_cache.load_entry(key)
-        if cached is None:  # the cache directory is unusable (full disk?): run from memory
+        try:
+            weight_cache.store_entry(
+                key, names, gfile.dequantize,
+                {"source": spec.source, "path": spec.path, "loader_version": LOADER_VERSION},
+            )  # fmt: skip
+            cached = weight_cache.load_entry(key)
+        except OSError:  # the cache directory is unusable (read-only, full disk): run from memory
+            cached = None
+        if cached is None:
             return layout.assemble_weights(spec, "gguf", gfile.dequantize)
-        spec.extra.setdefault("dequantize_s", round(time.perf_counter() - started, 3))
         return layout.assemble_weights(spec, "gguf", cached.__getitem__)
     finally:
         gfile.close()

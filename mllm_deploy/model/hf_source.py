@@ -89,7 +89,8 @@ def read_hf_spec(directory: Path, source: str) -> ModelSpec:
             f"unsupported model architecture {arch_name!r}", file=file, key="architectures", allowed=", ".join(ARCHITECTURES)
         )
     arch = ARCHITECTURES[arch_name]
-    if config.get("rope_scaling") not in (None, {}) and (config["rope_scaling"] or {}).get("rope_type", config["rope_scaling"].get("type")) != "default":
+    scaling = config.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
         raise user_error("RoPE scaling is not supported", file=file, key="rope_scaling", value=str(config["rope_scaling"]))
     if config.get("hidden_act", "silu") != "silu":
         raise user_error("only SiLU (SwiGLU) MLPs are supported", file=file, key="hidden_act", value=config.get("hidden_act"))

@@ -61,6 +61,10 @@ def load_entry(key: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+def drop_entry(key: str) -> None:
+    shutil.rmtree(weights_cache_root() / key, ignore_errors=True)
+
+
 def store_entry(key: str, names: Iterable[str], produce: Callable[[str], np.ndarray], info: dict) -> None:
     """Write `produce(name)` for every name into a new entry, atomically. `info` goes in the manifest."""
     root = weights_cache_root()

@@ -107,6 +107,14 @@ def test_unsupported_pre_tokenizer_is_refused():
     assert d.allowed == "gpt2, smollm, starcoder, refact, llama-bpe, qwen2"
 
 
+def test_missing_pre_tokenizer_is_refused():
+    meta = _byte_vocab_metadata("gpt2", [], [])
+    del meta["tokenizer.ggml.pre"]
+    with pytest.raises(UserError) as info:
+        tokenizer_from_gguf_metadata(meta, "old.gguf")
+    assert info.value.diagnostics[0].message.startswith("the GGUF file does not say which pre-tokenizer")
+
+
 def test_tiny_gguf_and_hf_tokenizers_agree_with_the_trained_one(tiny_dir):
     reference = tm.tiny_tokenizer()
     gguf_tok = load_tokenizer(read_spec(str(tm.write_tiny_gguf(tiny_dir))))

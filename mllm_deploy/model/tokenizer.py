@@ -122,7 +122,14 @@ def tokenizer_from_gguf_metadata(metadata: dict, file: str) -> Tokenizer:
             key="tokenizer.ggml.model",
             hint="use the model's Hugging Face directory (tokenizer.json) instead",
         )
-    pre = metadata.get("tokenizer.ggml.pre") or "gpt2"
+    pre = metadata.get("tokenizer.ggml.pre")
+    if pre is None:  # llama.cpp then guesses a "default" split that matches no model's training
+        raise user_error(
+            "the GGUF file does not say which pre-tokenizer its vocabulary needs (tokenizer.ggml.pre is missing)",
+            file=file,
+            allowed=", ".join(PRE_TOKENIZERS),
+            hint="re-convert the model with a current llama.cpp convert_hf_to_gguf.py, or use its Hugging Face directory",
+        )
     if pre not in PRE_TOKENIZERS:
         raise user_error(
             f"unsupported pre-tokenizer {pre!r}", file=file, key="tokenizer.ggml.pre", allowed=", ".join(PRE_TOKENIZERS)

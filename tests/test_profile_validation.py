@@ -261,3 +261,11 @@ def test_empty_file_is_all_defaults_with_a_warning(tmp_path):
 def test_huge_file_is_refused(tmp_path):
     (diag,) = errors_of(write(tmp_path, "#" * 1_000_001)).diagnostics
     assert "larger than" in diag.message
+
+
+def test_absurdly_nested_values_are_refused_not_crashed(tmp_path):
+    (diag,) = errors_of(write(tmp_path, "name = " + "[" * 5000 + "]" * 5000 + "\n")).diagnostics
+    assert diag.message == "invalid TOML: arrays or tables nested too deeply"
+    from mllm_deploy.profile.locate import locate_keys
+
+    assert locate_keys("x = 1\ny = " + "[" * 5000 + "]" * 5000 + "\n")["x"] == (1, 1)

@@ -240,4 +240,8 @@ class _Scanner:
 
 def locate_keys(text: str) -> dict[str, tuple[int, int]]:
     """Dotted key -> (line, column) of where the key is written in the TOML `text`."""
-    return _Scanner(text).scan()
+    scanner = _Scanner(text)
+    try:
+        return scanner.scan()
+    except RecursionError:  # values nested hundreds deep: keep what was found before them
+        return scanner.found

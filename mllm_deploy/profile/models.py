@@ -154,7 +154,8 @@ class DecodeSection(_Section):
     """Random seed for sampling."""
 
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
-    """Strings that end generation when they appear in the output (not included in it)."""
+    """Strings that end generation when they appear in the output (not included in it);
+    each must be non-empty."""
 
 
 class CalibrationSection(_Section):

@@ -111,5 +111,7 @@ def parse_toml(text: str, display: str) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError([toml_syntax_diagnostic(exc, text, display)]) from None
-    except (ValueError, RecursionError) as exc:  # absurd nesting or numbers tomllib cannot hold
+    except RecursionError:
+        raise _fail("invalid TOML: arrays or tables nested too deeply", display) from None
+    except ValueError as exc:  # e.g. a number tomllib cannot hold
         raise _fail(f"invalid TOML: {exc}", display) from None

@@ -30,7 +30,20 @@ _UNSUPPORTED_KEYS = {
 
 
 def read_gguf_spec(path: Path, source: str) -> ModelSpec:
-    """The ModelSpec of a GGUF file, from its header alone (~0.1 s for the default model)."""
+    """The ModelSpec of a GGUF file, from its header alone (~0.1 s for the default model;
+    memoised per file identity, so repeated resolves in one process are free)."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, source)
+    cached = _SPEC_MEMO.get(key)
+    if cached is None:
+        cached = _SPEC_MEMO[key] = _read_gguf_spec_uncached(path, source)
+    return cached
+
+
+_SPEC_MEMO: dict[tuple, ModelSpec] = {}
+
+
+def _read_gguf_spec_uncached(path: Path, source: str) -> ModelSpec:
     gfile = GGUFFile(path)
     try:
         return _spec_from_file(gfile, source)

@@ -1,0 +1,108 @@
+"""Chat sessions: multi-turn KV-cache reuse on the real model, prompt overflow policies,
+the backend gate, and the model-context check."""
+
+from __future__ import annotations
+
+import pytest
+
+from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.profile import load_profile
+from mllm_deploy.runtime.availability import require_runnable_backend
+from mllm_deploy.runtime.events import GenerationDone, PrefillDone
+from mllm_deploy.runtime.session import ChatSession, fit_to_context, load_model
+
+import tiny_models
+
+
+def finish(events) -> GenerationDone:
+    events = list(events)
+    assert isinstance(events[-1], GenerationDone)
+    return events[-1]
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    loaded = load_profile(None, ["device.npu_backend=none", "decode.temperature=0"])
+    return load_model(loaded), loaded
+
+
+def test_second_turn_prefills_only_new_tokens(real_model):
+    model, loaded = real_model
+    session = ChatSession(model, loaded)
+    first = finish(session.send("What is the capital of France?"))
+    assert first.text == "The capital of France is Paris." and first.finish_reason == "eos"
+    second = finish(session.send("And of Germany?"))
+    # everything of turn 1 is reused except the final <|im_end|>, sampled but never fed back
+    assert second.reused_tokens == first.prompt_tokens + first.generated_tokens - 1
+    added = "<|im_end|>\n<|im_start|>user\nAnd of Germany?<|im_end|>\n<|im_start|>assistant\n"
+    assert second.prefilled_tokens == len(model.tokenizer.encode(added)) == second.prompt_tokens - second.reused_tokens
+    assert "Berlin" in second.text
+    # the reply does not depend on the reuse: a fresh session on the same conversation agrees
+    fresh = ChatSession(model, loaded)
+    again = finish(fresh.reply_to(session.messages[:-1]))
+    assert again.reused_tokens == 0 and again.text == second.text
+    session.reset()
+    assert session.cache.length == 0 and session.messages == []
+    assert finish(session.send("What is the capital of France?")).text == first.text
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False)
+
+
+def tiny_session(path, *settings):
+    loaded = load_profile(None, [f"model.source={path}", "device.npu_backend=none", *settings])
+    return ChatSession(load_model(loaded), loaded)
+
+
+LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 8
+
+
+def test_overflow_error_names_limit_and_length(tiny_gguf):
+    session = tiny_session(tiny_gguf, "prefill.max_context=32", "prefill.chunk_size=16")
+    n_tokens = len(session.model.tokenizer.encode(LONG_TEXT))
+    assert n_tokens > 32
+    with pytest.raises(UserError) as caught:
+        finish(session.complete(LONG_TEXT))
+    assert caught.value.exit_code == ExitCode.INVALID
+    message = str(caught.value)
+    assert f"the prompt is {n_tokens} tokens" in message and "prefill.max_context = 32" in message
+    assert "truncate-left" in message
+
+
+def test_overflow_truncate_left_keeps_newest_tokens(tiny_gguf):
+    session = tiny_session(
+        tiny_gguf, "prefill.max_context=32", "prefill.overflow=truncate-left", "decode.max_new_tokens=6"
+    )
+    ids = session.model.tokenizer.encode(LONG_TEXT)
+    events = list(session.complete(LONG_TEXT))
+    done = events[-1]
+    assert done.prompt_tokens == 32 - 6 and done.truncated_tokens == len(ids) - 26
+    assert session.cache.token_ids[:26] == ids[-26:]
+    assert next(e for e in events if isinstance(e, PrefillDone)).truncated_tokens == done.truncated_tokens
+    assert done.generated_tokens == 6 and done.finish_reason == "length"
+
+
+def test_fit_to_context_reserves_at_most_half():
+    ids = list(range(100))
+    assert fit_to_context(ids, 100, "error", 50) == (ids, 0)
+    assert fit_to_context(ids, 40, "truncate-left", 500) == (ids[80:], 80)  # keeps 40 // 2 for the prompt
+    assert fit_to_context(ids, 40, "truncate-left", 4) == (ids[64:], 64)
+
+
+def test_max_context_beyond_the_model_is_refused(tiny_gguf):
+    with pytest.raises(UserError) as caught:
+        tiny_session(tiny_gguf)  # default max_context 4096 > the tiny model's 256
+    assert "context length" in str(caught.value) and caught.value.diagnostics[0].key == "prefill.max_context"
+
+
+@pytest.mark.parametrize("backend", ["auto", "ort-cpu", "qnn-htp"])
+def test_only_the_float_backend_runs_for_now(backend):
+    loaded = load_profile(None, [f"device.npu_backend={backend}"])
+    with pytest.raises(UserError) as caught:
+        require_runnable_backend(loaded)
+    assert caught.value.exit_code == ExitCode.CANNOT_RUN == 3
+    assert "NPU path is not available yet" in str(caught.value)
+    assert "--set device.npu_backend=none" in str(caught.value)
+    assert require_runnable_backend(load_profile(None, ["device.npu_backend=none"])) == "none"

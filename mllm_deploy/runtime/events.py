@@ -66,3 +66,38 @@ class GenerationDone:
     generated_tokens: int
     token_ids: list[int] = field(default_factory=list)
     metrics: GenerationMetrics | None = None
+
+
+@dataclass(frozen=True)
+class SubgraphStarted:
+    """A prefill subgraph began on a processor (emitted by the DAG prefill executors)."""
+
+    id: str  # plan subgraph id, e.g. "c2.L7.gate_up"
+    processor: str  # "npu" or "cpu"
+    chunk: int
+    layer: int
+    kind: str
+    t_start: float  # time.perf_counter() seconds
+
+    @property
+    def t(self) -> float:
+        """When it happened (what telemetry reads)."""
+        return self.t_start
+
+
+@dataclass(frozen=True)
+class SubgraphFinished:
+    """A prefill subgraph finished; carries its measured busy interval."""
+
+    id: str
+    processor: str
+    chunk: int
+    layer: int
+    kind: str
+    t_start: float  # time.perf_counter() seconds
+    t_end: float
+
+    @property
+    def t(self) -> float:
+        """When it happened (what telemetry reads)."""
+        return self.t_end

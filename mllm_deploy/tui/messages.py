@@ -1,0 +1,62 @@
+"""Messages that inference workers post to the app (workers never touch widgets)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from textual.message import Message
+
+from mllm_deploy.runtime.telemetry import TimedEvent
+
+WorkKind = Literal["turn", "document"]
+
+
+class ModelReady(Message):
+    """The model is loaded and a chat session over it exists."""
+
+    def __init__(self, model: object, session: object, reason: str) -> None:
+        super().__init__()
+        self.model = model
+        self.session = session
+        self.reason = reason  # "start", "/set ...", ...
+
+
+class ModelFailed(Message):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class EngineStepStarted(Message):
+    """The synchronous float engine started computing the next event at `t`."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+
+
+class EngineEvent(Message):
+    """A runtime event with the measured span the engine spent producing it."""
+
+    def __init__(self, timed: TimedEvent, kind: WorkKind, synchronous_engine: bool) -> None:
+        super().__init__()
+        self.timed = timed
+        self.kind = kind
+        self.synchronous_engine = synchronous_engine
+
+
+class WorkFailed(Message):
+    """A turn or a document prefill stopped with an error (shown as a notification)."""
+
+    def __init__(self, text: str, kind: WorkKind) -> None:
+        super().__init__()
+        self.text = text
+        self.kind = kind
+
+
+class WorkStopped(Message):
+    """The worker's loop ended (after its last event, a failure or a cancel)."""
+
+    def __init__(self, kind: WorkKind) -> None:
+        super().__init__()
+        self.kind = kind

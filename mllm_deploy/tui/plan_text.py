@@ -1,0 +1,74 @@
+"""The plan view's text: resolved profile, layers x subgraphs x processor grid, the rendered plan.
+
+No textual here (the plan screen shows these strings).
+"""
+
+from __future__ import annotations
+
+from mllm_deploy.plan.render import render_plan
+from mllm_deploy.tui.deployment import Deployment, profile_values
+
+GRID_COLUMNS = (
+    ("attn_norm", "a_norm"),
+    ("qkv", "qkv"),
+    ("attention", "attn"),
+    ("o_proj", "o_proj"),
+    ("ffn_norm", "f_norm"),
+    ("gate_up", "gate_up"),
+    ("down", "down"),
+    ("shadow", "shadow"),
+)
+CELL = 8
+
+
+def profile_section(deployment: Deployment) -> str:
+    loaded, resolved = deployment.loaded, deployment.resolved
+    lines = [
+        f"Profile {deployment.profile.name!r} from {loaded.display_path or 'built-in default'}",
+        f"  overrides: {' '.join(deployment.overrides) if deployment.overrides else 'none'}",
+        f"  resolved: target {resolved.caps.id}, NPU backend {resolved.backend_label}, "
+        f"cpu threads {resolved.cpu_threads}, npu threads {resolved.npu_threads}",
+        "  (* = set in the file or by --set / /set; others are defaults)",
+    ]
+    for key, value in profile_values(deployment).items():
+        mark = "*" if loaded.is_explicit(key) else " "
+        lines.append(f" {mark} {key} = {value!r}")
+    warnings = {d.render(): None for d in loaded.warnings + resolved.warnings}
+    if warnings:
+        lines.append("Warnings:")
+        lines += [f"  {w}" for w in warnings]
+    return "\n".join(lines)
+
+
+def placement_grid(deployment: Deployment) -> str:
+    """One row per layer of chunk 0: which processor runs each kind of subgraph (shadow: count)."""
+    plan = deployment.plan
+    rows: dict[int, dict[str, list[str]]] = {}
+    for sg in plan.subgraphs:
+        if sg.chunk == 0:
+            rows.setdefault(sg.layer, {}).setdefault(sg.kind, []).append(sg.processor)
+    header = "layer ".ljust(6) + "".join(short.ljust(CELL) for _, short in GRID_COLUMNS)
+    lines = [f"Placement of chunk 0 ({plan.n_chunks} chunk(s) of {plan.chunk_size} planned; NPU / CPU per subgraph)", header]
+    for layer in sorted(rows):
+        kinds = rows[layer]
+        if layer < 0 or any(k in kinds for k in ("embed", "final_norm", "lm_head")):
+            name = "pre" if layer < 0 else "post"
+            extra = " ".join(f"{k}@{'/'.join(sorted(set(p))).upper()}" for k, p in kinds.items())
+            lines.append(f"{name:<6}{extra}")
+            continue
+        cells = []
+        for kind, _ in GRID_COLUMNS:
+            procs = kinds.get(kind, [])
+            if not procs:
+                cells.append("-".ljust(CELL))
+            elif len(procs) == 1:
+                cells.append(procs[0].upper().ljust(CELL))
+            else:
+                cells.append(f"{'/'.join(sorted(set(procs))).upper()}x{len(procs)}".ljust(CELL))
+        lines.append(f"L{layer:<5}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plan_view_text(deployment: Deployment) -> tuple[str, str, str]:
+    """(profile section, placement grid, the full rendered plan)."""
+    return profile_section(deployment), placement_grid(deployment), render_plan(deployment.plan).rstrip()

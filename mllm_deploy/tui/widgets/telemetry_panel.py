@@ -1,0 +1,74 @@
+"""Live utilization: a line per processor (busy bar, %, sparkline history, timeline lane, what runs),
+the process's CPU % and RSS, prefill progress and the last turn's metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.text import Text
+from textual.widgets import Static
+
+from mllm_deploy.tui.formatting import bar, lane, sparkline
+
+BAR_WIDTH = 10
+SPARK_WIDTH = 14
+LANE_WIDTH = 18
+PROCESSOR_STYLES = {"npu": "magenta", "cpu": "cyan"}
+
+
+@dataclass
+class ProcessorRow:
+    name: str  # "npu" / "cpu"
+    present: bool  # False: this deployment has no such executor (e.g. no NPU backend)
+    busy: float = 0.0  # busy fraction over the last window
+    history: list[float] = field(default_factory=list)  # busy fraction per refresh, oldest first
+    lane: list[float] = field(default_factory=list)  # busy fraction per time slice of the lane window
+    activity: str = ""  # what runs now, e.g. "c3.L12.gate_up" or "chunk 3/16"
+    absent_text: str = ""
+
+
+@dataclass
+class TelemetryState:
+    title: str  # e.g. "NPU · ort-cpu emulation (AMX INT8)"
+    rows: list[ProcessorRow]
+    process: str = ""
+    progress: str = ""
+    last_turn: str = "no turn yet"
+
+
+class TelemetryPanel(Static):
+    DEFAULT_CSS = """
+    TelemetryPanel {
+        height: auto;
+        border: round $primary-darken-2;
+        border-title-color: $text;
+        padding: 0 1;
+    }
+    """
+
+    def show(self, state: TelemetryState) -> None:
+        self.border_title = state.title
+        lines = Text()
+        for row in state.rows:
+            style = PROCESSOR_STYLES.get(row.name, "white")
+            lines.append(f"{row.name.upper():<4}", style=f"bold {style}")
+            if not row.present:
+                lines.append(row.absent_text, style="dim")
+            else:
+                lines.append(bar(row.busy, BAR_WIDTH), style=style)
+                lines.append(f" {row.busy * 100:>3.0f}% ")
+                lines.append(sparkline(row.history[-SPARK_WIDTH:]).ljust(SPARK_WIDTH), style=style)
+                lines.append(" │")
+                lines.append(lane(row.lane[-LANE_WIDTH:]).ljust(LANE_WIDTH), style=style)
+                lines.append("│ ")
+                lines.append(row.activity or "idle", style="bold" if row.activity else "dim")
+            lines.append("\n")
+        lines.append(state.process)
+        if state.progress:
+            lines.append(" · ")
+            lines.append(state.progress, style="bold")
+        lines.append("\n")
+        lines.append(state.last_turn, style="dim")
+        lines.no_wrap = True
+        lines.overflow = "ellipsis"
+        self.update(lines)

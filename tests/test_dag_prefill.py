@@ -1,0 +1,226 @@
+"""DAG prefill on a tiny model: equals the float engine (exactly with float kernels), both
+policies agree, padding never leaks, multi-turn continues a cache, cancel keeps it consistent,
+and the executors serialise the NPU lane while CPU work overlaps it."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from mllm_deploy.model import load_weights, read_spec
+from mllm_deploy.plan import build_plan
+from mllm_deploy.profile import load_profile
+from mllm_deploy.resolve import resolve
+from mllm_deploy.runtime.dag_prefill import DagPrefill
+from mllm_deploy.runtime.events import SubgraphFinished, SubgraphStarted
+from mllm_deploy.runtime.float_engine import FloatEngine
+
+import tiny_models
+from npu_doubles import FloatKernels, OrtInt8Kernels
+from plan_fixtures import pinned_host
+
+CHUNK = 8
+CFG = tiny_models.TinyConfig(n_layers=3, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False, cfg=CFG)
+    spec = read_spec(str(path))
+    return path, spec, load_weights(spec, use_cache=False)
+
+
+def plan_factory(path, spec, *settings):
+    loaded = load_profile(None, [f"model.source={path}", "device.npu_backend=ort-cpu", f"prefill.chunk_size={CHUNK}",
+                                 "prefill.max_context=256", *settings])
+    resolved = resolve(loaded, pinned_host(), spec)
+    return lambda n_chunks: build_plan(resolved, prompt_tokens=n_chunks * CHUNK)
+
+
+def make_prefill(tiny, kernels, policy="out-of-order", cpu_threads=1, *settings):
+    path, spec, weights = tiny
+    engine = FloatEngine(weights)
+    return DagPrefill(weights, engine.rope, kernels, plan_factory(path, spec, *settings),
+                      chunk_tokens=CHUNK, policy=policy, cpu_threads=cpu_threads), engine
+
+
+def run_all(prefill, cache, ids, cancel=None):
+    out = list(prefill.run(cache, ids, cancel=cancel))
+    return out, out[-1][1] if out else None
+
+
+IDS = [int(i) for i in np.random.default_rng(3).integers(3, 300, size=29)]  # 4 chunks, last has 5 real rows
+
+
+def float_reference(engine, ids, chunk=CHUNK):
+    cache = engine.new_cache(256)
+    result = engine.prefill(cache, ids, chunk_size=chunk, pad_last_chunk=True)
+    return result.logits, cache
+
+
+@pytest.mark.parametrize("policy", ["sequential", "out-of-order"])
+def test_float_kernels_give_exactly_the_float_engine(tiny, policy):
+    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), policy, 1, "outliers.prune_fraction=1.0")
+    try:
+        ref_logits, ref_cache = float_reference(engine, IDS)
+        cache = engine.new_cache(256)
+        chunks, logits = run_all(prefill, cache, IDS)
+        assert [c.index for c, _ in chunks] == [0, 1, 2, 3]
+        assert [c.tokens for c, _ in chunks] == [8, 8, 8, 5]
+        assert all(lg is None for _, lg in chunks[:-1]) and logits.shape == (1, CFG_VOCAB(tiny))
+        np.testing.assert_array_equal(logits, ref_logits)
+        assert cache.token_ids == IDS
+        np.testing.assert_array_equal(cache.k[:, : len(IDS)], ref_cache.k[:, : len(IDS)])
+        np.testing.assert_array_equal(cache.v[:, : len(IDS)], ref_cache.v[:, : len(IDS)])
+    finally:
+        prefill.close()
+
+
+def CFG_VOCAB(tiny):  # noqa: N802
+    return tiny[1].vocab
+
+
+def test_both_policies_give_identical_logits_with_int8_kernels(tiny):
+    kernels = OrtInt8Kernels(tiny[2], CHUNK, IDS, npu_threads=1)
+    results = {}
+    for policy in ("sequential", "out-of-order"):
+        prefill, engine = make_prefill(tiny, kernels, policy, 1, "outliers.prune_fraction=1.0")
+        try:
+            cache = engine.new_cache(256)
+            results[policy] = run_all(prefill, cache, IDS)[1]
+        finally:
+            prefill.close()
+    np.testing.assert_array_equal(results["sequential"], results["out-of-order"])
+    ref = float_reference(FloatEngine(tiny[2]), IDS)[0]
+    cos = float(np.dot(ref[0], results["sequential"][0]) / np.linalg.norm(ref[0]) / np.linalg.norm(results["sequential"][0]))
+    assert cos > 0.99  # INT8 W8A8 with max-abs scales on a tiny random model
+    assert not np.array_equal(ref, results["sequential"])  # it really ran the integer graphs
+
+
+def test_shadow_corrections_are_added_before_use(tiny):
+    path, spec, weights = tiny
+    clamp = 0.05  # small enough that many inputs are "outliers"
+    # prune nothing: every layer gets shadow subgraphs in the plan
+    kernels = FloatKernels(weights, CHUNK, shadow_clamp=clamp, shadow_layers=range(CFG.n_layers))
+    prefill, engine = make_prefill(tiny, kernels, "out-of-order", 2, "outliers.prune_fraction=0.0")
+    try:
+        plan = prefill.plan_for(4)
+        assert sum(s.kind == "shadow" for s in plan.subgraphs) == 4 * CFG.n_layers * 4
+        ref = float_reference(engine, IDS)[0]
+        logits = run_all(prefill, engine.new_cache(256), IDS)[1]
+        np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+        # without the corrections the clamp would change the result a lot
+        kernels_clip = FloatKernels(weights, CHUNK, shadow_clamp=clamp, shadow_layers=range(CFG.n_layers))
+        kernels_clip.shadow = lambda *a: None
+        clipped, _ = make_prefill(tiny, kernels_clip, "out-of-order", 2, "outliers.prune_fraction=0.0")
+        try:
+            bad = run_all(clipped, engine.new_cache(256), IDS)[1]
+        finally:
+            clipped.close()
+        assert np.abs(bad - ref).max() > 100 * np.abs(logits - ref).max()
+    finally:
+        prefill.close()
+
+
+def test_padding_rows_never_reach_the_cache(tiny):
+    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0")
+    try:
+        cache = engine.new_cache(256)
+        cache.k[:] = 7.0  # sentinel: rows beyond the prompt must keep it
+        cache.v[:] = 7.0
+        run_all(prefill, cache, IDS)
+        assert cache.length == len(IDS)
+        assert np.all(cache.k[:, len(IDS) :] == 7.0) and np.all(cache.v[:, len(IDS) :] == 7.0)
+    finally:
+        prefill.close()
+
+
+def test_second_turn_prefills_on_top_of_the_cache(tiny):
+    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0")
+    try:
+        first, second = IDS[:13], IDS[13:]
+        cache = engine.new_cache(256)
+        run_all(prefill, cache, first)
+        assert cache.length == 13
+        logits = run_all(prefill, cache, second)[1]
+        ref_cache = engine.new_cache(256)
+        engine.prefill(ref_cache, first, chunk_size=CHUNK, pad_last_chunk=True)
+        ref = engine.prefill(ref_cache, second, chunk_size=CHUNK, pad_last_chunk=True).logits
+        np.testing.assert_array_equal(logits, ref)
+        assert cache.token_ids == IDS
+    finally:
+        prefill.close()
+
+
+def test_cancel_commits_only_whole_chunks_in_order(tiny):
+    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0")
+    try:
+        cancel = threading.Event()
+        cache = engine.new_cache(256)
+        seen = []
+
+        def on_event(event):
+            seen.append(event)
+            if isinstance(event, SubgraphFinished) and event.id == "c1.L1.attention":
+                cancel.set()
+
+        prefill.on_event = on_event
+        chunks = list(prefill.run(cache, IDS, cancel=cancel))
+        assert len(chunks) < 4 and cache.length == sum(c.tokens for c, _ in chunks) == CHUNK * len(chunks)
+        assert cache.token_ids == IDS[: cache.length]
+        started = {e.id for e in seen if isinstance(e, SubgraphStarted)}
+        finished = {e.id for e in seen if isinstance(e, SubgraphFinished)}
+        assert started == finished  # nothing left running
+        # the cache continues correctly from where it stopped
+        prefill.on_event = None
+        logits = run_all(prefill, cache, IDS[cache.length :])[1]
+        np.testing.assert_array_equal(logits, float_reference(engine, IDS)[0])
+    finally:
+        prefill.close()
+
+
+def test_npu_lane_is_serialised_and_cpu_overlaps_it(tiny):
+    path, spec, weights = tiny
+    kernels = OrtInt8Kernels(weights, CHUNK, IDS, npu_threads=1)
+    prefill, engine = make_prefill(tiny, kernels, "out-of-order", 2, "outliers.prune_fraction=1.0")
+    events = []
+    prefill.on_event = events.append
+    try:
+        ids = IDS * 4  # 15 chunks: plenty of chances to overlap
+        run_all(prefill, engine.new_cache(256), ids)
+    finally:
+        prefill.close()
+    spans = [e for e in events if isinstance(e, SubgraphFinished)]
+    npu = sorted((e.t_start, e.t_end) for e in spans if e.processor == "npu")
+    cpu = sorted((e.t_start, e.t_end) for e in spans if e.processor == "cpu")
+    assert len(npu) == 15 * CFG.n_layers * 4 and all(e.kind in ("qkv", "o_proj", "gate_up", "down") for e in spans if e.processor == "npu")
+    for a, b in zip(npu, npu[1:]):
+        assert a[1] <= b[0]  # one NPU subgraph at a time, measured
+    overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in npu for b0, b1 in cpu)
+    assert overlap > 0.0  # CPU work really ran while the NPU was busy
+    # busy time is the measured sum of the spans, per processor
+    assert prefill.last.busy_seconds["npu"] == pytest.approx(sum(b - a for a, b in npu))
+    started = [e for e in events if isinstance(e, SubgraphStarted)]
+    assert len(started) == len(spans) and {e.id for e in started} == {e.id for e in spans}
+
+
+def test_a_failing_kernel_raises_and_leaves_whole_chunks(tiny):
+    kernels = FloatKernels(tiny[2], CHUNK)
+    original = kernels.run_graph
+
+    def broken(layer, kind, x):
+        if len(kernels.calls) > 30:
+            raise RuntimeError("kernel exploded")
+        return original(layer, kind, x)
+
+    kernels.run_graph = broken
+    prefill, engine = make_prefill(tiny, kernels, "sequential", 1, "outliers.prune_fraction=1.0")
+    try:
+        cache = engine.new_cache(256)
+        with pytest.raises(RuntimeError, match="kernel exploded"):
+            list(prefill.run(cache, IDS))
+        assert cache.length % CHUNK == 0 and cache.token_ids == IDS[: cache.length]
+    finally:
+        prefill.close()

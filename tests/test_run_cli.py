@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -87,7 +86,7 @@ def test_batch_runs_every_line_and_reports_bad_ones(tmp_path):
     assert set(out[0]["metrics"]) == METRIC_KEYS
 
 
-@pytest.mark.parametrize("backend", [None, "ort-cpu", "qnn-htp", "auto"])
+@pytest.mark.parametrize("backend", [None, "ort-cpu", "qnn-htp"])  # None: the default, auto
 def test_non_float_backend_exits_3_without_running(backend):
     args = ["run", "--prompt", "hi"] + (["--set", f"device.npu_backend={backend}"] if backend else [])
     proc = mllm(*args)
@@ -135,8 +134,9 @@ def test_ctrl_c_stops_with_partial_result_and_exit_130(tmp_path):
     proc.send_signal(signal.SIGINT)
     rest, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert first and (first + rest).strip()
-    assert "(cancelled)" in stderr.strip().splitlines()[-1]
+    assert first  # the partial text streamed so far (may be a single space)
+    generated = re.search(r"generated (\d+) \(cancelled\)", stderr.strip().splitlines()[-1])
+    assert generated and 1 <= int(generated.group(1)) < 3000
     assert "Traceback" not in stderr
 
 

@@ -1,0 +1,115 @@
+"""The NPU path as `generate()` drives it: DAG prefill on the executors, INT8 decode on the CPU.
+
+`DagEngine` has the float engine's generation surface (`new_cache`, `prefill_chunks`,
+`decode_step`), so `generate()`, sessions and prefix reuse work unchanged. Subgraph events
+(SubgraphStarted/Finished) collect in `pending_events`; `with_subgraph_events` interleaves them
+into a turn's event stream for front ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+from mllm_deploy.runtime.dag_prefill import DagPrefill
+from mllm_deploy.runtime.float_engine import FloatEngine
+from mllm_deploy.runtime.kv_cache import KVCache
+from mllm_deploy.runtime.scheduler import LatencyModel
+
+
+class DagEngine:
+    def __init__(self, float_engine: FloatEngine, prefill: DagPrefill, decoder, *, npu_label: str):
+        self.float_engine = float_engine
+        self.spec = float_engine.spec
+        self.weights = float_engine.weights
+        self.rope = float_engine.rope
+        self.prefill = prefill
+        self.decoder = decoder  # Int8Decoder, or None: float decode
+        self.npu_label = npu_label  # what played the NPU, for lanes and reports
+        self.cancel: threading.Event | None = None  # checked between subgraphs during prefill
+        self.pending_events: list = []
+        prefill.on_event = self.pending_events.append
+
+    @property
+    def decode_name(self) -> str:
+        return self.decoder.name if self.decoder is not None else "cpu-float32-numpy"
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return self.float_engine.new_cache(capacity)
+
+    def prefill_chunks(self, cache: KVCache, token_ids: Sequence[int], *, chunk_size: int,
+                       pad_last_chunk: bool = False, logit_rows: str = "last") -> Iterator:
+        """Like FloatEngine.prefill_chunks; chunks are always padded to the graphs' static size."""
+        if logit_rows != "last":
+            raise ValueError("the DAG prefill returns logits of the last token only")
+        if chunk_size != self.prefill.chunk_tokens:
+            raise ValueError(f"chunk_size {chunk_size} differs from the NPU graphs' {self.prefill.chunk_tokens}")
+        return self.prefill.run(cache, token_ids, cancel=self.cancel)
+
+    def decode_step(self, cache: KVCache, token_id: int):
+        if self.decoder is None:
+            return self.float_engine.decode_step(cache, token_id)
+        return self.decoder.decode_step(cache, token_id)
+
+    def drain_events(self) -> list:
+        events, self.pending_events[:] = list(self.pending_events), []
+        return events
+
+    def warm_up(self) -> None:
+        """Start the executor threads and touch each graph once (a one-chunk prefill + one step)."""
+        cache = self.new_cache(self.prefill.chunk_tokens + 2)
+        for _ in self.prefill_chunks(cache, [0, 0], chunk_size=self.prefill.chunk_tokens):
+            pass
+        self.decode_step(cache, 0)
+        self.drain_events()
+
+    def close(self) -> None:
+        self.prefill.close()
+
+
+def with_subgraph_events(events: Iterator, engine) -> Iterator:
+    """`events` with the engine's pending subgraph events placed before each event."""
+    drain = getattr(engine, "drain_events", None)
+    for event in events:
+        if drain is not None:
+            yield from drain()
+        yield event
+
+
+def check_shadow_agreement(plan, shadowed: frozenset) -> None:
+    """Every linear the kernels correct needs a shadow subgraph in the plan (else its correction
+    would be skipped). A planned shadow the kernels do not need is a no-op (`shadow` -> None)."""
+    planned = {(s.layer, s.id.split(".")[-2]) for s in plan.subgraphs if s.kind == "shadow" and s.chunk == 0}
+    missing = sorted(set(shadowed) - planned)
+    if missing:
+        raise RuntimeError(f"the plan has no shadow subgraph for linears the NPU kernels correct: {missing}")
+
+
+def seeded_latencies(kernels) -> LatencyModel:
+    """T of every NPU graph from the kernels' build-time profile (ms -> s)."""
+    profiled = kernels.latencies_ms() if kernels is not None else {}
+    return LatencyModel({("npu", kind, layer): ms / 1e3 for (layer, kind), ms in profiled.items()})
+
+
+def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, policy: str | None = None) -> DagEngine:
+    """A DagEngine for `resolved` (the profile checked against device and model)."""
+    from mllm_deploy.plan import build_plan
+
+    profile = resolved.profile
+    chunk = profile.prefill.chunk_size
+    shadow_layers = tuple(sorted({layer for layer, _ in kernels.shadowed})) if kernels is not None else None
+
+    def plan_for(n_chunks: int):
+        plan = build_plan(resolved, prompt_tokens=n_chunks * chunk, calibrated_shadow_layers=shadow_layers)
+        if kernels is not None:
+            check_shadow_agreement(plan, kernels.shadowed)
+        return plan
+
+    head = decoder.lm_head if decoder is not None else None
+    prefill = DagPrefill(
+        float_engine.weights, float_engine.rope, kernels, plan_for,
+        chunk_tokens=chunk, policy=policy or profile.scheduler.policy, cpu_threads=resolved.cpu_threads,
+        latencies=seeded_latencies(kernels), lm_head=head,
+    )  # fmt: skip
+    label = kernels.backend_label if kernels is not None else resolved.backend_label
+    return DagEngine(float_engine, prefill, decoder, npu_label=label)

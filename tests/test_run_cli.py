@@ -150,3 +150,34 @@ def test_run_on_a_tiny_hf_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["generated_tokens"] <= 5 and result["prompt_tokens"] > 3
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('["a"]', "expected a JSON object"),
+        ('{"prompt": "a", "messages": []}', "exactly one of 'prompt' or 'messages'"),
+        ("{}", "exactly one of 'prompt' or 'messages'"),
+        ('{"prompt": ""}', "non-empty string"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}', "'messages' must be"),
+        ('{"messages": [{"role": "user", "content": "x"}], "raw": true}', "cannot be combined with 'messages'"),
+        ('{"prompt": "a", "raw": "yes"}', "'raw' must be true or false"),
+        ('{"prompt": "a", "raw": true, "system": "s"}', "cannot be combined with a raw prompt"),
+        ('{"prompt": "a", "max_new_tokens": 0}', "'max_new_tokens' must be an integer >= 1"),
+        ('{"prompt": "a", "max_new_tokens": true}', "'max_new_tokens' must be an integer >= 1"),
+    ],
+)
+def test_batch_line_validation(line, message):
+    from mllm_deploy.cli.run_cmd import parse_batch_line
+    from mllm_deploy.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        parse_batch_line(line, 7)
+    assert str(caught.value).startswith("error: line 7: ") and message in str(caught.value)
+
+
+def test_batch_line_accepts_valid_requests():
+    from mllm_deploy.cli.run_cmd import parse_batch_line
+
+    assert parse_batch_line('{"prompt": "a", "system": "s", "max_new_tokens": 3, "id": 1}', 1)["max_new_tokens"] == 3
+    assert parse_batch_line('{"messages": [{"role": "user", "content": "x"}]}', 1)["messages"][0]["content"] == "x"

@@ -123,7 +123,7 @@ def run_batch(session, lines: list[str], *, backend: str, raw_default: bool, max
         if not line.strip():
             continue
         try:
-            request = parse_batch_line(line, number)
+            request = parse_batch_line(line, number, raw_default=raw_default)
             max_new = request.get("max_new_tokens", max_new_default)
             if "messages" in request:
                 turn = lambda cancel: session.reply_to(  # noqa: E731
@@ -150,7 +150,7 @@ def run_batch(session, lines: list[str], *, backend: str, raw_default: bool, max
     return ExitCode.INVALID if failed else ExitCode.OK
 
 
-def parse_batch_line(line: str, number: int) -> dict:
+def parse_batch_line(line: str, number: int, *, raw_default: bool = False) -> dict:
     """One batch request, checked; UserError names what is wrong with line `number`."""
     try:
         request = json.loads(line)
@@ -183,6 +183,8 @@ def parse_batch_line(line: str, number: int) -> dict:
         raise user_error(f"line {number}: 'raw' must be true or false")
     if "system" in request and not isinstance(request["system"], str):
         raise user_error(f"line {number}: 'system' must be a string")
+    if "system" in request and "prompt" in request and request.get("raw", raw_default):
+        raise user_error(f"line {number}: 'system' needs the chat template; it cannot be combined with a raw prompt")
     if "max_new_tokens" in request:
         value = request["max_new_tokens"]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -106,3 +106,18 @@ def test_only_the_float_backend_runs_for_now(backend):
     assert "NPU path is not available yet" in str(caught.value)
     assert "--set device.npu_backend=none" in str(caught.value)
     assert require_runnable_backend(load_profile(None, ["device.npu_backend=none"])) == "none"
+
+
+def test_update_profile_keeps_cache_unless_context_changes(tiny_gguf):
+    session = tiny_session(tiny_gguf, "prefill.max_context=64", "decode.max_new_tokens=3")
+    first = finish(session.send("Hello"))
+    cache = session.cache
+    session.update_profile(load_profile(None, [f"model.source={tiny_gguf}", "device.npu_backend=none",
+                                               "prefill.max_context=64", "decode.max_new_tokens=2"]))  # fmt: skip
+    second = finish(session.send("again"))
+    assert session.cache is cache and second.reused_tokens > first.prompt_tokens and second.generated_tokens == 2
+    session.update_profile(load_profile(None, [f"model.source={tiny_gguf}", "device.npu_backend=none",
+                                               "prefill.max_context=128"]))  # fmt: skip
+    assert session.cache is not cache and session.cache.capacity == 128
+    third = finish(session.send("more"))
+    assert third.reused_tokens == 0 and session.messages[-1]["content"] == third.text

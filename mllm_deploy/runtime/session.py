@@ -104,6 +104,16 @@ class ChatSession:
         prompt = self.profile.model.system_prompt
         return [{"role": "system", "content": prompt}] if prompt else []
 
+    def update_profile(self, loaded_profile) -> None:
+        """Apply a re-validated profile (decode settings, system prompt, overflow, chunk size)
+        to this conversation. The KV cache is kept unless `prefill.max_context` changed; the
+        next turn reuses whatever prefix still matches. The model itself is not reloaded."""
+        old_context = self.profile.prefill.max_context
+        self.profile = loaded_profile.profile
+        self._locate = loaded_profile.where
+        if self.profile.prefill.max_context != old_context:
+            self.cache = self.model.engine.new_cache(self.profile.prefill.max_context)
+
     def reset(self) -> None:
         """Forget the conversation (the cache is kept allocated and rolled back to empty)."""
         self.messages = []

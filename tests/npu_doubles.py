@@ -30,7 +30,7 @@ class FloatKernels:
         self.chunk_tokens = chunk_tokens
         self.graphs = [float_layer_graphs(layer, i, chunk_tokens) for i, layer in enumerate(weights.layers)]
         self.clamp = shadow_clamp
-        self.shadowed = frozenset((layer, kind) for layer in shadow_layers for kind in ("qkv", "o_proj", "down"))
+        self.shadowed = frozenset((layer, kind) for layer in shadow_layers for kind in KINDS)
         self.calls: list[tuple[int, str]] = []
 
     def run_graph(self, layer: int, kind: str, x: np.ndarray) -> list[np.ndarray]:
@@ -39,6 +39,8 @@ class FloatKernels:
         graph = self.graphs[layer][kind]
         if (layer, kind) in self.shadowed:
             x = np.clip(x, -self.clamp, self.clamp)
+            if kind == "gate_up":
+                return [x @ w.T for w in graph.weights]  # [gate, up] pre-activations
         out = graph.apply(x)
         return [out[name] for name in graph.output_names]
 
@@ -48,6 +50,15 @@ class FloatKernels:
         graph = self.graphs[layer][kind]
         outlier = x - np.clip(x, -self.clamp, self.clamp)  # [chunk, in], zero except outliers
         return [outlier @ w.T for w in graph.weights]  # biases are on the NPU side
+
+    def combine(self, layer: int, kind: str, npu: list[np.ndarray], correction) -> list[np.ndarray]:
+        if correction is None:
+            return npu
+        fixed = [a + c for a, c in zip(npu, correction)]
+        if kind == "gate_up":
+            gate, up = fixed
+            return [gate / (1.0 + np.exp(-gate)) * up]
+        return fixed
 
     def stats(self) -> dict:
         return {"calls": len(self.calls)}

@@ -253,9 +253,13 @@ class DagPrefill:
             if out_layer != layer:
                 raise RuntimeError(f"chunk {chunk.index}: {kind} of layer {out_layer} where layer {layer} was expected")
             corr = chunk.correction.pop(kind, None)
-            if corr is not None:
-                if corr[0] != layer:
-                    raise RuntimeError(f"chunk {chunk.index}: stale {kind} correction of layer {corr[0]}")
+            if corr is not None and corr[0] != layer:
+                raise RuntimeError(f"chunk {chunk.index}: stale {kind} correction of layer {corr[0]}")
+            combine = getattr(self.kernels, "combine", None)
+            if combine is not None and (layer, kind) in self.kernels.shadowed:
+                # the kernels know how their outputs take a correction (gate_up: add, then silu·mul)
+                arrays = combine(layer, kind, arrays, corr[1] if corr is not None else None)
+            elif corr is not None:
                 arrays = [a + d for a, d in zip(arrays, corr[1], strict=True)]
             chunk.final[kind] = (layer, arrays)
             return arrays

@@ -39,3 +39,16 @@ def test_two_turns_from_a_pipe_prefill_only_new_tokens():
     assert f2 == p2 - r2 == len(tokenizer.encode(added)) == 15
     assert "[conversation reset]" in proc.stderr
     assert (p3, r3, f3) == (37, 0, 37)  # /reset forgets the cache too
+
+
+@pytest.mark.slow
+def test_turn_beyond_max_context_is_reported_and_the_repl_goes_on():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mllm_deploy", "chat", "--set", "device.npu_backend=none",
+         "--set", "prefill.max_context=48", "--max-new-tokens", "4"],
+        input="Hi\nWhat is the capital of France? Please answer in one short sentence.\n/reset\nHi\n",
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "longer than prefill.max_context = 48" in proc.stderr and "[turn not run" in proc.stderr
+    assert len(STATS.findall(proc.stderr)) == 2  # the first and the last turn ran

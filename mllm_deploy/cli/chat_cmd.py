@@ -2,6 +2,8 @@
 KV cache between turns. Works from a pipe: the `> ` prompt is printed only when stdin is a
 terminal. `/reset` starts a new conversation, `/quit` (or end of input) leaves.
 
+A turn that cannot run (the conversation outgrew `prefill.max_context` with `overflow =
+"error"`) is reported and skipped; the exit code is then 2.
 Ctrl-C during a reply stops it (the partial reply stays in the conversation); on a terminal
 the REPL goes on, from a pipe it exits 130. Ctrl-C at the prompt exits 130.
 """
@@ -11,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
-from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.cli.common import add_profile_args, load_profile_from_args, print_diagnostics
+from mllm_deploy.errors import ExitCode, UserError, user_error
 
 HELP_TEXT = "commands: /reset (new conversation), /quit (leave), /help"
 
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print(f"{session.model.spec.name} ({backend}); {HELP_TEXT}", file=sys.stderr)
     first_turn = True
+    failed = False
     while True:
         try:
             line = _read_line(interactive)
@@ -50,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
             print(file=sys.stderr)
             return ExitCode.INTERRUPTED
         if line is None:
-            return ExitCode.OK
+            return ExitCode.INVALID if failed else ExitCode.OK
         text = line.strip()
         if not text:
             continue
         if text == "/quit":
-            return ExitCode.OK
+            return ExitCode.INVALID if failed else ExitCode.OK
         if text == "/reset":
             session.reset()
             print("[conversation reset]", file=sys.stderr)
@@ -63,7 +66,13 @@ def run(args: argparse.Namespace) -> int:
         if text == "/help":
             print(HELP_TEXT, file=sys.stderr)
             continue
-        done = run_turn(lambda cancel: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write)
+        try:
+            done = run_turn(lambda cancel: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write)
+        except UserError as err:  # e.g. the conversation outgrew prefill.max_context
+            print_diagnostics(err.diagnostics)
+            print("[turn not run; /reset starts a new conversation]", file=sys.stderr, flush=True)
+            failed = True
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         load_s = session.model.load_seconds if first_turn else None

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import pytest
 
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone, GenerationMetrics
+from mllm_deploy.runtime.events import ChunkDone, GenerationDone, GenerationMetrics, SubgraphFinished, SubgraphStarted
 from mllm_deploy.runtime.telemetry import (
     PrefillProgress,
     ProcessSampler,
     SessionMetrics,
     UtilizationTracker,
-    subgraph_label,
     timed_events,
 )
 
@@ -59,40 +56,18 @@ def test_lane_cells_are_busy_fraction_per_slice():
     assert tracker.lane("cpu", 4.0, 4.0, 4) == pytest.approx([0.0, 1.0, 0.5, 0.0])
 
 
-@dataclass
-class SubgraphStarted:
-    processor: str
-    chunk: int
-    layer: int
-    kind: str
-    t: float
-
-
-@dataclass
-class SubgraphFinished:
-    processor: str
-    chunk: int
-    layer: int
-    kind: str
-    t: float
-
-
-def test_observe_subgraph_events_uses_their_timestamps():
+def test_observe_subgraph_events_uses_their_measured_times():
     tracker = UtilizationTracker()
-    assert tracker.observe(SubgraphStarted("npu", 2, 7, "gate_up", 9.0), received_at=9.9)
+    assert tracker.observe(SubgraphStarted("c2.L7.gate_up", "npu", 2, 7, "gate_up", 9.0))
     assert tracker.running("npu") == ["c2.L7.gate_up"]
-    assert tracker.observe(SubgraphFinished("npu", 2, 7, "gate_up", 9.5), received_at=9.9)
+    assert tracker.busy_fraction("npu", 10.0, 1.0) == pytest.approx(1.0)
+    assert tracker.observe(SubgraphFinished("c2.L7.gate_up", "npu", 2, 7, "gate_up", 9.0, 9.5))
+    assert tracker.running("npu") == []
     assert tracker.busy_fraction("npu", 10.0, 1.0) == pytest.approx(0.5)
-    assert not tracker.observe(ChunkDone(0, 1, 8, 0.1), received_at=10.0)
-    assert tracker.busy_fraction("cpu", 10.0, 1.0) == 0.0
-
-
-def test_subgraph_label_prefers_the_event_id():
-    @dataclass
-    class Event:
-        subgraph: str
-
-    assert subgraph_label(Event("c0.L3.down")) == "c0.L3.down"
+    # a finished event whose start was never seen still counts its measured span
+    assert tracker.observe(SubgraphFinished("c2.L7.attention", "cpu", 2, 7, "attention", 9.75, 10.0))
+    assert tracker.busy_fraction("cpu", 10.0, 1.0) == pytest.approx(0.25)
+    assert not tracker.observe(ChunkDone(0, 1, 8, 0.1))
 
 
 def test_timed_events_measure_time_inside_the_generator():

@@ -3,8 +3,8 @@
 Nothing here is estimated or invented. Processor utilization is the measured busy fraction of
 each executor over a sliding window, computed from busy spans with timestamps:
 
-- on the NPU path the runtime emits subgraph started/finished events (processor, chunk, layer,
-  kind, time); :meth:`UtilizationTracker.observe` turns them into spans;
+- on the NPU path the runtime emits `SubgraphStarted` / `SubgraphFinished` events (processor,
+  subgraph id, measured perf_counter times); :meth:`UtilizationTracker.observe` turns them into spans;
 - the float engine (`device.npu_backend = "none"`) computes synchronously inside the
   generator that yields its events, so the time spent inside `next()` *is* the CPU
   executor's busy time: :func:`timed_events` measures exactly that.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone
+from mllm_deploy.runtime.events import ChunkDone, GenerationDone, SubgraphFinished, SubgraphStarted
 
 PROCESSORS = ("npu", "cpu")
 
@@ -110,35 +110,16 @@ class UtilizationTracker:
             for i in range(cells)
         ]
 
-    def observe(self, event: object, received_at: float) -> bool:
-        """Record a runtime subgraph event; False for events that are not subgraph events.
-
-        Accepted: `SubgraphStarted` / `SubgraphFinished` objects with `processor` and a subgraph
-        id (`subgraph` or `id`, else built from `chunk`, `layer`, `kind`); their own time (`t`)
-        is used when present, else `received_at`.
-        """
-        name = type(event).__name__
-        if name not in ("SubgraphStarted", "SubgraphFinished"):
-            return False
-        processor = str(getattr(event, "processor", "cpu"))
-        label = subgraph_label(event)
-        t = getattr(event, "t", None)
-        t = received_at if t is None else float(t)
-        if name == "SubgraphStarted":
-            self.started(processor, label, t)
-        else:
-            self.finished(processor, label, t)
-        return True
-
-
-def subgraph_label(event: object) -> str:
-    """`c{chunk}.L{layer}.{kind}` (or the event's own id) for a subgraph event."""
-    for attr in ("subgraph", "id"):
-        value = getattr(event, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    chunk, layer, kind = (getattr(event, a, None) for a in ("chunk", "layer", "kind"))
-    return f"c{chunk}.L{layer}.{kind}"
+    def observe(self, event: object) -> bool:
+        """Record a runtime subgraph event (its own measured times); False for other events."""
+        if isinstance(event, SubgraphStarted):
+            self.started(event.processor, event.id, event.t_start)
+            return True
+        if isinstance(event, SubgraphFinished):
+            self._open[self._processor(event.processor)].pop(event.id, None)
+            self.add_span(event.processor, event.id, event.t_start, event.t_end)
+            return True
+        return False
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from mllm_deploy.runtime.telemetry import (
 from mllm_deploy.tui.command_handlers import CommandHandlers
 from mllm_deploy.tui.commands import chat_text, parse_command
 from mllm_deploy.tui.deployment import Deployment
-from mllm_deploy.tui.formatting import prefill_line, process_line, seconds, turn_metrics_line
+from mllm_deploy.tui.formatting import prefill_line, seconds, turn_metrics_line
 from mllm_deploy.tui.messages import (
     EngineEvent,
     EngineStepStarted,
@@ -41,13 +41,9 @@ from mllm_deploy.tui.messages import (
 )
 from mllm_deploy.tui.sessions import SavedSession
 from mllm_deploy.tui.widgets.prompt_input import PromptInput
-from mllm_deploy.tui.widgets.telemetry_panel import ProcessorRow, TelemetryPanel, TelemetryState
+from mllm_deploy.tui.telemetry_view import ENGINE_SPAN, telemetry_state
+from mllm_deploy.tui.widgets.telemetry_panel import TelemetryPanel
 from mllm_deploy.tui.widgets.transcript import MessageView, Transcript
-
-BUSY_WINDOW_SECONDS = 1.0  # utilization % = busy fraction over the last second
-LANE_SECONDS = 9.0  # the lane shows the last 9 s, one cell per half second
-LANE_CELLS = 18
-ENGINE_SPAN = "engine"  # the float engine's one executor
 
 
 def default_model_loader(loaded_profile):
@@ -106,6 +102,7 @@ class DeployApp(CommandHandlers, App[int]):
         self.tracker = UtilizationTracker()
         self.histories: dict[str, list[float]] = {"npu": [], "cpu": []}
         self.process_sampler = ProcessSampler()
+        self.last_process_sample = None
         self._refresh_timer = None
 
     # ---- layout and lifecycle -------------------------------------------------------
@@ -148,6 +145,10 @@ class DeployApp(CommandHandlers, App[int]):
         for message in messages:
             self.transcript.add(message["role"], message["content"])
 
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None, markup: bool = False) -> None:
+        """Notifications show user text (paths, keys like `decode.stop[0]`) literally: no markup."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     def notify_error(self, err: Exception, title: str = "Error") -> None:
         self.notify(str(err), title=title, severity="error", timeout=8)
 
@@ -157,6 +158,7 @@ class DeployApp(CommandHandlers, App[int]):
         self.loading_started = time.perf_counter()
         self.note(f"loading {self.deployment.profile.model.source} (weights, tokenizer, chat template)…")
         self.load_model_worker(self.deployment, reason)
+        self.refresh_telemetry(sample=False)
 
     @work(thread=True, group="model", exclusive=True)
     def load_model_worker(self, deployment: Deployment, reason: str) -> None:
@@ -242,12 +244,13 @@ class DeployApp(CommandHandlers, App[int]):
         timed, event = message.timed, message.timed.event
         if message.synchronous_engine:
             self.tracker.finished("cpu", ENGINE_SPAN, timed.busy_end)
-        elif self.tracker.observe(event, timed.busy_end):
+        elif self.tracker.observe(event):
             return
         if isinstance(event, ChunkDone):
             self.progress.update(event)
             remaining = event.index + 1 < event.n_chunks
             self.activity = f"chunk {event.index + 2}/{event.n_chunks}" if remaining else "prefill done"
+            self.refresh_telemetry(sample=False)
         elif isinstance(event, PrefillDone):
             self.activity = "decode" if message.kind == "turn" else "prefill done"
         elif isinstance(event, TokenEmitted):
@@ -299,37 +302,32 @@ class DeployApp(CommandHandlers, App[int]):
         self.refresh_telemetry()
 
     # ---- telemetry ------------------------------------------------------------------------------------
-    def refresh_telemetry(self) -> None:
+    def refresh_telemetry(self, *, sample: bool = True) -> None:
+        """Redraw the telemetry panel; `sample` (the ui.refresh_hz timer) also adds a history point."""
         now = time.perf_counter()
-        rows = []
-        for name, present in (("npu", self.deployment.resolved.uses_npu), ("cpu", True)):
-            row = ProcessorRow(name, present, absent_text=f"idle · {self.deployment.resolved.backend_label}: no NPU executor")
-            if present:
-                row.busy = self.tracker.busy_fraction(name, now, BUSY_WINDOW_SECONDS)
-                history = self.histories[name]
-                history.append(row.busy)
-                del history[:-64]
-                row.history = history
-                row.lane = self.tracker.lane(name, now, LANE_SECONDS, LANE_CELLS)
-                running = [r for r in self.tracker.running(name) if r != ENGINE_SPAN]
-                row.activity = ", ".join(running) if running else (self.activity if self.busy and name == "cpu" else "")
-            rows.append(row)
-        if self.loading_started is not None:
-            progress = f"loading model… {now - self.loading_started:.1f} s"
-        elif self.busy is not None:
-            progress = prefill_line(self.progress)
-            if self.tokens_emitted:
-                progress = f"decode token {self.tokens_emitted}"
-        else:
-            progress = ""
-        state = TelemetryState(
-            title=f"{self.deployment.npu_label} · {self.deployment.cpu_label}",
-            rows=rows,
-            process=process_line(self.process_sampler.sample()),
-            progress=progress,
+        if sample:
+            self.last_process_sample = self.process_sampler.sample()
+        state = telemetry_state(
+            self.deployment,
+            self.tracker,
+            self.histories,
+            add_point=sample,
+            now=now,
+            activity=self.activity if self.busy else "",
+            progress=self.progress_text(now),
+            process=self.last_process_sample,
             last_turn=self.last_turn,
         )
         self.query_one(TelemetryPanel).show(state)
+
+    def progress_text(self, now: float) -> str:
+        if self.loading_started is not None:
+            return f"loading model… {now - self.loading_started:.1f} s"
+        if self.busy is None:
+            return ""
+        if self.tokens_emitted:
+            return f"decode token {self.tokens_emitted}"
+        return prefill_line(self.progress)
 
     # ---- input ----------------------------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")

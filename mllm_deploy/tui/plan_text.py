@@ -21,15 +21,32 @@ GRID_COLUMNS = (
 CELL = 8
 
 
-def profile_section(deployment: Deployment) -> str:
-    loaded, resolved = deployment.loaded, deployment.resolved
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 1024**2:,.1f} MiB"
+
+
+def summary_section(deployment: Deployment) -> str:
+    """Where it runs, memory per processor, shadowed layers."""
+    loaded, resolved, plan = deployment.loaded, deployment.resolved, deployment.plan
+    m = plan.memory
+    shadow = plan.shadow
+    shadowed = ", ".join(str(x) for x in shadow.layers) if shadow and shadow.layers else "none"
     lines = [
         f"Profile {deployment.profile.name!r} from {loaded.display_path or 'built-in default'}",
-        f"  overrides: {' '.join(deployment.overrides) if deployment.overrides else 'none'}",
-        f"  resolved: target {resolved.caps.id}, NPU backend {resolved.backend_label}, "
-        f"cpu threads {resolved.cpu_threads}, npu threads {resolved.npu_threads}",
-        "  (* = set in the file or by --set / /set; others are defaults)",
+        f"  overrides   {' '.join(deployment.overrides) if deployment.overrides else 'none'}",
+        f"  target      {resolved.caps.id}; NPU: {resolved.backend_label}",
+        f"  threads     cpu {resolved.cpu_threads}, npu {resolved.npu_threads}; scheduler {plan.scheduler}",
+        f"  memory      NPU {_mib(m.npu_bytes)} · CPU {_mib(m.cpu_bytes)} · total {_mib(m.total_bytes)}",
+        f"  KV cache    {_mib(m.kv_cache_bytes)} for {deployment.profile.prefill.max_context:,} tokens (in the CPU figure)",
+        f"  graphs      {len(plan.graphs)} static NPU graph(s) shared by {plan.n_chunks} chunk(s) of {plan.chunk_size}",
+        f"  outliers    {shadow.policy if shadow else deployment.profile.outliers.policy}; shadowed layers: {shadowed}",
     ]
+    return "\n".join(lines)
+
+
+def profile_section(deployment: Deployment) -> str:
+    loaded, resolved = deployment.loaded, deployment.resolved
+    lines = ["Resolved profile (* = set in the file or by --set / /set; others are defaults)"]
     for key, value in profile_values(deployment).items():
         mark = "*" if loaded.is_explicit(key) else " "
         lines.append(f" {mark} {key} = {value!r}")
@@ -69,6 +86,11 @@ def placement_grid(deployment: Deployment) -> str:
     return "\n".join(lines)
 
 
-def plan_view_text(deployment: Deployment) -> tuple[str, str, str]:
-    """(profile section, placement grid, the full rendered plan)."""
-    return profile_section(deployment), placement_grid(deployment), render_plan(deployment.plan).rstrip()
+def plan_view_text(deployment: Deployment) -> tuple[str, str, str, str]:
+    """(summary, placement grid, resolved profile, the full rendered plan)."""
+    return (
+        summary_section(deployment),
+        placement_grid(deployment),
+        profile_section(deployment),
+        render_plan(deployment.plan).rstrip(),
+    )

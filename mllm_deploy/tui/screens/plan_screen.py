@@ -34,11 +34,12 @@ class PlanScreen(Screen):
         self.deployment = deployment
 
     def compose(self) -> ComposeResult:
-        profile, grid, plan = plan_view_text(self.deployment)
+        summary, grid, profile, plan = plan_view_text(self.deployment)
         yield Header()
         with VerticalScroll(id="plan-scroll"):
-            yield Static(Text(profile), id="plan-profile")
+            yield Static(Text(summary), id="plan-summary")
             yield Static(_colored_processors(grid), id="plan-grid")
+            yield Static(Text(profile), id="plan-profile")
             yield Static(Text(plan), id="plan-text")
         yield Footer()
 

@@ -3,37 +3,16 @@ the process's CPU % and RSS, prefill progress and the last turn's metrics."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from rich.text import Text
 from textual.widgets import Static
 
 from mllm_deploy.tui.formatting import bar, lane, sparkline
+from mllm_deploy.tui.telemetry_view import TelemetryState
 
 BAR_WIDTH = 10
 SPARK_WIDTH = 14
 LANE_WIDTH = 18
 PROCESSOR_STYLES = {"npu": "magenta", "cpu": "cyan"}
-
-
-@dataclass
-class ProcessorRow:
-    name: str  # "npu" / "cpu"
-    present: bool  # False: this deployment has no such executor (e.g. no NPU backend)
-    busy: float = 0.0  # busy fraction over the last window
-    history: list[float] = field(default_factory=list)  # busy fraction per refresh, oldest first
-    lane: list[float] = field(default_factory=list)  # busy fraction per time slice of the lane window
-    activity: str = ""  # what runs now, e.g. "c3.L12.gate_up" or "chunk 3/16"
-    absent_text: str = ""
-
-
-@dataclass
-class TelemetryState:
-    title: str  # e.g. "NPU · ort-cpu emulation (AMX INT8)"
-    rows: list[ProcessorRow]
-    process: str = ""
-    progress: str = ""
-    last_turn: str = "no turn yet"
 
 
 class TelemetryPanel(Static):

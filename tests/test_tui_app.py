@@ -1,0 +1,196 @@
+"""The `up` app driven by Pilot over the REAL default model (float engine, npu_backend=none).
+
+The model is loaded once per module and shared (each app gets its own ChatSession and KV cache).
+Waits poll the app's state with a generous timeout so a slow shared machine does not hang the suite;
+no test asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mllm_deploy.runtime.session import load_model
+from mllm_deploy.tui.app import DeployApp
+from mllm_deploy.tui.capture import screen_text
+from mllm_deploy.tui.deployment import prepare_deployment
+from mllm_deploy.tui.widgets.transcript import MessageView
+
+pytestmark = pytest.mark.slow
+
+FLOAT = ["device.npu_backend=none"]
+QUESTION = "What is the capital of France?"
+_MODELS: dict[str, object] = {}
+
+
+def shared_model(loaded_profile):
+    key = loaded_profile.profile.model.source
+    if key not in _MODELS:
+        _MODELS[key] = load_model(loaded_profile)
+    return _MODELS[key]
+
+
+def make_app(*overrides: str) -> DeployApp:
+    return DeployApp(prepare_deployment(None, [*FLOAT, *overrides]), model_loader=shared_model)
+
+
+async def wait_until(pilot, condition, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting; screen:\n{screen_text(pilot.app)}")
+        await pilot.pause(0.05)
+
+
+async def ready(pilot) -> None:
+    await wait_until(pilot, lambda: pilot.app.session is not None)
+
+
+async def ask(pilot, text: str) -> None:
+    await pilot.press(*text)
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: pilot.app.busy is not None)
+    await wait_until(pilot, lambda: pilot.app.busy is None)
+
+
+def notifications(app) -> list[str]:
+    return [f"{n.title}: {n.message}" for n in app._notifications]
+
+
+def views(app, role: str) -> list[MessageView]:
+    return [v for v in app.transcript.query(MessageView) if v.role == role]
+
+
+def test_question_streams_answer_into_one_message_and_keeps_context():
+    async def scenario():
+        app = make_app()
+        async with app.run_test(size=(80, 24)) as pilot:
+            await ready(pilot)
+            await ask(pilot, QUESTION)
+            [reply] = views(app, "assistant")
+            assert reply.text == "The capital of France is Paris."
+            assert len(reply._parts) >= 5  # appended token by token to this one widget
+            [metrics] = views(app, "metrics")
+            assert metrics.text.startswith("TTFT ") and "(37 new, 0 reused)" in metrics.text
+            assert "eos) · context 44/4,096" in metrics.text
+            screen = screen_text(app)
+            assert "Assistant: The capital of France is Paris." in screen
+            assert "last turn: TTFT" in screen
+            # second turn: only the new tokens are prefilled, the rest comes from the KV cache
+            await ask(pilot, "And of Germany?")
+            assert "Berlin" in views(app, "assistant")[1].text
+            second = views(app, "metrics")[1].text
+            assert "(44 reused)" in second or " reused)" in second and "0 reused" not in second
+            assert app.metrics.turns == 2 and app.metrics.reused_tokens >= 40
+            # history: Up brings back the previous inputs
+            await pilot.press("up")
+            assert app.query_one("#prompt").value == "And of Germany?"
+            await pilot.press("up")
+            assert app.query_one("#prompt").value == QUESTION
+            await pilot.press("down", "down")
+            assert app.query_one("#prompt").value == ""
+            await pilot.press("ctrl+q")
+        assert app.return_code == 0
+
+    asyncio.run(scenario())
+
+
+def test_escape_cancels_a_running_reply():
+    async def scenario():
+        app = make_app("decode.max_new_tokens=400")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await ready(pilot)
+            await pilot.press(*"Write a very long story about a dragon.")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.tokens_emitted >= 3)
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: app.busy is None)
+            [reply] = views(app, "assistant")
+            assert reply.text.endswith(" [cancelled]")
+            assert "cancelled) · context" in views(app, "metrics")[0].text
+            assert app.metrics.cancelled_turns == 1
+            assert app.metrics.generated_tokens < 400
+            assert app.session.messages[-1]["role"] == "assistant"  # the partial reply stays in the conversation
+
+    asyncio.run(scenario())
+
+
+def test_set_bad_value_is_a_notification_and_good_value_applies_in_place():
+    async def scenario():
+        app = make_app()
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
+            await ready(pilot)
+            model = app.model
+            await pilot.press(*"/set decode.temperature=99")
+            await pilot.press("enter")
+            await pilot.pause()
+            [refusal] = notifications(app)
+            assert refusal.startswith("/set: ") and "decode.temperature" in refusal and "got 99" in refusal
+            await pilot.press(*"/set decode.max_new_tokens=3")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert notifications(app)[-1] == "/set: decode.max_new_tokens = 3: applies from the next turn; nothing rebuilt"
+            assert app.model is model and app.session.profile.decode.max_new_tokens == 3
+            await ask(pilot, QUESTION)
+            assert views(app, "assistant")[0].text == "The capital of"  # 3 tokens
+            await pilot.press(*"/load /no/such/file.txt")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert notifications(app)[-1] == "/load: error: cannot load /no/such/file.txt: no such file"
+            assert app.is_running
+
+    asyncio.run(scenario())
+
+
+DOCUMENT_FACT = "The lighthouse keeper of Port Avel is named Mira Holt."
+
+
+def long_document(paragraphs: int) -> str:
+    """Our own text: numbered notes about a made-up town (~40 tokens each), then one fact."""
+    lines = []
+    for i in range(paragraphs):
+        lines.append(
+            f"Note {i + 1}: the harbour of Port Avel logged boat number {i + 17} arriving with "
+            f"{(i * 7) % 50 + 3} crates of fish, and the market on street {i % 12 + 1} sold them by noon."
+        )
+    return "\n".join([*lines, DOCUMENT_FACT])
+
+
+def test_load_document_shows_prefill_progress_keeps_keys_responsive_and_answers(tmp_path):
+    document = tmp_path / "port-avel.txt"
+    document.write_text(long_document(22), encoding="utf-8")
+
+    async def scenario():
+        app = make_app("decode.max_new_tokens=16", "prefill.chunk_size=128")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await ready(pilot)
+            await pilot.press(*f"/load {document}")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.busy == "document")
+            await wait_until(pilot, lambda: app.progress.chunks_done >= 1)
+            await pilot.pause()
+            progress_screen = screen_text(app)
+            # keys typed while the prefill runs are echoed before it ends (the UI thread is free)
+            await pilot.press(*"What is the name")
+            assert app.query_one("#prompt").value == "What is the name"
+            assert app.busy == "document"
+            await wait_until(pilot, lambda: app.busy is None)
+            assert "prefill chunk " in progress_screen and " tokens · " in progress_screen and "ETA " in progress_screen
+            assert app.progress.n_chunks >= 7 and app.progress.chunks_done == app.progress.n_chunks
+            assert app.progress.tokens_done >= 900
+            assert app.pending_document is not None
+            note = views(app, "note")[-1].text
+            assert note.startswith("port-avel.txt: ") and "Ask your question about it." in note
+            await pilot.press(*" of the lighthouse keeper of Port Avel?")
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: app.busy is not None)
+            await wait_until(pilot, lambda: app.busy is None)
+            answer = views(app, "assistant")[0].text
+            assert "Mira Holt" in answer  # only the document says so
+            done_line = views(app, "metrics")[0].text
+            reused = int(done_line.split(" new, ")[1].split(" reused")[0].replace(",", ""))
+            assert reused >= app.progress.tokens_done - 8  # the question did not prefill the document again
+
+    asyncio.run(scenario())

@@ -1,0 +1,204 @@
+"""The `up` app's screens without running the model: failures as notifications, the plan view,
+help, the command palette, saved sessions, and text snapshots (volatile numbers masked).
+
+Goldens live in tests/__snapshots__/tui/; regenerate with MLLM_DEPLOY_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from mllm_deploy.errors import Diagnostic, UserError
+from mllm_deploy.tui.app import DeployApp
+from mllm_deploy.tui.capture import screen_text
+from mllm_deploy.tui.deployment import prepare_deployment
+from mllm_deploy.tui.screens.plan_screen import PlanScreen
+from mllm_deploy.tui.sessions import SavedSession, load_session
+from mllm_deploy.tui.widgets.transcript import MessageView
+
+FLOAT = ["device.npu_backend=none"]
+GOLDEN_DIR = Path(__file__).parent / "__snapshots__" / "tui"
+UPDATE = os.environ.get("MLLM_DEPLOY_UPDATE_GOLDEN") == "1"
+VOLATILE_GLYPHS = re.compile(r"[▁▂▃▄▅▆▇█▏▎▍▌▋▊▉░▒▓]")
+
+
+def masked(app: DeployApp) -> str:
+    """The screen with what varies from run to run removed: numbers, bar/sparkline/lane glyphs,
+    the profile file's path, and runs of spaces (bar widths change alignment)."""
+    text = screen_text(app)
+    path = app.deployment.loaded.display_path
+    if path:
+        text = text.replace(path, "<profile>")
+    text = re.sub(r"\d[\d.,]*", "#", VOLATILE_GLYPHS.sub("", text))
+    return "\n".join(re.sub(r" {2,}", " ", line).rstrip() for line in text.splitlines()) + "\n"
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN_DIR / f"{name}.txt"
+    if UPDATE or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"{name} screen changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
+
+
+class HeldLoader:
+    """A model loader that never finishes loading until released (the app stays in its loading state)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __call__(self, loaded_profile):
+        self.release.wait(60)
+        raise UserError([Diagnostic(message="test loader released")])
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    return prepare_deployment(None, FLOAT)
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLLM_DEPLOY_DATA", str(tmp_path))
+    return tmp_path
+
+
+def run(app: DeployApp, scenario, size=(80, 24)):
+    async def main():
+        try:
+            async with app.run_test(size=size, notifications=True) as pilot:
+                await pilot.pause()
+                await scenario(pilot)
+        finally:
+            if isinstance(app.model_loader, HeldLoader):
+                app.model_loader.release.set()
+
+    asyncio.run(main())
+
+
+def notifications(app) -> list[str]:
+    return [f"{n.title}: {n.message}" for n in app._notifications]
+
+
+def texts(app, role: str) -> list[str]:
+    return [v.text for v in app.transcript.query(MessageView) if v.role == role]
+
+
+def test_model_failure_is_a_notification_not_a_crash(deployment):
+    def broken_loader(loaded_profile):
+        raise RuntimeError("weights are corrupt")
+
+    app = DeployApp(deployment, model_loader=broken_loader)
+
+    async def scenario(pilot):
+        while not texts(app, "error"):
+            await pilot.pause(0.05)
+        assert texts(app, "error") == ["the model failed to load: RuntimeError: weights are corrupt"]
+        await pilot.press(*"hello", "enter")
+        await pilot.pause()
+        assert notifications(app) == [
+            "Model failed: the model failed to load: RuntimeError: weights are corrupt",
+            ": no model is loaded (see the error above; /set can fix the profile)",
+        ]
+        await pilot.press(*"/frobnicate", "enter")
+        await pilot.pause()
+        assert notifications(app)[-1] == "Unknown command: error: unknown command /frobnicate\n    hint: type /help for the list"
+        assert app.is_running
+        check_golden("model_failed_80x24", masked(app))
+
+    run(app, scenario)
+
+
+def test_loading_state_and_plan_view(deployment):
+    app = DeployApp(deployment, model_loader=HeldLoader())
+
+    async def scenario(pilot):
+        screen = screen_text(app)
+        assert "loading builtin:smollm2-135m-instruct (weights, tokenizer, chat template)…" in screen
+        assert "loading model… " in screen
+        assert "NPU idle · none (float32 on the CPU): no NPU executor" in screen
+        check_golden("loading_80x24", masked(app))
+        await pilot.press("f2")
+        await pilot.pause()
+        assert isinstance(app.screen, PlanScreen)
+        plan = screen_text(app)
+        assert "overrides   device.npu_backend=none" in plan
+        assert "L0    CPU     CPU     CPU" in plan
+        check_golden("plan_80x24", masked(app))
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, PlanScreen)
+
+    run(app, scenario)
+
+
+def test_plan_view_lists_layers_and_memory(deployment):
+    app = DeployApp(deployment, model_loader=HeldLoader())
+
+    async def scenario(pilot):
+        await pilot.press("f2")
+        await pilot.pause()
+        grid = str(app.screen.query_one("#plan-grid").render())
+        assert "layer a_norm  qkv     attn    o_proj  f_norm  gate_up down    shadow" in grid
+        assert "L29   CPU     CPU     CPU     CPU     CPU     CPU     CPU     -" in grid
+        plan = str(app.screen.query_one("#plan-text").render())
+        assert "memory\n  npu " in plan and "KV cache" in plan
+
+    run(app, scenario, size=(120, 40))
+
+
+def test_help_and_command_palette(deployment):
+    app = DeployApp(deployment, model_loader=HeldLoader())
+
+    async def scenario(pilot):
+        await pilot.press("f1")
+        await pilot.pause()
+        [help_text] = [t for t in texts(app, "note") if t.startswith("Commands:")]
+        assert "/set KEY=VALUE" in help_text and "Ctrl+Q" in help_text
+        check_golden("help_80x24", masked(app))
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"plan view")
+        await pilot.pause(0.3)
+        assert "Resolved profile and execution plan (F2)" in screen_text(app)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, PlanScreen)
+
+    run(app, scenario)
+
+
+def test_save_and_open_sessions(deployment, data_dir):
+    conversation = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
+    resume = SavedSession(name="trip", profile=None, overrides=FLOAT, messages=conversation)
+    app = DeployApp(deployment, model_loader=HeldLoader(), resume=resume)
+
+    async def scenario(pilot):
+        assert texts(app, "user") == ["What is the capital of France?"]
+        assert texts(app, "assistant") == ["The capital of France is Paris."]
+        await pilot.press(*"/save trip-2", "enter")
+        await pilot.pause()
+        assert notifications(app)[-1] == "/save: saved trip-2.md and trip-2.json"
+        assert (data_dir / "sessions" / "trip-2.md").read_text().count("Paris") == 1
+        assert load_session("trip-2").messages == conversation
+        await pilot.press(*"/reset", "enter")
+        await pilot.pause()
+        assert texts(app, "assistant") == []
+        await pilot.press(*"/open trip-2", "enter")
+        await pilot.pause()
+        assert texts(app, "assistant") == ["The capital of France is Paris."]
+        assert app.restore_messages == conversation  # prefilled once the model is there
+        await pilot.press(*"/open nothing-here", "enter")
+        await pilot.pause()
+        assert notifications(app)[-1].startswith("/open: ") and "no saved session named 'nothing-here'" in notifications(app)[-1]
+
+    run(app, scenario)

@@ -91,13 +91,16 @@ def seeded_latencies(kernels) -> LatencyModel:
     return LatencyModel({("npu", kind, layer): ms / 1e3 for (layer, kind), ms in profiled.items()})
 
 
-def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, policy: str | None = None) -> DagEngine:
-    """A DagEngine for `resolved` (the profile checked against device and model)."""
+def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, policy: str | None = None,
+                     shadow_layers: tuple[int, ...] | None = None) -> DagEngine:
+    """A DagEngine for `resolved` (the profile checked against device and model). `shadow_layers`:
+    calibrated layer ranks for the plan (default: the layers the kernels correct)."""
     from mllm_deploy.plan import build_plan
 
     profile = resolved.profile
     chunk = profile.prefill.chunk_size
-    shadow_layers = tuple(sorted({layer for layer, _ in kernels.shadowed})) if kernels is not None else None
+    if shadow_layers is None and kernels is not None:
+        shadow_layers = tuple(sorted({layer for layer, _ in kernels.shadowed}))
 
     def plan_for(n_chunks: int):
         plan = build_plan(resolved, prompt_tokens=n_chunks * chunk, calibrated_shadow_layers=shadow_layers)
@@ -113,3 +116,24 @@ def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, p
     )  # fmt: skip
     label = kernels.backend_label if kernels is not None else resolved.backend_label
     return DagEngine(float_engine, prefill, decoder, npu_label=label)
+
+
+def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> DagEngine:
+    """The NPU path of a resolved profile: compiled artifacts (built now if not cached) on the NPU
+    backend, DAG prefill, INT8 decode. The float32 linear weights are not touched (only the rows
+    of the embedding that prompts use), so they stay on disk behind the memory map.
+
+    Decode runs on every core by default (`cpu_threads + npu_threads`): between prefills the
+    emulated NPU's cores are idle, and on a phone the NPU is not a CPU core at all."""
+    from mllm_deploy.compile.build import calibrated_shadow_layers, compile_artifacts
+    from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
+    from mllm_deploy.runtime.npu_kernels import load_npu_kernels
+
+    kernels = load_npu_kernels(resolved, compile_artifacts(resolved))
+    float_engine = FloatEngine(weights)  # no warm_up(): it would page in every float weight
+    graphs = cached_decode_graphs(resolved.spec, lambda: weights)
+    threads = decode_threads or max(1, resolved.cpu_threads + resolved.npu_threads)
+    decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, graphs, threads)
+    engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_layers=calibrated_shadow_layers(resolved))
+    engine.warm_up()
+    return engine

@@ -32,13 +32,17 @@ class TraceRecorder:
         self._spans: list[tuple[str, str, float, float, dict]] = []  # (processor, name, start, end, args)
         self._instants: list[tuple[str, float, dict]] = []
         self._last_mark: float | None = None  # end of prefill or the previous token
+        self._saw_subgraphs = False
 
     def observe(self, event: object, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         if isinstance(event, SubgraphFinished):
             args = {"chunk": event.chunk, "layer": event.layer, "kind": event.kind}
             self._spans.append((event.processor, event.id, event.t_start, event.t_end, args))
+            self._saw_subgraphs = True
         elif isinstance(event, ChunkDone):
+            if not self._saw_subgraphs:  # the float engine: a chunk is one CPU span
+                self._spans.append(("cpu", f"prefill chunk {event.index + 1}/{event.n_chunks}", now - event.seconds, now, {}))
             self._instants.append((f"chunk {event.index + 1}/{event.n_chunks} committed", now, {"tokens": event.tokens}))
             self._last_mark = now
         elif isinstance(event, PrefillDone):

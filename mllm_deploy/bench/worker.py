@@ -1,0 +1,205 @@
+"""One benchmark configuration, measured in this process (the runner starts one per configuration).
+
+    python -m mllm_deploy.bench.worker < request.json > rows.json
+
+request: {"profile": path|null, "overrides": [...], "settings": {...}, "prompt_tokens": [...],
+          "gen_tokens": N, "repeat": R, "warmup": W, "trace": path|null}
+Every figure is measured here: wall times with perf_counter, busy time of each executor from
+its subgraph spans, process CPU time from getrusage, peak RSS from ru_maxrss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+from mllm_deploy.runtime.report import peak_rss_mb
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_record() -> dict:
+    return {
+        "cpu": _cpu_model(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+    }
+
+
+def profile_hash(profile) -> str:
+    import hashlib
+
+    return hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:12]
+
+
+class _Rig:
+    """The loaded model of one configuration and what it really runs."""
+
+    def __init__(self, loaded):
+        from threadpoolctl import threadpool_limits
+
+        from mllm_deploy.model import load_tokenizer, load_weights
+        from mllm_deploy.resolve import resolve_profile
+
+        self.resolved = resolve_profile(loaded)
+        spec = self.resolved.spec
+        self.tokenizer = load_tokenizer(spec)
+        weights = load_weights(spec)
+        self.blas_limit = threadpool_limits(limits=self.resolved.cpu_threads, user_api="blas")
+        if self.resolved.backend == "none":
+            from mllm_deploy.runtime.float_engine import FloatEngine
+
+            self.engine = FloatEngine(weights)
+            self.engine.warm_up()
+            self.backend = {"npu": "none", "prefill": "cpu-float32-numpy", "decode": "cpu-float32-numpy"}
+            self.slots = {"cpu": 1}
+        else:
+            from mllm_deploy.runtime.dag_engine import open_npu_engine
+
+            self.engine = open_npu_engine(self.resolved, weights)
+            self.backend = {"npu": self.engine.npu_label, "prefill": f"dag {self.engine.prefill.policy}",
+                            "decode": self.engine.decode_name}
+            self.slots = {p: ex.threads for p, ex in self.engine.prefill.executors.items()}
+
+
+def measure_once(rig: _Rig, ids: list[int], gen_tokens: int, recorder=None) -> dict:
+    from mllm_deploy.runtime.events import GenerationDone
+    from mllm_deploy.runtime.generate import GenerationRequest, generate
+
+    engine = rig.engine
+    cache = engine.new_cache(len(ids) + gen_tokens + 1)
+    request = GenerationRequest(max_new_tokens=gen_tokens, chunk_size=rig.resolved.profile.prefill.chunk_size,
+                                pad_last_chunk=rig.resolved.backend != "none")
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    events = generate(engine, cache, ids, request, rig.tokenizer.stream())
+    if hasattr(engine, "drain_events"):
+        from mllm_deploy.runtime.dag_engine import with_subgraph_events
+
+        events = with_subgraph_events(events, engine)
+    done = None
+    prefill_cpu = prefill_wall = None
+    for event in events:
+        if recorder is not None:
+            recorder.observe(event)
+        if type(event).__name__ == "PrefillDone":
+            prefill_wall, prefill_cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
+        if isinstance(event, GenerationDone):
+            done = event
+    m = done.metrics
+    if hasattr(engine, "drain_events"):  # DagEngine: busy time summed from its subgraph spans
+        busy = dict(engine.prefill.last.busy_seconds)
+        span = engine.prefill.last.seconds
+    else:  # the float engine computes synchronously: the CPU executor is busy all of prefill
+        busy, span = {"cpu": m.prefill_seconds}, m.prefill_seconds
+    return {
+        "ttft_ms": m.ttft_ms,
+        "prefill_tokens_per_s": m.prefill_tokens_per_s,
+        "decode_tokens_per_s": m.decode_tokens_per_s,
+        "utilization": {p: round(b / (span * rig.slots.get(p, 1)), 3) if span else None for p, b in busy.items()},
+        "process_cpu_cores": round(prefill_cpu / prefill_wall, 2) if prefill_wall else None,
+    }
+
+
+def _spread(values: list[float]) -> dict:
+    return {"min": round(min(values), 1), "max": round(max(values), 1)}
+
+
+def run_request(request: dict) -> list[dict]:
+    from mllm_deploy.bench.prompt_text import prompt_ids
+    from mllm_deploy.profile import load_profile
+    from mllm_deploy.runtime.trace import TraceRecorder
+
+    loaded = load_profile(request.get("profile"), request.get("overrides", []))
+    host = host_record()
+    load_started = time.perf_counter()
+    rig = _Rig(loaded)
+    load_s = time.perf_counter() - load_started
+    rows = []
+    for n_tokens in request["prompt_tokens"]:
+        ids = prompt_ids(rig.tokenizer, n_tokens)
+        for _ in range(request.get("warmup", 1)):
+            measure_once(rig, ids, request["gen_tokens"])
+        runs = []
+        recorder = None
+        for i in range(request.get("repeat", 3)):
+            last = i == request.get("repeat", 3) - 1
+            recorder = TraceRecorder(rig.backend["npu"]) if last and request.get("trace") else None
+            runs.append(measure_once(rig, ids, request["gen_tokens"], recorder))
+        prefill = [r["prefill_tokens_per_s"] for r in runs]
+        decode = [r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"] is not None]
+        median_run = sorted(runs, key=lambda r: r["prefill_tokens_per_s"])[len(runs) // 2]
+        trace_path = None
+        if recorder is not None:
+            trace_path = str(recorder.write(_trace_path(request["trace"], n_tokens, len(request["prompt_tokens"]))))
+        rows.append({
+            "settings": request.get("settings", {}),
+            "prompt_tokens": n_tokens,
+            "gen_tokens": request["gen_tokens"],
+            "repeat": len(runs),
+            "ttft_ms": round(statistics.median(r["ttft_ms"] for r in runs), 1),
+            "prefill_tokens_per_s": round(statistics.median(prefill), 1),
+            "prefill_tokens_per_s_spread": _spread(prefill),
+            "decode_tokens_per_s": round(statistics.median(decode), 1) if decode else None,
+            "decode_tokens_per_s_spread": _spread(decode) if decode else None,
+            "peak_rss_mb": None,  # filled below: the process peak after every run of this config
+            "utilization": median_run["utilization"],
+            "process_cpu_cores": median_run["process_cpu_cores"],
+            "backend": rig.backend,
+            "scheduler": rig.resolved.profile.scheduler.policy,
+            "threads": {"cpu": rig.resolved.cpu_threads, "npu": rig.resolved.npu_threads},
+            "chunk_size": rig.resolved.profile.prefill.chunk_size,
+            "load_s": round(load_s, 2),
+            "profile_hash": profile_hash(rig.resolved.profile),
+            "host": host,
+            "trace": trace_path,
+        })  # fmt: skip
+    peak = round(peak_rss_mb(), 1)
+    for row in rows:
+        row["peak_rss_mb"] = peak
+    return rows
+
+
+def _trace_path(base: str, n_tokens: int, n_lengths: int) -> str:
+    if n_lengths == 1:
+        return base
+    stem, dot, ext = base.rpartition(".")
+    return f"{stem}-p{n_tokens}.{ext}" if dot else f"{base}-p{n_tokens}"
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    from mllm_deploy.errors import UserError
+
+    try:
+        rows = run_request(request)
+    except UserError as err:
+        print(json.dumps({"error": [d.render() for d in err.warnings + err.diagnostics], "exit_code": int(err.exit_code)}))
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps({"rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,9 +60,23 @@ def load_model(loaded_profile) -> LoadedModel:
         )])  # fmt: skip
     template, origin = choose_template_with_origin(spec, profile.model.chat_template, loaded_profile.base_dir)
     tokenizer = load_tokenizer(spec)
-    engine = FloatEngine(load_weights(spec))
-    engine.warm_up()
+    engine = _open_engine(loaded_profile, load_weights(spec))
     return LoadedModel(spec, tokenizer, engine, template, origin, time.perf_counter() - started)
+
+
+def _open_engine(loaded_profile, weights):
+    """The float engine for `npu_backend = "none"`, else the NPU path (DAG prefill + INT8 decode)."""
+    if loaded_profile.profile.device.npu_backend != "none":
+        from mllm_deploy.resolve import resolve_profile
+
+        resolved = resolve_profile(loaded_profile)
+        if resolved.backend != "none":
+            from mllm_deploy.runtime.dag_engine import open_npu_engine
+
+            return open_npu_engine(resolved, weights)
+    engine = FloatEngine(weights)
+    engine.warm_up()
+    return engine
 
 
 def fit_to_context(
@@ -162,5 +176,14 @@ class ChatSession:
             chunk_size=min(prefill.chunk_size, prefill.max_context),
             truncated_tokens=dropped,
         )
-        return generate(self.model.engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel)
+        engine = self.model.engine
+        if hasattr(engine, "drain_events"):  # the NPU path: static chunks, subgraph events, cancel inside prefill
+            from dataclasses import replace
+
+            from mllm_deploy.runtime.dag_engine import with_subgraph_events
+
+            engine.cancel = cancel
+            request = replace(request, chunk_size=engine.prefill.chunk_tokens, pad_last_chunk=True)
+            return with_subgraph_events(generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel), engine)
+        return generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel)
 

@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.add_argument("--trace", metavar="FILE", help="write a Chrome trace-event JSON of the run (open it in Perfetto)")
     parser.set_defaults(func=run)
 
 
@@ -62,12 +63,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         turn = lambda cancel: session.send(prompt, cancel=cancel, max_new_tokens=args.max_new_tokens)  # noqa: E731
     on_text = None if args.json else _write_stdout
-    done = run_turn(turn, on_text)
+    recorder = _trace_recorder(session) if args.trace else None
+    done = run_turn(turn, on_text, recorder.observe if recorder else None)
+    trace_path = str(recorder.write(args.trace)) if recorder else None
     load_s = session.model.load_seconds
     if args.json:
         from mllm_deploy.runtime.report import result_record
 
-        print(json.dumps(result_record(done, load_s=load_s, backend=backend), ensure_ascii=False))
+        record = result_record(done, load_s=load_s, backend=backend)
+        if trace_path:
+            record["trace"] = trace_path
+        print(json.dumps(record, ensure_ascii=False))
     else:
         from mllm_deploy.runtime.report import metrics_line
 
@@ -99,14 +105,25 @@ def _read_text(name: str, what: str) -> str:
         raise user_error(f"cannot read the {what}: {exc}", file=name) from None
 
 
-def run_turn(turn: Callable[[threading.Event], Iterable], on_text: Callable[[str], None] | None) -> GenerationDone:
-    """Drive one generation with Ctrl-C mapped to cancel; stream text to `on_text`."""
+def _trace_recorder(session):
+    from mllm_deploy.runtime.trace import TraceRecorder
+
+    return TraceRecorder(getattr(session.model.engine, "npu_label", None))
+
+
+def run_turn(
+    turn: Callable[[threading.Event], Iterable], on_text: Callable[[str], None] | None, on_event: Callable | None = None
+) -> GenerationDone:
+    """Drive one generation with Ctrl-C mapped to cancel; stream text to `on_text`; every event
+    also goes to `on_event` (e.g. a trace recorder)."""
     from mllm_deploy.runtime.interrupt import sigint_cancels
 
     cancel = threading.Event()
     done = None
     with sigint_cancels(cancel):
         for event in turn(cancel):
+            if on_event is not None:
+                on_event(event)
             if isinstance(event, TokenEmitted) and on_text is not None and event.text:
                 on_text(event.text)
             elif isinstance(event, GenerationDone):

@@ -105,6 +105,13 @@ class DagPrefill:
         self.last = PrefillStats()
         self._graphs: dict[int, TaskGraph] = {}
 
+    @property
+    def blas_threads(self) -> int:
+        """BLAS threads per CPU task. Out-of-order runs up to `cpu_threads` CPU tasks at once,
+        each on one BLAS thread (OpenBLAS threads that outnumber the cores spin and thrash);
+        sequential runs one CPU task at a time, which may use all `cpu_threads`."""
+        return self.cpu_threads if self.policy == "sequential" else 1
+
     def close(self) -> None:
         for executor in self.executors.values():
             executor.shutdown()
@@ -154,7 +161,7 @@ class DagPrefill:
         error: BaseException | None = None
         stopping = False
         started = time.perf_counter()
-        limits = threadpool_limits(limits=self.cpu_threads, user_api="blas")
+        limits = threadpool_limits(limits=self.blas_threads, user_api="blas")
         try:
             while not sched.done:
                 if not stopping:

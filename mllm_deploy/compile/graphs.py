@@ -277,8 +277,11 @@ def build_layer_models(
     chunk_tokens: int,
     act: LayerActQuant,
     weights: dict[str, QuantizedWeight],
+    split_gate_up: bool = False,
 ) -> dict[GraphKind, onnx.ModelProto]:
-    """The four graphs of one layer, in memory."""
+    """The four graphs of one layer, in memory. With `split_gate_up` the gate_up graph returns
+    gate [chunk, ffn] and up [chunk, ffn] (quantized outputs) instead of silu(gate)·up, so that a
+    shadow outlier correction can be added to both before the CPU applies silu·mul."""
 
     def lin(name: str, bias: np.ndarray | None = None) -> QuantizedLinear:
         return QuantizedLinear(name, weights[name], act.outputs.get(name), bias)
@@ -302,8 +305,8 @@ def build_layer_models(
             chunk_tokens,
             act.mlp_in,
             [lin("ffn_gate"), lin("ffn_up")],
-            ["h"],
-            swiglu=True,
+            ["gate", "up"] if split_gate_up else ["h"],
+            swiglu=not split_gate_up,
         ),
         "down": build_linear_group_model(
             f"{prefix}_down", "h", chunk_tokens, act.down_in, [lin("ffn_down")], ["mlp_out"]
@@ -348,11 +351,12 @@ def build_layer_graphs(
     act: LayerActQuant,
     weight_granularity: WeightGranularity,
     out_dir: Path,
+    split_gate_up: bool = False,
 ) -> dict[GraphKind, BuiltGraph]:
     """Quantize one layer's weights, build its four graphs and save them as
     `out_dir/layer{i}_{kind}.onnx`. The caller audits them (`compile.audit`) before use."""
     weights = quantize_layer_weights(layer, weight_granularity)
-    models = build_layer_models(layer, layer_index, chunk_tokens, act, weights)
+    models = build_layer_models(layer, layer_index, chunk_tokens, act, weights, split_gate_up)
     built: dict[GraphKind, BuiltGraph] = {}
     for kind, model in models.items():
         path = save_model_atomic(model, Path(out_dir) / f"layer{layer_index}_{kind}.onnx")

@@ -1,0 +1,211 @@
+"""`compile_artifacts(resolved) -> Artifacts`: calibrate, build, audit, (QNN-)compile and profile
+every NPU graph of a profile, or reuse the verified cache entry.
+
+    lock = expected_lock(resolved)           # what the entry must have been built from
+    entry = artifacts_root() / entry_key(lock)
+    open_entry(entry, lock)                  # hit: verified files → Artifacts
+    else: calibrate (stats cached separately) → derive clamps/shadow layers → per layer:
+          graphs → audit (refuse float) → [QNN context binary] → shadow W^T rows
+          → profile latencies on the backend → manifest → atomic rename
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mllm_deploy.compile.artifacts import (
+    CALIBRATION, KERNELS, LATENCIES, LOCK, Artifacts, EntryProblem, artifacts_root, commit_entry, entry_key,
+    expected_lock, load_stats, open_entry, stats_key, store_stats, write_manifest,
+)  # fmt: skip
+from mllm_deploy.compile.audit import audit_graph, integer_kernel_report
+from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
+from mllm_deploy.compile.graphs import GRAPH_KINDS, LayerActQuant, build_layer_graphs
+from mllm_deploy.compile.quantize import activation_quant_symmetric
+from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.paths import atomic_write_text
+
+Log = Callable[[str], None]
+PROFILE_RUNS = 3  # timed runs per graph after one warm-up (one on the QNN simulator)
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def stderr_progress(stage: str, done: int, total: int) -> None:
+    """`stage: done/total` on one line of a terminal; start and end lines otherwise."""
+    if sys.stderr.isatty():
+        end = "\n" if done >= total else ""
+        print(f"\r{stage}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    elif done == 0 or done >= total:
+        print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+
+def layer_act_quant(cal: CalibrationResult, layer: int, quantize_outputs: bool = True) -> LayerActQuant:
+    """The calibrated grids of one layer's graphs: inputs, and every linear output when
+    `quantize_outputs` (QNN HTP needs the Q/DQ unit; on ort-cpu the output stays float, which
+    onnxruntime runs as MatMulIntegerToFloat: the int32 accumulator scaled to float, no uint8
+    rounding of the output — measured on SmolLM2, per-tensor uint8 *outputs* alone cost ~30%
+    perplexity)."""
+    dtype = cal.activations
+    grid = lambda clamp: activation_quant_symmetric(clamp, dtype)  # noqa: E731
+    names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    return LayerActQuant(
+        attn_in=grid(cal.input(layer, "qkv").clamp),
+        attn_out=grid(cal.input(layer, "o_proj").clamp),
+        mlp_in=grid(cal.input(layer, "gate_up").clamp),
+        down_in=grid(cal.input(layer, "down").clamp),
+        outputs={name: grid(cal.output_clamps[f"{layer}/{name}"]) if quantize_outputs else None for name in names},
+    )
+
+
+def shadow_weight_t(layer_weights, kind: str) -> np.ndarray:
+    """float32 W^T [in, out_total] of the linears reading one graph input, outputs in graph order."""
+    w = layer_weights
+    mats = {"qkv": (w.wq, w.wk, w.wv), "o_proj": (w.wo,), "gate_up": (w.w_gate, w.w_up), "down": (w.w_down,)}[kind]
+    return np.ascontiguousarray(np.concatenate(mats, axis=0).T, dtype=np.float32)
+
+
+def find_artifacts(resolved) -> Artifacts | None:
+    """The verified cache entry of `resolved`, or None (nothing is built)."""
+    if resolved.backend == "none":
+        return None
+    try:
+        lock = expected_lock(resolved)
+        return open_entry(artifacts_root() / entry_key(lock), lock, verify_checksums=False)
+    except EntryProblem:
+        return None
+
+
+def calibrated_shadow_layers(resolved) -> tuple[int, ...] | None:
+    """Layer ranks from this profile's built artifacts (most important first), for `build_plan`."""
+    artifacts = find_artifacts(resolved)
+    return tuple(artifacts.calibration.layer_rank) if artifacts is not None else None
+
+
+def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, progress=stderr_progress) -> Artifacts:
+    """The profile's artifacts from the cache, or built now (see the module docstring)."""
+    if resolved.backend == "none":
+        raise user_error("device.npu_backend = \"none\" runs everything in float on the CPU: nothing to compile",
+                         exit_code=ExitCode.INVALID, **resolved.loaded.where("device.npu_backend"))  # fmt: skip
+    lock = expected_lock(resolved)
+    final = artifacts_root() / entry_key(lock)
+    if not force:
+        try:
+            return open_entry(final, lock)
+        except EntryProblem as problem:
+            if final.exists():
+                log(f"artifact cache entry {final.name} rejected: {problem}; recompiling")
+    started = time.perf_counter()
+    from mllm_deploy.model import load_tokenizer, load_weights
+    from mllm_deploy.runtime.float_engine import FloatEngine
+
+    engine = FloatEngine(load_weights(resolved.spec))
+    stats = calibration_stats(resolved, engine, lock, log, progress)
+    p = resolved.profile
+    from mllm_deploy.plan.memory import shadowed_layer_count
+
+    cal = derive_calibration(
+        stats, policy=p.outliers.policy, activations=p.quantization.activations,
+        hot_channel_fraction=p.outliers.hot_channel_fraction, shadow_layer_count=shadowed_layer_count(p, resolved.spec),
+    )  # fmt: skip
+    log(render_calibration(cal).rstrip())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=artifacts_root()))
+    try:
+        _build_into(tmp, resolved, engine, cal, progress, log)
+        atomic_write_text(tmp / LOCK, lock.model_dump_json(indent=1))
+        write_manifest(tmp, time.perf_counter() - started, resolved.npu_threads if resolved.backend == "ort-cpu" else 0)
+        commit_entry(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"compiled {len(GRAPH_KINDS) * resolved.spec.n_layers} graphs for {resolved.backend_label} "
+        f"in {time.perf_counter() - started:.1f} s → {final}")  # fmt: skip
+    return open_entry(final, lock, verify_checksums=False)
+
+
+def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationStats:
+    """Cached ActivationStats for the model + calibration data + percentile, or computed now."""
+    key = stats_key(lock)
+    stats = load_stats(key)
+    if stats is not None:
+        return stats
+    from mllm_deploy.compile.calibrate import calibration_tokens, collect_activation_stats
+    from mllm_deploy.model import load_tokenizer
+
+    p = resolved.profile
+    started = time.perf_counter()
+    log(f"calibrating on {p.calibration.samples} x {p.calibration.tokens_per_sample} tokens "
+        f"from {p.calibration.source!r} (once per model and calibration settings)")  # fmt: skip
+    samples = calibration_tokens(p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir,
+                                 resolved.loaded.where, progress)  # fmt: skip
+    stats = collect_activation_stats(engine, samples, p.outliers.scale_percentile, source=p.calibration.source,
+                                     chunk_size=p.prefill.chunk_size, progress=progress, started=started)  # fmt: skip
+    store_stats(key, stats)
+    return stats
+
+
+def _build_into(tmp: Path, resolved, engine, cal: CalibrationResult, progress, log: Log) -> None:
+    spec, p = resolved.spec, resolved.profile
+    chunk = p.prefill.chunk_size
+    granularity = "per-channel" if p.quantization.weights == "int8-per-channel" else "per-tensor"
+    backend = open_backend(resolved)
+    shadowed = cal.shadowed
+    qnn = resolved.backend == "qnn-htp"
+    latencies: dict[str, float] = {}
+    for layer in range(spec.n_layers):
+        progress("building graphs", layer, spec.n_layers)
+        weights = engine.weights.layers[layer]
+        built = build_layer_graphs(weights, layer, chunk, layer_act_quant(cal, layer, quantize_outputs=qnn), granularity,
+                                   tmp / "graphs", split_gate_up=(layer, "gate_up") in shadowed)  # fmt: skip
+        for kind, graph in built.items():
+            audit_graph(graph.path, require_quantized_outputs=qnn)  # raises GraphAuditError
+            if (layer, kind) in shadowed:
+                (tmp / "shadow").mkdir(exist_ok=True)
+                np.save(tmp / "shadow" / f"layer{layer}_{kind}.npy", shadow_weight_t(weights, kind))
+            run_path = graph.path
+            if qnn:
+                run_path = backend.compile_context(graph.path, tmp / "contexts" / f"layer{layer}_{kind}.ctx.onnx")
+            latencies[f"{layer}/{kind}"] = profile_graph(backend, run_path, runs=1 if qnn else PROFILE_RUNS)
+    progress("building graphs", spec.n_layers, spec.n_layers)
+    report = {kind: integer_kernel_report(tmp / "graphs" / f"layer0_{kind}.onnx") for kind in GRAPH_KINDS}
+    if not all(r["all_linears_integer"] for r in report.values()):
+        log("note: onnxruntime's CPU provider has no integer kernel for these graphs' activations "
+            f"({p.quantization.activations}); on ort-cpu they run as float MatMulNBits (exact W8A16 values, not NPU speed)")  # fmt: skip
+    atomic_write_text(tmp / KERNELS, json.dumps(report, indent=1))
+    atomic_write_text(tmp / CALIBRATION, cal.model_dump_json(indent=1))
+    atomic_write_text(tmp / LATENCIES, json.dumps(latencies, indent=1))
+
+
+def open_backend(resolved):
+    """The NPU backend object for `resolved` (ort-cpu with npu_threads, or qnn-htp for the target)."""
+    if resolved.backend == "qnn-htp":
+        from mllm_deploy.runtime.backends.qnn_htp import QnnHtpBackend
+
+        npu = resolved.caps.npu
+        return QnnHtpBackend(htp_arch=(npu.htp_arch if npu and npu.htp_arch else 75),
+                             soc_model=npu.qnn_soc_model if npu else None)  # fmt: skip
+    from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
+
+    return OrtCpuBackend(npu_threads=max(1, resolved.npu_threads))
+
+
+def profile_graph(backend, path: Path, runs: int) -> float:
+    """Median wall time (ms) of `runs` runs of the graph at `path` on random inputs, after a warm-up."""
+    handle = backend.load(path)
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in handle.inputs.items()}
+    backend.run(handle, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        backend.run(handle, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))

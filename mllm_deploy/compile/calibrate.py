@@ -1,0 +1,289 @@
+"""Calibration: run the float model over the calibration set and record activation statistics.
+
+    token_ids = calibration_tokens(profile, model, base_dir)      # self-generated or text files
+    stats = collect_activation_stats(engine, token_ids, percentile)  # -> ActivationStats
+
+Data (`calibration.source`):
+- `self`: the model writes the text itself from CALIBRATION_PROMPTS (fixed, diverse), sampled
+  with a fixed seed (temperature 0.8, top-k 40, end-of-turn tokens suppressed so every sample
+  reaches `tokens_per_sample`). All samples are decoded together in one batch, so generating
+  16 x 256 tokens costs about as much as one sequence of 256.
+- otherwise a text file path or glob (relative to the profile file): the files are
+  concatenated and cut into `samples` pieces of `tokens_per_sample` tokens.
+
+Statistics, two passes of chunked prefill over the samples (float engine with recording
+linears):
+1. per linear input: the values above the running top-K threshold (K = the values that lie at
+   or beyond the percentile) with their channels, and the max |x|: exact percentile clamps and
+   per-channel outlier counts without storing every activation;
+2. per linear output: max |y| of the float product and of the product with the input clamped
+   (y - outliers @ W.T, sparse), which sets the output grids.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mllm_deploy.compile.calibration import ActivationStats, InputStats
+from mllm_deploy.compile.graphs import GRAPH_KINDS
+from mllm_deploy.errors import user_error
+from mllm_deploy.runtime.float_engine import FloatEngine
+from mllm_deploy.runtime.layers import ChunkSpan, silu_mul_
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+CALIBRATION_PROMPTS = (
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What were the main causes of the First World War?",
+    "Write a Python function that checks whether a string is a palindrome, and explain it.",
+    "Give me a recipe for a simple vegetable soup.",
+    "Summarize the plot of a detective novel set in Victorian London.",
+    "How does compound interest work? Give a numeric example.",
+    "Describe the water cycle to a ten-year-old.",
+    "Write a polite email asking a colleague to review a report by Friday.",
+    "What are the pros and cons of electric cars?",
+    "Translate into French and explain the grammar: 'I would have gone if it had not rained.'",
+    "List five tips for learning to play the guitar.",
+    "Write a poem about autumn in a big city.",
+    "Explain the difference between a virus and a bacterium.",
+    "How do I sort a list of dictionaries by a key in JavaScript?",
+    "Describe a football match between two rival teams as a sports reporter.",
+)
+GEN_SEED, GEN_TEMPERATURE, GEN_TOP_K = 1234, 0.8, 40
+MAX_KEPT_VALUES = 1 << 20  # beyond this K, percentiles come from a strided subsample
+
+
+def calibration_tokens(profile, tokenizer, engine: FloatEngine, base_dir: Path | None, where=None,
+                       progress: Progress | None = None) -> list[list[int]]:
+    """The calibration samples as token id lists (each `tokens_per_sample` long, except that a
+    short text file gives fewer, shorter samples)."""
+    cal = profile.calibration
+    if cal.source == "self":
+        return self_generated_tokens(engine, tokenizer, cal.samples, cal.tokens_per_sample, progress)
+    return text_file_tokens(cal.source, tokenizer, cal.samples, cal.tokens_per_sample, base_dir, where)
+
+
+def text_file_tokens(source: str, tokenizer, samples: int, tokens_per_sample: int, base_dir: Path | None,
+                     where=None) -> list[list[int]]:
+    pattern = Path(source).expanduser()
+    if not pattern.is_absolute() and base_dir is not None:
+        pattern = Path(base_dir) / pattern
+    files = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else ([str(pattern)] if pattern.exists() else [])
+    loc = (where or (lambda key: {"key": key}))("calibration.source")
+    if not files:
+        raise user_error("calibration text not found", value=source, allowed="`self`, a text file or a glob", **loc)
+    text = []
+    for name in files:
+        try:
+            text.append(Path(name).read_text(encoding="utf-8", errors="replace"))
+        except OSError as exc:
+            raise user_error(f"cannot read calibration text {name}: {exc.strerror or exc}", **loc) from None
+    ids = tokenizer.encode("\n\n".join(text), allow_special=False)
+    if len(ids) < 8:
+        raise user_error(f"calibration text has only {len(ids)} tokens", value=source, allowed="at least 8 tokens", **loc)
+    n = min(samples, math.ceil(len(ids) / tokens_per_sample))
+    return [ids[i * tokens_per_sample : (i + 1) * tokens_per_sample] for i in range(n)]
+
+
+def self_generated_tokens(engine: FloatEngine, tokenizer, samples: int, tokens_per_sample: int,
+                          progress: Progress | None = None) -> list[list[int]]:
+    """`samples` sequences of chat prompt + the model's own seeded continuation, decoded as one batch."""
+    from mllm_deploy.model.chat_template import render_chat
+
+    rng = np.random.default_rng(GEN_SEED)
+    banned = [t for t in {*tokenizer.eos_ids, tokenizer.bos_id} if t is not None]
+    seqs: list[list[int]] = []
+    for i in range(samples):
+        prompt = CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]
+        text = render_chat([{"role": "user", "content": prompt}], template=engine.spec.chat_template or _CHATML,
+                           add_generation_prompt=True, bos_token="", eos_token="", origin="calibration")
+        seqs.append(tokenizer.encode(text, allow_special=True)[:tokens_per_sample])
+    caches = [engine.new_cache(tokens_per_sample) for _ in seqs]
+    logits = np.stack([engine.forward_chunk(c, s, logit_rows="last")[0] for c, s in zip(caches, seqs)])  # [B, vocab]
+    steps = tokens_per_sample - min(len(s) for s in seqs)
+    for step in range(steps):
+        if progress:
+            progress("generating calibration text", step, steps)
+        live = [b for b, s in enumerate(seqs) if len(s) < tokens_per_sample]
+        tokens = [_sample(logits[b], banned, rng) for b in live]
+        for b, t in zip(live, tokens):
+            seqs[b].append(t)
+        live = [b for b in live if len(seqs[b]) < tokens_per_sample]  # the last token needs no forward
+        if not live:
+            break
+        x = engine.weights.tok_embd[[seqs[b][-1] for b in live]]  # [B, hidden]
+        for layer in range(engine.spec.n_layers):
+            q, k, v = engine.qkv_step(layer, x)  # [B, q_dim], [B, kv_dim] x2
+            attn = np.concatenate([
+                engine.attention_step(layer, q[j : j + 1], k[j : j + 1], v[j : j + 1],
+                                      ChunkSpan(caches[b].length, 1, 1), caches[b])
+                for j, b in enumerate(live)
+            ])  # fmt: skip
+            x = engine.out_mlp_step(layer, x, attn)
+        for j, b in enumerate(live):
+            caches[b].advance([seqs[b][-1]])
+        logits[live] = engine.logits(x)
+    if progress:
+        progress("generating calibration text", steps, steps)
+    return seqs
+
+
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _sample(logits: np.ndarray, banned: list[int], rng: np.random.Generator) -> int:
+    z = logits.astype(np.float64) / GEN_TEMPERATURE
+    z[banned] = -np.inf
+    top = np.argpartition(z, -GEN_TOP_K)[-GEN_TOP_K:]
+    p = np.exp(z[top] - z[top].max())
+    return int(top[rng.choice(len(top), p=p / p.sum())])
+
+
+class _TopValues:
+    """The K largest |x| of a stream of [T, width] arrays, with their channels, plus max and count."""
+
+    def __init__(self, k: int, width: int, stride: int):
+        self.k, self.width, self.stride = k, width, stride
+        self.values = np.empty(0, np.float32)
+        self.channels = np.empty(0, np.int32)
+        self.floor = -1.0  # every value <= floor is known not to be in the top K
+        self.max_abs = 0.0
+        self.count = 0
+
+    def add(self, x: np.ndarray) -> None:
+        a = np.abs(x).reshape(-1)  # [T * width]
+        self.max_abs = max(self.max_abs, float(a.max()))
+        idx = np.arange(0, a.size, self.stride) if self.stride > 1 else None
+        if idx is not None:
+            a_s = a[idx]
+        else:
+            a_s = a
+        self.count += a_s.size
+        pick = np.flatnonzero(a_s > self.floor)
+        if pick.size > 4 * self.k:
+            pick = pick[np.argpartition(a_s[pick], -self.k)[-self.k :]]
+        channels = ((idx[pick] if idx is not None else pick) % self.width).astype(np.int32)
+        values = np.concatenate([self.values, a_s[pick]])
+        channels = np.concatenate([self.channels, channels])
+        if values.size > self.k:
+            keep = np.argpartition(values, -self.k)[-self.k :]
+            values, channels = values[keep], channels[keep]
+        self.values, self.channels = values, channels
+        if values.size >= self.k:
+            self.floor = float(values.min())
+
+    def result(self, layer: int, kind: str) -> InputStats:
+        clamp = float(self.values.min()) if self.values.size else self.max_abs
+        beyond = self.channels[self.values > clamp]
+        counts = np.bincount(beyond, minlength=self.width) * self.stride
+        return InputStats(
+            layer=layer, kind=kind, width=self.width, values=self.count * self.stride,
+            percentile_clamp=max(clamp, 1e-8), max_abs=max(self.max_abs, 1e-8),
+            channel_outliers={int(c): int(n) for c, n in enumerate(counts) if n},
+            estimated=self.stride > 1,
+        )  # fmt: skip
+
+
+class _Recorder:
+    """BlockLinears of one layer in float that hand every linear input to the statistics."""
+
+    def __init__(self, engine: FloatEngine, layer: int, sink: Callable[[int, str, np.ndarray, dict], None]):
+        self.w, self.layer, self.sink = engine.weights.layers[layer], layer, sink
+
+    def qkv(self, x):
+        w = self.w
+        q, k, v = x @ w.wq.T, x @ w.wk.T, x @ w.wv.T  # [T, q_dim], [T, kv_dim] x2
+        for y, b in ((q, w.bq), (k, w.bk), (v, w.bv)):
+            if b is not None:
+                y += b
+        self.sink(self.layer, "qkv", x, {"attn_q": (q, w.wq), "attn_k": (k, w.wk), "attn_v": (v, w.wv)})
+        return q, k, v
+
+    def attn_output(self, attn):
+        y = attn @ self.w.wo.T  # [T, hidden]
+        self.sink(self.layer, "o_proj", attn, {"attn_output": (y, self.w.wo)})
+        return y
+
+    def mlp(self, x):
+        w = self.w
+        gate, up = x @ w.w_gate.T, x @ w.w_up.T  # [T, ffn]
+        self.sink(self.layer, "gate_up", x, {"ffn_gate": (gate, w.w_gate), "ffn_up": (up, w.w_up)})
+        h = silu_mul_(gate, up)
+        y = h @ w.w_down.T  # [T, hidden]
+        self.sink(self.layer, "down", h, {"ffn_down": (y, w.w_down)})
+        return y
+
+
+def _widths(engine: FloatEngine) -> dict[str, int]:
+    s = engine.spec
+    return {"qkv": s.hidden, "o_proj": s.q_dim, "gate_up": s.hidden, "down": s.ffn}
+
+
+def collect_activation_stats(
+    engine: FloatEngine, samples: Sequence[Sequence[int]], percentile: float, *, source: str,
+    chunk_size: int = 256, progress: Progress | None = None, started: float | None = None,
+) -> ActivationStats:
+    """Two statistics passes over `samples` (see the module docstring)."""
+    started = time.perf_counter() if started is None else started
+    total_tokens = sum(len(s) for s in samples)
+    n_layers = engine.spec.n_layers
+    tops: dict[tuple[int, str], _TopValues] = {}
+    for layer in range(n_layers):
+        for kind, width in _widths(engine).items():
+            n = total_tokens * width
+            k = n - math.ceil(percentile / 100.0 * n) + 1
+            stride = max(1, math.ceil(k / MAX_KEPT_VALUES))
+            tops[(layer, kind)] = _TopValues(max(1, math.ceil(k / stride)), width, stride)
+
+    def record(layer, kind, x, _outputs):
+        tops[(layer, kind)].add(x)
+
+    _run_pass(engine, samples, record, chunk_size, progress, "calibration pass 1/2 (inputs)")
+    inputs = [tops[(layer, kind)].result(layer, kind) for layer in range(n_layers) for kind in GRAPH_KINDS]
+    clamps = {(s.layer, s.kind): s.percentile_clamp for s in inputs}
+    out_max: dict[str, float] = {}
+    out_clamped: dict[str, float] = {}
+
+    def outputs(layer, kind, x, products):
+        c = clamps[(layer, kind)]
+        rows, cols = np.nonzero(np.abs(x) > c)
+        for name, (y, w) in products.items():
+            key = f"{layer}/{name}"
+            out_max[key] = max(out_max.get(key, 0.0), float(np.abs(y).max()))
+            if rows.size:
+                channels = np.unique(cols)
+                r = x[:, channels] - np.clip(x[:, channels], -c, c)  # [T, n_outlier_channels]
+                y = y - r @ w[:, channels].T  # [T, out]
+            out_clamped[key] = max(out_clamped.get(key, 0.0), float(np.abs(y).max()))
+
+    _run_pass(engine, samples, outputs, chunk_size, progress, "calibration pass 2/2 (outputs)")
+    digest = hashlib.sha256(np.concatenate([np.asarray(s, np.int64) for s in samples]).tobytes()).hexdigest()
+    return ActivationStats(
+        source=source, text_sha256=digest, samples=len(samples), tokens=total_tokens,
+        scale_percentile=percentile, inputs=inputs, output_max=out_max, output_max_clamped=out_clamped,
+        seconds=time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _run_pass(engine: FloatEngine, samples, sink, chunk_size: int, progress: Progress | None, stage: str) -> None:
+    recording = FloatEngine.__new__(FloatEngine)  # same weights and tables, recording linears
+    recording.__dict__.update(engine.__dict__)
+    recording.block_linears = [_Recorder(engine, layer, sink) for layer in range(engine.spec.n_layers)]
+    for i, ids in enumerate(samples):
+        if progress:
+            progress(stage, i, len(samples))
+        cache = recording.new_cache(len(ids))
+        recording.prefill(cache, list(ids), chunk_size=chunk_size, logit_rows="none")
+    if progress:
+        progress(stage, len(samples), len(samples))

@@ -1,0 +1,230 @@
+"""Calibration results: what the float model's activations look like, and what we decide from it.
+
+Two levels, both strict pydantic models stored as JSON:
+
+- `ActivationStats` (policy-independent, cached per model + calibration settings): for every
+  linear input of every layer the percentile clamp, the max |x|, the number of values beyond
+  the clamp per input channel, and for every linear output the max |y| of the float product and
+  of the product with the input clamped (what the NPU computes).
+- `CalibrationResult` (derived for one profile by `derive_calibration`): the clamp each graph
+  uses (percentile for `shadow`/`clip`, max-abs for `none`), layer importance
+  (max |outlier| / scale), the layers that keep shadow execution, and each shadowed input's
+  hot channels. `plan` shows it; `build` compiles graphs from it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mllm_deploy.compile.graphs import GRAPH_KINDS
+
+STATS_SCHEMA_VERSION = 1
+HOT_OUTLIER_SHARE = 0.8
+"""Hot channels: the smallest set of input channels holding this share of the calibration
+outliers (DESIGN.md §2: under 3% of channels hold over 80%), capped by `hot_channel_fraction`."""
+
+InputKind = Literal["qkv", "o_proj", "gate_up", "down"]
+Policy = Literal["none", "clip", "shadow"]
+_ACT_HALF = {"uint8": 127, "uint16": 32767}  # grid steps from zero to the clamp
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class InputStats(_Model):
+    """Calibration statistics of one linear input (one graph's input) of one layer."""
+
+    layer: int = Field(ge=0)
+    """Transformer layer."""
+    kind: InputKind
+    """The graph that reads this input."""
+    width: int = Field(ge=1)
+    """Input channels."""
+    values: int = Field(ge=1)
+    """Activation values seen (tokens x width)."""
+    percentile_clamp: float = Field(gt=0)
+    """|x| at `scale_percentile` over every value seen."""
+    max_abs: float = Field(gt=0)
+    """Largest |x| seen."""
+    channel_outliers: dict[int, int]
+    """Input channel -> values beyond `percentile_clamp` (channels without any are left out)."""
+    estimated: bool = False
+    """True when the clamp and counts come from a strided subsample (very low percentiles)."""
+
+
+class ActivationStats(_Model):
+    """Policy-independent statistics of every linear input and output over the calibration set."""
+
+    schema_version: Literal[1] = STATS_SCHEMA_VERSION
+    """Version of this file's layout."""
+    source: str
+    """`calibration.source` as given."""
+    text_sha256: str
+    """sha256 of the calibration token ids (the exact data the statistics come from)."""
+    samples: int = Field(ge=1)
+    """Calibration sequences used."""
+    tokens: int = Field(ge=1)
+    """Tokens over all sequences."""
+    scale_percentile: float = Field(gt=50, le=100)
+    """Percentile of |x| the clamps are taken at."""
+    inputs: list[InputStats]
+    """One entry per (layer, kind), layer-major in GRAPH_KINDS order."""
+    output_max: dict[str, float]
+    """"layer/linear" -> max |y| of the float product (what max-abs input grids produce)."""
+    output_max_clamped: dict[str, float]
+    """"layer/linear" -> max |y| with the input clamped at `percentile_clamp` (what the NPU
+    computes when the outliers are clipped or shadowed)."""
+    seconds: float = Field(ge=0)
+    """Wall time of the calibration run (generation + two statistics passes)."""
+
+    def input(self, layer: int, kind: str) -> InputStats:
+        return self.inputs[layer * len(GRAPH_KINDS) + GRAPH_KINDS.index(kind)]
+
+
+class InputCalibration(_Model):
+    """What one graph input gets for this profile."""
+
+    layer: int = Field(ge=0)
+    """Transformer layer."""
+    kind: InputKind
+    """The graph that reads this input."""
+    clamp: float = Field(gt=0)
+    """Per-tensor clamp of the activation grid (scale = clamp / 127 for uint8)."""
+    max_abs: float = Field(gt=0)
+    """Largest |x| seen in calibration."""
+    outlier_fraction: float = Field(ge=0, le=1)
+    """Share of calibration values beyond the clamp."""
+    importance: float = Field(ge=0)
+    """max |outlier| / scale: how far (in grid steps) the largest value lies beyond the grid's
+    zero; equals the grid's half-width when nothing is clipped."""
+    hot_channels: list[int]
+    """Input channels whose float weight rows stay in memory (shadowed inputs only)."""
+    hot_outlier_share: float = Field(ge=0, le=1)
+    """Share of calibration outliers that fall in the hot channels."""
+
+
+class CalibrationResult(_Model):
+    """Calibration decisions for one profile: clamps, importance ranking, shadowed layers."""
+
+    schema_version: Literal[1] = 1
+    """Version of this file's layout."""
+    policy: Policy
+    """`outliers.policy` the clamps were chosen for."""
+    activations: Literal["uint8", "uint16"]
+    """Activation dtype (sets the scale = clamp / half-range)."""
+    scale_percentile: float
+    """Percentile of |x| used for the clamps (`shadow`/`clip`)."""
+    source: str
+    """Calibration data source."""
+    samples: int
+    """Calibration sequences."""
+    tokens: int
+    """Calibration tokens."""
+    inputs: list[InputCalibration]
+    """Per (layer, kind), layer-major in GRAPH_KINDS order."""
+    output_clamps: dict[str, float]
+    """"layer/linear" -> clamp of that linear's output grid."""
+    layer_importance: list[float]
+    """Per layer: the largest importance of its four inputs."""
+    layer_rank: list[int]
+    """Layers, most important first (what `plan` uses to place shadow execution)."""
+    shadow_layers: list[int]
+    """Layers that keep shadow outlier execution after pruning (sorted)."""
+
+    def input(self, layer: int, kind: str) -> InputCalibration:
+        return self.inputs[layer * len(GRAPH_KINDS) + GRAPH_KINDS.index(kind)]
+
+    @property
+    def shadowed(self) -> frozenset[tuple[int, str]]:
+        """(layer, kind) pairs with shadow correction."""
+        return frozenset((layer, kind) for layer in self.shadow_layers for kind in GRAPH_KINDS)
+
+
+def choose_hot_channels(channel_outliers: dict[int, int], width: int, max_fraction: float) -> tuple[list[int], float]:
+    """(hot channels, share of outliers they hold): most-outlier channels first until
+    HOT_OUTLIER_SHARE of all outliers is covered, never more than floor(max_fraction * width)."""
+    total = sum(channel_outliers.values())
+    cap = int(math.floor(max_fraction * width))
+    if total == 0 or cap == 0:
+        return [], 0.0
+    ranked = sorted(channel_outliers.items(), key=lambda kv: (-kv[1], kv[0]))
+    hot, held = [], 0
+    for channel, count in ranked[:cap]:
+        if held >= HOT_OUTLIER_SHARE * total:
+            break
+        hot.append(channel)
+        held += count
+    return sorted(hot), held / total
+
+
+def derive_calibration(
+    stats: ActivationStats,
+    *,
+    policy: Policy,
+    activations: Literal["uint8", "uint16"],
+    hot_channel_fraction: float,
+    shadow_layer_count: int,
+) -> CalibrationResult:
+    """Clamps, importance, shadowed layers and hot channels for one profile from `stats`."""
+    half = _ACT_HALF[activations]
+    n_layers = len(stats.inputs) // len(GRAPH_KINDS)
+    importance_of_layer = [0.0] * n_layers
+    per_input: list[tuple[InputStats, float, float, float]] = []
+    for s in stats.inputs:
+        clamp = s.max_abs if policy == "none" else min(s.percentile_clamp, s.max_abs)
+        outliers = 0 if policy == "none" else sum(s.channel_outliers.values())
+        importance = s.max_abs / (clamp / half)
+        importance_of_layer[s.layer] = max(importance_of_layer[s.layer], importance)
+        per_input.append((s, clamp, outliers / s.values, importance))
+    rank = sorted(range(n_layers), key=lambda i: (-importance_of_layer[i], i))
+    shadow_layers = sorted(rank[:shadow_layer_count]) if policy == "shadow" else []
+    shadowed = set(shadow_layers)
+    inputs = []
+    for s, clamp, fraction, importance in per_input:
+        hot, share = ([], 0.0)
+        if s.layer in shadowed:
+            hot, share = choose_hot_channels(s.channel_outliers, s.width, hot_channel_fraction)
+        inputs.append(InputCalibration(
+            layer=s.layer, kind=s.kind, clamp=clamp, max_abs=s.max_abs, outlier_fraction=fraction,
+            importance=importance, hot_channels=hot, hot_outlier_share=share,
+        ))  # fmt: skip
+    outputs = stats.output_max if policy == "none" else stats.output_max_clamped
+    return CalibrationResult(
+        policy=policy,
+        activations=activations,
+        scale_percentile=stats.scale_percentile,
+        source=stats.source,
+        samples=stats.samples,
+        tokens=stats.tokens,
+        inputs=inputs,
+        output_clamps={k: max(v, 1e-6) for k, v in outputs.items()},
+        layer_importance=importance_of_layer,
+        layer_rank=rank,
+        shadow_layers=shadow_layers,
+    )
+
+
+def render_calibration(result: CalibrationResult) -> str:
+    """A short human summary (for `build` and `plan`)."""
+    n = len(result.layer_importance)
+    lines = [
+        f"calibration: {result.samples} samples, {result.tokens} tokens from {result.source!r}; "
+        f"policy {result.policy}, clamps at the {result.scale_percentile} percentile"
+        + (" (max-abs)" if result.policy == "none" else ""),
+    ]
+    frac = sum(i.outlier_fraction for i in result.inputs) / max(1, len(result.inputs))
+    lines.append(f"  values beyond the clamps (mean over inputs): {100 * frac:.4f}%")
+    top = ", ".join(f"L{i} {result.layer_importance[i]:.0f}" for i in result.layer_rank[: min(6, n)])
+    lines.append(f"  layer importance (max|outlier|/scale), highest: {top}")
+    if result.policy == "shadow":
+        lines.append(f"  shadow outlier execution in {len(result.shadow_layers)}/{n} layers: {result.shadow_layers}")
+        hot = [i for i in result.inputs if i.layer in set(result.shadow_layers)]
+        if hot:
+            share = sum(i.hot_outlier_share for i in hot) / len(hot)
+            count = sum(len(i.hot_channels) for i in hot)
+            lines.append(f"  hot channels: {count} rows in memory, holding {100 * share:.0f}% of outliers on average")
+    return "\n".join(lines) + "\n"

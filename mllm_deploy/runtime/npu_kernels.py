@@ -1,0 +1,223 @@
+"""The NPU path at run time: per-layer INT8 graphs on the NPU backend plus CPU shadow corrections.
+
+    kernels = load_npu_kernels(resolved, artifacts)
+    npu = kernels.run_graph(layer, kind, x)          # NPU (one in-order queue)
+    fix = kernels.shadow(layer, kind, x)             # CPU thread, in parallel; None if not shadowed
+    out = kernels.combine(layer, kind, npu, fix)     # add (gate_up: add, then silu·mul)
+
+Graph kinds and outputs (x is the float32 [chunk, in] input, padded to `chunk_tokens` rows):
+    qkv     → [q, k, v]
+    o_proj  → [o]
+    gate_up → [act] = [silu(gate)·up]   (not shadowed: silu·mul runs inside the graph)
+              [gate, up]                 (shadowed: the correction must enter before silu, so the
+                                          graph returns both pre-activations; `combine` adds the
+                                          correction and applies silu·mul on the CPU)
+    down    → [mlp_out]
+`shadow` returns corrections shaped like `run_graph`'s outputs ([gate, up] for gate_up).
+
+`NpuBlockLinears` runs run_graph + shadow + combine one after the other so the float engine can
+prefill with NPU linears (the simple sequential path); `NpuPrefillEngine` prefills with them and
+decodes on the CPU in float.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from mllm_deploy.compile.artifacts import Artifacts
+from mllm_deploy.compile.graphs import GRAPH_KINDS
+from mllm_deploy.compile.quantize import activation_quant_symmetric
+from mllm_deploy.runtime.layers import silu_mul_
+from mllm_deploy.runtime.shadow import ShadowLinear, ShadowStats
+
+_INPUT = {"qkv": "x_norm", "o_proj": "attn_out", "gate_up": "x_norm", "down": "h"}
+
+
+class NpuLayerKernels:
+    """Per-layer static-shape INT8 graphs on the NPU backend plus CPU shadow corrections."""
+
+    def __init__(self, backend, handles: dict, shadows: dict[tuple[int, str], ShadowLinear], *,
+                 chunk_tokens: int, backend_label: str, latencies: dict[tuple[int, str], float]):  # fmt: skip
+        self.backend = backend
+        self.backend_label = backend_label  # what really runs, e.g. "ort-cpu emulation (AMX INT8)"
+        self.chunk_tokens = chunk_tokens  # static chunk size of every graph
+        self.shadowed = frozenset(shadows)  # (layer, kind) with shadow correction
+        self._handles = handles  # (layer, kind) → GraphHandle
+        self._outputs = {key: list(h.outputs) for key, h in handles.items()}
+        self._shadows = shadows
+        self._latencies = latencies
+        self._lock = threading.Lock()
+        self._graph_runs = 0
+        self._graph_values = 0  # input activation values given to the NPU graphs
+        self._npu_seconds = 0.0
+
+    def run_graph(self, layer: int, kind: str, x: np.ndarray) -> list[np.ndarray]:
+        """x float32 [chunk_tokens, in] → the graph's float32 outputs (see the module docstring)."""
+        handle = self._handles[(layer, kind)]
+        started = time.perf_counter()
+        out = self.backend.run(handle, {_INPUT[kind]: x})
+        with self._lock:
+            self._graph_runs += 1
+            self._graph_values += x.size
+            self._npu_seconds += time.perf_counter() - started
+        return [out[name] for name in self._outputs[(layer, kind)]]
+
+    def shadow(self, layer: int, kind: str, x: np.ndarray) -> list[np.ndarray] | None:
+        """CPU float correction for x's values beyond the NPU grid; None when not shadowed."""
+        linear = self._shadows.get((layer, kind))
+        return None if linear is None else linear.correction(np.asarray(x, np.float32))
+
+    def combine(self, layer: int, kind: str, npu: list[np.ndarray], correction: list[np.ndarray] | None) -> list[np.ndarray]:
+        """NPU outputs + correction; for a shadowed gate_up, silu(gate)·up of the corrected pair → [act]."""
+        if correction is None:
+            return npu
+        fixed = [a + c for a, c in zip(npu, correction, strict=True)]
+        if kind == "gate_up":
+            return [silu_mul_(fixed[0], fixed[1])]
+        return fixed
+
+    def run_linear(self, layer: int, kind: str, x: np.ndarray) -> list[np.ndarray]:
+        """run_graph, shadow and combine one after the other (no overlap)."""
+        return self.combine(layer, kind, self.run_graph(layer, kind, x), self.shadow(layer, kind, x))
+
+    def stats(self) -> dict:
+        """Counters since load: graph runs, values, outliers corrected on the CPU, rows read from disk."""
+        total = ShadowStats()
+        for linear in self._shadows.values():
+            total.add(linear.stats)
+        with self._lock:
+            runs, values, npu_s = self._graph_runs, self._graph_values, self._npu_seconds
+        return {
+            "graph_runs": runs,
+            "npu_seconds": npu_s,
+            "input_values": values,
+            "shadow_runs": total.runs,
+            "outliers": total.outliers,
+            "outlier_fraction": total.outliers / values if values else 0.0,
+            "shadow_channels": total.channels,
+            "rows_from_disk": total.rows_from_disk,
+            "shadow_cpu_seconds": total.cpu_seconds,
+        }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._graph_runs = self._graph_values = 0
+            self._npu_seconds = 0.0
+        for linear in self._shadows.values():
+            with linear._lock:
+                linear.stats = ShadowStats()
+
+    def latencies_ms(self) -> dict[tuple[int, str], float]:
+        """Per-graph latency profiled at build on this backend."""
+        return dict(self._latencies)
+
+
+def load_npu_kernels(resolved, artifacts: Artifacts) -> NpuLayerKernels:
+    """Load every graph of `artifacts` on the resolved backend (QNN: the context binaries) and
+    open the shadow weight files (memory-mapped; hot rows copied to memory)."""
+    from mllm_deploy.compile.build import open_backend
+
+    backend = open_backend(resolved)
+    cal = artifacts.calibration
+    n_layers = len(cal.layer_importance)
+    handles, shadows = {}, {}
+    qnn = resolved.backend == "qnn-htp"
+    for layer in range(n_layers):
+        for kind in GRAPH_KINDS:
+            path = artifacts.context_path(layer, kind) if qnn else artifacts.graph_path(layer, kind)
+            handle = backend.load(path)
+            handles[(layer, kind)] = handle
+            if (layer, kind) in cal.shadowed:
+                grid = activation_quant_symmetric(cal.input(layer, kind).clamp, cal.activations)
+                lo, hi = grid.representable_range
+                weight_t = np.load(artifacts.shadow_path(layer, kind), mmap_mode="r")  # [in, out_total]
+                splits = tuple(shape[1] for shape in handle.outputs.values())
+                hot = np.asarray(cal.input(layer, kind).hot_channels, np.int64)
+                shadows[(layer, kind)] = ShadowLinear(lo, hi, weight_t, hot, splits)
+    latencies = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in artifacts.latencies_ms.items()}
+    return NpuLayerKernels(backend, handles, shadows, chunk_tokens=artifacts.lock.chunk_size,
+                           backend_label=resolved.backend_label, latencies=latencies)  # fmt: skip
+
+
+class NpuBlockLinears:
+    """`BlockLinears` of one layer on the NPU kernels (sequential: graph, then shadow, then add).
+
+    Inputs of any row count T are cut into `chunk_tokens` slices, the last one zero-padded."""
+
+    def __init__(self, kernels: NpuLayerKernels, layer: int):
+        self.kernels, self.layer = kernels, layer
+
+    def _run(self, kind: str, x: np.ndarray) -> list[np.ndarray]:
+        chunk = self.kernels.chunk_tokens
+        pieces = []
+        for start in range(0, x.shape[0], chunk):
+            part = x[start : start + chunk]  # [<= chunk, in]
+            n = part.shape[0]
+            if n < chunk:
+                part = np.concatenate([part, np.zeros((chunk - n, x.shape[1]), np.float32)])
+            outs = self.kernels.run_linear(self.layer, kind, np.ascontiguousarray(part, np.float32))
+            pieces.append([o[:n] for o in outs])
+        return [np.concatenate(col) if len(pieces) > 1 else col[0] for col in zip(*pieces)]
+
+    def qkv(self, x_norm):
+        q, k, v = self._run("qkv", x_norm)  # [T, q_dim], [T, kv_dim] x2
+        return q, k, v
+
+    def attn_output(self, attn):
+        return self._run("o_proj", attn)[0]  # [T, hidden]
+
+    def mlp(self, x_norm):
+        act = self._run("gate_up", x_norm)[0]  # [T, ffn]
+        return self._run("down", act)[0]  # [T, hidden]
+
+
+class NpuPrefillEngine:
+    """Prefill with NPU linears (static chunks of `chunk_tokens`, last one padded); decode and
+    everything else on the float engine. Duck-types FloatEngine for `generate` and eval."""
+
+    def __init__(self, float_engine, kernels: NpuLayerKernels):
+        from mllm_deploy.runtime.float_engine import FloatEngine
+
+        self.float_engine = float_engine
+        self.kernels = kernels
+        self.npu_engine = FloatEngine.__new__(FloatEngine)  # same weights and tables, NPU linears
+        self.npu_engine.__dict__.update(float_engine.__dict__)
+        self.npu_engine.block_linears = [NpuBlockLinears(kernels, i) for i in range(float_engine.spec.n_layers)]
+        self.backend_label = kernels.backend_label
+
+    def __getattr__(self, name):  # spec, weights, rope, new_cache, logits, ...
+        return getattr(self.float_engine, name)
+
+    def prefill_chunks(self, cache, token_ids: Sequence[int], *, chunk_size: int | None = None,
+                       pad_last_chunk: bool = True, logit_rows="last"):  # fmt: skip
+        return self.npu_engine.prefill_chunks(
+            cache, token_ids, chunk_size=self.kernels.chunk_tokens, pad_last_chunk=True, logit_rows=logit_rows
+        )
+
+    def prefill(self, cache, token_ids, *, chunk_size: int | None = None, pad_last_chunk: bool = True, **kw):
+        return self.npu_engine.prefill(cache, token_ids, chunk_size=self.kernels.chunk_tokens, pad_last_chunk=True, **kw)
+
+    def decode_step(self, cache, token_id: int) -> np.ndarray:
+        return self.float_engine.decode_step(cache, token_id)
+
+
+def open_npu_prefill(loaded_profile, float_engine, *, log=None):
+    """The engine `generate`/eval should use for this profile: `float_engine` itself for
+    `npu_backend = "none"`, else an NpuPrefillEngine over the profile's compiled artifacts
+    (built now, with progress on stderr, when the cache has none; a bundle's own artifacts when
+    the profile comes from a bundle, which are never rebuilt)."""
+    from mllm_deploy.compile.build import compile_artifacts, stderr_log
+    from mllm_deploy.compile.bundle import bundle_artifacts
+    from mllm_deploy.resolve import resolve_profile
+
+    resolved = resolve_profile(loaded_profile)
+    if resolved.backend == "none":
+        return float_engine
+    artifacts = bundle_artifacts(resolved)
+    if artifacts is None:
+        artifacts = compile_artifacts(resolved, log=log or stderr_log)
+    return NpuPrefillEngine(float_engine, load_npu_kernels(resolved, artifacts))

@@ -1,0 +1,85 @@
+"""Calibration mechanics: exact streaming percentiles, hot channels, clamps per policy, shadowed layers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mllm_deploy.compile.calibrate import _TopValues, text_file_tokens
+from mllm_deploy.compile.calibration import ActivationStats, InputStats, choose_hot_channels, derive_calibration
+from mllm_deploy.compile.graphs import GRAPH_KINDS
+from mllm_deploy.errors import UserError
+
+
+@pytest.mark.parametrize("percentile", [99.99, 99.0, 90.0])
+def test_streaming_top_values_give_the_exact_percentile_and_channel_counts(percentile):
+    rng = np.random.default_rng(1)
+    chunks = [rng.standard_normal((50, 32)).astype(np.float32) * (1 + 20 * (rng.random(32) < 0.1)) for _ in range(5)]
+    everything = np.abs(np.concatenate(chunks))  # [250, 32]
+    n = everything.size
+    k = n - math.ceil(percentile / 100 * n) + 1
+    top = _TopValues(k, 32, 1)
+    for c in chunks:
+        top.add(c)
+    stats = top.result(0, "qkv")
+    ordered = np.sort(everything.reshape(-1))
+    assert stats.percentile_clamp == pytest.approx(ordered[math.ceil(percentile / 100 * n) - 1])
+    assert stats.max_abs == pytest.approx(ordered[-1])
+    beyond = everything > stats.percentile_clamp
+    want = {c: int(v) for c, v in enumerate(beyond.sum(axis=0)) if v}
+    assert stats.channel_outliers == want
+    assert stats.values == n
+
+
+def test_hot_channels_smallest_set_for_most_outliers_capped():
+    counts = {5: 50, 9: 30, 1: 10, 2: 5, 3: 5}  # 100 outliers
+    assert choose_hot_channels(counts, 100, 0.03) == ([5, 9], 0.8)  # 80% reached with two channels
+    assert choose_hot_channels(counts, 100, 0.01) == ([5], 0.5)  # capped at one channel
+    assert choose_hot_channels(counts, 100, 0.0) == ([], 0.0)
+    assert choose_hot_channels({}, 100, 0.5) == ([], 0.0)
+
+
+def _stats(n_layers=4):
+    inputs = []
+    for layer in range(n_layers):
+        for kind in GRAPH_KINDS:
+            big = 100.0 * (layer + 1) if kind == "down" else 2.0
+            inputs.append(InputStats(layer=layer, kind=kind, width=8, values=800, percentile_clamp=1.0,
+                                     max_abs=big, channel_outliers={3: 2, 5: 1}))
+    outs = {f"{l}/{n}": 10.0 for l in range(n_layers) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    clamped = {k: 3.0 for k in outs}
+    return ActivationStats(source="self", text_sha256="0" * 64, samples=1, tokens=100, scale_percentile=99.9,
+                           inputs=inputs, output_max=outs, output_max_clamped=clamped, seconds=0.0)
+
+
+def test_policies_choose_clamps_and_shadowed_layers():
+    stats = _stats()
+    shadow = derive_calibration(stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_layer_count=2)
+    assert shadow.layer_rank == [3, 2, 1, 0]  # down input max 400, 300, ... over the same clamp
+    assert shadow.shadow_layers == [2, 3]
+    assert shadow.input(3, "down").clamp == 1.0 and shadow.input(3, "down").importance == pytest.approx(400 * 127)
+    assert shadow.input(3, "down").hot_channels == [3, 5]  # 2 of 3 outliers in ch 3 < 80%, so ch 5 too
+    assert shadow.input(0, "down").hot_channels == []  # not shadowed
+    assert shadow.output_clamps["0/ffn_down"] == 3.0  # the NPU sees clamped inputs
+    assert shadow.input(0, "qkv").outlier_fraction == pytest.approx(3 / 800)
+    clip = derive_calibration(stats, policy="clip", activations="uint8", hot_channel_fraction=0.5, shadow_layer_count=2)
+    assert clip.shadow_layers == [] and clip.input(3, "down").clamp == 1.0
+    none = derive_calibration(stats, policy="none", activations="uint16", hot_channel_fraction=0.5, shadow_layer_count=2)
+    assert none.input(3, "down").clamp == 400.0 and none.input(3, "down").outlier_fraction == 0.0
+    assert none.output_clamps["0/ffn_down"] == 10.0 and none.shadow_layers == []
+    assert none.input(3, "down").importance == pytest.approx(32767)
+
+
+class _Tok:
+    def encode(self, text, allow_special=False):
+        return [ord(c) for c in text]
+
+
+def test_text_file_source_cuts_samples_and_missing_file_is_located(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 50)
+    (tmp_path / "b.txt").write_text("y" * 50)
+    samples = text_file_tokens("*.txt", _Tok(), samples=3, tokens_per_sample=40, base_dir=tmp_path)
+    assert [len(s) for s in samples] == [40, 40, 22]  # 50 + "\n\n" + 50 = 102 tokens
+    with pytest.raises(UserError) as caught:
+        text_file_tokens("missing.txt", _Tok(), 2, 16, tmp_path)
+    assert caught.value.exit_code == 2 and caught.value.diagnostics[0].key == "calibration.source"

@@ -47,7 +47,8 @@ class Lockfile(_Model):
     schema_version: Literal[1] = 1
     """Version of this file's layout."""
     model_source: str
-    """`model.source` as given in the profile."""
+    """`model.source` as given in the profile (informative: the identity below is what counts,
+    so a bundle's copy of the model matches)."""
     model_identity: str
     """sha256 of the model file when known (builtin registry), else path:size:mtime_ns."""
     chunk_size: int = Field(ge=1)
@@ -151,8 +152,11 @@ def _calibration_source_identity(source: str, base_dir: Path | None) -> str:
     ).hexdigest()[:16]
 
 
+_INFORMATIVE = {"model_source"}
+
+
 def entry_key(lock: Lockfile) -> str:
-    return hashlib.sha256(lock.model_dump_json().encode()).hexdigest()[:24]
+    return hashlib.sha256(lock.model_dump_json(exclude=_INFORMATIVE).encode()).hexdigest()[:24]
 
 
 def stats_key(lock: Lockfile) -> str:
@@ -212,8 +216,8 @@ def open_entry(root: Path, expected: Lockfile | None, *, verify_checksums: bool 
         raise EntryProblem(f"incomplete entry: {Path(exc.filename).name} is missing") from None
     except (ValidationError, ValueError, OSError) as exc:
         raise EntryProblem(f"unreadable lockfile or manifest: {str(exc).splitlines()[0]}") from None
-    if expected is not None and lock != expected:
-        mine, want = lock.model_dump(), expected.model_dump()
+    if expected is not None and lock.model_dump(exclude=_INFORMATIVE) != expected.model_dump(exclude=_INFORMATIVE):
+        mine, want = lock.model_dump(exclude=_INFORMATIVE), expected.model_dump(exclude=_INFORMATIVE)
         diffs = [f"{k}: {mine[k]!r} != {want[k]!r}" for k in want if mine.get(k) != want[k]]
         raise EntryProblem("lockfile does not match the profile (" + "; ".join(diffs)[:400] + ")")
     for rel, (size, digest) in manifest.files.items():

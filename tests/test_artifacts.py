@@ -1,0 +1,132 @@
+"""Artifact cache: hit, miss on every relevant change, recovery from corrupt or half-written
+entries and mismatching lockfiles, and the bundle round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mllm_deploy.compile import artifacts as art
+from mllm_deploy.compile.build import calibrated_shadow_layers, compile_artifacts, find_artifacts
+from mllm_deploy.compile.bundle import bundle_artifacts, bundle_profile_path, is_bundle, write_bundle
+from mllm_deploy.errors import UserError
+from mllm_deploy.model import read_spec
+from mllm_deploy.profile import load_profile
+from mllm_deploy.resolve import resolve
+
+import tiny_models
+from plan_fixtures import pinned_host
+
+CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
+BASE = ["prefill.chunk_size=8", "prefill.max_context=128", "calibration.samples=1", "calibration.tokens_per_sample=16",
+        "outliers.scale_percentile=99.0", "device.npu_backend=ort-cpu"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=CFG)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def resolved_for(model, *settings, profile=None):
+    loaded = load_profile(profile, [*([] if profile else [f"model.source={model}"]), *BASE, *settings])
+    return resolve(loaded, pinned_host(), read_spec(loaded.profile.model.source, loaded.base_dir))
+
+
+def build(resolved, messages=None, force=False):
+    return compile_artifacts(resolved, force=force, log=(messages.append if messages is not None else lambda m: None),
+                             progress=lambda *a: None)
+
+
+def test_hit_reuses_the_entry_and_lockfile_records_the_build(model, cache):
+    first = build(resolved_for(model))
+    stamp = (first.root / "lock.json").stat().st_mtime_ns
+    messages = []
+    again = build(resolved_for(model), messages)
+    assert again.root == first.root and (again.root / "lock.json").stat().st_mtime_ns == stamp
+    assert not any("compiled" in m for m in messages)
+    lock = json.loads((first.root / "lock.json").read_text())
+    assert lock["chunk_size"] == 8 and lock["backend"] == "ort-cpu" and lock["target"] == "host"
+    assert lock["model_identity"].startswith("sha256:") and set(lock["versions"]) >= {"onnx", "onnxruntime", "onnxruntime-qnn", "mllm-deploy"}
+    assert sorted(p.name for p in (cache / "artifacts").iterdir()) == [first.root.name]  # no temp leftovers
+    assert find_artifacts(resolved_for(model)).root == first.root
+    assert calibrated_shadow_layers(resolved_for(model)) == tuple(first.calibration.layer_rank)
+
+
+@pytest.mark.parametrize("change", [
+    "prefill.chunk_size=16", "quantization.activations=uint16", "quantization.weights=int8-per-tensor",
+    "outliers.policy=clip", "outliers.scale_percentile=99.5", "outliers.hot_channel_fraction=0.5",
+    "outliers.prune_fraction=0.0", "calibration.samples=2", "calibration.tokens_per_sample=24",
+])
+def test_every_relevant_change_is_a_different_entry(model, cache, change):
+    base = art.entry_key(art.expected_lock(resolved_for(model)))
+    assert art.entry_key(art.expected_lock(resolved_for(model, change))) != base
+
+
+def test_irrelevant_changes_share_the_entry_but_library_versions_do_not(model, cache, monkeypatch):
+    base = art.entry_key(art.expected_lock(resolved_for(model)))
+    assert art.entry_key(art.expected_lock(resolved_for(model, "decode.temperature=0.5", "device.npu_threads=1"))) == base
+    monkeypatch.setattr(art, "library_versions", lambda: {"mllm-deploy": "9", "onnx": "1", "onnxruntime": "1", "onnxruntime-qnn": "1"})
+    assert art.entry_key(art.expected_lock(resolved_for(model))) != base
+
+
+@pytest.mark.parametrize("damage", ["truncate graph", "flip byte", "delete shadow", "delete manifest", "edit lock"])
+def test_damaged_entry_is_rejected_with_a_message_and_rebuilt(model, cache, damage):
+    entry = build(resolved_for(model, "outliers.prune_fraction=0.0")).root
+    graph = entry / "graphs" / "layer1_down.onnx"
+    if damage == "truncate graph":
+        graph.write_bytes(graph.read_bytes()[:100])
+    elif damage == "flip byte":
+        data = bytearray(graph.read_bytes())
+        data[-5] ^= 0xFF
+        graph.write_bytes(bytes(data))
+    elif damage == "delete shadow":
+        next((entry / "shadow").iterdir()).unlink()
+    elif damage == "delete manifest":
+        (entry / "manifest.json").unlink()
+    else:
+        lock = json.loads((entry / "lock.json").read_text())
+        lock["chunk_size"] = 999
+        (entry / "lock.json").write_text(json.dumps(lock))
+    with pytest.raises(art.EntryProblem):
+        art.open_entry(entry, art.expected_lock(resolved_for(model, "outliers.prune_fraction=0.0")))
+    messages = []
+    rebuilt = build(resolved_for(model, "outliers.prune_fraction=0.0"), messages)
+    assert any("rejected" in m and "recompiling" in m for m in messages), messages
+    art.open_entry(rebuilt.root, art.expected_lock(resolved_for(model, "outliers.prune_fraction=0.0")))  # verifies
+
+
+def test_half_written_entry_is_invisible(model, cache):
+    resolved = resolved_for(model)
+    key = art.entry_key(art.expected_lock(resolved))
+    partial = art.artifacts_root() / f".{key}.interrupted"  # what a killed build leaves: a temp dir
+    (partial / "graphs").mkdir(parents=True)
+    (partial / "graphs" / "layer0_qkv.onnx").write_bytes(b"half")
+    assert find_artifacts(resolved) is None
+    entry = build(resolved)
+    assert entry.root.name == key
+
+
+def test_bundle_round_trip(model, cache, tmp_path):
+    resolved = resolved_for(model)
+    entry = build(resolved)
+    out = write_bundle(resolved, entry, tmp_path / "bundle")
+    assert is_bundle(out) and not is_bundle(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["artifacts", "bundle.json", "model", "profile.toml"]
+    loaded = load_profile(bundle_profile_path(out))
+    assert loaded.profile.model.source == f"model/{model.name}"
+    assert loaded.profile.prefill.chunk_size == 8 and loaded.profile.calibration.samples == 1
+    spec = read_spec(loaded.profile.model.source, loaded.base_dir)
+    in_bundle = bundle_artifacts(resolve(loaded, pinned_host(), spec))
+    assert in_bundle.root == out / "artifacts" and in_bundle.calibration == entry.calibration
+    (out / "artifacts" / "graphs" / "layer0_qkv.onnx").write_bytes(b"broken")
+    with pytest.raises(UserError) as caught:
+        bundle_artifacts(resolve(loaded, pinned_host(), spec))
+    assert caught.value.exit_code == 3 and "rebuild" in caught.value.diagnostics[0].hint

@@ -144,12 +144,34 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
     started = time.perf_counter()
     log(f"calibrating on {p.calibration.samples} x {p.calibration.tokens_per_sample} tokens "
         f"from {p.calibration.source!r} (once per model and calibration settings)")  # fmt: skip
-    samples = calibration_tokens(p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir,
-                                 resolved.loaded.where, progress)  # fmt: skip
+    samples = _cached_samples(lock, lambda: calibration_tokens(
+        p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir, resolved.loaded.where, progress))
     stats = collect_activation_stats(engine, samples, p.outliers.scale_percentile, source=p.calibration.source,
                                      chunk_size=p.prefill.chunk_size, progress=progress, started=started)  # fmt: skip
     store_stats(key, stats)
     return stats
+
+
+def _cached_samples(lock, produce) -> list[list[int]]:
+    """Calibration token ids, cached by model and calibration settings (not the percentile):
+    self-generated text is the slow part of calibration and does not depend on it."""
+    import hashlib
+
+    from mllm_deploy.paths import atomic_write_bytes, cache_dir
+
+    s = lock.settings
+    parts = [lock.model_identity, s["calibration.source"], s["calibration.samples"], s["calibration.tokens_per_sample"],
+             lock.versions["mllm-deploy"]]
+    path = cache_dir() / "calibration" / ("tokens-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:24] + ".json")
+    try:
+        samples = json.loads(path.read_text())
+        if isinstance(samples, list) and all(isinstance(x, list) and x for x in samples):
+            return samples
+    except (OSError, ValueError):
+        pass
+    samples = produce()
+    atomic_write_bytes(path, json.dumps(samples).encode())
+    return samples
 
 
 def _build_into(tmp: Path, resolved, engine, cal: CalibrationResult, progress, log: Log) -> None:

@@ -1,0 +1,62 @@
+"""`evaluate_profile(loaded, text) -> dict`: the profile's perplexity beside the float baseline."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mllm_deploy.errors import user_error
+from mllm_deploy.eval.perplexity import perplexity, token_nll
+
+
+def evaluate_profile(loaded, text: str, *, max_tokens: int = 4096, progress=True) -> dict:
+    """{perplexity, baseline_perplexity, tokens, outlier_fraction, backend, ...} on `text`'s first
+    `max_tokens` tokens (at most prefill.max_context). The NPU path prefills with the profile's
+    INT8 graphs + shadow outliers (sequentially); the baseline is the float32 engine."""
+    from mllm_deploy.model import load_tokenizer, load_weights
+    from mllm_deploy.resolve import resolve_profile
+    from mllm_deploy.runtime.float_engine import FloatEngine
+    from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
+
+    resolved = resolve_profile(loaded)
+    spec = resolved.spec
+    ids = load_tokenizer(spec).encode(text, allow_special=False)
+    limit = min(max_tokens, resolved.profile.prefill.max_context)
+    ids = ids[:limit]
+    if len(ids) < 2:
+        raise user_error(f"the text has {len(ids)} token(s); perplexity needs at least 2")
+    chunk = resolved.profile.prefill.chunk_size
+    float_engine = FloatEngine(load_weights(spec))
+    show = _progress if progress else None
+    started = time.perf_counter()
+    baseline = perplexity(token_nll(float_engine, ids, chunk, show and (lambda d, n: show("float baseline", d, n))))
+    base_s = time.perf_counter() - started
+    report = {"baseline_perplexity": baseline, "tokens": len(ids), "chunk_size": chunk}
+    if resolved.backend == "none":
+        return {**report, "perplexity": baseline, "outlier_fraction": 0.0, "backend": "none (float32 on the CPU)",
+                "seconds": base_s, "baseline_seconds": base_s}  # fmt: skip
+    from mllm_deploy.compile.build import compile_artifacts
+    from mllm_deploy.compile.bundle import bundle_artifacts
+
+    artifacts = bundle_artifacts(resolved) or compile_artifacts(resolved)
+    kernels = load_npu_kernels(resolved, artifacts)
+    engine = NpuPrefillEngine(float_engine, kernels)
+    started = time.perf_counter()
+    ppl = perplexity(token_nll(engine, ids, chunk, show and (lambda d, n: show("NPU path", d, n))))
+    stats = kernels.stats()
+    return {
+        **report,
+        "perplexity": ppl,
+        "outlier_fraction": stats["outlier_fraction"],
+        "backend": kernels.backend_label,
+        "policy": resolved.profile.outliers.policy,
+        "shadowed_linears": len(kernels.shadowed),
+        "shadow": stats,
+        "seconds": time.perf_counter() - started,
+        "baseline_seconds": base_s,
+    }
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        print(f"\r{stage}: chunk {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)

@@ -1,0 +1,65 @@
+"""`eval` and `build` commands on a tiny model: JSON keys, side-by-side perplexities, located
+errors for bad input (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mllm_deploy import cli
+
+import tiny_models
+
+CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=CFG)
+
+
+@pytest.fixture
+def main(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "build_cmd", "eval_cmd"))
+    return cli.main
+
+
+def sets(model, *extra):
+    base = [f"model.source={model}", "prefill.chunk_size=8", "prefill.max_context=128", "calibration.samples=1",
+            "calibration.tokens_per_sample=16", "outliers.scale_percentile=99.0", "device.npu_backend=ort-cpu", *extra]
+    return [a for s in base for a in ("--set", s)]
+
+
+def test_eval_json_reports_both_perplexities(main, model, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The capital of France is Paris. The quick brown fox jumps over the lazy dog. " * 4)
+    assert main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"perplexity", "baseline_perplexity", "tokens", "outlier_fraction", "backend"} <= set(report)
+    assert report["tokens"] == 40 and report["backend"].startswith("ort-cpu emulation")
+    assert report["perplexity"] > 1 and report["baseline_perplexity"] > 1
+    # random weights: perplexity is huge; compare mean NLL (log perplexity) instead
+    assert abs(math.log(report["perplexity"]) / math.log(report["baseline_perplexity"]) - 1) < 0.05
+    assert 0 <= report["outlier_fraction"] < 0.05
+    assert main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "device.npu_backend=none")]) == 0
+    float_only = json.loads(capsys.readouterr().out)
+    assert float_only["perplexity"] == float_only["baseline_perplexity"] == pytest.approx(report["baseline_perplexity"])
+    assert float_only["outlier_fraction"] == 0.0 and float_only["backend"].startswith("none")
+
+
+def test_eval_missing_text_is_exit_2_without_traceback(main, model, capsys):
+    assert main(["eval", "--text", "/nonexistent/news.txt", *sets(model)]) == 2
+    err = capsys.readouterr().err
+    assert "text file not found" in err and "/nonexistent/news.txt" in err and "Traceback" not in err
+
+
+def test_build_prints_the_calibration_and_writes_a_bundle(main, model, tmp_path, capsys):
+    assert main(["build", *sets(model), "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "shadow outlier execution in" in out and "bundle:" in out and "graphs: 8" in out
+    assert (tmp_path / "b" / "bundle.json").is_file()
+    assert main(["build", *sets(model, "calibration.source=missing/*.txt")]) == 2
+    assert "calibration.source" in capsys.readouterr().err

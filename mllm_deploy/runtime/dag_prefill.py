@@ -89,6 +89,7 @@ class DagPrefill:
         cpu_threads: int = 1,
         latencies: LatencyModel | None = None,
         lm_head: Callable[[np.ndarray], np.ndarray] | None = None,  # [1, hidden] -> [1, vocab]
+        embedding=None,  # indexable like tok_embd (e.g. decode_fast.EmbeddingRows)
     ):
         self.weights = weights
         self.spec = weights.spec
@@ -100,6 +101,7 @@ class DagPrefill:
         self.cpu_threads = cpu_threads
         self.latencies = latencies or LatencyModel()
         self.lm_head = lm_head or (lambda x: x @ weights.output.T)
+        self.embedding = embedding if embedding is not None else weights.tok_embd  # rows by id: [T] -> [T, hidden]
         self.executors = {"npu": ProcessorExecutor("npu", 1), "cpu": ProcessorExecutor("cpu", cpu_threads)}
         self.on_event: Callable[[object], None] | None = None
         self.last = PrefillStats()
@@ -272,7 +274,7 @@ class DagPrefill:
             return arrays
 
     def _embed(self, chunk: _Chunk) -> None:
-        chunk.residual = np.array(self.weights.tok_embd[chunk.ids], dtype=np.float32)  # [T, hidden]
+        chunk.residual = np.array(self.embedding[chunk.ids], dtype=np.float32)  # [T, hidden]
 
     def _attn_norm(self, chunk: _Chunk, layer: int) -> None:
         if layer > 0:

@@ -72,3 +72,18 @@ def test_decode_graphs_use_8bit_integer_matmuls(tiny):
         for node in nbits:
             attrs = {a.name: a.i for a in node.attribute}
             assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 32
+
+
+def test_embedding_rows_read_from_a_memory_mapped_table(tmp_path):
+    from mllm_deploy.runtime.decode_fast import EmbeddingRows
+
+    table = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    np.save(tmp_path / "t.npy", table)
+    mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
+    for source in (mapped, table):
+        rows = EmbeddingRows(source)
+        np.testing.assert_array_equal(rows[np.array([3, 3, 49, 0])], table[[3, 3, 49, 0]])
+        np.testing.assert_array_equal(rows[7], table[7])
+    assert EmbeddingRows(mapped)._file is not None  # really the pread path
+    with pytest.raises(IndexError):
+        EmbeddingRows(mapped)[np.array([50])]

@@ -86,16 +86,6 @@ def test_batch_runs_every_line_and_reports_bad_ones(tmp_path):
     assert set(out[0]["metrics"]) == METRIC_KEYS
 
 
-@pytest.mark.parametrize("backend", [None, "ort-cpu", "qnn-htp"])  # None: the default, auto
-def test_non_float_backend_exits_3_without_running(backend):
-    args = ["run", "--prompt", "hi"] + (["--set", f"device.npu_backend={backend}"] if backend else [])
-    proc = mllm(*args)
-    assert proc.returncode == 3
-    assert proc.stdout == ""
-    assert "NPU path is not available yet" in proc.stderr
-    assert "--set device.npu_backend=none" in proc.stderr
-
-
 @pytest.mark.slow
 def test_overflow_error_exits_2_naming_limit_and_length():
     proc = mllm("run", *FLOAT, "--set", "prefill.max_context=16", "--prompt", "What is the capital of France?")

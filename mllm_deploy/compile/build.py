@@ -78,8 +78,13 @@ def find_artifacts(resolved) -> Artifacts | None:
     """The verified cache entry of `resolved`, or None (nothing is built)."""
     if resolved.backend == "none":
         return None
+    from mllm_deploy.compile.bundle import is_bundle
+
+    base = resolved.loaded.base_dir
     try:
         lock = expected_lock(resolved)
+        if base is not None and is_bundle(base):
+            return open_entry(Path(base) / "artifacts", lock, verify_checksums=False)
         return open_entry(artifacts_root() / entry_key(lock), lock, verify_checksums=False)
     except EntryProblem:
         return None

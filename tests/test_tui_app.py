@@ -12,10 +12,16 @@ import time
 
 import pytest
 
+from textual.widgets import Input
+
+from test_tui_screens import check_golden, masked
+
+from mllm_deploy.runtime.events import ChunkDone
 from mllm_deploy.runtime.session import load_model
 from mllm_deploy.tui.app import DeployApp
 from mllm_deploy.tui.capture import screen_text
 from mllm_deploy.tui.deployment import prepare_deployment
+from mllm_deploy.tui.messages import EngineEvent
 from mllm_deploy.tui.widgets.transcript import MessageView
 
 pytestmark = pytest.mark.slow
@@ -49,10 +55,10 @@ async def ready(pilot) -> None:
 
 
 async def ask(pilot, text: str) -> None:
+    finished = pilot.app.finished_work
     await pilot.press(*text)
     await pilot.press("enter")
-    await wait_until(pilot, lambda: pilot.app.busy is not None)
-    await wait_until(pilot, lambda: pilot.app.busy is None)
+    await wait_until(pilot, lambda: pilot.app.finished_work > finished)
 
 
 def notifications(app) -> list[str]:
@@ -77,7 +83,8 @@ def test_question_streams_answer_into_one_message_and_keeps_context():
             assert "eos) · context 44/4,096" in metrics.text
             screen = screen_text(app)
             assert "Assistant: The capital of France is Paris." in screen
-            assert "last turn: TTFT" in screen
+            assert "last turn: TTFT " in screen and " · ctx 44/4,096" in screen
+            check_golden("chat_answer_80x24", masked(app))
             # second turn: only the new tokens are prefilled, the rest comes from the KV cache
             await ask(pilot, "And of Germany?")
             assert "Berlin" in views(app, "assistant")[1].text
@@ -106,7 +113,7 @@ def test_escape_cancels_a_running_reply():
             await pilot.press("enter")
             await wait_until(pilot, lambda: app.tokens_emitted >= 3)
             await pilot.press("escape")
-            await wait_until(pilot, lambda: app.busy is None)
+            await wait_until(pilot, lambda: app.finished_work == 1)
             [reply] = views(app, "assistant")
             assert reply.text.endswith(" [cancelled]")
             assert "cancelled) · context" in views(app, "metrics")[0].text
@@ -160,11 +167,19 @@ def long_document(paragraphs: int) -> str:
 
 def test_load_document_shows_prefill_progress_keeps_keys_responsive_and_answers(tmp_path):
     document = tmp_path / "port-avel.txt"
-    document.write_text(long_document(22), encoding="utf-8")
+    document.write_text(long_document(12), encoding="utf-8")
+
+    handled: list[tuple[str, object]] = []  # what the UI thread dispatched, in order
+
+    def record(message) -> None:
+        if isinstance(message, EngineEvent) and isinstance(message.timed.event, ChunkDone):
+            handled.append(("chunk", message.timed.event.index))
+        elif isinstance(message, Input.Changed):
+            handled.append(("input", message.value))
 
     async def scenario():
-        app = make_app("decode.max_new_tokens=16", "prefill.chunk_size=128")
-        async with app.run_test(size=(80, 24)) as pilot:
+        app = make_app("decode.max_new_tokens=16", "prefill.chunk_size=64")
+        async with app.run_test(size=(80, 24), message_hook=record) as pilot:
             await ready(pilot)
             await pilot.press(*f"/load {document}")
             await pilot.press("enter")
@@ -172,25 +187,58 @@ def test_load_document_shows_prefill_progress_keeps_keys_responsive_and_answers(
             await wait_until(pilot, lambda: app.progress.chunks_done >= 1)
             await pilot.pause()
             progress_screen = screen_text(app)
-            # keys typed while the prefill runs are echoed before it ends (the UI thread is free)
             await pilot.press(*"What is the name")
             assert app.query_one("#prompt").value == "What is the name"
-            assert app.busy == "document"
-            await wait_until(pilot, lambda: app.busy is None)
+            await wait_until(pilot, lambda: app.finished_work == 1)
+            # keys typed during the prefill were handled between its chunks: the UI thread stayed free
+            last_chunk = max(i for i, (kind, _) in enumerate(handled) if kind == "chunk")
+            assert ("input", "W") in handled[:last_chunk], handled
             assert "prefill chunk " in progress_screen and " tokens · " in progress_screen and "ETA " in progress_screen
             assert app.progress.n_chunks >= 7 and app.progress.chunks_done == app.progress.n_chunks
-            assert app.progress.tokens_done >= 900
+            assert app.progress.tokens_done >= 500
             assert app.pending_document is not None
             note = views(app, "note")[-1].text
             assert note.startswith("port-avel.txt: ") and "Ask your question about it." in note
-            await pilot.press(*" of the lighthouse keeper of Port Avel?")
-            await pilot.press("enter")
-            await wait_until(pilot, lambda: app.busy is not None)
-            await wait_until(pilot, lambda: app.busy is None)
+            await ask(pilot, " of the lighthouse keeper of Port Avel?")
             answer = views(app, "assistant")[0].text
             assert "Mira Holt" in answer  # only the document says so
             done_line = views(app, "metrics")[0].text
             reused = int(done_line.split(" new, ")[1].split(" reused")[0].replace(",", ""))
             assert reused >= app.progress.tokens_done - 8  # the question did not prefill the document again
+
+    asyncio.run(scenario())
+
+
+def test_npu_path_lanes_come_from_measured_subgraph_events():
+    """The default profile (ort-cpu emulated NPU) when its compiled artifacts are in the cache."""
+    from mllm_deploy.compile.build import find_artifacts
+
+    deployment = prepare_deployment(None, ["decode.max_new_tokens=12"])
+    if not deployment.resolved.uses_npu or find_artifacts(deployment.resolved) is None:
+        pytest.skip("no NPU backend here, or its artifacts are not built yet (mllm-deploy build)")
+    subgraph_events: list = []
+
+    def record(message) -> None:
+        from mllm_deploy.tui.messages import SubgraphEvents
+
+        if isinstance(message, SubgraphEvents):
+            subgraph_events.extend(message.events)
+
+    async def scenario():
+        app = DeployApp(deployment)
+        async with app.run_test(size=(100, 30), message_hook=record) as pilot:
+            await ready(pilot)
+            await ask(pilot, QUESTION)
+            assert "Paris" in views(app, "assistant")[0].text
+            finished = [e for e in subgraph_events if type(e).__name__ == "SubgraphFinished"]
+            assert {e.processor for e in finished} == {"npu", "cpu"}
+            npu_busy = sum(e.t_end - e.t_start for e in finished if e.processor == "npu")
+            span = max(e.t_end for e in finished) - min(e.t_start for e in finished)
+            now = max(e.t_end for e in finished)
+            assert app.tracker.busy_fraction("npu", now, span) == pytest.approx(min(1.0, npu_busy / span), rel=1e-6)
+            screen = screen_text(app)
+            assert f"NPU · {deployment.resolved.backend_label}" in screen
+            await pilot.press("ctrl+q")
+        assert app.return_code == 0
 
     asyncio.run(scenario())

@@ -126,7 +126,7 @@ def test_reconfigure_max_context_needs_a_new_cache(deployment):
         ("decode.temperature=99", ExitCode.INVALID, "decode.temperature"),
         ("decode.temprature=0.5", ExitCode.INVALID, "did you mean"),
         ("decode.temperature", ExitCode.INVALID, "expected KEY=VALUE"),
-        ("device.npu_backend=ort-cpu", ExitCode.CANNOT_RUN, "not available yet"),
+        ("placement.attention=npu", ExitCode.CANNOT_RUN, "attention cannot run on the NPU"),
     ],
 )
 def test_reconfigure_refusals(deployment, assignment, code, text):
@@ -202,3 +202,32 @@ def test_plan_text(deployment):
     assert " * device.npu_backend = 'none'" in section
     assert " * decode.temperature = 0.0" in section  # written in the default profile file
     assert "   decode.top_k = 0" in section
+
+
+def _up(*args: str, env_data) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "MLLM_DEPLOY_DATA": str(env_data)}
+    return subprocess.run([sys.executable, "-m", "mllm_deploy", "up", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (("--set", "decode.temperature=99"), 2, "--set decode.temperature=99: error: decode.temperature:"),
+        (("--set", "placement.attention=npu"), 3, "attention cannot run on the NPU"),
+        (("--resume", "never-saved"), 2, "no saved session named 'never-saved'"),
+        (("--set", "device.npu_backend=none"), 2, "`mllm-deploy up` needs a terminal"),
+    ],
+)
+def test_up_refuses_before_the_ui_opens(args, code, text, data_dir):
+    result = _up(*args, env_data=data_dir)
+    assert result.returncode == code, result.stderr
+    assert text in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_up_resume_uses_the_saved_profile_overrides(data_dir):
+    save_session(SavedSession(name="was-float", profile=None, overrides=["placement.attention=npu"], messages=[]))
+    result = _up("--resume", "was-float", env_data=data_dir)
+    assert result.returncode == 3 and "--set placement.attention=npu" in result.stderr

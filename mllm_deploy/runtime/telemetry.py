@@ -31,9 +31,10 @@ class BusySpan:
     """One piece of work that occupied one slot of a processor from `start` to `end`."""
 
     processor: str
-    label: str  # e.g. "c3.L12.gate_up", or "chunk 3/16" for the float engine
+    label: str  # e.g. "c3.L12.gate_up", or "engine" for the float engine's synchronous work
     start: float
     end: float
+    width: int = 1  # slots it occupied (decode on every CPU thread: all of them)
 
 
 class UtilizationTracker:
@@ -47,7 +48,7 @@ class UtilizationTracker:
         self.slots = {p: 1 for p in PROCESSORS} | (slots or {})
         self.keep_seconds = keep_seconds
         self._spans: dict[str, deque[BusySpan]] = {p: deque() for p in self.slots}
-        self._open: dict[str, dict[str, float]] = {p: {} for p in self.slots}  # label -> start
+        self._open: dict[str, dict[str, tuple[float, int]]] = {p: {} for p in self.slots}  # label -> (start, width)
 
     def _processor(self, processor: str) -> str:
         if processor not in self.slots:
@@ -56,17 +57,17 @@ class UtilizationTracker:
             self._open[processor] = {}
         return processor
 
-    def started(self, processor: str, label: str, t: float) -> None:
-        self._open[self._processor(processor)][label] = t
+    def started(self, processor: str, label: str, t: float, width: int = 1) -> None:
+        self._open[self._processor(processor)][label] = (t, width)
 
     def finished(self, processor: str, label: str, t: float) -> None:
-        start = self._open[self._processor(processor)].pop(label, None)
-        if start is not None:
-            self.add_span(processor, label, start, t)
+        opened = self._open[self._processor(processor)].pop(label, None)
+        if opened is not None:
+            self.add_span(processor, label, opened[0], t, opened[1])
 
-    def add_span(self, processor: str, label: str, start: float, end: float) -> None:
+    def add_span(self, processor: str, label: str, start: float, end: float, width: int = 1) -> None:
         spans = self._spans[self._processor(processor)]
-        spans.append(BusySpan(processor, label, start, max(start, end)))
+        spans.append(BusySpan(processor, label, start, max(start, end), width))
         while spans and spans[0].end < end - self.keep_seconds:
             spans.popleft()
 
@@ -79,7 +80,7 @@ class UtilizationTracker:
     def running(self, processor: str) -> list[str]:
         """Labels of the work open on `processor` right now, oldest first."""
         open_spans = self._open.get(processor, {})
-        return sorted(open_spans, key=open_spans.get)
+        return sorted(open_spans, key=lambda label: open_spans[label][0])
 
     def last_finished(self, processor: str) -> BusySpan | None:
         spans = self._spans.get(processor)
@@ -88,9 +89,9 @@ class UtilizationTracker:
     def _busy_seconds(self, processor: str, start: float, end: float) -> float:
         busy = 0.0
         for span in self._spans.get(processor, ()):
-            busy += max(0.0, min(span.end, end) - max(span.start, start))
-        for opened in self._open.get(processor, {}).values():
-            busy += max(0.0, end - max(opened, start))
+            busy += span.width * max(0.0, min(span.end, end) - max(span.start, start))
+        for opened, width in self._open.get(processor, {}).values():
+            busy += width * max(0.0, end - max(opened, start))
         return busy
 
     def busy_fraction(self, processor: str, now: float, window: float) -> float:

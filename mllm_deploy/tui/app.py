@@ -11,37 +11,29 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input
 
 from mllm_deploy.errors import UserError
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
 from mllm_deploy.runtime.telemetry import (
     PrefillProgress,
     ProcessSampler,
     SessionMetrics,
     UtilizationTracker,
-    timed_events,
 )
 from mllm_deploy.tui.command_handlers import CommandHandlers
+from mllm_deploy.tui.turn_handlers import TurnHandlers
 from mllm_deploy.tui.commands import chat_text, parse_command
 from mllm_deploy.tui.deployment import Deployment
-from mllm_deploy.tui.formatting import prefill_line, seconds, turn_metrics_line
-from mllm_deploy.tui.messages import (
-    EngineEvent,
-    EngineStepStarted,
-    ModelFailed,
-    ModelReady,
-    WorkFailed,
-    WorkKind,
-    WorkStopped,
-)
+from mllm_deploy.tui.formatting import prefill_line, seconds
+from mllm_deploy.tui.messages import ModelFailed, ModelReady, WorkKind
+from mllm_deploy.tui.session_adapter import close_engine, executor_slots
 from mllm_deploy.tui.sessions import SavedSession
 from mllm_deploy.tui.widgets.prompt_input import PromptInput
-from mllm_deploy.tui.telemetry_view import ENGINE_SPAN, telemetry_state
+from mllm_deploy.tui.telemetry_view import telemetry_state
 from mllm_deploy.tui.widgets.telemetry_panel import TelemetryPanel
 from mllm_deploy.tui.widgets.transcript import MessageView, Transcript
 
@@ -58,7 +50,7 @@ def default_session_factory(model, loaded_profile):
     return ChatSession(model, loaded_profile)
 
 
-class DeployApp(CommandHandlers, App[int]):
+class DeployApp(TurnHandlers, CommandHandlers, App[int]):
     TITLE = "mllm-deploy"
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -91,12 +83,16 @@ class DeployApp(CommandHandlers, App[int]):
         self.pending_document: dict | None = resume.pending_document if resume else None
         self.session_name: str | None = resume.name if resume else None
         self.busy: WorkKind | None = None
+        self.finished_work = 0  # turns and document prefills ended so far (success, cancel or failure)
         self.cancel_event: threading.Event | None = None
         self.current_reply: MessageView | None = None
         self.progress = PrefillProgress()
         self.activity = ""
         self.tokens_emitted = 0
         self.loading_started: float | None = None
+        self.loading_detail = ""  # the last progress line of the model build
+        self.decoding = False  # the running turn is past its prefill
+        self.engine_synchronous = deployment.backend == "none"
         self.metrics = SessionMetrics()
         self.last_turn = "no turn yet"
         self.tracker = UtilizationTracker()
@@ -114,6 +110,7 @@ class DeployApp(CommandHandlers, App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.begin_capture_print(self, stdout=True, stderr=True)  # build/calibration progress lines
         self.apply_titles()
         self.restart_refresh_timer()
         self.query_one(PromptInput).focus()
@@ -154,8 +151,10 @@ class DeployApp(CommandHandlers, App[int]):
 
     # ---- model loading ------------------------------------------------------------------
     def start_loading(self, reason: str) -> None:
+        close_engine(self.model)
         self.model = self.session = None
         self.loading_started = time.perf_counter()
+        self.loading_detail = ""
         self.note(f"loading {self.deployment.profile.model.source} (weights, tokenizer, chat template)…")
         self.load_model_worker(self.deployment, reason)
         self.refresh_telemetry(sample=False)
@@ -173,8 +172,15 @@ class DeployApp(CommandHandlers, App[int]):
             return
         self.post_message(ModelReady(model, session, reason))
 
+    def on_print(self, event: events.Print) -> None:
+        """Progress lines the model build prints (calibration, graphs) become the loading detail."""
+        lines = [line.strip() for line in event.text.replace("\r", "\n").splitlines() if line.strip()]
+        if lines and self.loading_started is not None:
+            self.loading_detail = lines[-1]
+
     def on_model_ready(self, message: ModelReady) -> None:
         self.model, self.session = message.model, message.session
+        self.tracker = UtilizationTracker(slots=executor_slots(self.model, self.deployment.resolved))
         if self.restore_messages is not None:
             self.session.messages = list(self.restore_messages)
             self.restore_messages = None
@@ -188,118 +194,6 @@ class DeployApp(CommandHandlers, App[int]):
         self.loading_started = None
         self.note(message.text, role="error")
         self.notify(message.text, title="Model failed", severity="error", timeout=10)
-
-    # ---- turns and document prefills ----------------------------------------------------------
-    def start_work(self, kind: WorkKind, make_events: Callable[[threading.Event], Iterable[object]]) -> None:
-        self.busy = kind
-        self.cancel_event = threading.Event()
-        self.progress = PrefillProgress()
-        self.tokens_emitted = 0
-        self.activity = "prefill…"
-        synchronous = self.deployment.backend == "none"
-        self.inference_worker(make_events, kind, self.cancel_event, synchronous)
-
-    @work(thread=True, group="inference")
-    def inference_worker(self, make_events, kind: WorkKind, cancel: threading.Event, synchronous: bool) -> None:
-        on_start = (lambda t: self.post_message(EngineStepStarted(t))) if synchronous else None
-        try:
-            for timed in timed_events(make_events(cancel), on_start=on_start):
-                self.post_message(EngineEvent(timed, kind, synchronous))
-        except UserError as err:
-            self.post_message(WorkFailed(str(err), kind))
-        except Exception as exc:  # noqa: BLE001 - a model failure is a notification, not a crash
-            self.post_message(WorkFailed(f"{type(exc).__name__}: {exc}", kind))
-        finally:
-            self.post_message(WorkStopped(kind))
-
-    def ready_for_work(self) -> bool:
-        if self.session is None:
-            text = "the model is still loading" if self.loading_started else "no model is loaded (see the error above; /set can fix the profile)"
-            self.notify(text, severity="warning")
-            return False
-        if self.busy is not None:
-            self.notify("still working on the previous request (Esc cancels it)", severity="warning")
-            return False
-        return True
-
-    def start_turn(self, text: str) -> None:
-        if not self.ready_for_work():
-            return
-        prompt = text
-        shown = text
-        if self.pending_document is not None:
-            prompt = self.pending_document["message"] + text
-            shown = f"{text}\n(about {self.pending_document['path']})"
-            self.pending_document = None
-        self.transcript.add("user", shown)
-        self.current_reply = self.transcript.add("assistant")
-        session = self.session
-        self.start_work("turn", lambda cancel: session.send(prompt, cancel=cancel))
-
-    def on_engine_step_started(self, message: EngineStepStarted) -> None:
-        if self.busy is not None:
-            self.tracker.started("cpu", ENGINE_SPAN, message.t)
-
-    def on_engine_event(self, message: EngineEvent) -> None:
-        timed, event = message.timed, message.timed.event
-        if message.synchronous_engine:
-            self.tracker.finished("cpu", ENGINE_SPAN, timed.busy_end)
-        elif self.tracker.observe(event):
-            return
-        if isinstance(event, ChunkDone):
-            self.progress.update(event)
-            remaining = event.index + 1 < event.n_chunks
-            self.activity = f"chunk {event.index + 2}/{event.n_chunks}" if remaining else "prefill done"
-            self.refresh_telemetry(sample=False)
-        elif isinstance(event, PrefillDone):
-            self.activity = "decode" if message.kind == "turn" else "prefill done"
-        elif isinstance(event, TokenEmitted):
-            if message.kind == "turn" and self.current_reply is not None:
-                self.current_reply.append(event.text)
-                self.tokens_emitted = event.index + 1
-                self.activity = f"decode token {self.tokens_emitted}"
-        elif isinstance(event, GenerationDone):
-            self.finish(event, message.kind)
-
-    def finish(self, done: GenerationDone, kind: WorkKind) -> None:
-        context_used = self.session.cache.length if self.session is not None else done.prompt_tokens
-        context_max = self.deployment.profile.prefill.max_context
-        if kind == "document":
-            self.metrics.record_prefill(done)
-            self.finish_document(done, context_used, context_max)
-            return
-        self.metrics.record(done)
-        if done.finish_reason == "cancelled" and self.current_reply is not None:
-            self.current_reply.append(" [cancelled]")
-        self.last_turn = "last turn: " + turn_metrics_line(done, context_used, context_max)
-        self.note(turn_metrics_line(done, context_used, context_max), role="metrics")
-
-    def finish_document(self, done: GenerationDone, context_used: int, context_max: int) -> None:
-        loading = self.loading_document or {}
-        m = done.metrics
-        rate = f"{m.prefill_tokens_per_s:,.0f} tok/s" if m and m.prefill_tokens_per_s else "-"
-        if done.finish_reason == "cancelled":
-            self.note(f"loading {loading.get('path')} cancelled after {done.prefilled_tokens:,} tokens")
-            return
-        self.pending_document = loading
-        self.last_turn = (f"document: {done.prefilled_tokens:,} tokens prefilled in "
-                          f"{seconds(m.prefill_seconds if m else None)} ({rate}) · context {context_used:,}/{context_max:,}")  # fmt: skip
-        self.note(f"{loading.get('path')}: {done.prompt_tokens:,} tokens in context ({done.prefilled_tokens:,} prefilled "
-                  f"in {seconds(m.prefill_seconds if m else None)} = {rate}, {done.reused_tokens:,} reused). "
-                  "Ask your question about it.")  # fmt: skip
-
-    def on_work_failed(self, message: WorkFailed) -> None:
-        self.note(message.text, role="error")
-        self.notify(message.text, title="Generation failed" if message.kind == "turn" else "Loading the document failed",
-                    severity="error", timeout=10)  # fmt: skip
-
-    def on_work_stopped(self, message: WorkStopped) -> None:
-        self.tracker.close_all(time.perf_counter())
-        self.busy = None
-        self.cancel_event = None
-        self.current_reply = None
-        self.activity = ""
-        self.refresh_telemetry()
 
     # ---- telemetry ------------------------------------------------------------------------------------
     def refresh_telemetry(self, *, sample: bool = True) -> None:
@@ -322,7 +216,8 @@ class DeployApp(CommandHandlers, App[int]):
 
     def progress_text(self, now: float) -> str:
         if self.loading_started is not None:
-            return f"loading model… {now - self.loading_started:.1f} s"
+            detail = f" · {self.loading_detail}" if self.loading_detail else ""
+            return f"loading model… {now - self.loading_started:.1f} s{detail}"
         if self.busy is None:
             return ""
         if self.tokens_emitted:
@@ -358,6 +253,10 @@ class DeployApp(CommandHandlers, App[int]):
         if self.cancel_event is not None:
             self.cancel_event.set()
         self.exit(0)
+
+    def on_unmount(self) -> None:
+        if self.busy is None:
+            close_engine(self.model)
 
     def action_help(self) -> None:
         self.command_help("")

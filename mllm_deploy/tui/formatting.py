@@ -74,6 +74,16 @@ def turn_metrics_line(done: GenerationDone, context_used: int, context_max: int)
     )
 
 
+def turn_summary_line(done: GenerationDone, context_used: int, context_max: int) -> str:
+    """The panel's short form: `TTFT 120 ms · prefill 640 tok/s · decode 58 tok/s · ctx 44/4,096`."""
+    m = done.metrics
+    ttft = f"{m.ttft_ms:,.0f} ms" if m and m.ttft_ms is not None else "-"
+    return (
+        f"last turn: TTFT {ttft} · prefill {rate(m.prefill_tokens_per_s if m else None)} · "
+        f"decode {rate(m.decode_tokens_per_s if m else None)} · ctx {context_used:,}/{context_max:,}"
+    )
+
+
 def stats_text(metrics: SessionMetrics, *, load_seconds: float | None, peak_rss_mb: float, backend_label: str) -> str:
     ttft = metrics.mean_ttft_ms
     return "\n".join([

@@ -28,7 +28,8 @@ class ModelFailed(Message):
 
 
 class EngineStepStarted(Message):
-    """The synchronous float engine started computing the next event at `t`."""
+    """The worker started computing the next event at `t` (the CPU is busy from then when the
+    engine computes in this thread: the float engine always, the NPU path while decoding)."""
 
     def __init__(self, t: float) -> None:
         super().__init__()
@@ -43,6 +44,14 @@ class EngineEvent(Message):
         self.timed = timed
         self.kind = kind
         self.synchronous_engine = synchronous_engine
+
+
+class SubgraphEvents(Message):
+    """SubgraphStarted / SubgraphFinished events of the NPU path, as they happened (a batch)."""
+
+    def __init__(self, events: list) -> None:
+        super().__init__()
+        self.events = events
 
 
 class WorkFailed(Message):

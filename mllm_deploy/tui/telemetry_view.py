@@ -63,8 +63,7 @@ def telemetry_state(
                 del history[:-HISTORY_POINTS]
             row.history = history
             row.lane = tracker.lane(name, now, LANE_SECONDS, LANE_CELLS)
-            running = [label for label in tracker.running(name) if label != ENGINE_SPAN]
-            row.activity = ", ".join(running) if running else (activity if name == "cpu" else "")
+            row.activity = _activity(tracker, name, now, activity if name == "cpu" else "")
         rows.append(row)
     return TelemetryState(
         title=f"{deployment.npu_label} · {deployment.cpu_label}",
@@ -73,3 +72,14 @@ def telemetry_state(
         progress=progress,
         last_turn=last_turn,
     )
+
+
+def _activity(tracker: UtilizationTracker, processor: str, now: float, fallback: str) -> str:
+    """The subgraphs running on `processor`, else the one that just finished, else `fallback`."""
+    running = [label for label in tracker.running(processor) if label != ENGINE_SPAN]
+    if running:
+        return ", ".join(running[-2:]) + (f" (+{len(running) - 2})" if len(running) > 2 else "")
+    last = tracker.last_finished(processor)
+    if last is not None and last.label != ENGINE_SPAN and now - last.end < BUSY_WINDOW_SECONDS:
+        return last.label
+    return fallback

@@ -22,6 +22,8 @@ class TelemetryPanel(Static):
         border: round $primary-darken-2;
         border-title-color: $text;
         padding: 0 1;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
     }
     """
 
@@ -43,11 +45,9 @@ class TelemetryPanel(Static):
                 lines.append(row.activity or "idle", style="bold" if row.activity else "dim")
             lines.append("\n")
         lines.append(state.process)
-        if state.progress:
-            lines.append(" · ")
-            lines.append(state.progress, style="bold")
         lines.append("\n")
-        lines.append(state.last_turn, style="dim")
-        lines.no_wrap = True
-        lines.overflow = "ellipsis"
+        if state.progress:  # while loading or working: the progress; otherwise the last turn's metrics
+            lines.append(state.progress, style="bold")
+        else:
+            lines.append(state.last_turn, style="dim")
         self.update(lines)

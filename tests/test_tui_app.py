@@ -111,8 +111,12 @@ def test_escape_cancels_a_running_reply():
             await ready(pilot)
             await pilot.press(*"Write a very long story about a dragon.")
             await pilot.press("enter")
+            await pilot.press("f2")  # the plan view on top while tokens stream underneath
             await wait_until(pilot, lambda: app.tokens_emitted >= 3)
-            await pilot.press("escape")
+            assert type(app.screen).__name__ == "PlanScreen"
+            await pilot.press("escape")  # first Esc closes the plan view
+            await wait_until(pilot, lambda: type(app.screen).__name__ != "PlanScreen")
+            await pilot.press("escape")  # the next one cancels the reply
             await wait_until(pilot, lambda: app.finished_work == 1)
             [reply] = views(app, "assistant")
             assert reply.text.endswith(" [cancelled]")

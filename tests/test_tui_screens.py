@@ -144,6 +144,8 @@ def test_loading_state_and_plan_view(deployment):
         await wait_until(pilot, lambda: on_plan_screen(app))
         await pilot.pause()
         plan = screen_text(app)
+        await pilot.pause(3 / deployment.profile.ui.refresh_hz)  # telemetry redraws while another screen is on top
+        assert app.is_running
         assert "overrides   device.npu_backend=none" in plan
         assert "L0    CPU     CPU     CPU" in plan
         check_golden("plan_80x24", masked(app))
@@ -214,5 +216,48 @@ def test_save_and_open_sessions(deployment, data_dir):
         await pilot.press(*"/open nothing-here", "enter")
         await pilot.pause()
         assert notifications(app)[-1].startswith("/open: ") and "no saved session named 'nothing-here'" in notifications(app)[-1]
+
+    run(app, scenario)
+
+
+class StubSession:
+    """Stands in for ChatSession where no turn runs: messages, reset, profile updates."""
+
+    def __init__(self, model, loaded_profile) -> None:
+        self.model, self.profile, self.messages = model, loaded_profile.profile, []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def update_profile(self, loaded_profile) -> None:
+        self.profile = loaded_profile.profile
+
+
+def test_set_rebuilds_only_what_must_change(deployment):
+    loads: list[object] = []
+
+    def counting_loader(loaded_profile):
+        loads.append(loaded_profile.overrides)
+        return object()
+
+    app = DeployApp(deployment, model_loader=counting_loader, session_factory=StubSession)
+
+    async def scenario(pilot):
+        await wait_until(pilot, lambda: app.session is not None)
+        app.session.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        first_session = app.session
+        await pilot.press(*"/set decode.temperature=0.5", "enter")
+        await wait_until(pilot, lambda: "nothing rebuilt" in notifications(app)[-1])
+        assert app.session is first_session and app.session.profile.decode.temperature == 0.5
+        await pilot.press(*"/set prefill.max_context=2048", "enter")
+        await wait_until(pilot, lambda: "new KV cache" in notifications(app)[-1])
+        assert app.session is not first_session and app.session.messages == first_session.messages
+        assert len(loads) == 1
+        await pilot.press(*"/set device.cpu_threads=1", "enter")
+        await wait_until(pilot, lambda: len(loads) == 2 and app.session is not None)
+        assert notifications(app)[-1] == "/set: device.cpu_threads = 1: plan re-resolved, model reloaded; the conversation is prefilled again on the next turn"
+        assert loads[-1][-3:] == ("decode.temperature=0.5", "prefill.max_context=2048", "device.cpu_threads=1")
+        assert [m["content"] for m in app.session.messages] == ["hi", "hello"]
+        assert app.deployment.resolved.cpu_threads == 1
 
     run(app, scenario)

@@ -103,17 +103,22 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
 
     # ---- layout and lifecycle -------------------------------------------------------
     def compose(self) -> ComposeResult:
+        # Kept as attributes: handlers and the refresh timer reach them while another screen
+        # (plan view, command palette) is on top, where `query_one` would search that screen.
+        self.transcript = Transcript(id="transcript")
+        self.telemetry_panel = TelemetryPanel(id="telemetry")
+        self.prompt_input = PromptInput(placeholder="Ask something, or /help", id="prompt")
         yield Header()
-        yield Transcript(id="transcript")
-        yield TelemetryPanel(id="telemetry")
-        yield PromptInput(placeholder="Ask something, or /help", id="prompt")
+        yield self.transcript
+        yield self.telemetry_panel
+        yield self.prompt_input
         yield Footer()
 
     def on_mount(self) -> None:
         self.begin_capture_print(self, stdout=True, stderr=True)  # build/calibration progress lines
         self.apply_titles()
         self.restart_refresh_timer()
-        self.query_one(PromptInput).focus()
+        self.prompt_input.focus()
         if self.restore_messages:
             self.show_messages(self.restore_messages)
             self.note(f"reopened session {self.session_name!r}: {len(self.restore_messages)} message(s); "
@@ -130,10 +135,6 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
             self._refresh_timer.stop()
         self._refresh_timer = self.set_interval(1.0 / self.deployment.profile.ui.refresh_hz, self.refresh_telemetry)
         self.refresh_telemetry()
-
-    @property
-    def transcript(self) -> Transcript:
-        return self.query_one(Transcript)
 
     def note(self, text: str, role: str = "note") -> MessageView:
         return self.transcript.add(role, text)
@@ -212,7 +213,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
             process=self.last_process_sample,
             last_turn=self.last_turn,
         )
-        self.query_one(TelemetryPanel).show(state)
+        self.telemetry_panel.show(state)
 
     def progress_text(self, now: float) -> str:
         if self.loading_started is not None:
@@ -228,7 +229,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
     @on(Input.Submitted, "#prompt")
     def on_prompt_submitted(self, event: Input.Submitted) -> None:
         line = event.value
-        prompt = self.query_one(PromptInput)
+        prompt = self.prompt_input
         prompt.value = ""
         if not line.strip():
             return
@@ -281,7 +282,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         yield SystemCommand("Set a profile key…", "Type KEY=VALUE after /set", lambda: self.prefill_input("/set "))
 
     def prefill_input(self, text: str) -> None:
-        prompt = self.query_one(PromptInput)
+        prompt = self.prompt_input
         prompt.value = text
         prompt.cursor_position = len(text)
         prompt.focus()

@@ -25,6 +25,9 @@ COMMAND_MODULES = (
     "models_cmd",
     "run_cmd",
     "chat_cmd",
+    "build_cmd",
+    "eval_cmd",
+    "bench_cmd",
     "up_cmd",
 )
 

@@ -145,14 +145,22 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
     from mllm_deploy.compile.calibrate import calibration_tokens, collect_activation_stats
     from mllm_deploy.model import load_tokenizer
 
+    from threadpoolctl import threadpool_limits
+
     p = resolved.profile
     started = time.perf_counter()
+    # numpy's BLAS threads: cpu_threads, so that a busy machine does not oversubscribe (measured:
+    # two BLAS threads on two shared cores made calibration ~30x slower, from spin-waiting)
+    blas = threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas")
     log(f"calibrating on {p.calibration.samples} x {p.calibration.tokens_per_sample} tokens "
         f"from {p.calibration.source!r} (once per model and calibration settings)")  # fmt: skip
-    samples = _cached_samples(lock, lambda: calibration_tokens(
-        p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir, resolved.loaded.where, progress))
-    stats = collect_activation_stats(engine, samples, p.outliers.scale_percentile, source=p.calibration.source,
-                                     chunk_size=p.prefill.chunk_size, progress=progress, started=started)  # fmt: skip
+    try:
+        samples = _cached_samples(lock, lambda: calibration_tokens(
+            p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir, resolved.loaded.where, progress))
+        stats = collect_activation_stats(engine, samples, p.outliers.scale_percentile, source=p.calibration.source,
+                                         chunk_size=p.prefill.chunk_size, progress=progress, started=started)  # fmt: skip
+    finally:
+        blas.restore_original_limits()
     store_stats(key, stats)
     return stats
 

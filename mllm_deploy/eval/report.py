@@ -10,6 +10,16 @@ from mllm_deploy.eval.perplexity import perplexity, token_nll
 
 
 def evaluate_profile(loaded, text: str, *, max_tokens: int = 4096, progress=True) -> dict:
+    """See `_evaluate`; numpy's BLAS runs on `cpu_threads` threads meanwhile (no oversubscription)."""
+    from threadpoolctl import threadpool_limits
+
+    from mllm_deploy.resolve import resolve_profile
+
+    with threadpool_limits(limits=max(1, resolve_profile(loaded).cpu_threads), user_api="blas"):
+        return _evaluate(loaded, text, max_tokens=max_tokens, progress=progress)
+
+
+def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
     """{perplexity, baseline_perplexity, tokens, outlier_fraction, backend, ...} on `text`'s first
     `max_tokens` tokens (at most prefill.max_context). The NPU path prefills with the profile's
     INT8 graphs + shadow outliers (sequentially); the baseline is the float32 engine."""

@@ -43,7 +43,6 @@ def test_second_turn_prefills_only_new_tokens(real_model):
     assert again.reused_tokens == 0 and again.text == second.text
     session.reset()
     assert session.cache.length == 0 and session.messages == []
-    assert finish(session.send("What is the capital of France?")).text == first.text
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ def model(tmp_path_factory):
 @pytest.fixture
 def main(monkeypatch, tmp_path):
     monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "build_cmd", "eval_cmd"))
     return cli.main
 
 

@@ -83,11 +83,12 @@ def test_timed_events_measure_time_inside_the_generator():
     assert started == [0.0, 1.5, 4.2]
 
 
-def test_prefill_progress_eta_from_measured_chunks():
-    progress = PrefillProgress()
+def test_prefill_progress_eta_from_wall_time():
+    progress = PrefillProgress(started_at=100.0)
     assert progress.eta_seconds is None and progress.tokens_per_s is None
-    progress.update(ChunkDone(0, 4, 256, 0.5))
-    progress.update(ChunkDone(1, 4, 256, 0.7))
+    # out of order, chunk spans overlap: their own seconds (0.9 + 0.8) exceed the wall time (1.2)
+    progress.update(ChunkDone(0, 4, 256, 0.9), now=100.7)
+    progress.update(ChunkDone(1, 4, 256, 0.8), now=101.2)
     assert (progress.chunks_done, progress.n_chunks, progress.tokens_done) == (2, 4, 512)
     assert progress.eta_seconds == pytest.approx(2 * 0.6)
     assert progress.tokens_per_s == pytest.approx(512 / 1.2)

@@ -261,3 +261,25 @@ def test_set_rebuilds_only_what_must_change(deployment):
         assert app.deployment.resolved.cpu_threads == 1
 
     run(app, scenario)
+
+
+class FailingSession(StubSession):
+    def send(self, text, *, cancel=None):
+        raise UserError([Diagnostic(message="the prompt is 9,000 tokens, longer than prefill.max_context = 4096", key="prefill.max_context")])
+        yield  # a generator, like ChatSession.send
+
+
+def test_a_failing_turn_is_a_notification(deployment):
+    app = DeployApp(deployment, model_loader=lambda loaded: object(), session_factory=FailingSession)
+
+    async def scenario(pilot):
+        await wait_until(pilot, lambda: app.session is not None)
+        await pilot.press(*"a very long question", "enter")
+        await wait_until(pilot, lambda: app.finished_work == 1)
+        assert texts(app, "assistant") == [" [failed]"]
+        message = "error: prefill.max_context: the prompt is 9,000 tokens, longer than prefill.max_context = 4096"
+        assert texts(app, "error") == [message]
+        assert notifications(app)[-1] == f"Generation failed: {message}"
+        assert app.busy is None and app.is_running
+
+    run(app, scenario)

@@ -175,29 +175,34 @@ class ProcessSampler:
 
 @dataclass
 class PrefillProgress:
-    """Chunk k of N, tokens done and an ETA from the measured time of the chunks so far."""
+    """Chunk k of N, tokens done and an ETA from the wall time the chunks so far took.
 
+    Wall time (first `started_at`, then each chunk's commit) rather than the sum of
+    `ChunkDone.seconds`: out of order, chunks overlap, and their own spans add up to more
+    than the prefill took."""
+
+    started_at: float = 0.0  # perf_counter when the prefill began
     chunks_done: int = 0
     n_chunks: int = 0
     tokens_done: int = 0
-    seconds_done: float = 0.0
+    elapsed: float = 0.0  # from started_at to the last chunk's commit
 
-    def update(self, chunk: ChunkDone) -> None:
+    def update(self, chunk: ChunkDone, now: float) -> None:
         self.chunks_done = chunk.index + 1
         self.n_chunks = chunk.n_chunks
         self.tokens_done += chunk.tokens
-        self.seconds_done += chunk.seconds
+        self.elapsed = max(0.0, now - self.started_at)
 
     @property
     def eta_seconds(self) -> float | None:
-        """Remaining chunks x mean measured chunk time; None before the first chunk."""
+        """Remaining chunks x mean wall time per chunk so far; None before the first chunk."""
         if self.chunks_done == 0:
             return None
-        return (self.n_chunks - self.chunks_done) * self.seconds_done / self.chunks_done
+        return (self.n_chunks - self.chunks_done) * self.elapsed / self.chunks_done
 
     @property
     def tokens_per_s(self) -> float | None:
-        return self.tokens_done / self.seconds_done if self.seconds_done > 0 else None
+        return self.tokens_done / self.elapsed if self.elapsed > 0 else None
 
 
 @dataclass

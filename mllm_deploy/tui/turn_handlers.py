@@ -23,7 +23,7 @@ class TurnHandlers:
     def start_work(self, kind: WorkKind, make_events: Callable[[threading.Event], Iterable[object]]) -> None:
         self.busy = kind
         self.cancel_event = threading.Event()
-        self.progress = PrefillProgress()
+        self.progress = PrefillProgress(started_at=time.perf_counter())
         self.tokens_emitted = 0
         self.activity = "prefill…"
         self.decoding = False
@@ -86,7 +86,7 @@ class TurnHandlers:
         if self.tracker.observe(event):
             return
         if isinstance(event, ChunkDone):
-            self.progress.update(event)
+            self.progress.update(event, time.perf_counter())
             remaining = event.index + 1 < event.n_chunks
             self.activity = f"chunk {event.index + 2}/{event.n_chunks}" if remaining else "prefill done"
             self.refresh_telemetry(sample=False)
@@ -129,6 +129,8 @@ class TurnHandlers:
                   "Ask your question about it.")  # fmt: skip
 
     def on_work_failed(self, message: WorkFailed) -> None:
+        if self.current_reply is not None:
+            self.current_reply.append(" [failed]")
         self.note(message.text, role="error")
         self.notify(message.text, title="Generation failed" if message.kind == "turn" else "Loading the document failed",
                     severity="error", timeout=10)  # fmt: skip
@@ -140,5 +142,5 @@ class TurnHandlers:
         self.cancel_event = None
         self.current_reply = None
         self.activity = ""
-        self.refresh_telemetry()
+        self.refresh_telemetry(sample=False)
 

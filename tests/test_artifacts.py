@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mllm_deploy.compile import artifacts as art
-from mllm_deploy.compile.build import calibrated_shadow_layers, compile_artifacts, find_artifacts
+from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts, find_artifacts
 from mllm_deploy.compile.bundle import bundle_artifacts, bundle_profile_path, is_bundle, write_bundle
 from mllm_deploy.errors import UserError
 from mllm_deploy.model import read_spec
@@ -57,7 +57,7 @@ def test_hit_reuses_the_entry_and_lockfile_records_the_build(model, cache):
     assert lock["model_identity"].startswith("sha256:") and set(lock["versions"]) >= {"onnx", "onnxruntime", "onnxruntime-qnn", "mllm-deploy"}
     assert sorted(p.name for p in (cache / "artifacts").iterdir()) == [first.root.name]  # no temp leftovers
     assert find_artifacts(resolved_for(model)).root == first.root
-    assert calibrated_shadow_layers(resolved_for(model)) == tuple(first.calibration.layer_rank)
+    assert calibrated_shadow_inputs(resolved_for(model)) == tuple(first.calibration.shadow_inputs)
 
 
 @pytest.mark.parametrize("change", [

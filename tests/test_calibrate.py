@@ -54,17 +54,20 @@ def _stats(n_layers=4):
 
 def test_policies_choose_clamps_and_shadowed_layers():
     stats = _stats()
-    shadow = derive_calibration(stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_layer_count=2)
+    shadow = derive_calibration(stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2)
     assert shadow.layer_rank == [3, 2, 1, 0]  # down input max 400, 300, ... over the same clamp
     assert shadow.shadow_layers == [2, 3]
+    assert shadow.shadow_inputs == [(2, "down"), (3, "down")]  # ranked over every input, not whole layers
+    assert shadow.shadowed == frozenset({(2, "down"), (3, "down")})
+    assert shadow.input(3, "qkv").hot_channels == []  # same layer, input pruned
     assert shadow.input(3, "down").clamp == 1.0 and shadow.input(3, "down").importance == pytest.approx(400 * 127)
     assert shadow.input(3, "down").hot_channels == [3, 5]  # 2 of 3 outliers in ch 3 < 80%, so ch 5 too
     assert shadow.input(0, "down").hot_channels == []  # not shadowed
     assert shadow.output_clamps["0/ffn_down"] == 3.0  # the NPU sees clamped inputs
     assert shadow.input(0, "qkv").outlier_fraction == pytest.approx(3 / 800)
-    clip = derive_calibration(stats, policy="clip", activations="uint8", hot_channel_fraction=0.5, shadow_layer_count=2)
+    clip = derive_calibration(stats, policy="clip", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2)
     assert clip.shadow_layers == [] and clip.input(3, "down").clamp == 1.0
-    none = derive_calibration(stats, policy="none", activations="uint16", hot_channel_fraction=0.5, shadow_layer_count=2)
+    none = derive_calibration(stats, policy="none", activations="uint16", hot_channel_fraction=0.5, shadow_input_count=2)
     assert none.input(3, "down").clamp == 400.0 and none.input(3, "down").outlier_fraction == 0.0
     assert none.output_clamps["0/ffn_down"] == 10.0 and none.shadow_layers == []
     assert none.input(3, "down").importance == pytest.approx(32767)

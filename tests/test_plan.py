@@ -82,15 +82,34 @@ def test_dag_dependencies_across_chunks_and_layers(tmp_path, spec):
 
 def test_shadow_insertion(tmp_path, spec):
     plan = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256)
-    assert plan.shadow.layers == [5, 15, 25] and plan.shadow.source == "provisional"
+    # 10% of 120 linear inputs; before calibration: down projections, spread over the layers
+    assert plan.shadow.layers == [1, 3, 6, 8, 11, 13, 16, 18, 21, 23, 26, 28] and plan.shadow.source == "provisional"
+    assert plan.shadow.linears[:2] == ["L1.down", "L3.down"] and len(plan.shadow.linears) == 12
     shadows = [s for s in plan.subgraphs if s.kind == "shadow"]
-    assert len(shadows) == 3 * 4
+    assert len(shadows) == 12
     assert {s.processor for s in shadows} == {"cpu"}
     edges = set(plan.edges)
-    assert ("c0.L15.ffn_norm", "c0.L15.gate_up.shadow") in edges  # same input as the NPU linear
-    assert ("c0.L15.gate_up.shadow", "c0.L15.down") in edges  # correction added before use
-    calibrated = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256, calibrated_shadow_layers=(29, 0, 7, 3))
+    assert ("c0.L13.gate_up", "c0.L13.down.shadow") in edges  # same input as the NPU linear
+    assert ("c0.L13.down.shadow", "c0.L14.attn_norm") in edges  # correction added before use
+    more = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.5\n"), spec, prompt_tokens=256)
+    assert [l.split(".")[1] for l in more.shadow.linears].count("down") == 30  # then gate_up
+    assert [l.split(".")[1] for l in more.shadow.linears].count("gate_up") == 30
+    chosen = ((29, "down"), (0, "qkv"), (7, "gate_up"))
+    calibrated = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256, calibrated_shadow_inputs=chosen)
     assert calibrated.shadow.layers == [0, 7, 29] and calibrated.shadow.source == "calibration"
+    assert calibrated.shadow.linears == ["L0.qkv", "L7.gate_up", "L29.down"]
+    assert sorted(s.id for s in calibrated.subgraphs if s.kind == "shadow") == ["c0.L0.qkv.shadow", "c0.L29.down.shadow", "c0.L7.gate_up.shadow"]
+
+
+def test_shadow_of_a_linear_waits_for_the_shadow_of_its_input(tmp_path, spec):
+    # down's input h = silu(gate)*up is final only after gate_up's correction is added
+    plan = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.0\n"), spec, prompt_tokens=256)
+    edges = set(plan.edges)
+    assert ("c0.L4.gate_up.shadow", "c0.L4.down.shadow") in edges
+    assert ("c0.L4.gate_up.shadow", "c0.L4.down") in edges
+    assert ("c0.L4.down.shadow", "c0.L5.qkv.shadow") not in edges  # via attn_norm, not directly
+    assert ("c0.L5.attn_norm", "c0.L5.qkv.shadow") in edges
+    assert topological_order([s.id for s in plan.subgraphs], plan.edges)  # still acyclic
 
 
 def test_float_baseline_plan_is_all_cpu(tmp_path, spec):

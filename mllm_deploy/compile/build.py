@@ -90,10 +90,10 @@ def find_artifacts(resolved) -> Artifacts | None:
         return None
 
 
-def calibrated_shadow_layers(resolved) -> tuple[int, ...] | None:
-    """Layer ranks from this profile's built artifacts (most important first), for `build_plan`."""
+def calibrated_shadow_inputs(resolved) -> tuple[tuple[int, str], ...] | None:
+    """The (layer, kind) linear inputs this profile's built artifacts shadow, for `build_plan`."""
     artifacts = find_artifacts(resolved)
-    return tuple(artifacts.calibration.layer_rank) if artifacts is not None else None
+    return tuple(artifacts.calibration.shadow_inputs) if artifacts is not None else None
 
 
 def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, progress=stderr_progress) -> Artifacts:
@@ -116,11 +116,11 @@ def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, p
     engine = FloatEngine(load_weights(resolved.spec))
     stats = calibration_stats(resolved, engine, lock, log, progress)
     p = resolved.profile
-    from mllm_deploy.plan.memory import shadowed_layer_count
+    from mllm_deploy.plan.memory import shadowed_input_count
 
     cal = derive_calibration(
         stats, policy=p.outliers.policy, activations=p.quantization.activations,
-        hot_channel_fraction=p.outliers.hot_channel_fraction, shadow_layer_count=shadowed_layer_count(p, resolved.spec),
+        hot_channel_fraction=p.outliers.hot_channel_fraction, shadow_input_count=shadowed_input_count(p, resolved.spec),
     )  # fmt: skip
     log(render_calibration(cal).rstrip())
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=artifacts_root()))

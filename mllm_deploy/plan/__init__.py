@@ -30,7 +30,7 @@ def build_plan(
     resolved: Resolved,
     *,
     prompt_tokens: int | None = None,
-    calibrated_shadow_layers: tuple[int, ...] | None = None,
+    calibrated_shadow_inputs: tuple[tuple[int, str], ...] | None = None,
     dump_dir: Path | None = None,
 ) -> Plan:
     """The execution plan of `resolved` for a prompt of `prompt_tokens` tokens."""
@@ -56,7 +56,7 @@ def build_plan(
         caps=resolved.caps,
         spec=resolved.spec,
         backend=resolved.backend,
-        calibrated_shadow_layers=calibrated_shadow_layers,
+        calibrated_shadow_inputs=calibrated_shadow_inputs,
     )
     for index, (name, run_pass) in enumerate(PASSES, start=1):
         plan = run_pass(plan, inputs)

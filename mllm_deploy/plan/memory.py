@@ -54,11 +54,16 @@ def linear_params_per_layer(spec: ModelSpec) -> int:
     return sum(out * inp for out, inp in spec.linear_shapes().values())
 
 
-def shadowed_layer_count(profile: Profile, spec: ModelSpec) -> int:
-    """Layers that keep shadow outlier correction after pruning `outliers.prune_fraction`."""
+LINEAR_INPUTS_PER_LAYER = 4  # the inputs of the qkv, o_proj, gate_up and down graphs
+
+
+def shadowed_input_count(profile: Profile, spec: ModelSpec) -> int:
+    """Linear inputs (over all layers) that keep shadow outlier correction after pruning the
+    least important `outliers.prune_fraction` of them."""
     if profile.outliers.policy != "shadow":
         return 0
-    return spec.n_layers - int(round(profile.outliers.prune_fraction * spec.n_layers))
+    total = LINEAR_INPUTS_PER_LAYER * spec.n_layers
+    return total - int(round(profile.outliers.prune_fraction * total))
 
 
 def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudget:
@@ -94,10 +99,11 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
     act_bytes = 2 if profile.quantization.activations == "uint16" else 1
     # graph I/O for the widest graph (gate/up: in [chunk, hidden], out [chunk, ffn] float)
     npu_act = chunk * (spec.hidden + 2 * spec.ffn) * F32 + chunk * spec.ffn * act_bytes
-    # hot rows: for each shadowed linear input channel kept hot, the float row of W^T it multiplies
+    # hot rows: for each shadowed linear input channel kept hot, the float row of W^T it multiplies;
+    # sized for the widest input (the down projection's), which calibration shadows first
     hot_fraction = profile.outliers.hot_channel_fraction
-    hot_per_layer = sum(int(round(hot_fraction * inp)) * out * F32 for out, inp in spec.linear_shapes().values())
-    hot = shadowed_layer_count(profile, spec) * hot_per_layer
+    widest = max(spec.linear_shapes().values(), key=lambda shape: shape[1])
+    hot = shadowed_input_count(profile, spec) * int(round(hot_fraction * widest[1])) * widest[0] * F32
     # decode runs on the CPU from the INT8 weights the NPU graphs hold (shared, no copy)
     return MemoryBudget(
         npu_weight_bytes=npu_weights,

@@ -111,11 +111,15 @@ class ShadowPlan(_Frozen):
     """`outliers.policy`."""
 
     layers: list[int]
-    """Layers whose linears get shadow subgraphs."""
+    """Layers with at least one shadowed linear."""
+
+    linears: list[str]
+    """Shadowed linear inputs as `L{layer}.{kind}` (kind: qkv, o_proj, gate_up, down)."""
 
     source: Literal["calibration", "provisional"]
-    """`calibration`: layers ranked by measured importance (max |outlier| / scale);
-    `provisional`: no calibration yet, layers spread evenly until `build` measures them."""
+    """`calibration`: linear inputs ranked by measured importance (max |outlier| / scale);
+    `provisional`: no calibration yet — down projections first, spread over the layers —
+    until `build` measures them."""
 
     hot_channel_fraction: float
     """Largest share of input channels whose float weight rows stay in memory."""

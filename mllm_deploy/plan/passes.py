@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.plan.memory import shadowed_layer_count
+from mllm_deploy.plan.memory import shadowed_input_count
 from mllm_deploy.plan.models import LINEAR_KINDS, Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, TensorSpec
 from mllm_deploy.profile.models import Profile
 
@@ -28,7 +28,7 @@ class PlanInputs:
     caps: Capabilities
     spec: ModelSpec
     backend: str
-    calibrated_shadow_layers: tuple[int, ...] | None = None  # from `build`'s calibration, if any
+    calibrated_shadow_inputs: tuple[tuple[int, str], ...] | None = None  # (layer, kind) from `build`'s calibration
 
 
 def _t(name: str, shape: tuple[int, ...], dtype: str = F32) -> TensorSpec:
@@ -142,15 +142,31 @@ def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
     return plan.model_copy(update={"subgraphs": placed, "graphs": list(graphs.values()), "passes": [*plan.passes, "place"]})
 
 
-def choose_shadow_layers(profile: Profile, spec: ModelSpec, calibrated: tuple[int, ...] | None) -> tuple[list[int], str]:
-    """(layers, source): calibrated ranks when known, else an even spread (provisional)."""
-    count = shadowed_layer_count(profile, spec)
-    if count == 0:
-        return [], "calibration" if calibrated is not None else "provisional"
+PROVISIONAL_KIND_ORDER = ("down", "gate_up", "o_proj", "qkv")
+"""Before calibration: which linear inputs to shadow first (DESIGN.md §4: almost all of the
+INT8 damage on SmolLM2 comes from the down-projection inputs)."""
+
+
+def _kind_order(kind: str) -> int:
+    return LINEAR_KINDS.index(kind)
+
+
+def choose_shadow_inputs(
+    profile: Profile, spec: ModelSpec, calibrated: tuple[tuple[int, str], ...] | None
+) -> tuple[list[tuple[int, str]], str]:
+    """((layer, kind) inputs, source): calibration's choice when known, else a provisional one —
+    kinds in PROVISIONAL_KIND_ORDER, each spread evenly over the layers."""
     if calibrated is not None:
-        return sorted(calibrated[:count]), "calibration"
-    step = spec.n_layers / count
-    return sorted({min(spec.n_layers - 1, int(i * step + step / 2)) for i in range(count)}), "provisional"
+        return sorted(((int(layer), str(kind)) for layer, kind in calibrated), key=lambda p: (p[0], _kind_order(p[1]))), "calibration"
+    count = shadowed_input_count(profile, spec)
+    chosen: list[tuple[int, str]] = []
+    for kind in PROVISIONAL_KIND_ORDER:
+        take = min(spec.n_layers, count - len(chosen))
+        if take <= 0:
+            break
+        step = spec.n_layers / take
+        chosen += [(min(spec.n_layers - 1, int(i * step + step / 2)), kind) for i in range(take)]
+    return sorted(chosen, key=lambda p: (p[0], _kind_order(p[1]))), "provisional"
 
 
 def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
@@ -159,11 +175,17 @@ def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
     profile, spec = inp.profile, inp.spec
     if inp.backend == "none":
         return plan.model_copy(update={"passes": [*plan.passes, "insert_shadow"]})
-    layers, source = choose_shadow_layers(profile, spec, inp.calibrated_shadow_layers)
-    shadow = ShadowPlan(policy=profile.outliers.policy, layers=layers, source=source, hot_channel_fraction=profile.outliers.hot_channel_fraction)
-    if not layers:
+    inputs, source = choose_shadow_inputs(profile, spec, inp.calibrated_shadow_inputs)
+    shadow = ShadowPlan(
+        policy=profile.outliers.policy,
+        layers=sorted({layer for layer, _ in inputs}),
+        linears=[f"L{layer}.{kind}" for layer, kind in inputs],
+        source=source,
+        hot_channel_fraction=profile.outliers.hot_channel_fraction,
+    )
+    if not inputs:
         return plan.model_copy(update={"shadow": shadow, "passes": [*plan.passes, "insert_shadow"]})
-    wanted = set(layers)
+    wanted = set(inputs)
     producers = {}
     for src, dst in plan.edges:
         producers.setdefault(dst, []).append(src)
@@ -172,8 +194,11 @@ def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
         consumers.setdefault(src, []).append(dst)
     new_subgraphs = list(plan.subgraphs)
     new_edges = list(plan.edges)
+    # subgraphs are in a valid order, so an earlier linear's shadow already feeds this linear
+    # (its `shadow -> consumer` edge is in `producers`) and this shadow waits for it too: its
+    # input (e.g. down's h = silu(gate)*up) is only final once that correction is added
     for sg in plan.subgraphs:
-        if sg.processor != "npu" or sg.kind not in LINEAR_KINDS or sg.layer not in wanted:
+        if sg.processor != "npu" or sg.kind not in LINEAR_KINDS or (sg.layer, sg.kind) not in wanted:
             continue
         x = sg.inputs[0]  # [chunk, in]
         sid = f"{sg.id}.shadow"
@@ -182,7 +207,9 @@ def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
         outs = [TensorSpec(name=f"{t.name}_correction", shape=t.shape, dtype=F32) for t in sg.outputs]
         new_subgraphs.append(Subgraph(id=sid, chunk=sg.chunk, layer=sg.layer, kind="shadow", processor="cpu", graph=None, inputs=[x], outputs=outs, ops=ops, estimate_ms=0.0))
         new_edges += [(src, sid) for src in producers.get(sg.id, [])]  # whatever made its input
-        new_edges += [(sid, dst) for dst in consumers.get(sg.id, [])]  # the correction is added before use
+        for dst in consumers.get(sg.id, []):  # the correction is added before use
+            new_edges.append((sid, dst))
+            producers.setdefault(dst, []).append(sid)
     return plan.model_copy(update={"subgraphs": new_subgraphs, "edges": new_edges, "shadow": shadow, "passes": [*plan.passes, "insert_shadow"]})
 
 

@@ -43,8 +43,16 @@ def render_plan(plan: Plan, *, dag_lines: int = 24) -> str:
         ]
     if plan.shadow is not None:
         s = plan.shadow
-        layers = ", ".join(str(x) for x in s.layers) or "none"
-        lines += [f"outliers: {s.policy}; shadowed layers ({s.source}): {layers}; hot channels <= {s.hot_channel_fraction:.1%}", ""]
+        kinds: dict[str, int] = {}
+        for linear in s.linears:
+            kind = linear.split(".", 1)[1]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        summary = ", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none"
+        lines += [
+            f"outliers: {s.policy}; shadowed linear inputs ({s.source}): {len(s.linears)} ({summary}) "
+            f"in {len(s.layers)} layers; hot channels <= {s.hot_channel_fraction:.1%}",
+            "",
+        ]
     lines.append("layer placement (chunk 0)")
     by_layer: dict[int, list[str]] = {}
     for sg in plan.subgraphs:

@@ -92,18 +92,18 @@ def seeded_latencies(kernels) -> LatencyModel:
 
 
 def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, policy: str | None = None,
-                     shadow_layers: tuple[int, ...] | None = None) -> DagEngine:
-    """A DagEngine for `resolved` (the profile checked against device and model). `shadow_layers`:
-    calibrated layer ranks for the plan (default: the layers the kernels correct)."""
+                     shadow_inputs: tuple[tuple[int, str], ...] | None = None) -> DagEngine:
+    """A DagEngine for `resolved` (the profile checked against device and model). `shadow_inputs`:
+    the calibrated (layer, kind) shadowed inputs for the plan (default: those the kernels correct)."""
     from mllm_deploy.plan import build_plan
 
     profile = resolved.profile
     chunk = profile.prefill.chunk_size
-    if shadow_layers is None and kernels is not None:
-        shadow_layers = tuple(sorted({layer for layer, _ in kernels.shadowed}))
+    if shadow_inputs is None and kernels is not None:
+        shadow_inputs = tuple(sorted(kernels.shadowed))
 
     def plan_for(n_chunks: int):
-        plan = build_plan(resolved, prompt_tokens=n_chunks * chunk, calibrated_shadow_layers=shadow_layers)
+        plan = build_plan(resolved, prompt_tokens=n_chunks * chunk, calibrated_shadow_inputs=shadow_inputs)
         if kernels is not None:
             check_shadow_agreement(plan, kernels.shadowed)
         return plan
@@ -143,7 +143,7 @@ def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> 
 
     Decode runs on every core by default (`cpu_threads + npu_threads`): between prefills the
     emulated NPU's cores are idle, and on a phone the NPU is not a CPU core at all."""
-    from mllm_deploy.compile.build import calibrated_shadow_layers, compile_artifacts
+    from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts
     from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
     from mllm_deploy.runtime.npu_kernels import load_npu_kernels
 
@@ -153,6 +153,6 @@ def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> 
     graphs = cached_decode_graphs(resolved.spec, lambda: weights)
     threads = decode_threads or max(1, resolved.cpu_threads + resolved.npu_threads)
     decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, graphs, threads)
-    engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_layers=calibrated_shadow_layers(resolved))
+    engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_inputs=calibrated_shadow_inputs(resolved))
     engine.warm_up()
     return engine

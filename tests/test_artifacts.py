@@ -121,6 +121,7 @@ def test_bundle_round_trip(model, cache, tmp_path):
     assert is_bundle(out) and not is_bundle(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["artifacts", "bundle.json", "model", "profile.toml"]
     loaded = load_profile(bundle_profile_path(out))
+    assert load_profile(out).path == loaded.path == out / "profile.toml"  # the bundle dir stands for its profile
     assert loaded.profile.model.source == f"model/{model.name}"
     assert loaded.profile.prefill.chunk_size == 8 and loaded.profile.calibration.samples == 1
     spec = read_spec(loaded.profile.model.source, loaded.base_dir)
@@ -130,3 +131,10 @@ def test_bundle_round_trip(model, cache, tmp_path):
     with pytest.raises(UserError) as caught:
         bundle_artifacts(resolve(loaded, pinned_host(), spec))
     assert caught.value.exit_code == 3 and "rebuild" in caught.value.diagnostics[0].hint
+
+
+def test_profile_loader_knows_the_bundle_file_names():
+    from mllm_deploy.compile import bundle
+    from mllm_deploy.profile import load as profile_load
+
+    assert (profile_load.BUNDLE_INFO_NAME, profile_load.BUNDLE_PROFILE_NAME) == (bundle.BUNDLE_INFO, bundle.BUNDLE_PROFILE)

@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mllm_deploy.compile.build import find_artifacts
+    from mllm_deploy.compile.calibration import render_calibration
     from mllm_deploy.errors import user_error
     from mllm_deploy.plan import build_plan, plan_to_json
     from mllm_deploy.plan.render import render_plan
@@ -43,6 +45,17 @@ def run(args: argparse.Namespace) -> int:
     limit = resolved.profile.prefill.max_context
     if args.prompt_tokens is not None and not 1 <= args.prompt_tokens <= limit:
         raise user_error("--prompt-tokens out of range", value=args.prompt_tokens, allowed=f"1 to prefill.max_context ({limit})")
-    plan = build_plan(resolved, prompt_tokens=args.prompt_tokens, dump_dir=args.dump_dir)
-    sys.stdout.write(plan_to_json(plan) if args.json else render_plan(plan))
+    # once `build` has calibrated this profile, the plan shows the shadowed inputs it measured
+    artifacts = find_artifacts(resolved) if resolved.backend != "none" else None
+    calibrated = tuple(artifacts.calibration.shadow_inputs) if artifacts is not None else None
+    plan = build_plan(resolved, prompt_tokens=args.prompt_tokens, calibrated_shadow_inputs=calibrated, dump_dir=args.dump_dir)
+    if args.json:
+        sys.stdout.write(plan_to_json(plan))
+        return ExitCode.OK
+    sys.stdout.write(render_plan(plan))
+    if artifacts is not None:
+        sys.stdout.write("\n" + render_calibration(artifacts.calibration))
+    else:
+        sys.stdout.write("\nnot built yet: shadowed inputs are provisional until `mllm-deploy build` calibrates\n"
+                         if resolved.backend != "none" else "")
     return ExitCode.OK

@@ -33,10 +33,19 @@ def profile_hash(profile: Profile) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+BUNDLE_INFO_NAME = "bundle.json"  # must agree with mllm_deploy.compile.bundle (a test checks it)
+BUNDLE_PROFILE_NAME = "profile.toml"
+
+
 def load_profile(path: str | Path | None, overrides: Sequence[str] = ()) -> LoadedProfile:
     """Read, parse and validate the profile at `path` (None: the built-in default) with
-    `--set KEY=VALUE` overrides. Raises :class:`UserError` (exit 2) carrying every problem."""
+    `--set KEY=VALUE` overrides. Raises :class:`UserError` (exit 2) carrying every problem.
+
+    A bundle directory written by `mllm-deploy build --out DIR` stands for its `profile.toml`
+    (whose relative paths, like the bundle's artifacts, resolve inside the bundle)."""
     file = default_profile_path() if path is None else Path(path)
+    if file.is_dir() and (file / BUNDLE_INFO_NAME).is_file():
+        file = file / BUNDLE_PROFILE_NAME
     display = printable(str(file))
     text = read_profile_text(file, display)
     try:

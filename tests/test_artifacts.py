@@ -138,3 +138,14 @@ def test_profile_loader_knows_the_bundle_file_names():
     from mllm_deploy.profile import load as profile_load
 
     assert (profile_load.BUNDLE_INFO_NAME, profile_load.BUNDLE_PROFILE_NAME) == (bundle.BUNDLE_INFO, bundle.BUNDLE_PROFILE)
+
+
+def test_lockfile_for_a_snapdragon_target_records_its_htp_arch_and_soc():
+    from mllm_deploy.compile.artifacts import expected_lock
+    from mllm_deploy.device.catalog import catalog_entries
+    from mllm_deploy.resolve import resolve
+
+    loaded = load_profile(None, ["device.target=sd8gen3", "device.npu_backend=qnn-htp"])
+    resolved = resolve(loaded, catalog_entries()["sd8gen3"], read_spec("builtin:smollm2-135m-instruct"))
+    lock = expected_lock(resolved)
+    assert (lock.htp_arch, lock.soc_model, lock.backend, lock.target) == (75, 57, "qnn-htp", "sd8gen3")

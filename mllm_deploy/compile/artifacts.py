@@ -130,7 +130,7 @@ def expected_lock(resolved) -> Lockfile:
         chunk_size=p.prefill.chunk_size,
         backend=resolved.backend,
         target=resolved.caps.id,
-        htp_arch=(npu.htp_arch or 75) if qnn and npu is not None else None,
+        htp_arch=(npu.htp_arch_number or 75) if qnn and npu is not None else None,
         soc_model=npu.qnn_soc_model if qnn and npu is not None else None,
         settings=settings,
         versions=library_versions(),

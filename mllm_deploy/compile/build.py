@@ -225,7 +225,7 @@ def open_backend(resolved):
         from mllm_deploy.runtime.backends.qnn_htp import QnnHtpBackend
 
         npu = resolved.caps.npu
-        return QnnHtpBackend(htp_arch=(npu.htp_arch if npu and npu.htp_arch else 75),
+        return QnnHtpBackend(htp_arch=(npu.htp_arch_number if npu and npu.htp_arch else 75),
                              soc_model=npu.qnn_soc_model if npu else None)  # fmt: skip
     from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
 

@@ -124,6 +124,11 @@ class NpuCaps(_Strict):
     allowed_chunk_sizes: ChunkSizeRule
     """Prefill chunk sizes (static graph batch dimension) this NPU accepts."""
 
+    @property
+    def htp_arch_number(self) -> int | None:
+        """`htp_arch` as the number QNN's options take (`"v75"` -> 75); none when unset."""
+        return int(self.htp_arch[1:]) if self.htp_arch else None
+
 
 class HostProbe(_Strict):
     """What the probe found on this machine (measured unless a field says nominal)."""

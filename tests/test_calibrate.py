@@ -63,10 +63,15 @@ def test_policies_choose_clamps_and_shadowed_layers():
     assert shadow.input(3, "down").clamp == 1.0 and shadow.input(3, "down").importance == pytest.approx(400 * 127)
     assert shadow.input(3, "down").hot_channels == [3, 5]  # 2 of 3 outliers in ch 3 < 80%, so ch 5 too
     assert shadow.input(0, "down").hot_channels == []  # not shadowed
-    assert shadow.output_clamps["0/ffn_down"] == 3.0  # the NPU sees clamped inputs
-    assert shadow.input(0, "qkv").outlier_fraction == pytest.approx(3 / 800)
+    assert shadow.output_clamps["3/ffn_down"] == 3.0  # the NPU sees clamped inputs
+    # pruned inputs are not clipped: max-abs grid, full-range output
+    assert shadow.input(0, "down").clamp == shadow.input(0, "down").max_abs
+    assert shadow.input(0, "qkv").outlier_fraction == 0.0
+    assert shadow.output_clamps["0/ffn_down"] == 10.0
     clip = derive_calibration(stats, policy="clip", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2)
     assert clip.shadow_layers == [] and clip.input(3, "down").clamp == 1.0
+    assert clip.input(0, "qkv").outlier_fraction == pytest.approx(3 / 800)
+    assert clip.output_clamps["0/ffn_down"] == 3.0
     none = derive_calibration(stats, policy="none", activations="uint16", hot_channel_fraction=0.5, shadow_input_count=2)
     assert none.input(3, "down").clamp == 400.0 and none.input(3, "down").outlier_fraction == 0.0
     assert none.output_clamps["0/ffn_down"] == 10.0 and none.shadow_layers == []

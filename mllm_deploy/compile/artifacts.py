@@ -78,8 +78,14 @@ class Manifest(_Model):
     """onnxruntime threads the latencies were measured with (0: not ort-cpu)."""
 
 
+ARTIFACT_FORMAT = "2"
+"""Bump whenever what `build` produces changes for the same inputs (graph layout, calibration
+rules), so entries built by an older rule are recompiled instead of silently reused.
+2: shadow pruning per linear input, pruned inputs on max-abs grids."""
+
+
 def library_versions() -> dict[str, str]:
-    out = {"mllm-deploy": __version__}
+    out = {"mllm-deploy": __version__, "artifact-format": ARTIFACT_FORMAT}
     for dist in ("onnx", "onnxruntime", "onnxruntime-qnn"):
         try:
             out[dist] = metadata.version(dist)

@@ -51,9 +51,21 @@ def test_open_span_counts_until_now_and_closes():
 
 
 def test_lane_cells_are_busy_fraction_per_slice():
-    tracker = UtilizationTracker()
+    tracker = UtilizationTracker(slots={"cpu": 2})
     tracker.add_span("cpu", "chunk", 1.0, 2.5)
-    assert tracker.lane("cpu", 4.0, 4.0, 4) == pytest.approx([0.0, 1.0, 0.5, 0.0])
+    tracker.add_span("cpu", "decode", 2.5, 3.0, width=2)
+    tracker.add_span("cpu", "old", -5.0, -4.0)
+    tracker.started("cpu", "attention", 3.5)
+    assert tracker.lane("cpu", 4.0, 4.0, 4) == pytest.approx([0.0, 0.5, 0.75, 0.25])
+    for i, cell in enumerate(tracker.lane("cpu", 4.0, 4.0, 4)):  # the same as busy_fraction per slice
+        assert cell == pytest.approx(tracker._busy_seconds("cpu", float(i), i + 1.0) / 2)
+
+
+def test_old_spans_are_dropped_after_keep_seconds():
+    tracker = UtilizationTracker(keep_seconds=10.0)
+    tracker.add_span("npu", "a", 0.0, 1.0)
+    tracker.add_span("npu", "b", 20.0, 21.0)
+    assert [s.label for s in tracker._spans["npu"]] == ["b"]
 
 
 def test_observe_subgraph_events_uses_their_measured_times():

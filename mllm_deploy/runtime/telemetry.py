@@ -105,11 +105,17 @@ class UtilizationTracker:
         """Busy fraction of each of `cells` equal slices of `[now - window, now]`, oldest first."""
         width = window / cells
         start = now - window
-        slots = self.slots.get(processor, 1)
-        return [
-            min(1.0, self._busy_seconds(processor, start + i * width, start + (i + 1) * width) / (slots * width))
-            for i in range(cells)
-        ]
+        busy = [0.0] * cells
+        spans = [(s.start, s.end, s.width) for s in self._spans.get(processor, ()) if s.end > start]
+        spans += [(t, now, w) for t, w in self._open.get(processor, {}).values()]
+        for span_start, span_end, span_width in spans:  # one pass: each span adds to the cells it covers
+            first = max(0, int((span_start - start) // width))
+            last = min(cells - 1, int((min(span_end, now) - start) // width))
+            for i in range(first, last + 1):
+                cell_start = start + i * width
+                busy[i] += span_width * max(0.0, min(span_end, cell_start + width) - max(span_start, cell_start))
+        capacity = self.slots.get(processor, 1) * width
+        return [min(1.0, b / capacity) for b in busy]
 
     def observe(self, event: object) -> bool:
         """Record a runtime subgraph event (its own measured times); False for other events."""

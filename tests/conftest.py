@@ -1,0 +1,37 @@
+"""Fixtures shared across test modules."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_npu_cache(tmp_path_factory) -> Path:
+    """One artifact cache for every real-model NPU-path test of a run, shared by xdist workers,
+    so the default profile is calibrated and compiled once per run (about a minute on 2 cores)."""
+    root = tmp_path_factory.getbasetemp().parent / "npu-real-cache"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@contextmanager
+def cache_env(root: Path):
+    """MLLM_DEPLOY_CACHE=root for the block, holding an exclusive lock so two workers never
+    build the same artifacts at once (the second finds the first one's entry)."""
+    old = os.environ.get("MLLM_DEPLOY_CACHE")
+    os.environ["MLLM_DEPLOY_CACHE"] = str(root)
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            if old is None:
+                os.environ.pop("MLLM_DEPLOY_CACHE", None)
+            else:
+                os.environ["MLLM_DEPLOY_CACHE"] = old

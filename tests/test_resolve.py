@@ -101,7 +101,7 @@ def test_calibration_glob_that_matches_is_accepted(tmp_path, spec):
 @pytest.mark.parametrize(
     ("text", "target", "backend", "label", "threads"),
     [
-        ("", "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (1, 1)),
+        ("", "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (2, 1)),
         ('[device]\nnpu_backend = "none"\n', "host", "none", "none (float32 on the CPU)", (2, 0)),
         ('[device]\nnpu_backend = "qnn-htp"\n', "host", "qnn-htp", "QNN HTP x86 simulator", (2, 0)),
         ("", "sd8gen3", "qnn-htp", "QNN HTP v75", (8, 0)),

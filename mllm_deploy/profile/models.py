@@ -57,7 +57,7 @@ class DeviceSection(_Section):
 
     cpu_threads: int | None = Field(None, ge=1, le=256)
     """Threads for CPU subgraphs (attention, norms, outlier corrections, decode).
-    Unset: all cores minus `npu_threads` (at least one)."""
+    Unset: all cores (on `ort-cpu` the CPU side shares cores with the emulated NPU, which idles part of the time)."""
 
     npu_threads: int | None = Field(None, ge=1, le=256)
     """Threads onnxruntime may use for the emulated NPU; only meaningful for `ort-cpu`.

@@ -58,7 +58,7 @@ def test_eval_missing_text_is_exit_2_without_traceback(main, model, capsys):
 def test_build_prints_the_calibration_and_writes_a_bundle(main, model, tmp_path, capsys):
     assert main(["build", *sets(model), "--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert "shadow outlier execution in" in out and "bundle:" in out and "graphs: 8" in out
+    assert "shadow outlier execution on" in out and "bundle:" in out and "graphs: 8" in out
     assert (tmp_path / "b" / "bundle.json").is_file()
     assert main(["build", *sets(model, "calibration.source=missing/*.txt")]) == 2
     assert "calibration.source" in capsys.readouterr().err

@@ -75,15 +75,15 @@ def test_decode_graphs_use_8bit_integer_matmuls(tiny):
 
 
 def test_embedding_rows_read_from_a_memory_mapped_table(tmp_path):
-    from mllm_deploy.runtime.decode_fast import EmbeddingRows
+    from mllm_deploy.runtime.file_rows import FileRows
 
     table = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     np.save(tmp_path / "t.npy", table)
     mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
     for source in (mapped, table):
-        rows = EmbeddingRows(source)
+        rows = FileRows(source)
         np.testing.assert_array_equal(rows[np.array([3, 3, 49, 0])], table[[3, 3, 49, 0]])
         np.testing.assert_array_equal(rows[7], table[7])
-    assert EmbeddingRows(mapped)._file is not None  # really the pread path
+    assert FileRows(mapped)._file is not None  # really the pread path
     with pytest.raises(IndexError):
-        EmbeddingRows(mapped)[np.array([50])]
+        FileRows(mapped)[np.array([50])]

@@ -31,3 +31,19 @@ def test_no_outliers_gives_zeros_and_reads_nothing(tmp_path):
     a, b = shadow.correction(np.full((2, 16), 0.5, np.float32))
     assert not a.any() and not b.any()
     assert shadow.stats.outliers == 0 and shadow.stats.rows_from_disk == 0
+
+
+def test_cold_rows_are_read_from_the_file_not_the_memory_map(tmp_path):
+    from mllm_deploy.runtime.shadow import ShadowLinear
+
+    weight_t = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)  # [in, out]
+    np.save(tmp_path / "w.npy", weight_t)
+    mapped = np.load(tmp_path / "w.npy", mmap_mode="r")
+    shadow = ShadowLinear(-1.0, 1.0, mapped, np.array([2], np.int64), (6,))
+    assert shadow._cold_rows._file is not None  # pread path, not memmap indexing
+    x = np.zeros((3, 16), np.float32)
+    x[0, 2], x[1, 9], x[2, 9] = 3.0, -4.0, 1.5  # one hot channel (2), one cold (9)
+    (got,) = shadow.correction(x)
+    want = (x - np.clip(x, -1.0, 1.0)) @ weight_t
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert shadow.stats.rows_from_disk == 1 and shadow.stats.outliers == 3

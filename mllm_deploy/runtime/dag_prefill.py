@@ -89,7 +89,7 @@ class DagPrefill:
         cpu_threads: int = 1,
         latencies: LatencyModel | None = None,
         lm_head: Callable[[np.ndarray], np.ndarray] | None = None,  # [1, hidden] -> [1, vocab]
-        embedding=None,  # indexable like tok_embd (e.g. decode_fast.EmbeddingRows)
+        embedding=None,  # indexable like tok_embd (e.g. file_rows.FileRows)
     ):
         self.weights = weights
         self.spec = weights.spec

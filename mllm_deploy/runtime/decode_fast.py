@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 from mllm_deploy.paths import cache_dir
+from mllm_deploy.runtime.file_rows import FileRows
 from mllm_deploy.runtime.kv_cache import KVCache
 from mllm_deploy.runtime.layers import causal_attention
 from mllm_deploy.runtime.rope import RopeTables
@@ -196,39 +197,6 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader) -> Path:
     return final
 
 
-class EmbeddingRows:
-    """Rows of the embedding table [vocab, hidden] without paging the whole table in.
-
-    Indexing a memory-mapped table with a prompt's ids faults in far more than the rows (read
-    at 1,024 ids of real text, measured: 90 of the 113 MB table became resident, with or without
-    MADV_RANDOM), so rows of a file-backed table are read with pread; an in-memory table is
-    indexed directly."""
-
-    def __init__(self, table: np.ndarray):
-        self.table = table
-        self.shape = table.shape
-        self._file = None
-        filename = getattr(table, "filename", None)
-        if isinstance(table, np.memmap) and filename and table.flags["C_CONTIGUOUS"] and table.dtype == np.float32:
-            self._file = open(filename, "rb")  # noqa: SIM115 - held for the reader's lifetime
-            self._offset = int(table.offset)
-            self._row_bytes = table.shape[1] * 4
-
-    def __getitem__(self, ids) -> np.ndarray:
-        """ids (int or int array [T]) -> float32 [hidden] or [T, hidden], a fresh array."""
-        if self._file is None:
-            return np.array(self.table[ids], dtype=np.float32)
-        scalar = np.ndim(ids) == 0
-        flat = np.atleast_1d(np.asarray(ids, np.int64))
-        out = np.empty((flat.size, self.shape[1]), np.float32)
-        fd = self._file.fileno()
-        for i, row in enumerate(flat.tolist()):
-            if not 0 <= row < self.shape[0]:
-                raise IndexError(f"token id {row} outside the vocabulary of {self.shape[0]}")
-            out[i] = np.frombuffer(os.pread(fd, self._row_bytes, self._offset + row * self._row_bytes), np.float32)
-        return out[0] if scalar else out
-
-
 class Int8Decoder:
     """Decode steps over a KVCache with the segment graphs; `decode_step` mirrors FloatEngine's."""
 
@@ -236,7 +204,7 @@ class Int8Decoder:
 
     def __init__(self, spec: ModelSpec, tok_embd: np.ndarray, rope: RopeTables, graphs: Path | dict, threads: int):
         self.spec = spec
-        self.tok_embd = tok_embd if isinstance(tok_embd, EmbeddingRows) else EmbeddingRows(tok_embd)  # [vocab, hidden]
+        self.tok_embd = tok_embd if isinstance(tok_embd, FileRows) else FileRows(tok_embd)  # [vocab, hidden]
         self.rope = rope
         self.threads = threads
         options = ort.SessionOptions()

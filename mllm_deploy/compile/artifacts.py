@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mllm_deploy import __version__
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult
-from mllm_deploy.paths import atomic_write_text, cache_dir
+from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
 
 LOCK, MANIFEST, CALIBRATION, LATENCIES, KERNELS = "lock.json", "manifest.json", "calibration.json", "latencies.json", "kernels.json"
 
@@ -200,14 +200,6 @@ class Artifacts:
 
     def shadow_path(self, layer: int, kind: str) -> Path:
         return self.root / "shadow" / f"layer{layer}_{kind}.npy"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def open_entry(root: Path, expected: Lockfile | None, *, verify_checksums: bool = True) -> Artifacts:

@@ -8,7 +8,6 @@ by (path, size, mtime) so it is computed once per installed file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import sys
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mllm_deploy.errors import ExitCode, user_error
-from mllm_deploy.paths import atomic_write_text, cache_dir
+from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -101,11 +100,7 @@ def _verification_cache() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def verified_sha256(path: Path) -> str:

@@ -41,6 +41,22 @@ def assigned_node_counts(session: ort.InferenceSession) -> dict[str, int]:
     return counts
 
 
+def session_handle(session: ort.InferenceSession, graph_path: Path, provider: str) -> GraphHandle:
+    """A GraphHandle for `session`, refusing a graph any node of which runs outside `provider`."""
+    assigned = assigned_node_counts(session)
+    if set(assigned) != {provider}:
+        raise BackendError(f"{graph_path}: nodes assigned to {assigned}, expected only {provider}")
+    inputs, outputs = session_io(session)
+    return GraphHandle(str(graph_path), inputs, outputs, session, assigned)
+
+
+def run_session(handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an onnxruntime session behind `handle`: checked inputs in, every output by name."""
+    feeds = check_inputs(handle, inputs)
+    names = list(handle.outputs)
+    return dict(zip(names, handle.impl.run(names, feeds), strict=True))
+
+
 class OrtCpuBackend(Backend):
     """onnxruntime CPUExecutionProvider, `npu_threads` intra-op threads, sequential execution."""
 
@@ -78,16 +94,10 @@ class OrtCpuBackend(Backend):
 
     def load(self, graph_path: Path) -> GraphHandle:
         session = ort.InferenceSession(str(graph_path), self.session_options(), providers=[CPU_PROVIDER])
-        assigned = assigned_node_counts(session)
-        if set(assigned) != {CPU_PROVIDER}:
-            raise BackendError(f"{graph_path}: nodes assigned to {assigned}, expected only {CPU_PROVIDER}")
-        inputs, outputs = session_io(session)
-        return GraphHandle(str(graph_path), inputs, outputs, session, assigned)
+        return session_handle(session, graph_path, CPU_PROVIDER)
 
     def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = check_inputs(handle, inputs)
-        names = list(handle.outputs)
-        return dict(zip(names, handle.impl.run(names, feeds), strict=True))
+        return run_session(handle, inputs)
 
     def describe(self) -> dict:
         return {

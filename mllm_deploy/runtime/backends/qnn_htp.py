@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle, check_inputs
-from mllm_deploy.runtime.backends.ort_cpu import RECORD_ASSIGNMENT, assigned_node_counts, session_io
+from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle
+from mllm_deploy.runtime.backends.ort_cpu import RECORD_ASSIGNMENT, run_session, session_handle
 
 QNN_PROVIDER = "QNNExecutionProvider"
 HTP_ARCHS = (68, 69, 73, 75, 79, 81)
@@ -110,16 +110,10 @@ class QnnHtpBackend(Backend):
             session = ort.InferenceSession(str(graph_path), self.session_options())
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"QNN HTP cannot run {graph_path}: {exc}") from exc
-        assigned = assigned_node_counts(session)
-        if set(assigned) != {QNN_PROVIDER}:
-            raise BackendError(f"{graph_path}: nodes assigned to {assigned}, expected only {QNN_PROVIDER}")
-        inputs, outputs = session_io(session)
-        return GraphHandle(str(graph_path), inputs, outputs, session, assigned)
+        return session_handle(session, graph_path, QNN_PROVIDER)
 
     def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = check_inputs(handle, inputs)
-        names = list(handle.outputs)
-        return dict(zip(names, handle.impl.run(names, feeds), strict=True))
+        return run_session(handle, inputs)
 
     def compile_context(self, graph_path: Path, context_path: Path) -> Path:
         """Prepare `graph_path` for this htp_arch/soc_model ahead of time and write a context

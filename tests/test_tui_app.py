@@ -81,6 +81,9 @@ def test_question_streams_answer_into_one_message_and_keeps_context():
             [metrics] = views(app, "metrics")
             assert metrics.text.startswith("TTFT ") and "(37 new, 0 reused)" in metrics.text
             assert "eos) · context 44/4,096" in metrics.text
+            # the metrics line is mounted; wait until the transcript has scrolled it into view
+            await wait_until(pilot, lambda: "reused)" in screen_text(app) and "last turn: TTFT " in screen_text(app))
+            await pilot.pause()
             screen = screen_text(app)
             assert "Assistant: The capital of France is Paris." in screen
             assert "last turn: TTFT " in screen and " · ctx 44/4,096" in screen

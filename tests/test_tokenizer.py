@@ -52,7 +52,7 @@ def test_golden_covers_the_varied_text_the_issue_names():
 
 
 def test_default_model_special_tokens_and_ids(smollm):
-    assert (smollm.bos_id, smollm.eos_ids, smollm.vocab_size) == (1, (2,), 49152)
+    assert (smollm.bos_id, smollm.eos_ids, smollm.vocab_size) == (1, (2, 0), 49152)  # <|im_end|>, then <|endoftext|>
     assert smollm.token_to_id("<|im_start|>") == 1 and smollm.token_to_id("<|im_end|>") == 2
     assert smollm.special_ids == frozenset(range(17))
     assert smollm.encode("<|im_end|>") == [2]

@@ -149,9 +149,11 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
 
     p = resolved.profile
     started = time.perf_counter()
-    # numpy's BLAS threads: cpu_threads, so that a busy machine does not oversubscribe (measured:
-    # two BLAS threads on two shared cores made calibration ~30x slower, from spin-waiting)
-    blas = threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas")
+    # numpy's BLAS on one thread, whatever cpu_threads says: multithreaded BLAS sums in another
+    # order, so the self-generated calibration text could diverge with the thread setting and
+    # the same profile build different artifacts. One thread also avoids oversubscribing a busy
+    # machine (2 threads on 2 shared cores made calibration ~30x slower, from spin-waiting).
+    blas = threadpool_limits(limits=1, user_api="blas")
     log(f"calibrating on {p.calibration.samples} x {p.calibration.tokens_per_sample} tokens "
         f"from {p.calibration.source!r} (once per model and calibration settings)")  # fmt: skip
     try:

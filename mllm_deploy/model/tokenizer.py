@@ -57,6 +57,10 @@ PRE_TOKENIZERS = {
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that are matched whole
 
 
+END_OF_GENERATION = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>"})
+"""Special tokens that end generation whichever of them the model file names as EOS."""
+
+
 class ModelTokenizer:
     """Text <-> token ids for one model.
 
@@ -67,12 +71,14 @@ class ModelTokenizer:
     def __init__(self, tokenizer: Tokenizer, *, bos_id: int | None, eos_ids: tuple[int, ...], add_bos: bool, origin: str):
         self.tokenizer = tokenizer
         self.bos_id = bos_id
-        self.eos_ids = tuple(eos_ids)
         self.add_bos = add_bos
         self.origin = origin  # the file the vocabulary came from
-        self.special_ids = frozenset(
-            idx for idx, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
-        )
+        added = tokenizer.get_added_tokens_decoder()
+        self.special_ids = frozenset(idx for idx, tok in added.items() if tok.special)
+        # the model's own EOS first (chat templates render it), then any other special token that
+        # ends a text: SmolLM2 declares <|im_end|> but emits <|endoftext|> after raw prompts
+        enders = sorted(idx for idx, tok in added.items() if tok.special and tok.content in END_OF_GENERATION)
+        self.eos_ids = tuple(dict.fromkeys([*eos_ids, *enders]))
         self._lock = threading.Lock()  # encode_special_tokens is tokenizer-wide state
 
     @property

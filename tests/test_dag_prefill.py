@@ -184,6 +184,20 @@ def test_cancel_commits_only_whole_chunks_in_order(tiny):
 def test_npu_lane_is_serialised_and_cpu_overlaps_it(tiny):
     path, spec, weights = tiny
     kernels = OrtInt8Kernels(weights, CHUNK, IDS, npu_threads=1)
+    # whether a given run overlaps depends on the OS scheduler: on a loaded 2-core CI machine one
+    # run can happen to alternate; the claim is that overlap happens, so up to three runs may show it
+    overlaps = []
+    for _attempt in range(3):
+        overlap = _check_one_overlapping_run(tiny, kernels)
+        overlaps.append(overlap)
+        if overlap > 0.0:
+            break
+    assert overlaps[-1] > 0.0, overlaps  # CPU work really ran while the NPU was busy
+
+
+def _check_one_overlapping_run(tiny, kernels) -> float:
+    """One 15-chunk prefill: asserts the NPU lane is serialised and busy time is the sum of the
+    measured spans; returns the measured CPU/NPU overlap in seconds."""
     prefill, engine = make_prefill(tiny, kernels, "out-of-order", 2, "outliers.prune_fraction=1.0")
     events = []
     prefill.on_event = events.append
@@ -199,11 +213,11 @@ def test_npu_lane_is_serialised_and_cpu_overlaps_it(tiny):
     for a, b in zip(npu, npu[1:]):
         assert a[1] <= b[0]  # one NPU subgraph at a time, measured
     overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in npu for b0, b1 in cpu)
-    assert overlap > 0.0  # CPU work really ran while the NPU was busy
     # busy time is the measured sum of the spans, per processor
     assert prefill.last.busy_seconds["npu"] == pytest.approx(sum(b - a for a, b in npu))
     started = [e for e in events if isinstance(e, SubgraphStarted)]
     assert len(started) == len(spans) and {e.id for e in started} == {e.id for e in spans}
+    return overlap
 
 
 def test_a_failing_kernel_raises_and_leaves_whole_chunks(tiny):

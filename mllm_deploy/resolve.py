@@ -48,6 +48,13 @@ class Resolved:
     def uses_npu(self) -> bool:
         return self.backend != "none"
 
+    @property
+    def decode_threads(self) -> int:
+        """Threads of the CPU decode: both processors' threads (between prefills the emulated NPU's
+        cores are idle, and on a phone the NPU is not a CPU core at all), never more than the
+        usable cores — decode runs alone, and a thread beyond the cores only waits its turn."""
+        return max(1, min(self.cpu_threads + self.npu_threads, _usable_cores(self.caps)))
+
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB"

@@ -72,8 +72,8 @@ def test_float_kernels_give_exactly_the_float_engine(tiny, policy):
         assert all(lg is None for _, lg in chunks[:-1]) and logits.shape == (1, CFG_VOCAB(tiny))
         np.testing.assert_array_equal(logits, ref_logits)
         assert cache.token_ids == IDS
-        np.testing.assert_array_equal(cache.k[:, : len(IDS)], ref_cache.k[:, : len(IDS)])
-        np.testing.assert_array_equal(cache.v[:, : len(IDS)], ref_cache.v[:, : len(IDS)])
+        np.testing.assert_array_equal(cache.k[:, :, : len(IDS)], ref_cache.k[:, :, : len(IDS)])
+        np.testing.assert_array_equal(cache.v[:, :, : len(IDS)], ref_cache.v[:, :, : len(IDS)])
     finally:
         prefill.close()
 
@@ -132,7 +132,7 @@ def test_padding_rows_never_reach_the_cache(tiny):
         cache.v[:] = 7.0
         run_all(prefill, cache, IDS)
         assert cache.length == len(IDS)
-        assert np.all(cache.k[:, len(IDS) :] == 7.0) and np.all(cache.v[:, len(IDS) :] == 7.0)
+        assert np.all(cache.k[:, :, len(IDS) :] == 7.0) and np.all(cache.v[:, :, len(IDS) :] == 7.0)
     finally:
         prefill.close()
 

@@ -1,8 +1,11 @@
-"""INT8 CPU decode (onnxruntime MatMulNBits segments + numpy attention) against the float engine."""
+"""INT8 CPU decode (one onnxruntime graph per token: MatMulNBits + GroupQueryAttention) against the float engine."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import onnx
 import pytest
 
 from mllm_deploy.model import load_weights, read_spec
@@ -18,11 +21,19 @@ from mllm_deploy.runtime.float_engine import FloatEngine
 import tiny_models
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cfg = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, context=256)
-    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=cfg)
+TINY_CFG = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, context=256)
+
+
+@pytest.fixture(scope="module", params=["gguf", "hf"])
+def tiny(tmp_path_factory, request):
+    """A GGUF model (adjacent-pair RoPE) and a Hugging Face one (half-split RoPE)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    if request.param == "gguf":
+        path = tiny_models.write_tiny_gguf(folder, tied=True, cfg=TINY_CFG)
+    else:
+        path = tiny_models.write_tiny_hf(folder, cfg=TINY_CFG)
     spec = read_spec(str(path))
+    assert spec.rope_style == {"gguf": "adjacent", "hf": "half"}[request.param]
     return spec, load_weights(spec, use_cache=False)
 
 
@@ -42,7 +53,7 @@ def test_int8_decode_follows_the_float_engine(tiny, tmp_path, monkeypatch):
     spec, weights = tiny
     engine = FloatEngine(weights)
     graphs = cached_decode_graphs(spec, lambda: weights)
-    assert sorted(p.name for p in graphs.glob("*.onnx")) == sorted([f"seg{i}.onnx" for i in range(3)] + ["head.onnx"])
+    assert sorted(p.name for p in graphs.glob("*.onnx")) == ["head.onnx", "step.onnx"]
     assert cached_decode_graphs(spec, lambda: pytest.fail("rebuilt a cached entry")) == graphs
     decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, graphs, threads=1)
     prompt = [5, 17, 99, 3, 250, 40, 41]
@@ -58,7 +69,42 @@ def test_int8_decode_follows_the_float_engine(tiny, tmp_path, monkeypatch):
         assert not np.array_equal(got, ref)  # really the integer path
     assert cache.token_ids == ref_cache.token_ids
     n = cache.length
-    np.testing.assert_allclose(cache.k[:, :n], ref_cache.k[:, :n], atol=0.05 * np.abs(ref_cache.k[:, :n]).max())
+    # the graph wrote the decoded tokens' rotated K/V into the cache's own buffers
+    np.testing.assert_allclose(cache.k[:, :, :n], ref_cache.k[:, :, :n], atol=0.05 * np.abs(ref_cache.k[:, :, :n]).max())
+    np.testing.assert_allclose(cache.v[:, :, :n], ref_cache.v[:, :, :n], atol=0.05 * np.abs(ref_cache.v[:, :, :n]).max())
+    assert not cache.k[:, :, n:].any()  # nothing beyond the held positions
+
+
+def test_int8_decode_rebinds_to_another_cache_and_continues_after_prefill(tiny, tmp_path, monkeypatch):
+    """A copied cache (new buffers) and a prefill on top of decoded tokens (multi-turn chat)."""
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
+    spec, weights = tiny
+    engine = FloatEngine(weights)
+    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights), threads=2)
+    cache = engine.new_cache(64)
+    engine.prefill(cache, [5, 17, 99], chunk_size=4)
+    first = decoder.decode_step(cache, 7)
+    fork = copy.deepcopy(cache)
+    np.testing.assert_allclose(decoder.decode_step(fork, 8), decoder.decode_step(cache, 8), rtol=1e-5, atol=1e-5)
+    assert fork.token_ids == cache.token_ids == [5, 17, 99, 7, 8]
+    engine.prefill(cache, [40, 41, 42], chunk_size=4)  # next turn, on top of decoded tokens
+    ref_cache = engine.new_cache(64)
+    engine.prefill(ref_cache, [5, 17, 99, 7, 8, 40, 41, 42], chunk_size=4)
+    got, ref = decoder.decode_step(cache, 3), engine.decode_step(ref_cache, 3)
+    assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
+    assert first.shape == (spec.vocab,)
+
+
+def test_decode_step_graph_attends_in_onnxruntime(tiny):
+    spec, weights = tiny
+    step = build_decode_models(weights)["step"]
+    gqa = [n for n in step.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == spec.n_layers
+    attrs = {a.name: a.i for a in gqa[0].attribute if a.type == onnx.AttributeProto.INT}
+    assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == int(spec.rope_style == "adjacent")
+    assert attrs["num_heads"] == spec.n_heads and attrs["kv_num_heads"] == spec.n_kv_heads
+    kv = [i for i in step.graph.input if i.name.startswith("past_")]
+    assert len(kv) == 2 * spec.n_layers
 
 
 def test_decode_graphs_use_8bit_integer_matmuls(tiny):

@@ -174,8 +174,8 @@ def test_padding_never_reaches_cache_or_attention():
     out = engine.prefill(padded, prompt, chunk_size=8, pad_last_chunk=True, logit_rows="all")
     assert padded.length == 21 and padded.token_ids == prompt
     assert np.isfinite(out.logits).all()
-    np.testing.assert_allclose(padded.k[:, :21], plain.k[:, :21], rtol=1e-5, atol=1e-5)
-    assert np.isnan(padded.k[:, 21:]).all() and np.isnan(padded.v[:, 21:]).all()
+    np.testing.assert_allclose(padded.k[:, :, :21], plain.k[:, :, :21], rtol=1e-5, atol=1e-5)
+    assert np.isnan(padded.k[:, :, 21:]).all() and np.isnan(padded.v[:, :, 21:]).all()
 
 
 def test_decode_steps_equal_full_recompute():
@@ -230,9 +230,9 @@ def test_cache_overflow_is_refused():
 def test_causal_attention_masks_future_within_chunk():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((3, 2, 4)).astype(np.float32)
-    keys = rng.standard_normal((5, 1, 4)).astype(np.float32)  # 2 earlier + 3 in this chunk
-    values = np.zeros((5, 1, 4), np.float32)
-    values[4] = 1000.0  # only the last query may see position 4
+    keys = rng.standard_normal((1, 5, 4)).astype(np.float32)  # [kv_heads, 2 earlier + 3 in this chunk, head_dim]
+    values = np.zeros((1, 5, 4), np.float32)
+    values[:, 4] = 1000.0  # only the last query may see position 4
     out = causal_attention(q, keys, values, start=2, n_kv_heads=1)
     assert np.abs(out[:2]).max() < 1e-6
     assert out[2].min() > 0

@@ -76,7 +76,7 @@ def test_real_model_chunked_prefill_equals_unchunked(real_engine, real_unchunked
     cache = real_engine.new_cache(len(ids))
     logits = real_engine.prefill(cache, ids[:n], chunk_size=chunk_size, pad_last_chunk=True).logits
     assert cache.length == n
-    for got, want in ((cache.k[:, :n], whole_cache.k[:, :n]), (cache.v[:, :n], whole_cache.v[:, :n])):
+    for got, want in ((cache.k[:, :, :n], whole_cache.k[:, :, :n]), (cache.v[:, :, :n], whole_cache.v[:, :, :n])):
         assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     if n == len(ids):
         assert np.abs(logits - whole_logits).max() / np.abs(whole_logits).max() < 1e-4

@@ -141,8 +141,7 @@ def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> 
     backend, DAG prefill, INT8 decode. The float32 linear weights are not touched (only the rows
     of the embedding that prompts use), so they stay on disk behind the memory map.
 
-    Decode runs on every core by default (`cpu_threads + npu_threads`): between prefills the
-    emulated NPU's cores are idle, and on a phone the NPU is not a CPU core at all."""
+    Decode runs on `resolved.decode_threads` (both processors' threads, capped at the cores)."""
     from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts
     from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
     from mllm_deploy.runtime.npu_kernels import load_npu_kernels
@@ -151,7 +150,7 @@ def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> 
     kernels = load_npu_kernels(resolved, compile_artifacts(resolved))
     float_engine = FloatEngine(weights)  # no warm_up(): it would page in every float weight
     graphs = cached_decode_graphs(resolved.spec, lambda: weights)
-    threads = decode_threads or max(1, resolved.cpu_threads + resolved.npu_threads)
+    threads = decode_threads or resolved.decode_threads
     decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, graphs, threads)
     engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_inputs=calibrated_shadow_inputs(resolved))
     engine.warm_up()

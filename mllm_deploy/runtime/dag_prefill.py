@@ -319,9 +319,10 @@ class DagPrefill:
         q = self.rope.apply(q.reshape(rows, spec.n_heads, spec.head_dim), span.start)
         k = self.rope.apply(k.reshape(rows, spec.n_kv_heads, spec.head_dim), span.start)
         v = v.reshape(rows, spec.n_kv_heads, spec.head_dim)
-        cache.k[layer, span.start : span.end] = k[: span.n_real]  # only real rows reach the cache
-        cache.v[layer, span.start : span.end] = v[: span.n_real]
-        keys, values = cache.k[layer, : span.end], cache.v[layer, : span.end]  # [end, kv_heads, head_dim]
+        # only real rows reach the cache; not cache.write(): chunks of different layers interleave
+        cache.k[layer, :, span.start : span.end] = k[: span.n_real].transpose(1, 0, 2)
+        cache.v[layer, :, span.start : span.end] = v[: span.n_real].transpose(1, 0, 2)
+        keys, values = cache.keys(layer, span.end), cache.values(layer, span.end)  # [kv_heads, end, head_dim]
         chunk.attn = causal_attention(q, keys, values, span.start, spec.n_kv_heads)  # [T, q_dim]
 
     def _final_norm(self, chunk: _Chunk, layer: int) -> None:

@@ -1,4 +1,4 @@
-"""CPU decode with INT8 weights: onnxruntime MatMulNBits (8-bit, blocks of 32) + numpy attention.
+"""CPU decode with INT8 weights: one onnxruntime graph per token (MatMulNBits + GroupQueryAttention).
 
 Decode is memory-bound: every token reads every weight once. float32 weights are 4 bytes per
 parameter; 8-bit blocks are ~1.1, and onnxruntime's MatMulNBits with `accuracy_level = 4`
@@ -6,14 +6,21 @@ quantizes the activation row per block of 32 and runs integer dot products (the 
 llama.cpp's Q8_0). Measured on this host (one 1536x576 matvec, 1 thread): float32 numpy 213 us,
 MatMulNBits 8-bit acc-level 4 34 us, acc-level 0/1 (float compute) ~1.6-2.1 ms.
 
-One token is `n_layers + 2` onnxruntime runs; attention (dynamic length) stays in numpy between
-them, reading the shared float32 KV cache in place:
+A token is two onnxruntime runs:
 
-    seg 0        x = embedding row -> attn_norm_0 -> qkv_0                     -> qkv [1, q+2kv]
-    seg l (1..)  (resid, attn_{l-1}) -> o_proj, +resid, ffn_norm, gate/up, silu*up, down, +resid,
-                 attn_norm_l -> qkv_l                                           -> resid', qkv
-    seg n        (resid, attn_{n-1}) -> ... -> final norm                       -> x_final [1, hidden]
-    head         x_final -> output projection                                   -> logits [1, vocab]
+    step   x (embedding row) -> for every layer: attn_norm, qkv (MatMulNBits), GroupQueryAttention
+           (RoPE inside, the new K/V written into the KV cache in place), o_proj, +resid,
+           ffn_norm, gate/up, silu*up, down, +resid -> final norm                -> x_final
+    head   x_final -> output projection                                           -> logits
+
+The KV cache's heads-major layout is GroupQueryAttention's BNSH, so each layer's past and present
+K/V are bound (onnxruntime IO binding) to the same numpy buffer the prefill writes: the graph
+reads the cache where it lies and appends one position, nothing is copied. The head is its own
+graph because the DAG prefill uses it too for the last prompt token's logits.
+
+Why one graph: the earlier form (a graph per layer, attention in numpy between them) spent
+~16 ms of a 27 ms token in 32 onnxruntime calls and ~11 ms in numpy attention at 1,024 tokens
+of context (cProfile, 64 tokens); one call lets onnxruntime's threads stay busy across layers.
 
 Graphs are built once from the float weights and cached on disk (`cache_dir()/decode/<key>/`),
 so a warm start reads only the INT8 graphs and never touches the float32 linear weights.
@@ -37,10 +44,9 @@ from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 from mllm_deploy.paths import cache_dir
 from mllm_deploy.runtime.file_rows import FileRows
 from mllm_deploy.runtime.kv_cache import KVCache
-from mllm_deploy.runtime.layers import causal_attention
 from mllm_deploy.runtime.rope import RopeTables
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BLOCK = 32
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -131,39 +137,71 @@ def _mlp_then(b: _Builder, weights: LlamaWeights, layer: int, resid: str, attn: 
     w, spec = weights.layers[layer], weights.spec
     h = b.op("Add", [resid, b.linear(attn, [w.wo])], "h")
     x = b.rms_norm(h, w.ffn_norm, spec.rms_eps)
-    gate_up = b.linear(x, [w.w_gate, w.w_up])  # [1, 2 ffn]
-    gate = b.op("Slice", [gate_up, b.const("s0", np.array([0])), b.const("s1", np.array([spec.ffn])), b.const("ax", np.array([1]))], "gate")
-    up = b.op("Slice", [gate_up, b.const("s0", np.array([spec.ffn])), b.const("s1", np.array([2 * spec.ffn])), b.const("ax", np.array([1]))], "up")
+    gate_up = b.linear(x, [w.w_gate, w.w_up])  # [1, 1, 2 ffn]
+    gate = b.op("Slice", [gate_up, b.const("s0", np.array([0])), b.const("s1", np.array([spec.ffn])), b.const("ax", np.array([-1]))], "gate")
+    up = b.op("Slice", [gate_up, b.const("s0", np.array([spec.ffn])), b.const("s1", np.array([2 * spec.ffn])), b.const("ax", np.array([-1]))], "up")
     act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], "sig")], "silu"), up], "act")
     return b.op("Add", [h, b.linear(act, [w.w_down])], "resid")
 
 
-def build_decode_models(weights: LlamaWeights) -> dict[str, onnx.ModelProto]:
-    """`seg0 .. seg{n}` and `head` (see the module docstring)."""
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    """(past_key, past_value, present_key, present_value) input/output names of `layer`."""
+    return f"past_key_{layer}", f"past_value_{layer}", f"present_key_{layer}", f"present_value_{layer}"
+
+
+def _step_model(weights: LlamaWeights) -> onnx.ModelProto:
+    """One decode step over every layer (see the module docstring)."""
     spec = weights.spec
-    n, hidden, qkv_width = spec.n_layers, spec.hidden, spec.q_dim + 2 * spec.kv_dim
-    models = {}
-    for seg in range(n + 1):
-        b = _Builder(f"decode_seg{seg}")
-        if seg == 0:
-            resid = "x"
-            inputs = {"x": hidden}
-        else:
-            resid = _mlp_then(b, weights, seg - 1, "resid_in", "attn")
-            inputs = {"resid_in": hidden, "attn": spec.q_dim}
-        if seg < n:
-            w = weights.layers[seg]
-            x = b.rms_norm(resid, w.attn_norm, spec.rms_eps)
-            qkv = b.linear(x, [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
-            outputs = {"qkv": (qkv, qkv_width)}
-            if seg > 0:
-                outputs["resid"] = (resid, hidden)
-        else:
-            outputs = {"x_final": (b.rms_norm(resid, weights.output_norm, spec.rms_eps), hidden)}
-        models[f"seg{seg}"] = b.model(inputs, outputs)
+    b = _Builder("decode_step")
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    kv_shape = [1, spec.n_kv_heads, "capacity", spec.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("x", f32, [1, 1, spec.hidden]),
+        helper.make_tensor_value_info("seqlens_k", i32, [1]),  # tokens held after this one, minus 1
+        helper.make_tensor_value_info("total_length", i32, []),
+        helper.make_tensor_value_info("cos", f32, ["rope_positions", spec.head_dim // 2]),
+        helper.make_tensor_value_info("sin", f32, ["rope_positions", spec.head_dim // 2]),
+    ]
+    outputs = []
+    resid = "x"
+    for layer in range(spec.n_layers):
+        w = weights.layers[layer]
+        past_k, past_v, present_k, present_v = kv_names(layer)
+        inputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (past_k, past_v)]
+        outputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (present_k, present_v)]
+        if layer > 0:
+            resid = _mlp_then(b, weights, layer - 1, resid, attn)  # noqa: F821 - set below
+        qkv = b.linear(b.rms_norm(resid, w.attn_norm, spec.rms_eps), [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
+        attn = b.tmp("attn")
+        b.nodes.append(helper.make_node(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, "seqlens_k", "total_length", "cos", "sin"],  # packed QKV
+            [attn, present_k, present_v], name=attn, domain=MS_DOMAIN,
+            num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, scale=float(1.0 / np.sqrt(spec.head_dim)),
+            do_rotary=1, rotary_interleaved=int(spec.rope_style == "adjacent"),
+        ))  # fmt: skip
+    resid = _mlp_then(b, weights, spec.n_layers - 1, resid, attn)
+    b.nodes.append(helper.make_node("Identity", [b.rms_norm(resid, weights.output_norm, spec.rms_eps)], ["x_final"], name="out_x_final"))
+    outputs.insert(0, helper.make_tensor_value_info("x_final", f32, [1, 1, spec.hidden]))
+    return _model(helper.make_graph(b.nodes, b.name, inputs, outputs, b.inits))
+
+
+def _model(graph) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="mllm-deploy")
+    model.ir_version = 10
+    return model
+
+
+def build_decode_models(weights: LlamaWeights) -> dict[str, onnx.ModelProto]:
+    """`step` and `head` (see the module docstring)."""
     head = _Builder("decode_head")
-    models["head"] = head.model({"x_final": hidden}, {"logits": (head.linear("x_final", [weights.output]), spec.vocab)})
-    return models
+    return {
+        "step": _step_model(weights),
+        "head": head.model({"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)}),
+    }
+
+
+GRAPH_NAMES = ("step", "head")
 
 
 def decode_cache_key(spec: ModelSpec) -> str:
@@ -172,7 +210,7 @@ def decode_cache_key(spec: ModelSpec) -> str:
     else:
         st = Path(spec.path).stat()
         identity = ["file", str(Path(spec.path).resolve()), st.st_size, st.st_mtime_ns]
-    identity += ["decode-int8", FORMAT_VERSION, BLOCK, onnx.__version__]
+    identity += ["decode-int8", FORMAT_VERSION, BLOCK, onnx.__version__, spec.rope_style]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 
@@ -181,15 +219,14 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader) -> Path:
     `weights_loader()`) and written atomically the first time."""
     root = cache_dir() / "decode"
     final = root / decode_cache_key(spec)
-    names = [f"seg{i}" for i in range(spec.n_layers + 1)] + ["head"]
-    if (final / "manifest.json").is_file() and all((final / f"{n}.onnx").is_file() for n in names):
+    if (final / "manifest.json").is_file() and all((final / f"{n}.onnx").is_file() for n in GRAPH_NAMES):
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".decode-", dir=root))
     try:
         for name, model in build_decode_models(weights_loader()).items():
             onnx.save_model(model, tmp / f"{name}.onnx")
-        (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT_VERSION, "graphs": names, "model": spec.path}))
+        (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT_VERSION, "graphs": list(GRAPH_NAMES), "model": spec.path}))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     finally:
@@ -197,10 +234,48 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader) -> Path:
     return final
 
 
-class Int8Decoder:
-    """Decode steps over a KVCache with the segment graphs; `decode_step` mirrors FloatEngine's."""
+class _CacheBinding:
+    """The step graph's IO binding onto one KVCache: past and present K/V of every layer are the
+    cache's own buffers; the small per-token inputs live in arrays rewritten in place."""
 
-    name = "cpu-int8-ort-matmulnbits"
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, rope: RopeTables, hidden: int):
+        self.cache_arrays = (cache.k, cache.v)
+        self.rope_tables = (rope.cos, rope.sin)
+        self.x = np.zeros((1, 1, hidden), np.float32)
+        self.seqlens_k = np.zeros(1, np.int32)
+        self.total_length = np.zeros((), np.int32)
+        self.x_final = np.zeros((1, 1, hidden), np.float32)
+        self.io = session.io_binding()
+        self._values = []  # OrtValues must outlive the binding
+        for name, array in (("x", self.x), ("seqlens_k", self.seqlens_k), ("total_length", self.total_length),
+                            ("cos", rope.cos), ("sin", rope.sin)):  # fmt: skip
+            self._bind_input(name, array)
+        for layer in range(cache.n_layers):
+            past_k, past_v, present_k, present_v = kv_names(layer)
+            for array, past, present in ((cache.k[layer][None], past_k, present_k), (cache.v[layer][None], past_v, present_v)):
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                self._values.append(value)
+                self.io.bind_ortvalue_input(past, value)
+                self.io.bind_ortvalue_output(present, value)
+        value = ort.OrtValue.ortvalue_from_numpy(self.x_final)
+        self._values.append(value)
+        self.io.bind_ortvalue_output("x_final", value)
+
+    def _bind_input(self, name: str, array: np.ndarray) -> None:
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        self._values.append(value)
+        self.io.bind_ortvalue_input(name, value)
+
+    def serves(self, cache: KVCache, rope: RopeTables) -> bool:
+        """Still bound to this cache's buffers and the current RoPE tables."""
+        return (self.cache_arrays[0] is cache.k and self.cache_arrays[1] is cache.v
+                and self.rope_tables[0] is rope.cos and self.rope_tables[1] is rope.sin)  # fmt: skip
+
+
+class Int8Decoder:
+    """Decode steps over a KVCache with the step graph; `decode_step` mirrors FloatEngine's."""
+
+    name = "cpu-int8-ort-gqa"
 
     def __init__(self, spec: ModelSpec, tok_embd: np.ndarray, rope: RopeTables, graphs: Path | dict, threads: int):
         self.spec = spec
@@ -211,42 +286,37 @@ class Int8Decoder:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # No per-session arena or memory pattern: with 32 sessions, arenas that keep each one's
-        # largest buffers cost far more RSS than the malloc calls they save on [1, width] tensors.
-        options.enable_cpu_mem_arena = False
+        # Spinning keeps the pool's threads awake between the ~60 small kernels of a token
+        # (decode runs alone, so they take no core from other work); measured per layer on this
+        # host at 2 threads: 107 us spinning, 214 us without.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if threads > 1 else "0")
+        # ...but not after a run: a pool still spinning steals the cores from the next session
+        # (the head after the step) or from Python
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        options.enable_cpu_mem_arena = False  # [1, width] tensors: an arena costs RSS and saves little
         options.enable_mem_pattern = False
         options.log_severity_level = 3
-        names = [f"seg{i}" for i in range(spec.n_layers + 1)] + ["head"]
-        sources = {n: (graphs[n].SerializeToString() if isinstance(graphs, dict) else str(Path(graphs) / f"{n}.onnx")) for n in names}
+        sources = {n: (graphs[n].SerializeToString() if isinstance(graphs, dict) else str(Path(graphs) / f"{n}.onnx")) for n in GRAPH_NAMES}
         self.sessions = {n: ort.InferenceSession(src, options, providers=["CPUExecutionProvider"]) for n, src in sources.items()}
-        self._segs = [self.sessions[f"seg{i}"] for i in range(spec.n_layers + 1)]
+        self._binding: _CacheBinding | None = None
 
     def lm_head(self, x_final: np.ndarray) -> np.ndarray:
         """x_final [1, hidden] (already normed) -> logits [1, vocab]."""
-        return self.sessions["head"].run(["logits"], {"x_final": np.ascontiguousarray(x_final, np.float32)})[0]
+        x = np.ascontiguousarray(x_final, np.float32).reshape(1, self.spec.hidden)
+        return self.sessions["head"].run(["logits"], {"x_final": x})[0]
 
     def decode_step(self, cache: KVCache, token_id: int) -> np.ndarray:
         """Append one token at position `cache.length`; return next-token logits [vocab]."""
-        spec = self.spec
         pos = cache.length
         if pos >= cache.capacity:
             raise ValueError("KV cache full")
-        self.rope.ensure(pos + 1)
-        q_dim, kv_dim = spec.q_dim, spec.kv_dim
-        x = np.ascontiguousarray(self.tok_embd[int(token_id)][None, :], np.float32)  # [1, hidden]
-        (qkv,) = self._segs[0].run(["qkv"], {"x": x})
-        resid = x
-        for layer in range(spec.n_layers):
-            q = self.rope.apply(qkv[:, :q_dim].reshape(1, spec.n_heads, spec.head_dim), pos)
-            k = self.rope.apply(qkv[:, q_dim : q_dim + kv_dim].reshape(1, spec.n_kv_heads, spec.head_dim), pos)
-            cache.k[layer, pos] = k[0]
-            cache.v[layer, pos] = qkv[0, q_dim + kv_dim :].reshape(spec.n_kv_heads, spec.head_dim)
-            attn = causal_attention(q, cache.k[layer, : pos + 1], cache.v[layer, : pos + 1], pos, spec.n_kv_heads)  # [1, q_dim]
-            feeds = {"resid_in": resid, "attn": attn}
-            if layer + 1 < spec.n_layers:
-                qkv, resid = self._segs[layer + 1].run(["qkv", "resid"], feeds)
-            else:
-                (x_final,) = self._segs[layer + 1].run(["x_final"], feeds)
+        self.rope.ensure(max(pos + 1, cache.capacity))
+        binding = self._binding
+        if binding is None or not binding.serves(cache, self.rope):
+            binding = self._binding = _CacheBinding(self.sessions["step"], cache, self.rope, self.spec.hidden)
+        binding.x[0, 0] = self.tok_embd[int(token_id)]
+        binding.seqlens_k[0] = pos
+        binding.total_length[...] = pos + 1
+        self.sessions["step"].run_with_iobinding(binding.io)
         cache.advance([int(token_id)])
-        return self.lm_head(x_final)[0]
+        return self.lm_head(binding.x_final)[0]

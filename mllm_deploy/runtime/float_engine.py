@@ -82,7 +82,7 @@ class FloatEngine:
         k = self.rope.apply(k.reshape(n_rows, spec.n_kv_heads, spec.head_dim), span.start)
         v = v.reshape(n_rows, spec.n_kv_heads, spec.head_dim)
         cache.write(layer, span.start, k[: span.n_real], v[: span.n_real])
-        keys = cache.keys(layer, span.end)  # [start + n_real, kv_heads, head_dim]
+        keys = cache.keys(layer, span.end)  # [kv_heads, start + n_real, head_dim]
         values = cache.values(layer, span.end)
         return causal_attention(q, keys, values, span.start, spec.n_kv_heads)
 

@@ -4,6 +4,10 @@ Prefill writes a chunk's keys and values layer by layer, then commits the chunk'
 tokens with `advance`; decode does the same one token at a time. Padding of a chunk is
 never written, and `length` counts real tokens only. `truncate` rolls back (multi-turn
 prefix reuse, cancel).
+
+Layout per layer is heads-major, `[kv_heads, capacity, head_dim]`: one head's keys are a
+contiguous `[positions, head_dim]` matrix (what BLAS and onnxruntime's GroupQueryAttention read
+in place), so neither prefill attention nor the decode graph copies the cache.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import numpy as np
 
 
 class KVCache:
-    """K and V of every layer, `[layers, capacity, kv_heads, head_dim]` float32, plus the token ids held."""
+    """K and V of every layer, `[layers, kv_heads, capacity, head_dim]` float32, plus the token ids held."""
 
     def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int):
         if capacity < 1:
@@ -20,8 +24,8 @@ class KVCache:
         self.n_layers = n_layers
         self.capacity = capacity
         # np.zeros maps untouched pages lazily, so RSS grows with the tokens actually held.
-        self.k = np.zeros((n_layers, capacity, n_kv_heads, head_dim), np.float32)
-        self.v = np.zeros((n_layers, capacity, n_kv_heads, head_dim), np.float32)
+        self.k = np.zeros((n_layers, n_kv_heads, capacity, head_dim), np.float32)
+        self.v = np.zeros((n_layers, n_kv_heads, capacity, head_dim), np.float32)
         self.token_ids: list[int] = []  # the token at each committed position
 
     @property
@@ -40,16 +44,20 @@ class KVCache:
             raise ValueError(f"write at position {start} but the cache holds {self.length} tokens")
         if start + n > self.capacity:
             raise ValueError(f"KV cache full: {start} + {n} tokens > capacity {self.capacity}")
-        self.k[layer, start : start + n] = keys
-        self.v[layer, start : start + n] = values
+        self.k[layer, :, start : start + n] = keys.transpose(1, 0, 2)
+        self.v[layer, :, start : start + n] = values.transpose(1, 0, 2)
 
     def keys(self, layer: int, end: int) -> np.ndarray:
-        """Keys of positions `0 .. end-1` of `layer`: a view [end, kv_heads, head_dim]."""
-        return self.k[layer, :end]
+        """Keys of positions `0 .. end-1` of `layer`: a view [kv_heads, end, head_dim]."""
+        return self.k[layer, :, :end]
 
     def values(self, layer: int, end: int) -> np.ndarray:
-        """Values of positions `0 .. end-1` of `layer`: a view [end, kv_heads, head_dim]."""
-        return self.v[layer, :end]
+        """Values of positions `0 .. end-1` of `layer`: a view [kv_heads, end, head_dim]."""
+        return self.v[layer, :, :end]
+
+    def positions(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(K, V) of every layer for positions `0 .. end-1`: views [layers, kv_heads, end, head_dim]."""
+        return self.k[:, :, :end], self.v[:, :, :end]
 
     def advance(self, token_ids: list[int]) -> None:
         """Commit `token_ids`, whose K/V every layer has just written after the current length."""

@@ -95,19 +95,20 @@ def causal_attention(
     """Grouped-query attention of a chunk over every earlier token and causally within itself.
 
     q: [T, n_heads, head_dim], already rotated, row t at position `start + t`.
-    keys, values: [L, n_kv_heads, head_dim], positions 0 .. L-1 (L = start + real tokens).
+    keys, values: [n_kv_heads, L, head_dim] (the KV cache's layout), positions 0 .. L-1
+    (L = start + real tokens).
     Query t sees keys j <= start + t. Padding rows (start + t >= L) see every real key and
     are discarded by the caller; padding keys are never in `keys`.
     Returns [T, n_heads * head_dim].
     """
     n_rows, n_heads, head_dim = q.shape
-    n_keys = keys.shape[0]
+    n_keys = keys.shape[1]
     group = n_heads // n_kv_heads
     # Query head h uses KV head h // group; the group's heads and rows form one matrix.
     q_grouped = q.reshape(n_rows, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
     q_grouped = q_grouped * np.float32(1.0 / np.sqrt(head_dim))  # [kv_heads, group, T, head_dim]
     q_grouped = q_grouped.reshape(n_kv_heads, group * n_rows, head_dim)
-    scores = q_grouped @ keys.transpose(1, 2, 0)  # [kv_heads, group*T, L]
+    scores = q_grouped @ keys.transpose(0, 2, 1)  # [kv_heads, group*T, L]
     n_new = n_keys - start  # keys of this chunk: only they can lie in a query's future
     if n_new > 1:
         grid = scores.reshape(n_kv_heads, group, n_rows, n_keys)
@@ -115,7 +116,7 @@ def causal_attention(
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     denom = scores.sum(axis=-1, keepdims=True)  # [kv_heads, group*T, 1]
-    out = scores @ values.transpose(1, 0, 2)  # [kv_heads, group*T, head_dim]
+    out = scores @ values  # [kv_heads, group*T, head_dim]
     out /= denom  # normalise after the product: head_dim columns instead of L
     out = out.reshape(n_kv_heads, group, n_rows, head_dim).transpose(2, 0, 1, 3)
     return out.reshape(n_rows, n_heads * head_dim)

@@ -310,7 +310,7 @@ class DagPrefill:
         x = self._linear_input(chunk, layer, kind)
         correction = self.kernels.shadow(layer, kind, x)
         if correction is not None:
-            chunk.correction[kind] = (layer, list(correction))
+            chunk.correction[kind] = (layer, correction)
 
     def _attention(self, chunk: _Chunk, layer: int, cache: KVCache) -> None:
         spec, span = self.spec, chunk.span

@@ -2,7 +2,7 @@
 
     kernels = load_npu_kernels(resolved, artifacts)
     npu = kernels.run_graph(layer, kind, x)          # NPU (one in-order queue)
-    fix = kernels.shadow(layer, kind, x)             # CPU thread, in parallel; None if not shadowed
+    fix = kernels.shadow(layer, kind, x)             # CPU thread, in parallel; None if not shadowed or no outlier
     out = kernels.combine(layer, kind, npu, fix)     # add (gate_up: add, then silu·mul)
 
 Graph kinds and outputs (x is the float32 [chunk, in] input, padded to `chunk_tokens` rows):
@@ -32,7 +32,7 @@ from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.runtime.layers import silu_mul_
-from mllm_deploy.runtime.shadow import ShadowLinear, ShadowStats
+from mllm_deploy.runtime.shadow import Correction, ShadowLinear, ShadowStats
 
 _INPUT = {"qkv": "x_norm", "o_proj": "attn_out", "gate_up": "x_norm", "down": "h"}
 
@@ -66,16 +66,17 @@ class NpuLayerKernels:
             self._npu_seconds += time.perf_counter() - started
         return [out[name] for name in self._outputs[(layer, kind)]]
 
-    def shadow(self, layer: int, kind: str, x: np.ndarray) -> list[np.ndarray] | None:
-        """CPU float correction for x's values beyond the NPU grid; None when not shadowed."""
+    def shadow(self, layer: int, kind: str, x: np.ndarray) -> Correction | None:
+        """CPU float correction for x's values beyond the NPU grid; None when the input is not
+        shadowed or x has no value beyond the grid."""
         linear = self._shadows.get((layer, kind))
         return None if linear is None else linear.correction(np.asarray(x, np.float32))
 
-    def combine(self, layer: int, kind: str, npu: list[np.ndarray], correction: list[np.ndarray] | None) -> list[np.ndarray]:
+    def combine(self, layer: int, kind: str, npu: list[np.ndarray], correction: Correction | None) -> list[np.ndarray]:
         """NPU outputs + correction; for a shadowed gate_up, silu(gate)·up of the corrected pair → [act]."""
-        if correction is None:
+        if (layer, kind) not in self._shadows:
             return npu
-        fixed = [a + c for a, c in zip(npu, correction, strict=True)]
+        fixed = [a if a.flags.writeable else a.copy() for a in npu] if correction is None else correction.add_to(npu)
         if kind == "gate_up":
             return [silu_mul_(fixed[0], fixed[1])]
         return fixed

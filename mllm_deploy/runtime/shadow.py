@@ -5,7 +5,9 @@ computes clip(x, lo, hi) @ W.T. The remainder r = x - clip(x, lo, hi) is non-zer
 few outliers; this module computes r @ W.T from the float weight rows of the channels that hold
 outliers in this chunk, which the caller adds to the NPU result:
 
-    x [chunk, in] → channels with |x| beyond the grid → r[:, channels] [chunk, n] @ W^T[channels] [n, out]
+    x [chunk, in] → channels with |x| beyond the grid → r[rows, channels] [m, n] @ W^T[channels] [n, out]
+
+where `rows` are the m token rows that hold any outlier (the correction is added to those rows only).
 
 Hot channels' rows (chosen at calibration) are kept in memory; every other row is read on demand
 from the memory-mapped float32 W^T [in, out] stored with the artifacts, and counted.
@@ -51,32 +53,62 @@ class ShadowLinear:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        self.hot_rows = np.ascontiguousarray(self.weight_t[self.hot_channels])  # [n_hot, out_total] in memory
-        self._hot_index = {int(c): i for i, c in enumerate(self.hot_channels)}
-        # cold rows by pread: indexing the memory map would keep every page ever read resident
-        # (measured: ~200 MB of peak RSS on the default model with every input shadowed)
+        # every row by pread: indexing the memory map would keep each page ever read resident
+        # besides the copy (measured on the default model, every input shadowed: cold rows
+        # ~200 MB of peak RSS; hot rows read through the map ~180 MB at load)
         self._cold_rows = FileRows(self.weight_t)
+        self.hot_rows = self._cold_rows[self.hot_channels]  # [n_hot, out_total] in memory
+        self._hot_index = {int(c): i for i, c in enumerate(self.hot_channels)}
 
-    def correction(self, x: np.ndarray) -> list[np.ndarray]:
-        """x float32 [chunk, in] → corrections [chunk, out_i] for each output (zeros if no outlier)."""
+    def correction(self, x: np.ndarray) -> Correction | None:
+        """x float32 [chunk, in] → the correction of the token rows that hold outliers, or None
+        when no value of x lies beyond the grid."""
         started = time.thread_time()
-        beyond = (x > self.hi) | (x < self.lo)  # [chunk, in]
-        n_out = int(np.count_nonzero(beyond))
-        out = np.zeros((x.shape[0], self.weight_t.shape[1]), np.float32)  # [chunk, out_total]
-        disk = 0
-        channels = np.flatnonzero(beyond.any(axis=0))  # [n]
-        if channels.size:
-            xs = x[:, channels]  # [chunk, n]
-            r = xs - np.clip(xs, self.lo, self.hi)  # [chunk, n], zero where within the grid
-            hot = np.array([c in self._hot_index for c in channels.tolist()], bool)
-            rows = np.empty((channels.size, self.weight_t.shape[1]), np.float32)  # [n, out_total]
-            if hot.any():
-                rows[hot] = self.hot_rows[[self._hot_index[c] for c in channels[hot].tolist()]]
-            if (~hot).any():
-                rows[~hot] = self._cold_rows[channels[~hot]]  # read from the artifact file
-                disk = int((~hot).sum())
-            np.matmul(r, rows, out=out)
-        stats = ShadowStats(1, x.size, n_out, int(channels.size), disk, time.thread_time() - started)
+        # column extremes find the outlier channels in two reductions, without [chunk, in] masks
+        channels = np.flatnonzero((x.max(axis=0) > self.hi) | (x.min(axis=0) < self.lo))  # [n]
+        if not channels.size:
+            self._count(ShadowStats(1, x.size, 0, 0, 0, time.thread_time() - started))
+            return None
+        xs = x[:, channels]  # [chunk, n]
+        r = xs - np.clip(xs, self.lo, self.hi)  # [chunk, n], zero where within the grid
+        token_rows = np.flatnonzero(r.any(axis=1))  # [m]: outliers sit in a few tokens for most inputs
+        if token_rows.size < x.shape[0]:
+            r = r[token_rows]
+        hot = np.array([c in self._hot_index for c in channels.tolist()], bool)
+        rows = np.empty((channels.size, self.weight_t.shape[1]), np.float32)  # [n, out_total]
+        if hot.any():
+            rows[hot] = self.hot_rows[[self._hot_index[c] for c in channels[hot].tolist()]]
+        disk = int((~hot).sum())
+        if disk:
+            rows[~hot] = self._cold_rows[channels[~hot]]  # read from the artifact file
+        values = r @ rows  # [m, out_total]
+        self._count(ShadowStats(1, x.size, int(np.count_nonzero(r)), int(channels.size), disk, time.thread_time() - started))
+        return Correction(token_rows, np.split(values, np.cumsum(self.splits)[:-1], axis=1))
+
+    def _count(self, stats: ShadowStats) -> None:
         with self._lock:
             self.stats.add(stats)
-        return np.split(out, np.cumsum(self.splits)[:-1], axis=1)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What the CPU adds to a graph's outputs: `values[i]` [len(rows), out_i] into rows `rows` of output i."""
+
+    rows: np.ndarray  # int64 [m]: the token rows that hold outliers, ascending
+    values: list[np.ndarray]
+
+    def add_to(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """outputs [chunk, out_i] with the correction added (in place where the arrays allow)."""
+        fixed = []
+        for out, value in zip(outputs, self.values, strict=True):
+            out = out if out.flags.writeable else out.copy()
+            if self.rows.size == out.shape[0]:
+                out += value
+            else:
+                out[self.rows] += value
+            fixed.append(out)
+        return fixed
+
+    def dense(self, n_rows: int) -> list[np.ndarray]:
+        """The correction as full [n_rows, out_i] arrays (zeros in rows without outliers)."""
+        return self.add_to([np.zeros((n_rows, v.shape[1]), np.float32) for v in self.values])

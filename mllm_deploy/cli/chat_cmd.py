@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm_deploy.cli.common import add_profile_args, load_profile_from_args, print_diagnostics
-from mllm_deploy.errors import ExitCode, UserError, user_error
+from mllm_deploy.cli.common import add_generation_args, add_profile_args, load_for_generation, open_chat_session, print_diagnostics
+from mllm_deploy.errors import ExitCode, UserError
 
 HELP_TEXT = "commands: /reset (new conversation), /quit (leave), /help"
 
@@ -26,22 +26,17 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     add_profile_args(parser, optional=True)
-    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
+    add_generation_args(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mllm_deploy.cli.run_cmd import run_turn
-    from mllm_deploy.runtime.availability import require_runnable_backend
     from mllm_deploy.runtime.report import metrics_line
-    from mllm_deploy.runtime.session import ChatSession, load_model
 
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise user_error("--max-new-tokens must be at least 1", value=args.max_new_tokens)
-    loaded = load_profile_from_args(args)
-    backend = require_runnable_backend(loaded)
+    loaded, backend = load_for_generation(args)
     interactive = sys.stdin.isatty()
-    session = ChatSession(load_model(loaded), loaded)
+    session = open_chat_session(loaded)
     if interactive:
         print(f"{session.model.spec.name} ({backend}); {HELP_TEXT}", file=sys.stderr)
     first_turn = True

@@ -38,6 +38,30 @@ def load_profile_from_args(args: argparse.Namespace):
     return loaded
 
 
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the commands that generate text (`run`, `chat`)."""
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
+
+
+def load_for_generation(args: argparse.Namespace):
+    """(loaded profile, backend label) for `run`/`chat`: checks `--max-new-tokens`, loads the
+    profile and refuses a backend this host cannot run; raises UserError."""
+    from mllm_deploy.errors import user_error
+    from mllm_deploy.runtime.availability import require_runnable_backend
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise user_error("--max-new-tokens must be at least 1", value=args.max_new_tokens)
+    loaded = load_profile_from_args(args)
+    return loaded, require_runnable_backend(loaded)
+
+
+def open_chat_session(loaded):
+    """A ChatSession on the profile's model (loads weights, compiles or reuses artifacts)."""
+    from mllm_deploy.runtime.session import ChatSession, load_model
+
+    return ChatSession(load_model(loaded), loaded)
+
+
 def print_diagnostics(diagnostics: Iterable[Diagnostic]) -> None:
     for diag in diagnostics:
         print(diag.render(), file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mllm_deploy.cli.common import add_profile_args, load_profile_from_args

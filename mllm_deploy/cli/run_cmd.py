@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
+from mllm_deploy.cli.common import add_generation_args, add_profile_args, load_for_generation, open_chat_session
 from mllm_deploy.errors import ExitCode, UserError, user_error
 from mllm_deploy.runtime.events import GenerationDone, TokenEmitted
 
@@ -38,24 +38,19 @@ def register(subparsers) -> None:
         "one JSON result per line out",
     )
     parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
+    add_generation_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--trace", metavar="FILE", help="write a Chrome trace-event JSON of the run (open it in Perfetto)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.runtime.availability import require_runnable_backend
-
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise user_error("--max-new-tokens must be at least 1", value=args.max_new_tokens)
-    loaded = load_profile_from_args(args)
-    backend = require_runnable_backend(loaded)
+    loaded, backend = load_for_generation(args)
     if args.batch:
         lines = _read_text(args.batch, "batch file").splitlines()
     else:
         prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
-    session = _open_session(loaded)
+    session = open_chat_session(loaded)
     if args.batch:
         return run_batch(session, lines, backend=backend, raw_default=args.raw, max_new_default=args.max_new_tokens)
     if args.raw:
@@ -81,12 +76,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(metrics_line(done, load_s=load_s, backend=backend), file=sys.stderr)
     return ExitCode.INTERRUPTED if done.finish_reason == "cancelled" else ExitCode.OK
-
-
-def _open_session(loaded):
-    from mllm_deploy.runtime.session import ChatSession, load_model
-
-    return ChatSession(load_model(loaded), loaded)
 
 
 def _write_stdout(text: str) -> None:

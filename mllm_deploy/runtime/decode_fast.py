@@ -163,14 +163,14 @@ def _step_model(weights: LlamaWeights) -> onnx.ModelProto:
         helper.make_tensor_value_info("sin", f32, ["rope_positions", spec.head_dim // 2]),
     ]
     outputs = []
-    resid = "x"
+    resid, attn = "x", ""  # attn: the previous layer's attention output
     for layer in range(spec.n_layers):
         w = weights.layers[layer]
         past_k, past_v, present_k, present_v = kv_names(layer)
         inputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (past_k, past_v)]
         outputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (present_k, present_v)]
         if layer > 0:
-            resid = _mlp_then(b, weights, layer - 1, resid, attn)  # noqa: F821 - set below
+            resid = _mlp_then(b, weights, layer - 1, resid, attn)
         qkv = b.linear(b.rms_norm(resid, w.attn_norm, spec.rms_eps), [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
         attn = b.tmp("attn")
         b.nodes.append(helper.make_node(

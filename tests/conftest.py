@@ -35,3 +35,12 @@ def cache_env(root: Path):
                 os.environ.pop("MLLM_DEPLOY_CACHE", None)
             else:
                 os.environ["MLLM_DEPLOY_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def module_private_cache(tmp_path_factory):
+    """A cache dir of the test module's own (e.g. keeps the sha256 verification cache out of the
+    user's cache dir); use with `pytestmark = pytest.mark.usefixtures("module_private_cache")`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield

@@ -16,12 +16,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Keep the sha256 verification cache out of the user's cache dir."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_private_cache")  # sha256 cache out of the user's dir
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from mllm_deploy.model.tokenizer import tokenizer_from_gguf_metadata
 GOLDEN = Path(__file__).parent / "golden" / "tokenizer_smollm2.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Keep the sha256 verification cache out of the user's cache dir."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_private_cache")  # sha256 cache out of the user's dir
 
 
 @pytest.fixture(scope="module")

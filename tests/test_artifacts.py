@@ -149,3 +149,22 @@ def test_lockfile_for_a_snapdragon_target_records_its_htp_arch_and_soc():
     resolved = resolve(loaded, catalog_entries()["sd8gen3"], read_spec("builtin:smollm2-135m-instruct"))
     lock = expected_lock(resolved)
     assert (lock.htp_arch, lock.soc_model, lock.backend, lock.target) == (75, 57, "qnn-htp", "sd8gen3")
+
+
+def test_a_graph_refused_by_the_audit_is_a_located_refusal_and_caches_nothing(model, cache, monkeypatch):
+    from mllm_deploy.compile import build as build_module
+    from mllm_deploy.compile.audit import GraphAuditError
+    from mllm_deploy.errors import ExitCode
+
+    def refuse(path, **_):
+        raise GraphAuditError(path.name, ["MatMul 'mm' runs in float"])
+
+    monkeypatch.setattr(build_module, "audit_graph", refuse)
+    with pytest.raises(UserError) as err:
+        build(resolved_for(model))
+    assert err.value.exit_code == ExitCode.CANNOT_RUN
+    (diag,) = err.value.diagnostics
+    assert "layer0_qkv.onnx was refused by the audit: MatMul 'mm' runs in float" in diag.message
+    assert diag.key == "quantization" and "weights=int8-per-channel, activations=uint8" in str(diag.value)
+    assert "nothing was cached" in diag.hint
+    assert list((cache / "artifacts").iterdir()) == []  # no entry, no temp leftovers

@@ -25,11 +25,11 @@ from mllm_deploy.compile.artifacts import (
     CALIBRATION, KERNELS, LATENCIES, LOCK, Artifacts, EntryProblem, artifacts_root, commit_entry, entry_key,
     expected_lock, load_stats, open_entry, stats_key, store_stats, write_manifest,
 )  # fmt: skip
-from mllm_deploy.compile.audit import audit_graph, integer_kernel_report
+from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
 from mllm_deploy.compile.graphs import GRAPH_KINDS, LayerActQuant, build_layer_graphs
 from mllm_deploy.compile.quantize import activation_quant_symmetric
-from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
 from mllm_deploy.paths import atomic_write_text
 
 Log = Callable[[str], None]
@@ -189,6 +189,22 @@ def _cached_samples(lock, produce) -> list[list[int]]:
     return samples
 
 
+def _audit_or_refuse(resolved, graph_path: Path, *, require_quantized_outputs: bool) -> None:
+    """The graph audit; a refused graph stops the build as a refusal of the profile (exit 3),
+    located at its quantization settings (the build directory is discarded, nothing is cached)."""
+    try:
+        audit_graph(graph_path, require_quantized_outputs=require_quantized_outputs)
+    except GraphAuditError as err:
+        settings = resolved.profile.quantization
+        raise UserError([Diagnostic(
+            message=f"the compiled graph {err.graph} was refused by the audit: " + "; ".join(err.problems),
+            value=f"weights={settings.weights}, activations={settings.activations}",
+            allowed=f"graphs whose every linear runs on integer kernels of {resolved.backend_label}",
+            hint="nothing was cached; try other quantization settings, or report the model and profile",
+            **resolved.loaded.where("quantization"),
+        )], exit_code=ExitCode.CANNOT_RUN) from None  # fmt: skip
+
+
 def _build_into(tmp: Path, resolved, engine, cal: CalibrationResult, progress, log: Log) -> None:
     spec, p = resolved.spec, resolved.profile
     chunk = p.prefill.chunk_size
@@ -203,7 +219,7 @@ def _build_into(tmp: Path, resolved, engine, cal: CalibrationResult, progress, l
         built = build_layer_graphs(weights, layer, chunk, layer_act_quant(cal, layer, quantize_outputs=qnn), granularity,
                                    tmp / "graphs", split_gate_up=(layer, "gate_up") in shadowed)  # fmt: skip
         for kind, graph in built.items():
-            audit_graph(graph.path, require_quantized_outputs=qnn)  # raises GraphAuditError
+            _audit_or_refuse(resolved, graph.path, require_quantized_outputs=qnn)
             if (layer, kind) in shadowed:
                 (tmp / "shadow").mkdir(exist_ok=True)
                 np.save(tmp / "shadow" / f"layer{layer}_{kind}.npy", shadow_weight_t(weights, kind))

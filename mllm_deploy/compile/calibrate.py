@@ -11,13 +11,18 @@ Data (`calibration.source`):
 - otherwise a text file path or glob (relative to the profile file): the files are
   concatenated and cut into `samples` pieces of `tokens_per_sample` tokens.
 
-Statistics, two passes of chunked prefill over the samples (float engine with recording
+Statistics, three passes of chunked prefill over the samples (float engine with recording
 linears):
 1. per linear input: the values above the running top-K threshold (K = the values that lie at
    or beyond the percentile) with their channels, and the max |x|: exact percentile clamps and
    per-channel outlier counts without storing every activation;
 2. per linear output: max |y| of the float product and of the product with the input clamped
-   (y - outliers @ W.T, sparse), which sets the output grids.
+   (y - outliers @ W.T, sparse), which sets the output grids;
+3. per linear input, its grid damage: each layer is run once more per input with only that
+   input on its max-abs uint8 grid (what a pruned input gets), and the relative change of the
+   residual stream after the layer, |Δh|² / |h|² per token, is averaged. This is the pruning
+   ranking: on SmolLM2 its order matches the end-to-end KL divergence of pruning each input
+   alone (Spearman 0.99 over the 120 inputs) at about 4 extra layer evaluations per layer.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ import numpy as np
 
 from mllm_deploy.compile.calibration import ActivationStats, InputStats
 from mllm_deploy.compile.graphs import GRAPH_KINDS
+from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import user_error
 from mllm_deploy.runtime.float_engine import FloatEngine
-from mllm_deploy.runtime.layers import ChunkSpan, silu_mul_
+from mllm_deploy.runtime.layers import ChunkSpan, FloatBlockLinears, silu_mul_
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -183,7 +189,7 @@ class _TopValues:
         if values.size >= self.k:
             self.floor = float(values.min())
 
-    def result(self, layer: int, kind: str) -> InputStats:
+    def result(self, layer: int, kind: str, grid_damage: float = 0.0) -> InputStats:
         clamp = float(self.values.min()) if self.values.size else self.max_abs
         beyond = self.channels[self.values > clamp]
         counts = np.bincount(beyond, minlength=self.width) * self.stride
@@ -191,7 +197,7 @@ class _TopValues:
             layer=layer, kind=kind, width=self.width, values=self.count * self.stride,
             percentile_clamp=max(clamp, 1e-8), max_abs=max(self.max_abs, 1e-8),
             channel_outliers={int(c): int(n) for c, n in enumerate(counts) if n},
-            estimated=self.stride > 1,
+            estimated=self.stride > 1, grid_damage=grid_damage,
         )  # fmt: skip
 
 
@@ -249,9 +255,8 @@ def collect_activation_stats(
     def record(layer, kind, x, _outputs):
         tops[(layer, kind)].add(x)
 
-    _run_pass(engine, samples, record, chunk_size, progress, "calibration pass 1/2 (inputs)")
-    inputs = [tops[(layer, kind)].result(layer, kind) for layer in range(n_layers) for kind in GRAPH_KINDS]
-    clamps = {(s.layer, s.kind): s.percentile_clamp for s in inputs}
+    _run_pass(engine, samples, record, chunk_size, progress, "calibration pass 1/3 (inputs)")
+    clamps = {key: top.result(*key).percentile_clamp for key, top in tops.items()}
     out_max: dict[str, float] = {}
     out_clamped: dict[str, float] = {}
 
@@ -267,7 +272,10 @@ def collect_activation_stats(
                 y = y - r @ w[:, channels].T  # [T, out]
             out_clamped[key] = max(out_clamped.get(key, 0.0), float(np.abs(y).max()))
 
-    _run_pass(engine, samples, outputs, chunk_size, progress, "calibration pass 2/2 (outputs)")
+    _run_pass(engine, samples, outputs, chunk_size, progress, "calibration pass 2/3 (outputs)")
+    max_abs = {key: max(top.max_abs, 1e-8) for key, top in tops.items()}
+    damage = _grid_damage(engine, samples, max_abs, chunk_size, progress, "calibration pass 3/3 (grid damage)")
+    inputs = [tops[(layer, kind)].result(layer, kind, damage[(layer, kind)]) for layer in range(n_layers) for kind in GRAPH_KINDS]
     digest = hashlib.sha256(np.concatenate([np.asarray(s, np.int64) for s in samples]).tobytes()).hexdigest()
     return ActivationStats(
         source=source, text_sha256=digest, samples=len(samples), tokens=total_tokens,
@@ -287,3 +295,62 @@ def _run_pass(engine: FloatEngine, samples, sink, chunk_size: int, progress: Pro
         recording.prefill(cache, list(ids), chunk_size=chunk_size, logit_rows="none")
     if progress:
         progress(stage, len(samples), len(samples))
+
+
+class _MaxAbsGrid(FloatBlockLinears):
+    """Float linears of one layer, except that one input is on its max-abs uint8 grid."""
+
+    def __init__(self, layer_weights, kind: str, max_abs: float):
+        super().__init__(layer_weights)
+        self.kind, self.grid = kind, activation_quant_symmetric(max_abs, "uint8")
+
+    def _in(self, kind: str, x: np.ndarray) -> np.ndarray:
+        return self.grid.fake_quantize(x) if kind == self.kind else x
+
+    def qkv(self, x_norm):
+        return super().qkv(self._in("qkv", x_norm))
+
+    def attn_output(self, attn):
+        return super().attn_output(self._in("o_proj", attn))
+
+    def mlp(self, x_norm):
+        x = self._in("gate_up", x_norm)
+        h = silu_mul_(x @ self.w.w_gate.T, x @ self.w.w_up.T)  # [T, ffn]
+        return self._in("down", h) @ self.w.w_down.T  # [T, hidden]
+
+
+def _grid_damage(engine: FloatEngine, samples, max_abs: dict[tuple[int, str], float], chunk_size: int,
+                 progress: Progress | None, stage: str) -> dict[tuple[int, str], float]:
+    """(layer, kind) -> mean over tokens of |h' - h|² / |h|², h the residual stream after the layer
+    in float and h' the same with only that input on its max-abs grid (pass 3, module docstring)."""
+    n_layers = engine.spec.n_layers
+    total = {key: 0.0 for key in max_abs}
+    tokens = 0
+    probe = FloatEngine.__new__(FloatEngine)  # same weights and tables, one layer's linears swapped
+    probe.__dict__.update(engine.__dict__)
+    probe.block_linears = list(engine.block_linears)
+    for i, ids in enumerate(samples):
+        if progress:
+            progress(stage, i, len(samples))
+        cache = engine.new_cache(len(ids))
+        for start in range(0, len(ids), chunk_size):
+            part = list(ids[start : start + chunk_size])
+            span = ChunkSpan(start=cache.length, n_real=len(part), n_rows=len(part))
+            engine.rope.ensure(span.end)
+            x = engine.weights.tok_embd[np.asarray(part)]  # [T, hidden]
+            for layer in range(n_layers):
+                probed = {}
+                for kind in GRAPH_KINDS:  # before the float block: it rewrites this chunk's K/V last
+                    probe.block_linears[layer] = _MaxAbsGrid(engine.weights.layers[layer], kind, max_abs[(layer, kind)])
+                    probed[kind] = probe.block(layer, x, span, cache)
+                probe.block_linears[layer] = engine.block_linears[layer]
+                x = engine.block(layer, x, span, cache)  # [T, hidden]
+                norm = np.einsum("td,td->t", x, x, dtype=np.float64) + 1e-30  # [T]
+                for kind, h in probed.items():
+                    d = h - x
+                    total[(layer, kind)] += float((np.einsum("td,td->t", d, d, dtype=np.float64) / norm).sum())
+            cache.advance(part)
+            tokens += len(part)
+    if progress:
+        progress(stage, len(samples), len(samples))
+    return {key: value / max(1, tokens) for key, value in total.items()}

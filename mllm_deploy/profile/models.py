@@ -107,12 +107,11 @@ class OutliersSection(_Section):
     """Largest share of a linear's input channels kept in memory as float weight rows
     ("hot channels"); the remaining rows are read from disk on demand."""
 
-    prune_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    """Share of linear inputs (over all layers), least important first (max |outlier| / scale),
-    whose outlier correction is skipped; a skipped input gets a max-abs grid instead of a clamp.
-    0 keeps every correction: on SmolLM2 any pruning costs about 2% perplexity (4,096 news
-    tokens, percentile 99.9: prune 0.2-0.5 gives 1.021-1.024x float, 0 gives 1.009x); raise it to trade
-    accuracy for less CPU work."""
+    prune_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of linear inputs (over all layers) whose outlier correction is skipped, those whose
+    max-abs grid measurably costs least in calibration first; a skipped input gets a max-abs
+    grid instead of a clamp. On SmolLM2 (4,096 news tokens, percentile 99.8): 0.5 gives 1.0137x
+    float perplexity, 0.3 1.0115x, 0 1.0083x; lower it for accuracy, raise it for less CPU work."""
 
 
 class SchedulerSection(_Section):

@@ -133,3 +133,23 @@ def test_embedding_rows_read_from_a_memory_mapped_table(tmp_path):
     assert FileRows(mapped)._file is not None  # really the pread path
     with pytest.raises(IndexError):
         FileRows(mapped)[np.array([50])]
+
+
+def test_int8_decode_follows_the_cache_when_it_grows(tiny, tmp_path, monkeypatch):
+    """Decoding across the cache's growth steps rebinds the graph to the new buffers."""
+    from mllm_deploy.runtime import kv_cache
+
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
+    monkeypatch.setattr(kv_cache, "GROWTH", 8)
+    spec, weights = tiny
+    engine = FloatEngine(weights)
+    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights), threads=1)
+    cache, ref_cache = engine.new_cache(64), engine.new_cache(64)
+    for c in (cache, ref_cache):
+        engine.prefill(c, [5, 17, 99, 3, 250, 40], chunk_size=4)
+    assert cache.allocated == 8
+    for token in (7, 100, 200, 33, 9, 12):  # positions 6..11: past 8 allocated
+        ref, got = engine.decode_step(ref_cache, token), decoder.decode_step(cache, token)
+        assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
+    assert cache.allocated == 16 and cache.length == 12
+    np.testing.assert_allclose(cache.k[:, :, :12], ref_cache.k[:, :, :12], atol=0.05 * np.abs(ref_cache.k[:, :, :12]).max())

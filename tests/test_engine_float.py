@@ -236,3 +236,24 @@ def test_causal_attention_masks_future_within_chunk():
     out = causal_attention(q, keys, values, start=2, n_kv_heads=1)
     assert np.abs(out[:2]).max() < 1e-6
     assert out[2].min() > 0
+
+
+def test_kv_cache_grows_in_steps_keeping_what_it_holds(monkeypatch):
+    from mllm_deploy.runtime import kv_cache
+
+    monkeypatch.setattr(kv_cache, "GROWTH", 8)
+    cache = kv_cache.KVCache(n_layers=2, capacity=20, n_kv_heads=1, head_dim=4)
+    assert cache.allocated == 8 and cache.capacity == 20
+    keys = np.arange(6 * 4, dtype=np.float32).reshape(6, 1, 4)
+    for layer in range(2):
+        cache.write(layer, 0, keys, -keys)
+    cache.advance([1, 2, 3, 4, 5, 6])
+    cache.write(0, 6, keys[:3], keys[:3])  # positions 6..8: beyond 8 allocated -> 16
+    assert cache.allocated == 16
+    np.testing.assert_array_equal(cache.keys(1, 6)[0], keys[:, 0])  # held positions kept
+    np.testing.assert_array_equal(cache.values(1, 6)[0], -keys[:, 0])
+    np.testing.assert_array_equal(cache.keys(0, 9)[0, 6:], keys[:3, 0])
+    cache.reserve(19)
+    assert cache.allocated == 20  # capped at the capacity
+    with pytest.raises(ValueError, match="capacity 20"):
+        cache.reserve(21)

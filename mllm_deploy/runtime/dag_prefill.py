@@ -134,6 +134,7 @@ class DagPrefill:
             raise ValueError("nothing to prefill")
         if cache.length + n > cache.capacity:
             raise ValueError(f"{n} tokens do not fit the KV cache ({cache.free} free)")
+        cache.reserve(cache.length + n)  # before any task writes into the buffers
         size = self.chunk_tokens
         n_chunks = -(-n // size)
         graph = self.graph(n_chunks)

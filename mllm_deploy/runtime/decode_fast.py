@@ -310,7 +310,8 @@ class Int8Decoder:
         pos = cache.length
         if pos >= cache.capacity:
             raise ValueError("KV cache full")
-        self.rope.ensure(max(pos + 1, cache.capacity))
+        cache.reserve(pos + 1)
+        self.rope.ensure(max(pos + 1, cache.allocated))
         binding = self._binding
         if binding is None or not binding.serves(cache, self.rope):
             binding = self._binding = _CacheBinding(self.sessions["step"], cache, self.rope, self.spec.hidden)

@@ -67,6 +67,8 @@ def generate(
         raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the KV cache ({cache.capacity})")
     cancelled = lambda: cancel is not None and cancel.is_set()  # noqa: E731
     started = time.perf_counter()
+    # room for the whole turn up front: growing the cache mid-decode would hold two copies at once
+    cache.reserve(min(cache.capacity, len(prompt_ids) + request.max_new_tokens))
 
     # Reuse the cached prefix; at least the last prompt token must run to give logits.
     reused = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)

@@ -92,8 +92,9 @@ def test_shadow_insertion(tmp_path, spec):
     assert ("c0.L13.gate_up", "c0.L13.down.shadow") in edges  # same input as the NPU linear
     assert ("c0.L13.down.shadow", "c0.L14.attn_norm") in edges  # correction added before use
     more = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.5\n"), spec, prompt_tokens=256)
-    assert [l.split(".")[1] for l in more.shadow.linears].count("down") == 30  # then gate_up
-    assert [l.split(".")[1] for l in more.shadow.linears].count("gate_up") == 30
+    kinds = [l.split(".")[1] for l in more.shadow.linears]
+    assert kinds.count("down") == 30 and kinds.count("qkv") == 30  # then qkv
+    assert kinds.count("gate_up") == kinds.count("o_proj") == 0
     chosen = ((29, "down"), (0, "qkv"), (7, "gate_up"))
     calibrated = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256, calibrated_shadow_inputs=chosen)
     assert calibrated.shadow.layers == [0, 7, 29] and calibrated.shadow.source == "calibration"

@@ -117,9 +117,9 @@ class ShadowPlan(_Frozen):
     """Shadowed linear inputs as `L{layer}.{kind}` (kind: qkv, o_proj, gate_up, down)."""
 
     source: Literal["calibration", "provisional"]
-    """`calibration`: linear inputs ranked by measured importance (max |outlier| / scale);
-    `provisional`: no calibration yet — down projections first, spread over the layers —
-    until `build` measures them."""
+    """`calibration`: linear inputs ranked by their measured pruning damage (the residual
+    stream's change with only that input on a max-abs grid); `provisional`: no calibration yet —
+    kinds in the usual order of that damage, spread over the layers — until `build` measures them."""
 
     hot_channel_fraction: float
     """Largest share of input channels whose float weight rows stay in memory."""

@@ -246,25 +246,23 @@ class _CacheBinding:
         self.total_length = np.zeros((), np.int32)
         self.x_final = np.zeros((1, 1, hidden), np.float32)
         self.io = session.io_binding()
-        self._values = []  # OrtValues must outlive the binding
+        self._values: list[ort.OrtValue] = []  # they must outlive the binding
         for name, array in (("x", self.x), ("seqlens_k", self.seqlens_k), ("total_length", self.total_length),
                             ("cos", rope.cos), ("sin", rope.sin)):  # fmt: skip
-            self._bind_input(name, array)
+            self.io.bind_ortvalue_input(name, self._share(array))
         for layer in range(cache.n_layers):
             past_k, past_v, present_k, present_v = kv_names(layer)
             for array, past, present in ((cache.k[layer][None], past_k, present_k), (cache.v[layer][None], past_v, present_v)):
-                value = ort.OrtValue.ortvalue_from_numpy(array)
-                self._values.append(value)
+                value = self._share(array)
                 self.io.bind_ortvalue_input(past, value)
                 self.io.bind_ortvalue_output(present, value)
-        value = ort.OrtValue.ortvalue_from_numpy(self.x_final)
-        self._values.append(value)
-        self.io.bind_ortvalue_output("x_final", value)
+        self.io.bind_ortvalue_output("x_final", self._share(self.x_final))
 
-    def _bind_input(self, name: str, array: np.ndarray) -> None:
+    def _share(self, array: np.ndarray) -> ort.OrtValue:
+        """An OrtValue over `array`'s own memory (no copy), kept alive with the binding."""
         value = ort.OrtValue.ortvalue_from_numpy(array)
         self._values.append(value)
-        self.io.bind_ortvalue_input(name, value)
+        return value
 
     def serves(self, cache: KVCache, rope: RopeTables) -> bool:
         """Still bound to this cache's buffers and the current RoPE tables."""

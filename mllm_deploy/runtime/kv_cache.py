@@ -89,10 +89,6 @@ class KVCache:
         """Values of positions `0 .. end-1` of `layer`: a view [kv_heads, end, head_dim]."""
         return self.v[layer, :, :end]
 
-    def positions(self, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """(K, V) of every layer for positions `0 .. end-1`: views [layers, kv_heads, end, head_dim]."""
-        return self.k[:, :, :end], self.v[:, :, :end]
-
     def advance(self, token_ids: list[int]) -> None:
         """Commit `token_ids`, whose K/V every layer has just written after the current length."""
         if self.length + len(token_ids) > self.capacity:

@@ -153,3 +153,41 @@ def test_int8_decode_follows_the_cache_when_it_grows(tiny, tmp_path, monkeypatch
         assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
     assert cache.allocated == 16 and cache.length == 12
     np.testing.assert_allclose(cache.k[:, :, :12], ref_cache.k[:, :, :12], atol=0.05 * np.abs(ref_cache.k[:, :, :12]).max())
+
+
+def test_int8_decoder_does_not_keep_old_cache_buffers_alive(tiny, tmp_path, monkeypatch):
+    """The graph's binding holds a cache's K/V; dropping the cache (or growing it) must free the
+    old buffers, or the next cache doubles the KV memory (the bench's peak RSS)."""
+    import gc
+    import weakref
+
+    from mllm_deploy.runtime import kv_cache
+
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
+    monkeypatch.setattr(kv_cache, "GROWTH", 8)
+    spec, weights = tiny
+    engine = FloatEngine(weights)
+    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights), threads=1)
+    cache = engine.new_cache(64)
+    engine.prefill(cache, [5, 17, 99, 3, 250, 40], chunk_size=4)
+    decoder.decode_step(cache, 7)
+    before_growth = weakref.ref(cache.k)
+    for token in (8, 9):  # position 8: the buffers are reallocated
+        decoder.decode_step(cache, token)
+    gc.collect()
+    assert before_growth() is None
+    current = weakref.ref(cache.k)
+    del cache  # e.g. the bench's next run, or a new chat: its cache is filled before any decode
+    gc.collect()
+    assert current() is None
+    second = engine.new_cache(64)
+    engine.prefill(second, [5, 17], chunk_size=4)
+    assert decoder.decode_step(second, 7).shape == (spec.vocab,)
+
+
+def test_decode_step_graph_fuses_each_residual_add_with_the_next_norm(tiny):
+    spec, weights = tiny
+    ops = [n.op_type for n in build_decode_models(weights)["step"].graph.node]
+    # per layer: after o_proj (-> ffn_norm) and after down (-> next attn_norm, or the output norm)
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * spec.n_layers
+    assert ops.count("Add") == 1  # only the epsilon of layer 0's plain attn_norm (no biases here)

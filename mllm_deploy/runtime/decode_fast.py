@@ -11,6 +11,7 @@ A token is two onnxruntime runs:
     step   x (embedding row) -> for every layer: attn_norm, qkv (MatMulNBits), GroupQueryAttention
            (RoPE inside, the new K/V written into the KV cache in place), o_proj, +resid,
            ffn_norm, gate/up, silu*up, down, +resid -> final norm                -> x_final
+           (each residual add is one kernel with the norm after it)
     head   x_final -> output projection                                           -> logits
 
 The KV cache's heads-major layout is GroupQueryAttention's BNSH, so each layer's past and present
@@ -33,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ from mllm_deploy.runtime.file_rows import FileRows
 from mllm_deploy.runtime.kv_cache import KVCache
 from mllm_deploy.runtime.rope import RopeTables
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BLOCK = 32
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -100,11 +102,20 @@ class _Builder:
         norm = self.op("Div", [x, self.op("Sqrt", [var], "std")], "normed")
         return self.op("Mul", [norm, self.const("norm_w", np.asarray(weight, np.float32))], "rms")
 
+    def add_rms_norm(self, x: str, skip: str, weight: np.ndarray, eps: float) -> tuple[str, str]:
+        """(rms_norm(x + skip), x + skip) in one kernel (onnxruntime's SkipSimplifiedLayerNormalization)."""
+        normed, total = self.tmp("rms"), self.tmp("sum")
+        self.nodes.append(helper.make_node(
+            "SkipSimplifiedLayerNormalization", [x, skip, self.const("norm_w", np.asarray(weight, np.float32))],
+            [normed, "", "", total], name=normed, domain=MS_DOMAIN, epsilon=float(eps),
+        ))  # fmt: skip
+        return normed, total
+
     def linear(self, x: str, weights: list[np.ndarray], biases: list[np.ndarray | None] | None = None) -> str:
         """x [1, K] @ concat(weights).T (+ concat(biases)) with 8-bit block weights."""
         w = np.concatenate([np.asarray(a, np.float32) for a in weights], axis=0)  # [N, K]
         n, k = w.shape
-        q, scale = quantize_blocks_u8(w)
+        q, scale = quantize_blocks_u8(w, BLOCK)
         y = self.op(
             "MatMulNBits", [x, self.const("wq", q), self.const("ws", scale.reshape(-1))], "mm",
             domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=BLOCK, accuracy_level=4,
@@ -132,16 +143,16 @@ class _Builder:
         return model
 
 
-def _mlp_then(b: _Builder, weights: LlamaWeights, layer: int, resid: str, attn: str) -> str:
-    """Residual stream after layer `layer`'s o_proj and MLP; returns its tensor name."""
+def _mlp_then(b: _Builder, weights: LlamaWeights, layer: int, resid: str, attn: str, next_norm: np.ndarray) -> tuple[str, str]:
+    """(rms_norm(r, next_norm), r) for r the residual stream after layer `layer`'s o_proj and MLP;
+    each residual add is fused with the norm that follows it."""
     w, spec = weights.layers[layer], weights.spec
-    h = b.op("Add", [resid, b.linear(attn, [w.wo])], "h")
-    x = b.rms_norm(h, w.ffn_norm, spec.rms_eps)
+    x, h = b.add_rms_norm(b.linear(attn, [w.wo]), resid, w.ffn_norm, spec.rms_eps)
     gate_up = b.linear(x, [w.w_gate, w.w_up])  # [1, 1, 2 ffn]
     gate = b.op("Slice", [gate_up, b.const("s0", np.array([0])), b.const("s1", np.array([spec.ffn])), b.const("ax", np.array([-1]))], "gate")
     up = b.op("Slice", [gate_up, b.const("s0", np.array([spec.ffn])), b.const("s1", np.array([2 * spec.ffn])), b.const("ax", np.array([-1]))], "up")
     act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], "sig")], "silu"), up], "act")
-    return b.op("Add", [h, b.linear(act, [w.w_down])], "resid")
+    return b.add_rms_norm(b.linear(act, [w.w_down]), h, next_norm, spec.rms_eps)
 
 
 def kv_names(layer: int) -> tuple[str, str, str, str]:
@@ -163,15 +174,16 @@ def _step_model(weights: LlamaWeights) -> onnx.ModelProto:
         helper.make_tensor_value_info("sin", f32, ["rope_positions", spec.head_dim // 2]),
     ]
     outputs = []
-    resid, attn = "x", ""  # attn: the previous layer's attention output
+    attn = ""  # the previous layer's attention output
+    normed, resid = b.rms_norm("x", weights.layers[0].attn_norm, spec.rms_eps), "x"
     for layer in range(spec.n_layers):
         w = weights.layers[layer]
         past_k, past_v, present_k, present_v = kv_names(layer)
         inputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (past_k, past_v)]
         outputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (present_k, present_v)]
         if layer > 0:
-            resid = _mlp_then(b, weights, layer - 1, resid, attn)
-        qkv = b.linear(b.rms_norm(resid, w.attn_norm, spec.rms_eps), [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
+            normed, resid = _mlp_then(b, weights, layer - 1, resid, attn, w.attn_norm)
+        qkv = b.linear(normed, [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
         attn = b.tmp("attn")
         b.nodes.append(helper.make_node(
             "GroupQueryAttention",
@@ -180,8 +192,8 @@ def _step_model(weights: LlamaWeights) -> onnx.ModelProto:
             num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, scale=float(1.0 / np.sqrt(spec.head_dim)),
             do_rotary=1, rotary_interleaved=int(spec.rope_style == "adjacent"),
         ))  # fmt: skip
-    resid = _mlp_then(b, weights, spec.n_layers - 1, resid, attn)
-    b.nodes.append(helper.make_node("Identity", [b.rms_norm(resid, weights.output_norm, spec.rms_eps)], ["x_final"], name="out_x_final"))
+    normed, _ = _mlp_then(b, weights, spec.n_layers - 1, resid, attn, weights.output_norm)
+    b.nodes.append(helper.make_node("Identity", [normed], ["x_final"], name="out_x_final"))
     outputs.insert(0, helper.make_tensor_value_info("x_final", f32, [1, 1, spec.hidden]))
     return _model(helper.make_graph(b.nodes, b.name, inputs, outputs, b.inits))
 
@@ -296,7 +308,10 @@ class Int8Decoder:
         options.log_severity_level = 3
         sources = {n: (graphs[n].SerializeToString() if isinstance(graphs, dict) else str(Path(graphs) / f"{n}.onnx")) for n in GRAPH_NAMES}
         self.sessions = {n: ort.InferenceSession(src, options, providers=["CPUExecutionProvider"]) for n, src in sources.items()}
-        self._binding: _CacheBinding | None = None
+        # One binding per live cache, dropped with it: a binding holds its cache's buffers, so a
+        # plain attribute kept the previous cache's K/V (50 MB at 1,024 positions) alive while
+        # the next cache was filled, which was the bench's peak RSS from its second run on.
+        self._bindings: weakref.WeakKeyDictionary[KVCache, _CacheBinding] = weakref.WeakKeyDictionary()
 
     def lm_head(self, x_final: np.ndarray) -> np.ndarray:
         """x_final [1, hidden] (already normed) -> logits [1, vocab]."""
@@ -310,9 +325,10 @@ class Int8Decoder:
             raise ValueError("KV cache full")
         cache.reserve(pos + 1)
         self.rope.ensure(max(pos + 1, cache.allocated))
-        binding = self._binding
+        binding = self._bindings.get(cache)
         if binding is None or not binding.serves(cache, self.rope):
-            binding = self._binding = _CacheBinding(self.sessions["step"], cache, self.rope, self.spec.hidden)
+            self._bindings.pop(cache, None)  # a grown cache: let the old buffers go first
+            binding = self._bindings[cache] = _CacheBinding(self.sessions["step"], cache, self.rope, self.spec.hidden)
         binding.x[0, 0] = self.tok_embd[int(token_id)]
         binding.seqlens_k[0] = pos
         binding.total_length[...] = pos + 1

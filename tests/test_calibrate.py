@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mllm_deploy.compile.calibrate import _TopValues, text_file_tokens
-from mllm_deploy.compile.calibration import ActivationStats, InputStats, choose_hot_channels, derive_calibration
+from mllm_deploy.compile.calibration import ActivationStats, InputStats, KVAbsMax, choose_hot_channels, derive_calibration
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.errors import UserError
 
@@ -49,8 +49,9 @@ def _stats(n_layers=4, damage=None):
                                      max_abs=big, channel_outliers={3: 2, 5: 1}, grid_damage=grid_damage))
     outs = {f"{l}/{n}": 10.0 for l in range(n_layers) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
     clamped = {k: 3.0 for k in outs}
+    kv = KVAbsMax(keys=[[[1.0] * 4] * 2] * n_layers, values=[[[0.5] * 4] * 2] * n_layers)
     return ActivationStats(source="self", text_sha256="0" * 64, samples=1, tokens=100, scale_percentile=99.9,
-                           inputs=inputs, output_max=outs, output_max_clamped=clamped, seconds=0.0)
+                           inputs=inputs, output_max=outs, output_max_clamped=clamped, kv_absmax=kv, seconds=0.0)
 
 
 def test_policies_choose_clamps_and_shadowed_layers():
@@ -126,3 +127,26 @@ def test_text_file_source_cuts_samples_and_missing_file_is_located(tmp_path):
     with pytest.raises(UserError) as caught:
         text_file_tokens("missing.txt", _Tok(), 2, 16, tmp_path)
     assert caught.value.exit_code == 2 and caught.value.diagnostics[0].key == "calibration.source"
+
+
+@pytest.mark.parametrize("rope_style", ["adjacent", "half"])
+def test_kv_range_takes_rope_pair_norms_for_keys_and_channel_maxima_for_values(rope_style):
+    """A key pair's norm bounds both of its channels at every position (RoPE only rotates the
+    pair), so calibration records it for both; values take the plain per-channel max."""
+    from types import SimpleNamespace
+
+    from mllm_deploy.compile.calibrate import _KVRange
+
+    spec = SimpleNamespace(rope_style=rope_style, n_layers=1, n_kv_heads=1, head_dim=4)
+    pair = (0, 1) if rope_style == "adjacent" else (0, 2)
+    k = np.zeros((1, 1, 3, 4), np.float32)
+    k[0, 0, 0, pair[0]], k[0, 0, 0, pair[1]] = 3.0, -4.0  # norm 5
+    k[0, 0, 1, pair[0]] = 1.0
+    v = np.zeros_like(k)
+    v[0, 0, 2] = [1.0, -2.0, 0.5, 0.0]
+    kv = _KVRange(spec)
+    kv.add(SimpleNamespace(length=3, k=k, v=v))
+    kv.add(SimpleNamespace(length=2, k=k * 0.5, v=v * 3))  # position 2 not held: its v is not counted
+    result = kv.result()
+    assert result.keys[0][0][pair[0]] == pytest.approx(5.0) and result.keys[0][0][pair[1]] == pytest.approx(5.0)
+    assert result.values[0][0] == pytest.approx([1.0, 2.0, 0.5, 0.0])

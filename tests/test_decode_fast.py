@@ -53,7 +53,7 @@ def test_int8_decode_follows_the_float_engine(tiny, tmp_path, monkeypatch):
     spec, weights = tiny
     engine = FloatEngine(weights)
     graphs = cached_decode_graphs(spec, lambda: weights)
-    assert sorted(p.name for p in graphs.glob("*.onnx")) == ["head.onnx", "step.onnx"]
+    assert sorted(p.name for p in graphs.glob("*.onnx")) == ["head.onnx", "step.onnx", "step_kv8.onnx"]
     assert cached_decode_graphs(spec, lambda: pytest.fail("rebuilt a cached entry")) == graphs
     decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, graphs, threads=1)
     prompt = [5, 17, 99, 3, 250, 40, 41]
@@ -191,3 +191,46 @@ def test_decode_step_graph_fuses_each_residual_add_with_the_next_norm(tiny):
     # per layer: after o_proj (-> ffn_norm) and after down (-> next attn_norm, or the output norm)
     assert ops.count("SkipSimplifiedLayerNormalization") == 2 * spec.n_layers
     assert ops.count("Add") == 1  # only the epsilon of layer 0's plain attn_norm (no biases here)
+
+
+def _int8_copy(cache, scales):
+    """An int8 KV cache holding `cache`'s positions, quantized with `scales`."""
+    from mllm_deploy.runtime.kv_cache import KVCache
+
+    n_layers, n_kv, _, head_dim = cache.k.shape
+    q = KVCache(n_layers, cache.capacity, n_kv, head_dim, scales=scales)
+    q.reserve(cache.length)
+    for layer in range(n_layers):
+        q.store(layer, 0, cache.k[layer, :, : cache.length].transpose(1, 0, 2), cache.v[layer, :, : cache.length].transpose(1, 0, 2))
+    q.advance(cache.token_ids)
+    return q
+
+
+def test_int8_kv_cache_decode_follows_the_float_engine(tiny, tmp_path, monkeypatch):
+    """The int8-KV step graph (GroupQueryAttention PER_CHANNEL) on a quantized copy of the float
+    engine's cache: same logits within int8 error, and the new positions it writes are the float
+    engine's K/V quantized with the same steps."""
+    from mllm_deploy.runtime.kv_cache import KVScales
+
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
+    spec, weights = tiny
+    engine = FloatEngine(weights)
+    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights), threads=1)
+    ref_cache = engine.new_cache(64)
+    engine.prefill(ref_cache, [5, 17, 99, 3, 250, 40, 41], chunk_size=4)
+    n = ref_cache.length
+    absmax = lambda a: np.abs(a[:, :, :n]).max(axis=2) * 1.5  # noqa: E731  (room for the decoded tokens)
+    scales = KVScales.from_absmax(absmax(ref_cache.k), absmax(ref_cache.v))
+    cache = _int8_copy(ref_cache, scales)
+    assert cache.k.dtype == np.int8 and cache.keys(0, n).dtype == np.float32
+    for token in (7, 100, 200):
+        ref, got = engine.decode_step(ref_cache, token), decoder.decode_step(cache, token)
+        assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.995
+    assert "step_kv8" in decoder.sessions and "step" not in decoder.sessions  # only the graph in use is opened
+    end = ref_cache.length
+    for layer in range(spec.n_layers):
+        step = scales.k[layer][:, None, :]
+        expected = np.clip(ref_cache.k[layer, :, n:end], -127 * step, 127 * step)  # saturating
+        decoded = cache.keys(layer, end)[:, n:end]
+        err = np.abs(decoded - expected) - step / 2  # beyond rounding: the 8-bit weights' error
+        assert err.max() < 0.1 * np.abs(expected).max(), (layer, err.max())

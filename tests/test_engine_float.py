@@ -257,3 +257,28 @@ def test_kv_cache_grows_in_steps_keeping_what_it_holds(monkeypatch):
     assert cache.allocated == 20  # capped at the capacity
     with pytest.raises(ValueError, match="capacity 20"):
         cache.reserve(21)
+
+
+def test_int8_kv_cache_stores_within_half_a_step_and_saturates(monkeypatch):
+    from mllm_deploy.runtime import kv_cache
+
+    monkeypatch.setattr(kv_cache, "GROWTH", 4)
+    rng = np.random.default_rng(0)
+    k_max = np.array([[[1.0, 2.0, 4.0, 8.0]]] * 2, np.float32)  # [layers, kv_heads, head_dim]
+    scales = kv_cache.KVScales.from_absmax(k_max, k_max / 2)
+    np.testing.assert_allclose(scales.k[0, 0], [1 / 127, 2 / 127, 4 / 127, 8 / 127], rtol=1e-6)
+    cache = kv_cache.KVCache(n_layers=2, capacity=10, n_kv_heads=1, head_dim=4, scales=scales)
+    keys = (rng.uniform(-1, 1, (6, 1, 4)) * k_max[0, 0]).astype(np.float32)
+    keys[0, 0, 0] = 3.0  # beyond the calibrated 1.0: saturates at the last step
+    for layer in range(2):
+        cache.write(layer, 0, keys, keys / 2)
+    cache.advance([1, 2, 3, 4, 5, 6])
+    assert cache.k.dtype == np.int8 and cache.allocated == 8  # grown, still int8
+    got = cache.keys(1, 6)  # [kv_heads, 6, head_dim], float32
+    assert got.dtype == np.float32 and got.shape == (1, 6, 4)
+    expected = np.clip(keys[:, 0], -k_max[0, 0], k_max[0, 0])
+    assert np.all(np.abs(got[0] - expected) <= scales.k[1, 0] / 2 + 1e-6)
+    assert got[0, 0, 0] == pytest.approx(1.0)
+    np.testing.assert_allclose(cache.values(0, 6)[0], expected / 2, atol=float(scales.v.max()) / 2 + 1e-6)
+    with pytest.raises(ValueError, match="KV scales of shape"):
+        kv_cache.KVCache(n_layers=3, capacity=10, n_kv_heads=1, head_dim=4, scales=scales)

@@ -34,7 +34,7 @@ REFUSALS = [
     ("int16 unsupported", '[quantization]\nactivations = "uint16"\n', "sd8gen3", {"supports_int16_activations": False}, {}, "quantization.activations", 2, "no 16-bit activations", "uint8"),
     ("per-channel unsupported", '[quantization]\nweights = "int8-per-channel"\n', "sd8gen3", {"supports_per_channel_weights": False}, {}, "quantization.weights", 2, "no per-channel", "int8-per-tensor"),
     ("npu memory", "[prefill]\nchunk_size = 256\n", "sd8gen3", {"addressable_memory_bytes": 50 * 1024**2}, {}, "prefill.chunk_size", 2, "more than sd8gen3's NPU can address", "<= 0.05 GiB"),
-    ("ram", "[prefill]\nmax_context = 8192\n", "qcs6490", None, {"ram_bytes": GIB // 2}, "prefill.max_context", 2, "more than 80% of qcs6490's RAM", "<= 0.40 GiB"),
+    ("ram", "[prefill]\nmax_context = 8192\n", "qcs6490", None, {"ram_bytes": GIB // 4}, "prefill.max_context", 2, "more than 80% of qcs6490's RAM", "<= 0.20 GiB"),
     ("cpu threads", "[device]\ncpu_threads = 16\n", "sd8gen3", None, {}, "device.cpu_threads", 2, "more threads than sd8gen3 has cores", "<= 8"),
     ("npu threads", '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 64\n', "host", None, {}, "device.npu_threads", 3, "more threads than host has cores", "<= 2"),
     ("backend not on device", '[device]\nnpu_backend = "ort-cpu"\n', "sd8gen3", None, {}, "device.npu_backend", 2, "not available on sd8gen3", "qnn-htp, none"),
@@ -130,8 +130,10 @@ def test_memory_budget_of_default_profile(tmp_path, spec):
     m = resolved.memory
     linear_params = 30 * (576 * 576 * 2 + 2 * 192 * 576 + 3 * 1536 * 576)
     assert m.npu_weight_bytes == linear_params + 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) * 4
-    assert m.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
+    assert m.kv_cache_bytes == 2 * 30 * 4096 * 192 * 1  # int8 KV cache (decode.kv_cache default)
     assert m.cpu_weight_bytes >= 49152 * 576 * 4  # float embeddings (tied output head)
+    float_kv = resolve(loaded_from(tmp_path, '[decode]\nkv_cache = "float32"\n'), capabilities("host"), spec)
+    assert float_kv.memory.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
     float_run = resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), spec)
-    assert float_run.memory.npu_bytes == 0
+    assert float_run.memory.npu_bytes == 0 and float_run.memory.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
     assert float_run.memory.cpu_weight_bytes > resolved.memory.cpu_weight_bytes + 3 * linear_params

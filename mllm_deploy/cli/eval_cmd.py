@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         ratio = report["perplexity"] / report["baseline_perplexity"]
         print(f"tokens:               {report['tokens']}")
         print(f"backend:              {report['backend']}")
+        if "kv_cache" in report:
+            print(f"KV cache:             {report['kv_cache']}")
         print(f"perplexity:           {report['perplexity']:.3f}  ({ratio:.4f}x float)")
         print(f"baseline (float32):   {report['baseline_perplexity']:.3f}")
         print(f"values on the CPU:    {100 * report['outlier_fraction']:.4f}% (shadow outliers)")

@@ -15,7 +15,8 @@ Statistics, three passes of chunked prefill over the samples (float engine with 
 linears):
 1. per linear input: the values above the running top-K threshold (K = the values that lie at
    or beyond the percentile) with their channels, and the max |x|: exact percentile clamps and
-   per-channel outlier counts without storing every activation;
+   per-channel outlier counts without storing every activation; and from each sample's KV
+   cache, the per-channel range of keys (RoPE pair norms) and values;
 2. per linear output: max |y| of the float product and of the product with the input clamped
    (y - outliers @ W.T, sparse), which sets the output grids;
 3. per linear input, its grid damage: each layer is run once more per input with only that
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_deploy.compile.calibration import ActivationStats, InputStats
+from mllm_deploy.compile.calibration import ActivationStats, InputStats, KVAbsMax
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import user_error
@@ -255,7 +256,8 @@ def collect_activation_stats(
     def record(layer, kind, x, _outputs):
         tops[(layer, kind)].add(x)
 
-    _run_pass(engine, samples, record, chunk_size, progress, "calibration pass 1/3 (inputs)")
+    kv = _KVRange(engine.spec)
+    _run_pass(engine, samples, record, chunk_size, progress, "calibration pass 1/3 (inputs)", on_cache=kv.add)
     clamps = {key: top.result(*key).percentile_clamp for key, top in tops.items()}
     out_max: dict[str, float] = {}
     out_clamped: dict[str, float] = {}
@@ -280,11 +282,38 @@ def collect_activation_stats(
     return ActivationStats(
         source=source, text_sha256=digest, samples=len(samples), tokens=total_tokens,
         scale_percentile=percentile, inputs=inputs, output_max=out_max, output_max_clamped=out_clamped,
-        seconds=time.perf_counter() - started,
+        kv_absmax=kv.result(), seconds=time.perf_counter() - started,
     )  # fmt: skip
 
 
-def _run_pass(engine: FloatEngine, samples, sink, chunk_size: int, progress: Progress | None, stage: str) -> None:
+class _KVRange:
+    """Running per-channel maxima of the KV cache: |v|, and for keys the norm of each channel's
+    RoPE pair (see `KVAbsMax.keys`)."""
+
+    def __init__(self, spec):
+        self.rope_style = spec.rope_style
+        self.keys = np.zeros((spec.n_layers, spec.n_kv_heads, spec.head_dim), np.float32)
+        self.values = np.zeros_like(self.keys)
+
+    def add(self, cache) -> None:
+        n = cache.length
+        k, v = cache.k[:, :, :n], cache.v[:, :, :n]  # [layers, kv_heads, n, head_dim], float32
+        half = k.shape[-1] // 2
+        if self.rope_style == "adjacent":  # pairs (2i, 2i+1)
+            norms = np.sqrt(k[..., 0::2] ** 2 + k[..., 1::2] ** 2).max(axis=2)
+            pair_max = np.repeat(norms, 2, axis=-1)
+        else:  # "half": pairs (i, i + head_dim/2)
+            norms = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=2)
+            pair_max = np.concatenate([norms, norms], axis=-1)
+        np.maximum(self.keys, pair_max, out=self.keys)
+        np.maximum(self.values, np.abs(v).max(axis=2), out=self.values)
+
+    def result(self) -> KVAbsMax:
+        return KVAbsMax(keys=self.keys.tolist(), values=self.values.tolist())
+
+
+def _run_pass(engine: FloatEngine, samples, sink, chunk_size: int, progress: Progress | None, stage: str,
+              on_cache: Callable | None = None) -> None:
     recording = FloatEngine.__new__(FloatEngine)  # same weights and tables, recording linears
     recording.__dict__.update(engine.__dict__)
     recording.block_linears = [_Recorder(engine, layer, sink) for layer in range(engine.spec.n_layers)]
@@ -293,6 +322,8 @@ def _run_pass(engine: FloatEngine, samples, sink, chunk_size: int, progress: Pro
             progress(stage, i, len(samples))
         cache = recording.new_cache(len(ids))
         recording.prefill(cache, list(ids), chunk_size=chunk_size, logit_rows="none")
+        if on_cache is not None:
+            on_cache(cache)
     if progress:
         progress(stage, len(samples), len(samples))
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 
-STATS_SCHEMA_VERSION = 2
+STATS_SCHEMA_VERSION = 3
 HOT_OUTLIER_SHARE = 0.8
 """Hot channels: the smallest set of input channels holding this share of the calibration
 outliers (DESIGN.md §2: under 3% of channels hold over 80%), capped by `hot_channel_fraction`."""
@@ -67,10 +67,23 @@ class InputStats(_Model):
     ranking (see `derive_calibration`)."""
 
 
+class KVAbsMax(_Model):
+    """Largest magnitudes the KV cache held over the calibration set: the steps of an int8 KV
+    cache (`decode.kv_cache = "int8"`) put them on the last int8 level."""
+
+    keys: list[list[list[float]]]
+    """[layer][kv_head][channel]: the largest |k| the channel can take at any position, i.e. the
+    largest norm of its RoPE pair over the calibration tokens (the rotation keeps a pair's norm
+    and only moves it between the two channels, so a per-channel max would depend on the
+    positions calibration happened to cover)."""
+    values: list[list[list[float]]]
+    """[layer][kv_head][channel]: the largest |v|."""
+
+
 class ActivationStats(_Model):
     """Policy-independent statistics of every linear input and output over the calibration set."""
 
-    schema_version: Literal[2] = STATS_SCHEMA_VERSION
+    schema_version: Literal[3] = STATS_SCHEMA_VERSION
     """Version of this file's layout."""
     source: str
     """`calibration.source` as given."""
@@ -89,6 +102,8 @@ class ActivationStats(_Model):
     output_max_clamped: dict[str, float]
     """"layer/linear" -> max |y| with the input clamped at `percentile_clamp` (what the NPU
     computes when the outliers are clipped or shadowed)."""
+    kv_absmax: KVAbsMax
+    """Per-channel range of the KV cache (pass 1)."""
     seconds: float = Field(ge=0)
     """Wall time of the calibration run (generation + three statistics passes)."""
 
@@ -125,7 +140,7 @@ class InputCalibration(_Model):
 class CalibrationResult(_Model):
     """Calibration decisions for one profile: clamps, importance ranking, shadowed layers."""
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     """Version of this file's layout."""
     policy: Policy
     """`outliers.policy` the clamps were chosen for."""
@@ -150,6 +165,8 @@ class CalibrationResult(_Model):
     shadow_inputs: list[tuple[int, InputKind]]
     """(layer, kind) linear inputs that keep shadow outlier execution after pruning the
     `outliers.prune_fraction` of all linear inputs with the least `pruning_damage` (sorted)."""
+    kv_absmax: KVAbsMax
+    """The KV cache's calibrated range (from the statistics), for an int8 KV cache."""
 
     def input(self, layer: int, kind: str) -> InputCalibration:
         return self.inputs[layer * len(GRAPH_KINDS) + GRAPH_KINDS.index(kind)]
@@ -253,6 +270,7 @@ def derive_calibration(
         layer_importance=importance_of_layer,
         layer_rank=rank,
         shadow_inputs=sorted(shadowed, key=lambda pair: (pair[0], GRAPH_KINDS.index(pair[1]))),
+        kv_absmax=stats.kv_absmax,
     )
 
 

@@ -22,10 +22,12 @@ def evaluate_profile(loaded, text: str, *, max_tokens: int = 4096, progress=True
 def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
     """{perplexity, baseline_perplexity, tokens, outlier_fraction, backend, ...} on `text`'s first
     `max_tokens` tokens (at most prefill.max_context). The NPU path prefills with the profile's
-    INT8 graphs + shadow outliers (sequentially); the baseline is the float32 engine."""
+    INT8 graphs + shadow outliers (sequentially) over the profile's KV cache (int8 by default);
+    the baseline is the float32 engine."""
     from mllm_deploy.model import load_tokenizer, load_weights
     from mllm_deploy.resolve import resolve_profile
     from mllm_deploy.runtime.float_engine import FloatEngine
+    from mllm_deploy.runtime.dag_engine import profile_kv_scales
     from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
 
     resolved = resolve_profile(loaded)
@@ -50,7 +52,7 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
 
     artifacts = bundle_artifacts(resolved) or compile_artifacts(resolved)
     kernels = load_npu_kernels(resolved, artifacts)
-    engine = NpuPrefillEngine(float_engine, kernels)
+    engine = NpuPrefillEngine(float_engine, kernels, kv_scales=profile_kv_scales(resolved, artifacts))
     started = time.perf_counter()
     ppl = perplexity(token_nll(engine, ids, chunk, show and (lambda d, n: show("NPU path", d, n))))
     stats = kernels.stats()
@@ -60,6 +62,7 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
         "outlier_fraction": stats["outlier_fraction"],
         "backend": kernels.backend_label,
         "policy": resolved.profile.outliers.policy,
+        "kv_cache": resolved.profile.decode.kv_cache,
         "shadowed_linears": len(kernels.shadowed),
         "shadow": stats,
         "seconds": time.perf_counter() - started,

@@ -75,7 +75,8 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
     embed = spec.vocab * spec.hidden * F32
     head = 0 if spec.tied_embeddings else spec.vocab * spec.hidden * F32
     norms = (2 * spec.n_layers + 1) * spec.hidden * F32
-    kv = spec.kv_cache_bytes(ctx)
+    # the NPU path keeps an int8 KV cache unless decode.kv_cache = "float32"; the float baseline float32
+    kv = spec.kv_cache_bytes(ctx, 1 if backend != "none" and profile.decode.kv_cache == "int8" else F32)
     widest = max(spec.ffn, spec.q_dim + 2 * spec.kv_dim, spec.hidden)
     # attention scores [heads, chunk, ctx] + float activations around the graphs [chunk, widest] x 4
     cpu_act = spec.n_heads * chunk * ctx * F32 + 4 * chunk * widest * F32

@@ -156,6 +156,11 @@ class DecodeSection(_Section):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     """Random seed for sampling."""
 
+    kv_cache: Literal["int8", "float32"] = "int8"
+    """Storage of the KV cache on the NPU path: `int8` with per-channel steps from calibration
+    (a quarter of the memory, and decode reads a quarter of the bytes) or `float32`. The float
+    baseline (`device.npu_backend = "none"`) always keeps float32."""
+
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     """Strings that end generation when they appear in the output (not included in it);
     each must be non-empty."""

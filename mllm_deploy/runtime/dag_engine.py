@@ -11,15 +11,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+
 from mllm_deploy.runtime.dag_prefill import DagPrefill
 from mllm_deploy.runtime.float_engine import FloatEngine
-from mllm_deploy.runtime.kv_cache import KVCache
+from mllm_deploy.runtime.kv_cache import KVCache, KVScales
 from mllm_deploy.runtime.scheduler import LatencyModel
 
 
 class DagEngine:
-    def __init__(self, float_engine: FloatEngine, prefill: DagPrefill, decoder, *, npu_label: str):
+    def __init__(self, float_engine: FloatEngine, prefill: DagPrefill, decoder, *, npu_label: str,
+                 kv_scales: KVScales | None = None):
         self.float_engine = float_engine
+        self.kv_scales = kv_scales  # int8 KV cache steps, or None: float32
         self.spec = float_engine.spec
         self.weights = float_engine.weights
         self.rope = float_engine.rope
@@ -32,10 +36,16 @@ class DagEngine:
 
     @property
     def decode_name(self) -> str:
-        return self.decoder.name if self.decoder is not None else "cpu-float32-numpy"
+        """What decodes, and over which KV cache storage (reports and the bench's `backend`)."""
+        kv = "kv-int8" if self.kv_scales is not None else "kv-float32"
+        return f"{self.decoder.name if self.decoder is not None else 'cpu-float32-numpy'} {kv}"
 
     def new_cache(self, capacity: int) -> KVCache:
-        return self.float_engine.new_cache(capacity)
+        if self.kv_scales is None:
+            return self.float_engine.new_cache(capacity)
+        spec = self.spec
+        self.rope.ensure(capacity)
+        return KVCache(spec.n_layers, capacity, spec.n_kv_heads, spec.head_dim, scales=self.kv_scales)
 
     def prefill_chunks(self, cache: KVCache, token_ids: Sequence[int], *, chunk_size: int,
                        pad_last_chunk: bool = False, logit_rows: str = "last") -> Iterator:
@@ -92,9 +102,10 @@ def seeded_latencies(kernels) -> LatencyModel:
 
 
 def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, policy: str | None = None,
-                     shadow_inputs: tuple[tuple[int, str], ...] | None = None) -> DagEngine:
+                     shadow_inputs: tuple[tuple[int, str], ...] | None = None, kv_scales: KVScales | None = None) -> DagEngine:
     """A DagEngine for `resolved` (the profile checked against device and model). `shadow_inputs`:
-    the calibrated (layer, kind) shadowed inputs for the plan (default: those the kernels correct)."""
+    the calibrated (layer, kind) shadowed inputs for the plan (default: those the kernels correct);
+    `kv_scales`: an int8 KV cache's steps (None: float32)."""
     from mllm_deploy.plan import build_plan
 
     profile = resolved.profile
@@ -116,7 +127,7 @@ def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, p
         latencies=seeded_latencies(kernels), lm_head=head, embedding=rows,
     )  # fmt: skip
     label = kernels.backend_label if kernels is not None else resolved.backend_label
-    return DagEngine(float_engine, prefill, decoder, npu_label=label)
+    return DagEngine(float_engine, prefill, decoder, npu_label=label, kv_scales=kv_scales)
 
 
 def limit_malloc_retention() -> bool:
@@ -136,22 +147,33 @@ def limit_malloc_retention() -> bool:
     return bool(mallopt(m_arena_max, 1)) and bool(mallopt(m_trim_threshold, 1 << 20))
 
 
+def profile_kv_scales(resolved, artifacts) -> KVScales | None:
+    """The int8 KV cache steps from the artifacts' calibration, or None for `decode.kv_cache = "float32"`."""
+    if resolved.profile.decode.kv_cache != "int8":
+        return None
+    kv = artifacts.calibration.kv_absmax
+    return KVScales.from_absmax(np.array(kv.keys, np.float32), np.array(kv.values, np.float32))
+
+
 def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> DagEngine:
     """The NPU path of a resolved profile: compiled artifacts (built now if not cached) on the NPU
     backend, DAG prefill, INT8 decode. The float32 linear weights are not touched (only the rows
     of the embedding that prompts use), so they stay on disk behind the memory map.
 
-    Decode runs on `resolved.decode_threads` (both processors' threads, capped at the cores)."""
+    Decode runs on `resolved.decode_threads` (both processors' threads, capped at the cores), over
+    an int8 KV cache with the calibrated steps unless `decode.kv_cache = "float32"`."""
     from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts
     from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
     from mllm_deploy.runtime.npu_kernels import load_npu_kernels
 
     limit_malloc_retention()
-    kernels = load_npu_kernels(resolved, compile_artifacts(resolved))
+    artifacts = compile_artifacts(resolved)
+    kernels = load_npu_kernels(resolved, artifacts)
     float_engine = FloatEngine(weights)  # no warm_up(): it would page in every float weight
     graphs = cached_decode_graphs(resolved.spec, lambda: weights)
     threads = decode_threads or resolved.decode_threads
     decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, graphs, threads)
-    engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_inputs=calibrated_shadow_inputs(resolved))
+    engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_inputs=calibrated_shadow_inputs(resolved),
+                              kv_scales=profile_kv_scales(resolved, artifacts))  # fmt: skip
     engine.warm_up()
     return engine

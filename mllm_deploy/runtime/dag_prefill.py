@@ -321,8 +321,7 @@ class DagPrefill:
         k = self.rope.apply(k.reshape(rows, spec.n_kv_heads, spec.head_dim), span.start)
         v = v.reshape(rows, spec.n_kv_heads, spec.head_dim)
         # only real rows reach the cache; not cache.write(): chunks of different layers interleave
-        cache.k[layer, :, span.start : span.end] = k[: span.n_real].transpose(1, 0, 2)
-        cache.v[layer, :, span.start : span.end] = v[: span.n_real].transpose(1, 0, 2)
+        cache.store(layer, span.start, k[: span.n_real], v[: span.n_real])
         keys, values = cache.keys(layer, span.end), cache.values(layer, span.end)  # [kv_heads, end, head_dim]
         chunk.attn = causal_attention(q, keys, values, span.start, spec.n_kv_heads)  # [T, q_dim]
 

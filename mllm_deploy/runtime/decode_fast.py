@@ -48,7 +48,7 @@ from mllm_deploy.runtime.file_rows import FileRows
 from mllm_deploy.runtime.kv_cache import KVCache
 from mllm_deploy.runtime.rope import RopeTables
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 BLOCK = 32
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -160,11 +160,18 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
     return f"past_key_{layer}", f"past_value_{layer}", f"present_key_{layer}", f"present_value_{layer}"
 
 
-def _step_model(weights: LlamaWeights) -> onnx.ModelProto:
-    """One decode step over every layer (see the module docstring)."""
+def kv_scale_names(layer: int) -> tuple[str, str]:
+    """(k_scale, v_scale) input names of `layer` in the int8-KV step graph."""
+    return f"k_scale_{layer}", f"v_scale_{layer}"
+
+
+def _step_model(weights: LlamaWeights, kv_int8: bool) -> onnx.ModelProto:
+    """One decode step over every layer (see the module docstring); with `kv_int8` the KV cache
+    is int8 with per-channel scales as inputs (GroupQueryAttention's PER_CHANNEL quantization)."""
     spec = weights.spec
     b = _Builder("decode_step")
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    kv_type = TensorProto.INT8 if kv_int8 else f32
     kv_shape = [1, spec.n_kv_heads, "capacity", spec.head_dim]
     inputs = [
         helper.make_tensor_value_info("x", f32, [1, 1, spec.hidden]),
@@ -174,23 +181,28 @@ def _step_model(weights: LlamaWeights) -> onnx.ModelProto:
         helper.make_tensor_value_info("sin", f32, ["rope_positions", spec.head_dim // 2]),
     ]
     outputs = []
+    quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8} if kv_int8 else {}
     attn = ""  # the previous layer's attention output
     normed, resid = b.rms_norm("x", weights.layers[0].attn_norm, spec.rms_eps), "x"
     for layer in range(spec.n_layers):
         w = weights.layers[layer]
         past_k, past_v, present_k, present_v = kv_names(layer)
-        inputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (past_k, past_v)]
-        outputs += [helper.make_tensor_value_info(n, f32, kv_shape) for n in (present_k, present_v)]
+        inputs += [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in (past_k, past_v)]
+        outputs += [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in (present_k, present_v)]
+        scales = []
+        if kv_int8:
+            scales = ["", "", "", *kv_scale_names(layer)]  # (position_ids, attention_bias, head_sink) unused
+            inputs += [helper.make_tensor_value_info(n, f32, [1, spec.n_kv_heads, 1, spec.head_dim]) for n in kv_scale_names(layer)]
         if layer > 0:
             normed, resid = _mlp_then(b, weights, layer - 1, resid, attn, w.attn_norm)
         qkv = b.linear(normed, [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
         attn = b.tmp("attn")
         b.nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, "seqlens_k", "total_length", "cos", "sin"],  # packed QKV
+            [qkv, "", "", past_k, past_v, "seqlens_k", "total_length", "cos", "sin", *scales],  # packed QKV
             [attn, present_k, present_v], name=attn, domain=MS_DOMAIN,
             num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, scale=float(1.0 / np.sqrt(spec.head_dim)),
-            do_rotary=1, rotary_interleaved=int(spec.rope_style == "adjacent"),
+            do_rotary=1, rotary_interleaved=int(spec.rope_style == "adjacent"), **quant,
         ))  # fmt: skip
     normed, _ = _mlp_then(b, weights, spec.n_layers - 1, resid, attn, weights.output_norm)
     b.nodes.append(helper.make_node("Identity", [normed], ["x_final"], name="out_x_final"))
@@ -205,15 +217,16 @@ def _model(graph) -> onnx.ModelProto:
 
 
 def build_decode_models(weights: LlamaWeights) -> dict[str, onnx.ModelProto]:
-    """`step` and `head` (see the module docstring)."""
+    """`step` (float32 KV cache), `step_kv8` (int8 KV cache) and `head` (see the module docstring)."""
     head = _Builder("decode_head")
     return {
-        "step": _step_model(weights),
+        "step": _step_model(weights, kv_int8=False),
+        "step_kv8": _step_model(weights, kv_int8=True),
         "head": head.model({"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)}),
     }
 
 
-GRAPH_NAMES = ("step", "head")
+GRAPH_NAMES = ("step", "step_kv8", "head")
 
 
 def decode_cache_key(spec: ModelSpec) -> str:
@@ -248,7 +261,8 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader) -> Path:
 
 class _CacheBinding:
     """The step graph's IO binding onto one KVCache: past and present K/V of every layer are the
-    cache's own buffers; the small per-token inputs live in arrays rewritten in place."""
+    cache's own buffers (and its scales, for int8); the small per-token inputs live in arrays
+    rewritten in place."""
 
     def __init__(self, session: ort.InferenceSession, cache: KVCache, rope: RopeTables, hidden: int):
         self.cache_arrays = (cache.k, cache.v)
@@ -268,6 +282,9 @@ class _CacheBinding:
                 value = self._share(array)
                 self.io.bind_ortvalue_input(past, value)
                 self.io.bind_ortvalue_output(present, value)
+            if cache.scales is not None:
+                for scales, name in zip((cache.scales.k, cache.scales.v), kv_scale_names(layer)):
+                    self.io.bind_ortvalue_input(name, self._share(np.ascontiguousarray(scales[layer][None, :, None, :])))
         self.io.bind_ortvalue_output("x_final", self._share(self.x_final))
 
     def _share(self, array: np.ndarray) -> ort.OrtValue:
@@ -306,12 +323,20 @@ class Int8Decoder:
         options.enable_cpu_mem_arena = False  # [1, width] tensors: an arena costs RSS and saves little
         options.enable_mem_pattern = False
         options.log_severity_level = 3
-        sources = {n: (graphs[n].SerializeToString() if isinstance(graphs, dict) else str(Path(graphs) / f"{n}.onnx")) for n in GRAPH_NAMES}
-        self.sessions = {n: ort.InferenceSession(src, options, providers=["CPUExecutionProvider"]) for n, src in sources.items()}
+        self._options, self._graphs = options, graphs
+        self.sessions: dict[str, ort.InferenceSession] = {}  # opened on first use: a float32 or int8 KV step, the head
+        self._session("head")
         # One binding per live cache, dropped with it: a binding holds its cache's buffers, so a
         # plain attribute kept the previous cache's K/V (50 MB at 1,024 positions) alive while
         # the next cache was filled, which was the bench's peak RSS from its second run on.
         self._bindings: weakref.WeakKeyDictionary[KVCache, _CacheBinding] = weakref.WeakKeyDictionary()
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        if name not in self.sessions:
+            graphs = self._graphs
+            source = graphs[name].SerializeToString() if isinstance(graphs, dict) else str(Path(graphs) / f"{name}.onnx")
+            self.sessions[name] = ort.InferenceSession(source, self._options, providers=["CPUExecutionProvider"])
+        return self.sessions[name]
 
     def lm_head(self, x_final: np.ndarray) -> np.ndarray:
         """x_final [1, hidden] (already normed) -> logits [1, vocab]."""
@@ -325,13 +350,14 @@ class Int8Decoder:
             raise ValueError("KV cache full")
         cache.reserve(pos + 1)
         self.rope.ensure(max(pos + 1, cache.allocated))
+        step = self._session("step" if cache.scales is None else "step_kv8")
         binding = self._bindings.get(cache)
         if binding is None or not binding.serves(cache, self.rope):
             self._bindings.pop(cache, None)  # a grown cache: let the old buffers go first
-            binding = self._bindings[cache] = _CacheBinding(self.sessions["step"], cache, self.rope, self.spec.hidden)
+            binding = self._bindings[cache] = _CacheBinding(step, cache, self.rope, self.spec.hidden)
         binding.x[0, 0] = self.tok_embd[int(token_id)]
         binding.seqlens_k[0] = pos
         binding.total_length[...] = pos + 1
-        self.sessions["step"].run_with_iobinding(binding.io)
+        step.run_with_iobinding(binding.io)
         cache.advance([int(token_id)])
         return self.lm_head(binding.x_final)[0]

@@ -15,9 +15,16 @@ question (measured on the default model).
 Layout per layer is heads-major, `[kv_heads, capacity, head_dim]`: one head's keys are a
 contiguous `[positions, head_dim]` matrix (what BLAS and onnxruntime's GroupQueryAttention read
 in place), so neither prefill attention nor the decode graph copies the cache.
+
+Storage is float32, or int8 with fixed per-channel scales (`KVScales`, one step per layer, KV
+head and head-dim channel, from calibration): value = q * scale, q in [-127, 127], values beyond
+the calibrated range saturate. int8 is a quarter of the memory and of the bytes a decode step
+reads; `keys`/`values` then return dequantized float32 copies.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,18 +34,49 @@ GROWTH = 64
 `max_new_tokens` up front, so growth is rare and can be tight)."""
 
 
-class KVCache:
-    """K and V of every layer, `[layers, kv_heads, capacity, head_dim]` float32, plus the token ids held."""
+INT8_MAX = 127
 
-    def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int):
+
+@dataclass(frozen=True)
+class KVScales:
+    """Steps of an int8 KV cache, float32 `[layers, kv_heads, head_dim]` each: value = q * scale."""
+
+    k: np.ndarray
+    v: np.ndarray
+
+    @classmethod
+    def from_absmax(cls, k_absmax: np.ndarray, v_absmax: np.ndarray) -> KVScales:
+        """Scales that put the largest magnitude seen (per channel) on the last int8 step."""
+        def step(absmax):
+            a = np.asarray(absmax, np.float32)
+            return (np.maximum(a, np.float32(1e-6)) / np.float32(INT8_MAX)).astype(np.float32)
+
+        return cls(step(k_absmax), step(v_absmax))
+
+
+def quantize_kv(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """x float [kv_heads, n, head_dim], scale [kv_heads, head_dim] -> int8, saturating."""
+    q = np.rint(x / scale[:, None, :])
+    return np.clip(q, -INT8_MAX, INT8_MAX, out=q).astype(np.int8)
+
+
+class KVCache:
+    """K and V of every layer, `[layers, kv_heads, capacity, head_dim]` (float32, or int8 with
+    `scales`), plus the token ids held."""
+
+    def __init__(self, n_layers: int, capacity: int, n_kv_heads: int, head_dim: int, scales: KVScales | None = None):
         if capacity < 1:
             raise ValueError(f"KV cache capacity must be >= 1, got {capacity}")
+        if scales is not None and scales.k.shape != (n_layers, n_kv_heads, head_dim):
+            raise ValueError(f"KV scales of shape {scales.k.shape} for a cache of {(n_layers, n_kv_heads, head_dim)}")
         self.n_layers = n_layers
         self.capacity = capacity
+        self.scales = scales
+        dtype = np.int8 if scales is not None else np.float32
         # np.zeros maps untouched pages lazily, so RSS grows with the tokens actually held.
         first = min(capacity, GROWTH)
-        self.k = np.zeros((n_layers, n_kv_heads, first, head_dim), np.float32)
-        self.v = np.zeros((n_layers, n_kv_heads, first, head_dim), np.float32)
+        self.k = np.zeros((n_layers, n_kv_heads, first, head_dim), dtype)
+        self.v = np.zeros((n_layers, n_kv_heads, first, head_dim), dtype)
         self.token_ids: list[int] = []  # the token at each committed position
 
     @property
@@ -57,7 +95,7 @@ class KVCache:
         held = self.length
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = np.zeros((*old.shape[:2], size, old.shape[3]), np.float32)
+            new = np.zeros((*old.shape[:2], size, old.shape[3]), old.dtype)
             new[:, :, :held] = old[:, :, :held]
             setattr(self, name, new)
 
@@ -78,16 +116,33 @@ class KVCache:
         if start + n > self.capacity:
             raise ValueError(f"KV cache full: {start} + {n} tokens > capacity {self.capacity}")
         self.reserve(start + n)
-        self.k[layer, :, start : start + n] = keys.transpose(1, 0, 2)
-        self.v[layer, :, start : start + n] = values.transpose(1, 0, 2)
+        self.store(layer, start, keys, values)
+
+    def store(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> None:
+        """Put `keys`/`values` [n, kv_heads, head_dim] of `layer` at `start ..` without the
+        length check of `write` (the DAG prefill stores chunks of different layers interleaved,
+        and commits each chunk once every layer holds it). The buffers must cover them."""
+        n = keys.shape[0]
+        k, v = keys.transpose(1, 0, 2), values.transpose(1, 0, 2)
+        if self.scales is not None:
+            k, v = quantize_kv(k, self.scales.k[layer]), quantize_kv(v, self.scales.v[layer])
+        self.k[layer, :, start : start + n] = k
+        self.v[layer, :, start : start + n] = v
 
     def keys(self, layer: int, end: int) -> np.ndarray:
-        """Keys of positions `0 .. end-1` of `layer`: a view [kv_heads, end, head_dim]."""
-        return self.k[layer, :, :end]
+        """Keys of positions `0 .. end-1` of `layer`, float32 [kv_heads, end, head_dim]: a view,
+        or a dequantized copy for int8 storage."""
+        return self._read(self.k, None if self.scales is None else self.scales.k, layer, end)
 
     def values(self, layer: int, end: int) -> np.ndarray:
-        """Values of positions `0 .. end-1` of `layer`: a view [kv_heads, end, head_dim]."""
-        return self.v[layer, :, :end]
+        """Values of positions `0 .. end-1` of `layer` (as `keys`)."""
+        return self._read(self.v, None if self.scales is None else self.scales.v, layer, end)
+
+    @staticmethod
+    def _read(buffer: np.ndarray, scales: np.ndarray | None, layer: int, end: int) -> np.ndarray:
+        if scales is None:
+            return buffer[layer, :, :end]
+        return np.multiply(buffer[layer, :, :end], scales[layer][:, None, :], dtype=np.float32)
 
     def advance(self, token_ids: list[int]) -> None:
         """Commit `token_ids`, whose K/V every layer has just written after the current length."""

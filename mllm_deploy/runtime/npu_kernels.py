@@ -180,18 +180,28 @@ class NpuPrefillEngine:
     """Prefill with NPU linears (static chunks of `chunk_tokens`, last one padded); decode and
     everything else on the float engine. Duck-types FloatEngine for `generate` and eval."""
 
-    def __init__(self, float_engine, kernels: NpuLayerKernels):
+    def __init__(self, float_engine, kernels: NpuLayerKernels, kv_scales=None):
         from mllm_deploy.runtime.float_engine import FloatEngine
 
         self.float_engine = float_engine
         self.kernels = kernels
+        self.kv_scales = kv_scales  # KVScales of an int8 KV cache, or None: float32
         self.npu_engine = FloatEngine.__new__(FloatEngine)  # same weights and tables, NPU linears
         self.npu_engine.__dict__.update(float_engine.__dict__)
         self.npu_engine.block_linears = [NpuBlockLinears(kernels, i) for i in range(float_engine.spec.n_layers)]
         self.backend_label = kernels.backend_label
 
-    def __getattr__(self, name):  # spec, weights, rope, new_cache, logits, ...
+    def __getattr__(self, name):  # spec, weights, rope, logits, ...
         return getattr(self.float_engine, name)
+
+    def new_cache(self, capacity: int):
+        from mllm_deploy.runtime.kv_cache import KVCache
+
+        if self.kv_scales is None:
+            return self.float_engine.new_cache(capacity)
+        spec = self.float_engine.spec
+        self.float_engine.rope.ensure(capacity)
+        return KVCache(spec.n_layers, capacity, spec.n_kv_heads, spec.head_dim, scales=self.kv_scales)
 
     def prefill_chunks(self, cache, token_ids: Sequence[int], *, chunk_size: int | None = None,
                        pad_last_chunk: bool = True, logit_rows="last"):  # fmt: skip

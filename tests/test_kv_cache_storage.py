@@ -1,0 +1,48 @@
+"""`decode.kv_cache` on the NPU path (tiny model, ort-cpu): int8 by default with the calibrated
+steps, float32 on request; both decode the same prompt to nearly the same logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mllm_deploy.profile import load_profile
+from mllm_deploy.runtime.session import load_model
+
+import tiny_models
+
+CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=CFG)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
+    base = [f"model.source={path}", "device.npu_backend=ort-cpu", "prefill.chunk_size=8", "prefill.max_context=128",
+            "calibration.samples=2", "calibration.tokens_per_sample=32"]
+    try:
+        yield {kv: load_model(load_profile(None, [*base, f"decode.kv_cache={kv}"])).engine for kv in ("int8", "float32")}
+    finally:
+        mp.undo()
+
+
+def test_npu_path_keeps_an_int8_kv_cache_unless_asked_for_float32(engines):
+    int8, float32 = engines["int8"], engines["float32"]
+    assert int8.new_cache(32).k.dtype == np.int8 and int8.decode_name.endswith("kv-int8")
+    assert float32.new_cache(32).k.dtype == np.float32 and float32.decode_name.endswith("kv-float32")
+    steps = int8.kv_scales.k
+    assert steps.shape == (CFG.n_layers, CFG.n_kv_heads, CFG.hidden // CFG.n_heads) and np.all(steps > 0)
+
+
+def test_int8_kv_cache_decodes_close_to_float32(engines):
+    prompt = [3 + (i * 7) % 250 for i in range(20)]
+    logits = {}
+    for kv, engine in engines.items():
+        cache = engine.new_cache(64)
+        for _ in engine.prefill_chunks(cache, prompt, chunk_size=8):
+            pass
+        logits[kv] = [engine.decode_step(cache, t) for t in (5, 9, 11)]
+    for a, b in zip(logits["int8"], logits["float32"]):
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+        assert not np.array_equal(a, b)  # really two storages

@@ -196,7 +196,7 @@ def test_plan_text(deployment):
     assert "  overrides   device.npu_backend=none" in summary
     assert "  target      host; NPU: none (float32 on the CPU)" in summary
     assert "  memory      NPU 0.0 MiB · CPU " in summary
-    assert "  KV cache    180.0 MiB for 4,096 tokens (in the CPU figure)" in summary
+    assert "  KV cache    180.0 MiB float32 for 4,096 tokens (in the CPU figure)" in summary
     assert "  outliers    shadow; shadowed layers: none" in summary
     section = profile_section(deployment)
     assert " * device.npu_backend = 'none'" in section

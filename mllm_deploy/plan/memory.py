@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from mllm_deploy.model.spec import ModelSpec
@@ -27,7 +29,10 @@ class MemoryBudget(BaseModel):
     the linears when the CPU runs them (backend `none`, decode), hot-channel shadow rows."""
 
     kv_cache_bytes: int
-    """Float32 K and V for every layer at `prefill.max_context` positions."""
+    """K and V for every layer at `prefill.max_context` positions, in `kv_cache_dtype`."""
+
+    kv_cache_dtype: Literal["int8", "float32"]
+    """Storage of the KV cache: `decode.kv_cache` on the NPU path, float32 on the float baseline."""
 
     cpu_activation_bytes: int
     """CPU working set for one chunk: attention scores against the whole context and
@@ -76,7 +81,8 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
     head = 0 if spec.tied_embeddings else spec.vocab * spec.hidden * F32
     norms = (2 * spec.n_layers + 1) * spec.hidden * F32
     # the NPU path keeps an int8 KV cache unless decode.kv_cache = "float32"; the float baseline float32
-    kv = spec.kv_cache_bytes(ctx, 1 if backend != "none" and profile.decode.kv_cache == "int8" else F32)
+    kv_dtype = profile.decode.kv_cache if backend != "none" else "float32"
+    kv = spec.kv_cache_bytes(ctx, 1 if kv_dtype == "int8" else F32)
     widest = max(spec.ffn, spec.q_dim + 2 * spec.kv_dim, spec.hidden)
     # attention scores [heads, chunk, ctx] + float activations around the graphs [chunk, widest] x 4
     cpu_act = spec.n_heads * chunk * ctx * F32 + 4 * chunk * widest * F32
@@ -87,6 +93,7 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
             npu_activation_bytes=0,
             cpu_weight_bytes=embed + head + norms + linears * F32,
             kv_cache_bytes=kv,
+            kv_cache_dtype=kv_dtype,
             cpu_activation_bytes=cpu_act,
             shadow_hot_bytes=0,
         )
@@ -111,6 +118,7 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
         npu_activation_bytes=npu_act,
         cpu_weight_bytes=embed + head + norms + hot,
         kv_cache_bytes=kv,
+        kv_cache_dtype=kv_dtype,
         cpu_activation_bytes=cpu_act,
         shadow_hot_bytes=hot,
     )

@@ -37,7 +37,7 @@ def summary_section(deployment: Deployment) -> str:
         f"  target      {resolved.caps.id}; NPU: {resolved.backend_label}",
         f"  threads     cpu {resolved.cpu_threads}, npu {resolved.npu_threads}; scheduler {plan.scheduler}",
         f"  memory      NPU {_mib(m.npu_bytes)} · CPU {_mib(m.cpu_bytes)} · total {_mib(m.total_bytes)}",
-        f"  KV cache    {_mib(m.kv_cache_bytes)} for {deployment.profile.prefill.max_context:,} tokens (in the CPU figure)",
+        f"  KV cache    {_mib(m.kv_cache_bytes)} {m.kv_cache_dtype} for {deployment.profile.prefill.max_context:,} tokens (in the CPU figure)",
         f"  graphs      {len(plan.graphs)} static NPU graph(s) shared by {plan.n_chunks} chunk(s) of {plan.chunk_size}",
         f"  outliers    {shadow.policy if shadow else deployment.profile.outliers.policy}; shadowed layers: {shadowed}",
     ]

@@ -168,3 +168,25 @@ def test_a_graph_refused_by_the_audit_is_a_located_refusal_and_caches_nothing(mo
     assert diag.key == "quantization" and "weights=int8-per-channel, activations=uint8" in str(diag.value)
     assert "nothing was cached" in diag.hint
     assert list((cache / "artifacts").iterdir()) == []  # no entry, no temp leftovers
+
+
+def test_cached_calibration_samples_are_regenerated_when_the_generator_changes(model, cache, monkeypatch):
+    """Self-generated samples are cached apart from the artifacts; a new GENERATION_VERSION must
+    not reuse the text an earlier generator wrote (that once made two caches' scales differ)."""
+    from mllm_deploy.compile import build as build_module
+    from mllm_deploy.compile import calibrate
+
+    lock = art.expected_lock(resolved_for(model))
+    calls = []
+
+    def produce(text):
+        def run():
+            calls.append(text)
+            return [[1, 2, text]]
+        return run
+
+    assert build_module._cached_samples(lock, produce(3)) == [[1, 2, 3]]
+    assert build_module._cached_samples(lock, produce(4)) == [[1, 2, 3]]  # cached
+    monkeypatch.setattr(calibrate, "GENERATION_VERSION", calibrate.GENERATION_VERSION + 1)
+    assert build_module._cached_samples(lock, produce(5)) == [[1, 2, 5]]
+    assert calls == [3, 5]

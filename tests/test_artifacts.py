@@ -170,7 +170,7 @@ def test_a_graph_refused_by_the_audit_is_a_located_refusal_and_caches_nothing(mo
     assert list((cache / "artifacts").iterdir()) == []  # no entry, no temp leftovers
 
 
-def test_cached_calibration_samples_are_regenerated_when_the_generator_changes(model, cache, monkeypatch):
+def test_a_new_calibration_generator_rebuilds_samples_statistics_and_artifacts(model, cache, monkeypatch):
     """Self-generated samples are cached apart from the artifacts; a new GENERATION_VERSION must
     not reuse the text an earlier generator wrote (that once made two caches' scales differ)."""
     from mllm_deploy.compile import build as build_module
@@ -188,5 +188,7 @@ def test_cached_calibration_samples_are_regenerated_when_the_generator_changes(m
     assert build_module._cached_samples(lock, produce(3)) == [[1, 2, 3]]
     assert build_module._cached_samples(lock, produce(4)) == [[1, 2, 3]]  # cached
     monkeypatch.setattr(calibrate, "GENERATION_VERSION", calibrate.GENERATION_VERSION + 1)
-    assert build_module._cached_samples(lock, produce(5)) == [[1, 2, 5]]
+    newer = art.expected_lock(resolved_for(model))
+    assert art.entry_key(newer) != art.entry_key(lock) and art.stats_key(newer) != art.stats_key(lock)
+    assert build_module._cached_samples(newer, produce(5)) == [[1, 2, 5]]
     assert calls == [3, 5]

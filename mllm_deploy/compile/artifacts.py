@@ -144,9 +144,12 @@ def expected_lock(resolved) -> Lockfile:
 
 
 def _calibration_source_identity(source: str, base_dir: Path | None) -> str:
-    """`self`, or the matched files with size and mtime, so edited calibration text rebuilds."""
+    """`self` with the generator's version (new generator code rebuilds samples, statistics and
+    artifacts), or the matched files with size and mtime, so edited calibration text rebuilds."""
     if source == "self":
-        return source
+        from mllm_deploy.compile.calibrate import GENERATION_VERSION
+
+        return f"self:generation-{GENERATION_VERSION}"
     import glob
 
     pattern = Path(source).expanduser()

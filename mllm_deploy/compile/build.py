@@ -172,12 +172,11 @@ def _cached_samples(lock, produce) -> list[list[int]]:
     self-generated text is the slow part of calibration and does not depend on it."""
     import hashlib
 
-    from mllm_deploy.compile.calibrate import GENERATION_VERSION
     from mllm_deploy.paths import atomic_write_bytes, cache_dir
 
     s = lock.settings
     parts = [lock.model_identity, s["calibration.source"], s["calibration.samples"], s["calibration.tokens_per_sample"],
-             lock.versions["mllm-deploy"], GENERATION_VERSION]
+             lock.versions["mllm-deploy"]]
     path = cache_dir() / "calibration" / ("tokens-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:24] + ".json")
     try:
         samples = json.loads(path.read_text())

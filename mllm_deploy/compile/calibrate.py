@@ -66,10 +66,11 @@ CALIBRATION_PROMPTS = (
 )
 GEN_SEED, GEN_TEMPERATURE, GEN_TOP_K = 1234, 0.8, 40
 GENERATION_VERSION = 2
-"""Part of the cached samples' key: bump it whenever a change would make `self_generated_tokens`
-write different text. Without it, samples cached by earlier code were reused under the same
-package version, which is why two caches measured different max-abs scales (policy = none:
-60.45 vs 58.94 perplexity); fresh generations agree byte for byte across runs and thread counts."""
+"""Part of the identity of `calibration.source = "self"` (so of the cached samples, statistics and
+artifacts): bump it whenever a change would make `self_generated_tokens` write different text.
+Without it, samples cached by earlier code were reused under the same package version, which is
+why two caches measured different max-abs scales (policy = none: 60.45 vs 58.94 perplexity);
+fresh generations agree byte for byte across runs and thread counts."""
 MAX_KEPT_VALUES = 1 << 20  # beyond this K, percentiles come from a strided subsample
 
 

@@ -282,3 +282,24 @@ def test_int8_kv_cache_stores_within_half_a_step_and_saturates(monkeypatch):
     np.testing.assert_allclose(cache.values(0, 6)[0], expected / 2, atol=float(scales.v.max()) / 2 + 1e-6)
     with pytest.raises(ValueError, match="KV scales of shape"):
         kv_cache.KVCache(n_layers=3, capacity=10, n_kv_heads=1, head_dim=4, scales=scales)
+
+
+def test_attention_window_gives_the_chunk_its_own_rows_exactly():
+    """Prefill over an int8 cache: earlier positions come back dequantized, the chunk that has
+    just been stored attends its own keys/values at full precision (a float32 cache is a view)."""
+    from mllm_deploy.runtime import kv_cache
+
+    rng = np.random.default_rng(1)
+    scales = kv_cache.KVScales.from_absmax(np.full((1, 2, 4), 2.0, np.float32), np.full((1, 2, 4), 2.0, np.float32))
+    for cache in (kv_cache.KVCache(1, 16, 2, 4, scales=scales), kv_cache.KVCache(1, 16, 2, 4)):
+        first, second = rng.uniform(-2, 2, (2, 5, 2, 4)).astype(np.float32)
+        cache.write(0, 0, first, first)
+        cache.advance([1] * 5)
+        cache.write(0, 5, second, -second)
+        keys, values = cache.attention_window(0, 5, second, -second)
+        assert keys.shape == values.shape == (2, 10, 4) and keys.dtype == np.float32
+        np.testing.assert_array_equal(keys[:, 5:], second.transpose(1, 0, 2))  # exact
+        np.testing.assert_array_equal(values[:, 5:], -second.transpose(1, 0, 2))
+        np.testing.assert_array_equal(keys[:, :5], cache.keys(0, 5))  # as held
+        tolerance = 0.0 if cache.scales is None else 2.0 / 127 / 2 + 1e-6
+        assert np.abs(keys[:, :5] - first.transpose(1, 0, 2)).max() <= tolerance

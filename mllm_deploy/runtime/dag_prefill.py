@@ -322,7 +322,7 @@ class DagPrefill:
         v = v.reshape(rows, spec.n_kv_heads, spec.head_dim)
         # only real rows reach the cache; not cache.write(): chunks of different layers interleave
         cache.store(layer, span.start, k[: span.n_real], v[: span.n_real])
-        keys, values = cache.keys(layer, span.end), cache.values(layer, span.end)  # [kv_heads, end, head_dim]
+        keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
         chunk.attn = causal_attention(q, keys, values, span.start, spec.n_kv_heads)  # [T, q_dim]
 
     def _final_norm(self, chunk: _Chunk, layer: int) -> None:

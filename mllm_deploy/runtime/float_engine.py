@@ -82,8 +82,7 @@ class FloatEngine:
         k = self.rope.apply(k.reshape(n_rows, spec.n_kv_heads, spec.head_dim), span.start)
         v = v.reshape(n_rows, spec.n_kv_heads, spec.head_dim)
         cache.write(layer, span.start, k[: span.n_real], v[: span.n_real])
-        keys = cache.keys(layer, span.end)  # [kv_heads, start + n_real, head_dim]
-        values = cache.values(layer, span.end)
+        keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
         return causal_attention(q, keys, values, span.start, spec.n_kv_heads)
 
     def out_mlp_step(self, layer: int, x: np.ndarray, attn: np.ndarray) -> np.ndarray:

@@ -138,6 +138,18 @@ class KVCache:
         """Values of positions `0 .. end-1` of `layer` (as `keys`)."""
         return self._read(self.v, None if self.scales is None else self.scales.v, layer, end)
 
+    def attention_window(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) [kv_heads, start + n, head_dim] float32 for a chunk that has just stored
+        its n rows `keys`/`values` [n, kv_heads, head_dim] at `start`: the earlier positions as
+        held, the chunk's own rows exactly as given (with int8 storage the prefill still attends
+        its own chunk at full precision; decode reads everything back from int8)."""
+        end = start + keys.shape[0]
+        held_k, held_v = self.keys(layer, end), self.values(layer, end)
+        if self.scales is not None:  # copies: the chunk's rows can be replaced
+            held_k[:, start:end] = keys.transpose(1, 0, 2)
+            held_v[:, start:end] = values.transpose(1, 0, 2)
+        return held_k, held_v
+
     @staticmethod
     def _read(buffer: np.ndarray, scales: np.ndarray | None, layer: int, end: int) -> np.ndarray:
         if scales is None:

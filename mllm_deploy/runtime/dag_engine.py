@@ -41,11 +41,7 @@ class DagEngine:
         return f"{self.decoder.name if self.decoder is not None else 'cpu-float32-numpy'} {kv}"
 
     def new_cache(self, capacity: int) -> KVCache:
-        if self.kv_scales is None:
-            return self.float_engine.new_cache(capacity)
-        spec = self.spec
-        self.rope.ensure(capacity)
-        return KVCache(spec.n_layers, capacity, spec.n_kv_heads, spec.head_dim, scales=self.kv_scales)
+        return self.float_engine.new_cache(capacity, scales=self.kv_scales)
 
     def prefill_chunks(self, cache: KVCache, token_ids: Sequence[int], *, chunk_size: int,
                        pad_last_chunk: bool = False, logit_rows: str = "last") -> Iterator:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 from mllm_deploy.runtime.events import ChunkDone
-from mllm_deploy.runtime.kv_cache import KVCache
+from mllm_deploy.runtime.kv_cache import KVCache, KVScales
 from mllm_deploy.runtime.layers import (
     BlockLinears,
     ChunkSpan,
@@ -62,10 +62,11 @@ class FloatEngine:
 
     # -- state ---------------------------------------------------------------------------
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int, scales: KVScales | None = None) -> KVCache:
+        """An empty KV cache for this model: float32, or int8 with `scales` (the NPU path's)."""
         spec = self.spec
         self.rope.ensure(capacity)
-        return KVCache(spec.n_layers, capacity, spec.n_kv_heads, spec.head_dim)
+        return KVCache(spec.n_layers, capacity, spec.n_kv_heads, spec.head_dim, scales=scales)
 
     # -- the three steps of a block --------------------------------------------------------
 

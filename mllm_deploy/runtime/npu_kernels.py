@@ -195,13 +195,7 @@ class NpuPrefillEngine:
         return getattr(self.float_engine, name)
 
     def new_cache(self, capacity: int):
-        from mllm_deploy.runtime.kv_cache import KVCache
-
-        if self.kv_scales is None:
-            return self.float_engine.new_cache(capacity)
-        spec = self.float_engine.spec
-        self.float_engine.rope.ensure(capacity)
-        return KVCache(spec.n_layers, capacity, spec.n_kv_heads, spec.head_dim, scales=self.kv_scales)
+        return self.float_engine.new_cache(capacity, scales=self.kv_scales)
 
     def prefill_chunks(self, cache, token_ids: Sequence[int], *, chunk_size: int | None = None,
                        pad_last_chunk: bool = True, logit_rows="last"):  # fmt: skip

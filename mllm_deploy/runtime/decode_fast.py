@@ -17,7 +17,10 @@ A token is two onnxruntime runs:
 The KV cache's heads-major layout is GroupQueryAttention's BNSH, so each layer's past and present
 K/V are bound (onnxruntime IO binding) to the same numpy buffer the prefill writes: the graph
 reads the cache where it lies and appends one position, nothing is copied. The head is its own
-graph because the DAG prefill uses it too for the last prompt token's logits.
+graph because the DAG prefill uses it too for the last prompt token's logits. The step graph
+comes in two forms, `step` over a float32 KV cache and `step_kv8` over an int8 one
+(GroupQueryAttention's PER_CHANNEL int8 cache, the cache's steps bound as inputs); a decoder
+opens the one its caches need.
 
 Why one graph: the earlier form (a graph per layer, attention in numpy between them) spent
 ~16 ms of a 27 ms token in 32 onnxruntime calls and ~11 ms in numpy attention at 1,024 tokens

@@ -96,6 +96,9 @@ def test_chat_text_and_help():
         (["decode.seed", "prefill.max_context"], False, "cache"),
         (["prefill.max_context", "model.source"], False, "model"),
         (["quantization.weights"], True, "model"),
+        (["decode.kv_cache"], True, "model"),  # the NPU engine is opened with its KV cache storage
+        (["decode.kv_cache", "decode.temperature"], False, "nothing"),  # the float baseline is float32 anyway
+        (["decode.temperature"], True, "nothing"),
         ([], False, "nothing"),
     ],
 )

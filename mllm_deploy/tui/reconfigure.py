@@ -4,7 +4,8 @@ The new profile goes through the same `load_profile` -> `resolve_profile` -> bac
 at start-up, so an invalid value is refused with the same located diagnostic. What changes:
 
 - `decode.*`, `ui.*`, `name`, `model.system_prompt`, `prefill.overflow` (and, on the float
-  engine, `prefill.chunk_size`): read by the session on every turn, so nothing is rebuilt;
+  engine, `prefill.chunk_size`): read by the session on every turn, so nothing is rebuilt —
+  except `decode.kv_cache` on the NPU path, which the engine opens with (a reload);
 - `prefill.max_context`: a new KV cache (the conversation is prefilled again next turn);
 - anything else (model, device, quantization, outliers, ...): the model is reloaded.
 """
@@ -22,6 +23,7 @@ Rebuild = Literal["nothing", "cache", "model"]
 APPLIED_EACH_TURN = ("decode.", "ui.", "name", "model.system_prompt", "prefill.overflow")
 FLOAT_ENGINE_EACH_TURN = ("prefill.chunk_size",)  # chunking is free on the float engine; NPU graphs are per chunk size
 NEEDS_NEW_CACHE = ("prefill.max_context",)
+NPU_ENGINE_SETTINGS = ("decode.kv_cache",)  # the NPU engine is opened with its KV cache storage
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ def rebuild_needed(changed_keys: list[str], *, uses_npu: bool) -> Rebuild:
     in_place = APPLIED_EACH_TURN + (() if uses_npu else FLOAT_ENGINE_EACH_TURN)
     needs: Rebuild = "nothing"
     for key in changed_keys:
+        if uses_npu and _matches(key, NPU_ENGINE_SETTINGS):
+            return "model"
         if _matches(key, in_place):
             continue
         if _matches(key, NEEDS_NEW_CACHE):

@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -219,14 +220,24 @@ def _model(graph) -> onnx.ModelProto:
     return model
 
 
-def build_decode_models(weights: LlamaWeights) -> dict[str, onnx.ModelProto]:
-    """`step` (float32 KV cache), `step_kv8` (int8 KV cache) and `head` (see the module docstring)."""
+def _head_model(weights: LlamaWeights) -> onnx.ModelProto:
     head = _Builder("decode_head")
+    return head.model({"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)})
+
+
+def decode_model_builders(weights: LlamaWeights) -> dict[str, Callable[[], onnx.ModelProto]]:
+    """`step` (float32 KV cache), `step_kv8` (int8 KV cache) and `head` (see the module
+    docstring), each built when called: a step graph is ~120 MB, so the cache writes one at a time."""
     return {
-        "step": _step_model(weights, kv_int8=False),
-        "step_kv8": _step_model(weights, kv_int8=True),
-        "head": head.model({"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)}),
+        "step": lambda: _step_model(weights, kv_int8=False),
+        "step_kv8": lambda: _step_model(weights, kv_int8=True),
+        "head": lambda: _head_model(weights),
     }
+
+
+def build_decode_models(weights: LlamaWeights) -> dict[str, onnx.ModelProto]:
+    """Every decode graph, built now (tests and scripts; the cache uses `decode_model_builders`)."""
+    return {name: build() for name, build in decode_model_builders(weights).items()}
 
 
 GRAPH_NAMES = ("step", "step_kv8", "head")
@@ -252,8 +263,8 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".decode-", dir=root))
     try:
-        for name, model in build_decode_models(weights_loader()).items():
-            onnx.save_model(model, tmp / f"{name}.onnx")
+        for name, build in decode_model_builders(weights_loader()).items():
+            onnx.save_model(build(), tmp / f"{name}.onnx")  # one graph in memory at a time
         (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT_VERSION, "graphs": list(GRAPH_NAMES), "model": spec.path}))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)

@@ -279,6 +279,8 @@ def test_int8_kv_cache_stores_within_half_a_step_and_saturates(monkeypatch):
     expected = np.clip(keys[:, 0], -k_max[0, 0], k_max[0, 0])
     assert np.all(np.abs(got[0] - expected) <= scales.k[1, 0] / 2 + 1e-6)
     assert got[0, 0, 0] == pytest.approx(1.0)
+    assert cache.stored_values == 2 * 2 * 6 * 4  # layers x (K, V) x positions x channels
+    assert cache.saturated_values == 4  # the 3.0 key and its 1.5 value (steps of 1.0 and 0.5) in each layer
     np.testing.assert_allclose(cache.values(0, 6)[0], expected / 2, atol=float(scales.v.max()) / 2 + 1e-6)
     with pytest.raises(ValueError, match="KV scales of shape"):
         kv_cache.KVCache(n_layers=3, capacity=10, n_kv_heads=1, head_dim=4, scales=scales)

@@ -44,9 +44,11 @@ def test_eval_json_reports_both_perplexities(main, model, tmp_path, capsys):
     assert abs(math.log(report["perplexity"]) / math.log(report["baseline_perplexity"]) - 1) < 0.05
     assert 0 <= report["outlier_fraction"] < 0.05
     assert report["kv_cache"] == "int8"  # the default: the prefill reads the KV cache back from int8
+    assert 0 <= report["kv_saturated_fraction"] < 0.05
     assert main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "decode.kv_cache=float32")]) == 0
     float_kv = json.loads(capsys.readouterr().out)
     assert float_kv["kv_cache"] == "float32" and float_kv["perplexity"] != report["perplexity"]
+    assert float_kv["kv_saturated_fraction"] == 0.0
     assert abs(math.log(float_kv["perplexity"]) / math.log(report["perplexity"]) - 1) < 0.02
     assert main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "device.npu_backend=none")]) == 0
     float_only = json.loads(capsys.readouterr().out)

@@ -16,12 +16,13 @@ import numpy as np
 
 
 def token_nll(engine, token_ids: Sequence[int], chunk_size: int,
-              on_chunk: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Negative log-likelihood of every token after the first, float64 [n - 1]."""
+              on_chunk: Callable[[int, int], None] | None = None, cache=None) -> np.ndarray:
+    """Negative log-likelihood of every token after the first, float64 [n - 1]. `cache`: an
+    empty KV cache of the engine's to fill (its counters can be read afterwards), else a new one."""
     ids = np.asarray(token_ids, np.int64)
     if ids.size < 2:
         raise ValueError("perplexity needs at least 2 tokens")
-    cache = engine.new_cache(ids.size)
+    cache = engine.new_cache(ids.size) if cache is None else cache
     nll = np.empty(ids.size - 1, np.float64)
     pos = 0
     for event, logits in engine.prefill_chunks(cache, list(ids), chunk_size=chunk_size, logit_rows="all"):

@@ -53,8 +53,9 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
     artifacts = bundle_artifacts(resolved) or compile_artifacts(resolved)
     kernels = load_npu_kernels(resolved, artifacts)
     engine = NpuPrefillEngine(float_engine, kernels, kv_scales=profile_kv_scales(resolved, artifacts))
+    cache = engine.new_cache(len(ids))
     started = time.perf_counter()
-    ppl = perplexity(token_nll(engine, ids, chunk, show and (lambda d, n: show("NPU path", d, n))))
+    ppl = perplexity(token_nll(engine, ids, chunk, show and (lambda d, n: show("NPU path", d, n)), cache=cache))
     stats = kernels.stats()
     return {
         **report,
@@ -63,6 +64,8 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
         "backend": kernels.backend_label,
         "policy": resolved.profile.outliers.policy,
         "kv_cache": resolved.profile.decode.kv_cache,
+        # share of the prompt's K/V values beyond the int8 cache's calibrated range (0 for float32)
+        "kv_saturated_fraction": cache.saturated_values / cache.stored_values if cache.stored_values else 0.0,
         "shadowed_linears": len(kernels.shadowed),
         "shadow": stats,
         "seconds": time.perf_counter() - started,

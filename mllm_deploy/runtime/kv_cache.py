@@ -78,6 +78,8 @@ class KVCache:
         self.k = np.zeros((n_layers, n_kv_heads, first, head_dim), dtype)
         self.v = np.zeros((n_layers, n_kv_heads, first, head_dim), dtype)
         self.token_ids: list[int] = []  # the token at each committed position
+        self.stored_values = 0  # K/V values quantized by `store` (int8 storage; decode's are not counted)
+        self.saturated_values = 0  # of those, beyond the calibrated range (clipped to the last step)
 
     @property
     def allocated(self) -> int:
@@ -126,6 +128,8 @@ class KVCache:
         k, v = keys.transpose(1, 0, 2), values.transpose(1, 0, 2)
         if self.scales is not None:
             k, v = quantize_kv(k, self.scales.k[layer]), quantize_kv(v, self.scales.v[layer])
+            self.stored_values += k.size + v.size
+            self.saturated_values += int(np.count_nonzero(np.abs(k) == INT8_MAX) + np.count_nonzero(np.abs(v) == INT8_MAX))
         self.k[layer, :, start : start + n] = k
         self.v[layer, :, start : start + n] = v
 

@@ -148,11 +148,18 @@ class KVCache:
         held, the chunk's own rows exactly as given (with int8 storage the prefill still attends
         its own chunk at full precision; decode reads everything back from int8)."""
         end = start + keys.shape[0]
-        held_k, held_v = self.keys(layer, end), self.values(layer, end)
-        if self.scales is not None:  # copies: the chunk's rows can be replaced
-            held_k[:, start:end] = keys.transpose(1, 0, 2)
-            held_v[:, start:end] = values.transpose(1, 0, 2)
-        return held_k, held_v
+        if self.scales is None:  # float32: the cache holds the chunk's rows exactly, a view will do
+            return self.keys(layer, end), self.values(layer, end)
+        return (self._window(self.k, self.scales.k, layer, start, keys),
+                self._window(self.v, self.scales.v, layer, start, values))  # fmt: skip
+
+    @staticmethod
+    def _window(buffer: np.ndarray, scales: np.ndarray, layer: int, start: int, rows: np.ndarray) -> np.ndarray:
+        """Positions 0 .. start-1 dequantized, then `rows` [n, kv_heads, head_dim] as given."""
+        out = np.empty((buffer.shape[1], start + rows.shape[0], buffer.shape[3]), np.float32)
+        np.multiply(buffer[layer, :, :start], scales[layer][:, None, :], out=out[:, :start])
+        out[:, start:] = rows.transpose(1, 0, 2)
+        return out
 
     @staticmethod
     def _read(buffer: np.ndarray, scales: np.ndarray | None, layer: int, end: int) -> np.ndarray:

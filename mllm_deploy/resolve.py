@@ -197,6 +197,21 @@ def _check_placement(c: _Checks, profile: Profile, caps: Capabilities, backend: 
                 c.warn(f"placement.{key}", "has no effect with device.npu_backend = \"none\": everything runs on the CPU", "npu")
 
 
+def _check_attention(c: _Checks, profile: Profile, backend: Backend) -> None:
+    if profile.prefill.attention != "int8":
+        return
+    if backend == "none":
+        if c.loaded.is_explicit("prefill.attention"):
+            c.warn("prefill.attention", 'has no effect with device.npu_backend = "none": the float baseline attends in float32', "int8")
+    elif profile.decode.kv_cache != "int8":
+        c.refuse(
+            "prefill.attention",
+            "int8 attention reads the int8 KV cache, and decode.kv_cache is float32",
+            "int8",
+            'float32, or decode.kv_cache = "int8"',
+        )
+
+
 def _check_context(c: _Checks, profile: Profile, caps: Capabilities, spec: ModelSpec, backend: Backend) -> None:
     prefill = profile.prefill
     if prefill.max_context > spec.context:
@@ -288,6 +303,7 @@ def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resol
     if backend != "none" and caps.npu is not None:
         _check_dtypes(c, profile, caps)
     _check_placement(c, profile, caps, backend)
+    _check_attention(c, profile, backend)
     _check_context(c, profile, caps, spec, backend)
     _check_threads(c, profile, caps, backend)
     budget = memory_budget(profile, spec, backend)

@@ -71,14 +71,15 @@ class _Rig:
 
             self.engine = FloatEngine(weights)
             self.engine.warm_up()
-            self.backend = {"npu": "none", "prefill": "cpu-float32-numpy", "decode": "cpu-float32-numpy"}
+            self.backend = {"npu": "none", "prefill": "cpu-float32-numpy", "attention": "float32",
+                            "decode": "cpu-float32-numpy"}
             self.slots = {"cpu": 1}
         else:
             from mllm_deploy.runtime.dag_engine import open_npu_engine
 
             self.engine = open_npu_engine(self.resolved, weights)
             self.backend = {"npu": self.engine.npu_label, "prefill": f"dag {self.engine.prefill.policy}",
-                            "decode": self.engine.decode_name}
+                            "attention": self.engine.attention_name, "decode": self.engine.decode_name}
             self.slots = {p: ex.threads for p, ex in self.engine.prefill.executors.items()}
 
 

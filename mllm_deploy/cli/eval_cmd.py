@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"backend:              {report['backend']}")
         if "kv_cache" in report:
             print(f"KV cache:             {report['kv_cache']} ({100 * report['kv_saturated_fraction']:.4f}% of values saturated)")
+            print(f"prefill attention:    {report['attention']}")
         print(f"perplexity:           {report['perplexity']:.3f}  ({ratio:.4f}x float)")
         print(f"baseline (float32):   {report['baseline_perplexity']:.3f}")
         print(f"values on the CPU:    {100 * report['outlier_fraction']:.4f}% (shadow outliers)")

@@ -26,7 +26,7 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
     the baseline is the float32 engine."""
     from mllm_deploy.model import load_tokenizer, load_weights
     from mllm_deploy.resolve import resolve_profile
-    from mllm_deploy.runtime.dag_engine import profile_kv_scales
+    from mllm_deploy.runtime.dag_engine import profile_chunk_attention, profile_kv_scales
     from mllm_deploy.runtime.float_engine import FloatEngine
     from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
 
@@ -52,7 +52,9 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
 
     artifacts = bundle_artifacts(resolved) or compile_artifacts(resolved)
     kernels = load_npu_kernels(resolved, artifacts)
-    engine = NpuPrefillEngine(float_engine, kernels, kv_scales=profile_kv_scales(resolved, artifacts))
+    kv_scales = profile_kv_scales(resolved, artifacts)
+    attention = profile_chunk_attention(resolved, kv_scales)
+    engine = NpuPrefillEngine(float_engine, kernels, kv_scales=kv_scales, chunk_attention=attention)
     cache = engine.new_cache(len(ids))
     started = time.perf_counter()
     ppl = perplexity(token_nll(engine, ids, chunk, show and (lambda d, n: show("NPU path", d, n)), cache=cache))
@@ -64,6 +66,7 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
         "backend": kernels.backend_label,
         "policy": resolved.profile.outliers.policy,
         "kv_cache": resolved.profile.decode.kv_cache,
+        "attention": "int8" if attention is not None else "float32",
         # share of the prompt's K/V values beyond the int8 cache's calibrated range (0 for float32)
         "kv_saturated_fraction": cache.saturated_values / cache.stored_values if cache.stored_values else 0.0,
         "shadowed_linears": len(kernels.shadowed),

@@ -35,6 +35,11 @@ class DagEngine:
         prefill.on_event = self.pending_events.append
 
     @property
+    def attention_name(self) -> str:
+        """Arithmetic of prefill attention (reports and the bench's `backend`)."""
+        return "int8" if self.prefill.chunk_attention is not None and self.kv_scales is not None else "float32"
+
+    @property
     def decode_name(self) -> str:
         """What decodes, and over which KV cache storage (reports and the bench's `backend`)."""
         kv = "kv-int8" if self.kv_scales is not None else "kv-float32"
@@ -121,6 +126,7 @@ def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, p
         float_engine.weights, float_engine.rope, kernels, plan_for,
         chunk_tokens=chunk, policy=policy or profile.scheduler.policy, cpu_threads=resolved.cpu_threads,
         latencies=seeded_latencies(kernels), lm_head=head, embedding=rows,
+        chunk_attention=profile_chunk_attention(resolved, kv_scales),
     )  # fmt: skip
     label = kernels.backend_label if kernels is not None else resolved.backend_label
     return DagEngine(float_engine, prefill, decoder, npu_label=label, kv_scales=kv_scales)
@@ -141,6 +147,15 @@ def limit_malloc_retention() -> bool:
         return False
     m_trim_threshold, m_arena_max = -1, -8
     return bool(mallopt(m_arena_max, 1)) and bool(mallopt(m_trim_threshold, 1 << 20))
+
+
+def profile_chunk_attention(resolved, kv_scales: KVScales | None):
+    """Int8ChunkAttention for `prefill.attention = "int8"` over an int8 KV cache, else None (float32)."""
+    if resolved.profile.prefill.attention != "int8" or kv_scales is None or resolved.backend == "none":
+        return None
+    from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention
+
+    return Int8ChunkAttention(resolved.spec)
 
 
 def profile_kv_scales(resolved, artifacts) -> KVScales | None:

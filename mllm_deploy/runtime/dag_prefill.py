@@ -90,6 +90,7 @@ class DagPrefill:
         latencies: LatencyModel | None = None,
         lm_head: Callable[[np.ndarray], np.ndarray] | None = None,  # [1, hidden] -> [1, vocab]
         embedding=None,  # indexable like tok_embd (e.g. file_rows.FileRows)
+        chunk_attention=None,  # Int8ChunkAttention over an int8 KV cache, or None: float32 attention
     ):
         self.weights = weights
         self.spec = weights.spec
@@ -102,6 +103,7 @@ class DagPrefill:
         self.latencies = latencies or LatencyModel()
         self.lm_head = lm_head or (lambda x: x @ weights.output.T)
         self.embedding = embedding if embedding is not None else weights.tok_embd  # rows by id: [T] -> [T, hidden]
+        self.chunk_attention = chunk_attention
         self.executors = {"npu": ProcessorExecutor("npu", 1), "cpu": ProcessorExecutor("cpu", cpu_threads)}
         self.on_event: Callable[[object], None] | None = None
         self.last = PrefillStats()
@@ -322,6 +324,9 @@ class DagPrefill:
         v = v.reshape(rows, spec.n_kv_heads, spec.head_dim)
         # only real rows reach the cache; not cache.write(): chunks of different layers interleave
         cache.store(layer, span.start, k[: span.n_real], v[: span.n_real])
+        if self.chunk_attention is not None and cache.scales is not None:  # integer products on the int8 cache
+            chunk.attn = self.chunk_attention(q, cache, layer, span.start, span.n_real)  # [T, q_dim]
+            return
         keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
         chunk.attn = causal_attention(q, keys, values, span.start, spec.n_kv_heads)  # [T, q_dim]
 

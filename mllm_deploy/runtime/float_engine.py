@@ -48,6 +48,7 @@ class FloatEngine:
         self.weights = weights
         self.rope = RopeTables(spec.head_dim, spec.rope_theta, spec.rope_style, n_positions=1024)
         self.block_linears: list[BlockLinears] = [FloatBlockLinears(layer) for layer in weights.layers]
+        self.chunk_attention = None  # Int8ChunkAttention: attend int8 caches in integer kernels (NPU path)
 
     def warm_up(self) -> None:
         """Make the weights resident (they may be memory-mapped from the weight cache) and start
@@ -83,6 +84,8 @@ class FloatEngine:
         k = self.rope.apply(k.reshape(n_rows, spec.n_kv_heads, spec.head_dim), span.start)
         v = v.reshape(n_rows, spec.n_kv_heads, spec.head_dim)
         cache.write(layer, span.start, k[: span.n_real], v[: span.n_real])
+        if self.chunk_attention is not None and cache.scales is not None:
+            return self.chunk_attention(q, cache, layer, span.start, span.n_real)
         keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
         return causal_attention(q, keys, values, span.start, spec.n_kv_heads)
 

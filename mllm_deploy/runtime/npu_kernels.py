@@ -180,7 +180,7 @@ class NpuPrefillEngine:
     """Prefill with NPU linears (static chunks of `chunk_tokens`, last one padded); decode and
     everything else on the float engine. Duck-types FloatEngine for `generate` and eval."""
 
-    def __init__(self, float_engine, kernels: NpuLayerKernels, kv_scales=None):
+    def __init__(self, float_engine, kernels: NpuLayerKernels, kv_scales=None, chunk_attention=None):
         from mllm_deploy.runtime.float_engine import FloatEngine
 
         self.float_engine = float_engine
@@ -189,6 +189,7 @@ class NpuPrefillEngine:
         self.npu_engine = FloatEngine.__new__(FloatEngine)  # same weights and tables, NPU linears
         self.npu_engine.__dict__.update(float_engine.__dict__)
         self.npu_engine.block_linears = [NpuBlockLinears(kernels, i) for i in range(float_engine.spec.n_layers)]
+        self.npu_engine.chunk_attention = chunk_attention  # Int8ChunkAttention, or None: float32 attention
         self.backend_label = kernels.backend_label
 
     def __getattr__(self, name):  # spec, weights, rope, logits, ...

@@ -5,7 +5,7 @@ at start-up, so an invalid value is refused with the same located diagnostic. Wh
 
 - `decode.*`, `ui.*`, `name`, `model.system_prompt`, `prefill.overflow` (and, on the float
   engine, `prefill.chunk_size`): read by the session on every turn, so nothing is rebuilt —
-  except `decode.kv_cache` on the NPU path, which the engine opens with (a reload);
+  except `decode.kv_cache` and `prefill.attention` on the NPU path, which the engine opens with (a reload);
 - `prefill.max_context`: a new KV cache (the conversation is prefilled again next turn);
 - anything else (model, device, quantization, outliers, ...): the model is reloaded.
 """
@@ -23,7 +23,7 @@ Rebuild = Literal["nothing", "cache", "model"]
 APPLIED_EACH_TURN = ("decode.", "ui.", "name", "model.system_prompt", "prefill.overflow")
 FLOAT_ENGINE_EACH_TURN = ("prefill.chunk_size",)  # chunking is free on the float engine; NPU graphs are per chunk size
 NEEDS_NEW_CACHE = ("prefill.max_context",)
-NPU_ENGINE_SETTINGS = ("decode.kv_cache",)  # the NPU engine is opened with its KV cache storage
+NPU_ENGINE_SETTINGS = ("decode.kv_cache", "prefill.attention")  # the NPU engine is opened with its KV cache storage and attention
 
 
 @dataclass(frozen=True)

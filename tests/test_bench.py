@@ -74,7 +74,7 @@ def test_bench_json_rows_carry_settings_and_measurements(tiny, tmp_path, capsys,
         spread = row["prefill_tokens_per_s_spread"]
         assert 0 < spread["min"] <= row["prefill_tokens_per_s"] <= spread["max"]
         assert row["decode_tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["peak_rss_mb"] > 10
-        assert row["backend"] == {"npu": "none", "prefill": "cpu-float32-numpy", "decode": "cpu-float32-numpy"}
+        assert row["backend"] == {"npu": "none", "prefill": "cpu-float32-numpy", "attention": "float32", "decode": "cpu-float32-numpy"}
         assert row["utilization"]["cpu"] == pytest.approx(1.0)
         assert len(row["profile_hash"]) == 12 and row["host"]["usable_cpus"] >= 1
         data = json.loads(open(row["trace"]).read())

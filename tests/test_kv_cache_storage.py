@@ -22,7 +22,9 @@ def engines(tmp_path_factory):
     base = [f"model.source={path}", "device.npu_backend=ort-cpu", "prefill.chunk_size=8", "prefill.max_context=128",
             "calibration.samples=2", "calibration.tokens_per_sample=32"]
     try:
-        yield {kv: load_model(load_profile(None, [*base, f"decode.kv_cache={kv}"])).engine for kv in ("int8", "float32")}
+        engines = {kv: load_model(load_profile(None, [*base, f"decode.kv_cache={kv}"])).engine for kv in ("int8", "float32")}
+        engines["int8 attention"] = load_model(load_profile(None, [*base, "prefill.attention=int8"])).engine
+        yield engines
     finally:
         mp.undo()
 
@@ -38,7 +40,8 @@ def test_npu_path_keeps_an_int8_kv_cache_unless_asked_for_float32(engines):
 def test_int8_kv_cache_decodes_close_to_float32(engines):
     prompt = [3 + (i * 7) % 250 for i in range(20)]
     logits = {}
-    for kv, engine in engines.items():
+    for kv in ("int8", "float32"):
+        engine = engines[kv]
         cache = engine.new_cache(64)
         for _ in engine.prefill_chunks(cache, prompt, chunk_size=8):
             pass
@@ -46,3 +49,16 @@ def test_int8_kv_cache_decodes_close_to_float32(engines):
     for a, b in zip(logits["int8"], logits["float32"]):
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
         assert not np.array_equal(a, b)  # really two storages
+
+
+def test_prefill_attention_int8_is_what_the_engine_runs(engines):
+    assert engines["int8"].attention_name == "float32" and engines["float32"].attention_name == "float32"
+    int8 = engines["int8 attention"]
+    assert int8.attention_name == "int8" and int8.prefill.chunk_attention is not None
+    prompt = [3 + (i * 7) % 250 for i in range(20)]
+    last = {}
+    for name in ("int8", "int8 attention"):
+        cache = engines[name].new_cache(64)
+        last[name] = [lg for _, lg in engines[name].prefill_chunks(cache, prompt, chunk_size=8)][-1][0]
+    a, b = last["int8"], last["int8 attention"]
+    assert not np.array_equal(a, b) and float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99

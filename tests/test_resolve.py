@@ -37,6 +37,7 @@ REFUSALS = [
     ("ram", "[prefill]\nmax_context = 8192\n", "qcs6490", None, {"ram_bytes": GIB // 4}, "prefill.max_context", 2, "more than 80% of qcs6490's RAM", "<= 0.20 GiB"),
     ("cpu threads", "[device]\ncpu_threads = 16\n", "sd8gen3", None, {}, "device.cpu_threads", 2, "more threads than sd8gen3 has cores", "<= 8"),
     ("npu threads", '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 64\n', "host", None, {}, "device.npu_threads", 3, "more threads than host has cores", "<= 2"),
+    ("int8 attention on a float32 cache", '[prefill]\nattention = "int8"\n[decode]\nkv_cache = "float32"\n', "host", None, {}, "prefill.attention", 2, "reads the int8 KV cache", "float32"),
     ("backend not on device", '[device]\nnpu_backend = "ort-cpu"\n', "sd8gen3", None, {}, "device.npu_backend", 2, "not available on sd8gen3", "qnn-htp, none"),
 ]
 
@@ -123,6 +124,13 @@ def test_simulator_and_oversubscription_warn_but_run(tmp_path, spec):
     text = '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 2\ncpu_threads = 2\n'
     resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
     assert any("compete for cores" in w.message for w in resolved.warnings)
+
+
+def test_int8_attention_is_ignored_with_a_warning_on_the_float_baseline(tmp_path, spec):
+    text = '[device]\nnpu_backend = "none"\n[prefill]\nattention = "int8"\n'
+    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+    assert [(w.key, w.line) for w in resolved.warnings if "float baseline attends in float32" in w.message] == [("prefill.attention", 4)]
+    assert not resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), spec).warnings
 
 
 def test_memory_budget_of_default_profile(tmp_path, spec):

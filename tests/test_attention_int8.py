@@ -1,0 +1,100 @@
+"""Prefill attention over the int8 KV cache in integer kernels (`prefill.attention = "int8"`):
+it is an integer graph, it is causal, it agrees with float attention over the same cache, and
+the DAG prefill and the float engine (what `eval` measures) both use it when asked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention, attention_model
+from mllm_deploy.runtime.kv_cache import KVCache, KVScales
+from mllm_deploy.runtime.layers import causal_attention
+
+from test_dag_prefill import CHUNK, IDS, float_reference, make_prefill, run_all, tiny  # noqa: F401  (fixture)
+from npu_doubles import FloatKernels
+
+
+class Spec:
+    n_heads, n_kv_heads, head_dim, n_layers = 6, 2, 16, 2
+
+
+def filled_cache(rng, n_positions: int, layer_scale: float = 1.0) -> KVCache:
+    k = rng.standard_normal((Spec.n_layers, Spec.n_kv_heads, Spec.head_dim)).astype(np.float32)
+    scales = KVScales.from_absmax(np.abs(k) + 3.0, np.full_like(k, 3.0))
+    cache = KVCache(Spec.n_layers, n_positions, Spec.n_kv_heads, Spec.head_dim, scales=scales)
+    cache.reserve(n_positions)
+    for layer in range(Spec.n_layers):
+        keys = rng.standard_normal((n_positions, Spec.n_kv_heads, Spec.head_dim)).astype(np.float32) * layer_scale
+        values = rng.standard_normal((n_positions, Spec.n_kv_heads, Spec.head_dim)).astype(np.float32)
+        cache.store(layer, 0, keys, values)
+    return cache
+
+
+def test_the_graph_multiplies_in_integers_only():
+    ops = [node.op_type for node in attention_model(Spec).graph.node]
+    assert ops.count("MatMulInteger") == 2
+    assert "MatMul" not in ops and "Softmax" not in ops  # no float product; weights exp(s - max) in float
+
+
+@pytest.mark.parametrize(("start", "n_real", "n_rows"), [(0, 8, 8), (24, 8, 8), (40, 5, 8), (0, 1, 1)])
+def test_agrees_with_float_attention_over_the_same_cache(start, n_real, n_rows):
+    rng = np.random.default_rng(start + n_real)
+    cache = filled_cache(rng, start + n_real)
+    q = rng.standard_normal((n_rows, Spec.n_heads, Spec.head_dim)).astype(np.float32)
+    attend = Int8ChunkAttention(Spec)
+    for layer in range(Spec.n_layers):
+        out = attend(q, cache, layer, start, n_real)
+        ref = causal_attention(q, cache.keys(layer, start + n_real), cache.values(layer, start + n_real), start, Spec.n_kv_heads)
+        assert out.shape == (n_rows, Spec.n_heads * Spec.head_dim) and out.dtype == np.float32
+        err = np.linalg.norm(out[:n_real] - ref[:n_real]) / np.linalg.norm(ref[:n_real])
+        assert 0 < err < 0.05, err  # rounding of queries and weights, not exact
+        assert np.isfinite(out).all()  # padding rows too
+
+
+def test_a_query_never_sees_a_later_key():
+    rng = np.random.default_rng(7)
+    start, n = 16, 8
+    cache = filled_cache(rng, start + n)
+    q = rng.standard_normal((n, Spec.n_heads, Spec.head_dim)).astype(np.float32)
+    attend = Int8ChunkAttention(Spec)
+    before = attend(q, cache, 0, start, n)
+    cache.k[0, :, start + 5 :] = 127  # the last three keys and values change
+    cache.v[0, :, start + 5 :] = -127
+    after = attend(q, cache, 0, start, n)
+    np.testing.assert_array_equal(after[:5], before[:5])  # rows 0..4 sit before them
+    assert not np.allclose(after[5:], before[5:])
+
+
+def test_needs_an_int8_cache():
+    cache = KVCache(Spec.n_layers, 8, Spec.n_kv_heads, Spec.head_dim)
+    with pytest.raises(ValueError, match="int8 KV cache"):
+        Int8ChunkAttention(Spec)(np.zeros((8, Spec.n_heads, Spec.head_dim), np.float32), cache, 0, 0, 8)
+
+
+def _int8_scales(spec, k_absmax=4.0, v_absmax=4.0):
+    shape = (spec.n_layers, spec.n_kv_heads, spec.head_dim)
+    return KVScales.from_absmax(np.full(shape, k_absmax, np.float32), np.full(shape, v_absmax, np.float32))
+
+
+def test_dag_prefill_and_float_engine_use_it_on_int8_caches(tiny):  # noqa: F811
+    _, spec, weights = tiny
+    prefill, engine = make_prefill(tiny, FloatKernels(weights, CHUNK), "out-of-order", 2, "outliers.prune_fraction=1.0")
+    try:
+        scales = _int8_scales(spec)
+        float_attention = run_all(prefill, engine.new_cache(256, scales=scales), IDS)[1]
+        prefill.chunk_attention = Int8ChunkAttention(spec)
+        int8_attention = run_all(prefill, engine.new_cache(256, scales=scales), IDS)[1]
+        engine.chunk_attention = prefill.chunk_attention  # the path eval measures
+        cache = engine.new_cache(256, scales=scales)
+        sequential = engine.prefill(cache, IDS, chunk_size=CHUNK, pad_last_chunk=True).logits
+        float_cache_logits = run_all(prefill, engine.new_cache(256), IDS)[1]  # float32 cache: float attention
+    finally:
+        prefill.close()
+    np.testing.assert_allclose(sequential, int8_attention, rtol=1e-4, atol=1e-4)
+    assert not np.array_equal(int8_attention, float_attention)  # it really ran the integer graph
+    cos = float(np.dot(int8_attention[0], float_attention[0]) / np.linalg.norm(int8_attention[0]) / np.linalg.norm(float_attention[0]))
+    assert cos > 0.99
+    engine.chunk_attention = None
+    ref = float_reference(engine, IDS)[0]
+    np.testing.assert_allclose(float_cache_logits, ref, rtol=1e-4, atol=1e-4)

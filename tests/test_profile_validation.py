@@ -41,6 +41,7 @@ BAD_VALUES = [
     ("prefill.chunk_size", "5000", ["must be <= 4096", "got 5000", "an integer from 1 to 4096"]),
     ("prefill.max_context", '"4096"', ["expected an integer, got a string", "got '4096'", "without quotes: max_context = 4096"]),
     ("prefill.overflow", '"truncate"', ["got 'truncate'", 'one of "error", "truncate-left"', "did you mean 'truncate-left'?"]),
+    ("prefill.attention", '"int4"', ["got 'int4'", 'one of "float32", "int8"', "did you mean 'int8'?"]),
     ("quantization.weights", '"int8"', ["got 'int8'", 'one of "int8-per-tensor", "int8-per-channel"']),
     ("quantization.activations", '"int8"', ['one of "uint8", "uint16"', "did you mean 'uint8'?"]),
     ("outliers.policy", '"shadw"', ['one of "none", "clip", "shadow"', "did you mean 'shadow'?"]),
@@ -150,7 +151,7 @@ def test_did_you_mean_for_misspelt_or_misplaced_keys(tmp_path, text, key, hint):
 
 def test_unknown_key_lists_the_keys_of_its_section(tmp_path):
     (diag,) = errors_of(write(tmp_path, "[prefill]\nchunk = 1\n")).diagnostics
-    assert diag.allowed == "keys of [prefill]: chunk_size, max_context, overflow"
+    assert diag.allowed == "keys of [prefill]: chunk_size, max_context, overflow, attention"
     assert diag.value == 1
 
 

@@ -27,6 +27,7 @@ the calling thread (`intra_op_num_threads = 1`): the CPU executor's threads call
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -116,36 +117,35 @@ class Int8ChunkAttention:
             attention_model(spec).SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         self._masks: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._steps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (id(scales), layer) -> steps
+        self._masks_lock = threading.Lock()  # the CPU executor's threads share the masks
+        self._steps: dict[int, tuple] = {}  # layer -> (the KVScales they come from, qk_scale, v_scale)
 
     def _layer_steps(self, cache: KVCache, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(qk_scale [heads*dim], v_scale [kv_heads, 1, 1, dim]) of `layer`."""
+        """(qk_scale [heads*dim], v_scale [kv_heads, 1, 1, dim]) of `layer` for the cache's steps."""
         scales = cache.scales
-        key = (id(scales), layer)
-        steps = self._steps.get(key)
-        if steps is None:
+        held = self._steps.get(layer)
+        if held is None or held[0] is not scales:  # computed for other steps (another engine's cache)
             spec = self.spec
             group = spec.n_heads // spec.n_kv_heads
             qk = np.repeat(scales.k[layer], group, axis=0).reshape(-1) / np.float32(np.sqrt(spec.head_dim))
             v = scales.v[layer][:, None, None, :] / np.float32(P_STEPS)
-            steps = (qk.astype(np.float32), np.ascontiguousarray(v, np.float32))
-            if len(self._steps) > 4 * spec.n_layers:
-                self._steps.clear()
-            self._steps[key] = steps
-        return steps
+            held = self._steps[layer] = (scales, qk.astype(np.float32), np.ascontiguousarray(v, np.float32))
+        return held[1], held[2]
 
     def _mask(self, n_rows: int, start: int, n_keys: int) -> np.ndarray:
         """[n_rows, n_keys] float32: 0 where key j <= start + row, -inf after (padding rows see every key)."""
         key = (n_rows, start, n_keys)
-        mask = self._masks.get(key)
-        if mask is None:
-            future = np.arange(n_keys)[None, :] > (start + np.arange(n_rows))[:, None]
-            mask = np.where(future, np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
+        with self._masks_lock:
+            mask = self._masks.get(key)
+            if mask is not None:
+                self._masks.move_to_end(key)
+                return mask
+        future = np.arange(n_keys)[None, :] > (start + np.arange(n_rows))[:, None]
+        mask = np.where(future, np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
+        with self._masks_lock:
             self._masks[key] = mask
             while len(self._masks) > MASK_CACHE_SIZE:
                 self._masks.popitem(last=False)
-        else:
-            self._masks.move_to_end(key)
         return mask
 
     def __call__(self, q: np.ndarray, cache: KVCache, layer: int, start: int, n_real: int) -> np.ndarray:

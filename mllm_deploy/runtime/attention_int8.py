@@ -1,7 +1,7 @@
 """Prefill attention over the int8 KV cache in integer matrix products (`prefill.attention = "int8"`).
 
     attend = Int8ChunkAttention(spec)
-    out = attend(q, cache, layer, start)   # q [T, heads, head_dim] rotated -> [T, heads * head_dim]
+    out = attend(q, cache, layer, start, n_real)   # q [T, heads, head_dim] rotated -> [T, heads * head_dim]
 
 The KV cache of the NPU path already holds keys and values as int8 with one calibrated step per
 layer, KV head and channel (`KVScales`). Instead of dequantizing a chunk's whole window to
@@ -99,8 +99,6 @@ def attention_model(spec: ModelSpec) -> onnx.ModelProto:
 
 class Int8ChunkAttention:
     """Causal attention of a prefill chunk over an int8 KVCache, in onnxruntime integer kernels."""
-
-    name = "int8 (onnxruntime MatMulInteger)"
 
     def __init__(self, spec: ModelSpec):
         if spec.n_heads % spec.n_kv_heads:

@@ -37,7 +37,7 @@ class DagEngine:
     @property
     def attention_name(self) -> str:
         """Arithmetic of prefill attention (reports and the bench's `backend`)."""
-        return "int8" if self.prefill.chunk_attention is not None and self.kv_scales is not None else "float32"
+        return "int8" if self.prefill.chunk_attention is not None else "float32"
 
     @property
     def decode_name(self) -> str:

@@ -32,9 +32,9 @@ import numpy as np
 from mllm_deploy.model.spec import LlamaWeights
 from mllm_deploy.runtime.events import ChunkDone, SubgraphFinished, SubgraphStarted
 from mllm_deploy.runtime.executors import ProcessorExecutor, TaskFinished, TaskStarted
-from mllm_deploy.runtime.float_engine import PAD_TOKEN_ID
+from mllm_deploy.runtime.float_engine import PAD_TOKEN_ID, attend_stored_chunk
 from mllm_deploy.runtime.kv_cache import KVCache
-from mllm_deploy.runtime.layers import ChunkSpan, causal_attention, rms_norm, silu_mul_
+from mllm_deploy.runtime.layers import ChunkSpan, rms_norm, silu_mul_
 from mllm_deploy.runtime.rope import RopeTables
 from mllm_deploy.runtime.scheduler import LatencyModel, PolicyName, Scheduler, Task, TaskGraph
 
@@ -324,11 +324,7 @@ class DagPrefill:
         v = v.reshape(rows, spec.n_kv_heads, spec.head_dim)
         # only real rows reach the cache; not cache.write(): chunks of different layers interleave
         cache.store(layer, span.start, k[: span.n_real], v[: span.n_real])
-        if self.chunk_attention is not None and cache.scales is not None:  # integer products on the int8 cache
-            chunk.attn = self.chunk_attention(q, cache, layer, span.start, span.n_real)  # [T, q_dim]
-            return
-        keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
-        chunk.attn = causal_attention(q, keys, values, span.start, spec.n_kv_heads)  # [T, q_dim]
+        chunk.attn = attend_stored_chunk(q, k, v, span, cache, layer, spec.n_kv_heads, self.chunk_attention)  # [T, q_dim]
 
     def _final_norm(self, chunk: _Chunk, layer: int) -> None:
         last = chunk.span.n_real - 1

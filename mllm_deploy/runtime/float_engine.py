@@ -37,6 +37,17 @@ class PrefillResult:
     cancelled: bool
 
 
+def attend_stored_chunk(q, k, v, span: ChunkSpan, cache: KVCache, layer: int, n_kv_heads: int, chunk_attention=None) -> np.ndarray:
+    """Attention of a chunk whose real K/V rows `k`/`v` [T, kv_heads, head_dim] the cache already
+    holds at `span.start`: integer kernels over an int8 cache when `chunk_attention` is given
+    (`prefill.attention = "int8"`), else float32 over `cache.attention_window`. q [T, heads,
+    head_dim] rotated; returns [T, heads * head_dim]."""
+    if chunk_attention is not None and cache.scales is not None:
+        return chunk_attention(q, cache, layer, span.start, span.n_real)
+    keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
+    return causal_attention(q, keys, values, span.start, n_kv_heads)
+
+
 class FloatEngine:
     """Runs a model's blocks in float32 with numpy; `block_linears` can be replaced per layer."""
 
@@ -84,10 +95,7 @@ class FloatEngine:
         k = self.rope.apply(k.reshape(n_rows, spec.n_kv_heads, spec.head_dim), span.start)
         v = v.reshape(n_rows, spec.n_kv_heads, spec.head_dim)
         cache.write(layer, span.start, k[: span.n_real], v[: span.n_real])
-        if self.chunk_attention is not None and cache.scales is not None:
-            return self.chunk_attention(q, cache, layer, span.start, span.n_real)
-        keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
-        return causal_attention(q, keys, values, span.start, spec.n_kv_heads)
+        return attend_stored_chunk(q, k, v, span, cache, layer, spec.n_kv_heads, self.chunk_attention)
 
     def out_mlp_step(self, layer: int, x: np.ndarray, attn: np.ndarray) -> np.ndarray:
         """Residual stream after the block: x + wo(attn), then + mlp(norm(.)). [T, hidden]."""

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from mllm_deploy.runtime.scheduler import LatencyModel, Scheduler, Task, TaskGraph, plan_step, simulate
+from mllm_deploy.runtime.scheduler import LatencyModel, Scheduler, Task, TaskGraph, plan_step, simulate, upward_ranks
 
 
 def _graph(spec: dict[str, tuple[str, tuple]], edges: list[tuple[str, str]]) -> TaskGraph:
@@ -252,3 +252,31 @@ def _exact(graph: TaskGraph, dur: dict[str, float]) -> LatencyModel:
     model = LatencyModel()
     model.seconds = lambda task: float(dur[task.id])  # type: ignore[method-assign]
     return model
+
+
+def tie_between_short_and_long_paths() -> tuple[TaskGraph, dict[str, float]]:
+    """a and b each unblock a 2 s NPU task (equal scores); only b's leads on to more work."""
+    graph = _graph(
+        {"a": ("cpu", (0,)), "b": ("cpu", (1,)), "na": ("npu", (2,)), "nb": ("npu", (3,)), "c": ("cpu", (4,))},
+        [("a", "na"), ("b", "nb"), ("nb", "c")],
+    )
+    return graph, {"a": 1.0, "b": 1.0, "na": 2.0, "nb": 2.0, "c": 3.0}
+
+
+def test_upward_ranks_are_the_longest_remaining_paths():
+    graph, dur = tie_between_short_and_long_paths()
+    assert upward_ranks(graph, _exact(graph, dur)) == {"a": 3.0, "na": 2.0, "b": 6.0, "nb": 5.0, "c": 3.0}
+    with pytest.raises(ValueError, match="cycle"):
+        cyclic = _graph({"x": ("cpu", (0,)), "y": ("cpu", (1,))}, [("x", "y"), ("y", "x")])
+        upward_ranks(cyclic, LatencyModel())
+
+
+def test_a_tie_goes_to_the_longer_critical_path():
+    graph, dur = tie_between_short_and_long_paths()
+    sched = Scheduler(graph, "out-of-order", _exact(graph, dur))
+    assert sched.score("a") == sched.score("b") == pytest.approx(2.0)
+    assert sched.pick("cpu") == "b"  # a comes first in the sequential order
+    run = simulate(graph, "out-of-order", dur)
+    assert run.order["cpu"] == ["b", "a", "c"]
+    # earliest-first would run a, b, then na before nb, and finish c at 8
+    assert run.makespan == pytest.approx(optimal_makespan(graph, dur)) == 6.0

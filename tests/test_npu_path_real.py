@@ -85,8 +85,8 @@ def test_run_answers_paris_on_the_npu_path(shared_npu_cache):
 
 def test_int8_attention_costs_a_measured_and_bounded_share_of_perplexity(shared_npu_cache):
     """`prefill.attention = "int8"` (opt-in) reads the int8 KV cache in integer kernels; measured
-    on this text: 29.229, 1.040x float, against 28.42 with the default float32 attention."""
+    on this text: 28.532, 1.015x float, against 28.422 (1.011x) with the default float32 attention."""
     int8 = evaluate(shared_npu_cache, "prefill.attention=int8")
     print(f"\nint8 attention {int8['perplexity']:.3f} ({int8['perplexity'] / int8['baseline_perplexity']:.4f}x)")
     assert int8["attention"] == "int8"
-    assert 1.0 < int8["perplexity"] / int8["baseline_perplexity"] <= 1.06
+    assert 1.0 < int8["perplexity"] / int8["baseline_perplexity"] <= 1.02

@@ -81,9 +81,9 @@ class PrefillSection(_Section):
     attention: Literal["float32", "int8"] = "float32"
     """Arithmetic of prefill attention on the NPU path. `float32` dequantizes the KV cache and
     multiplies in float (the chunk's own keys at full precision); `int8` multiplies per-token
-    int8 queries with the int8 KV cache's keys, and uint8 attention weights with its values, in
-    integer kernels (softmax in float): faster prefill, at a measured perplexity cost (README,
-    Accuracy). `int8` needs `decode.kv_cache = "int8"`; the float baseline always computes in float32."""
+    int8 queries with the earlier chunks' int8 keys, and uint8 attention weights with their
+    values, in integer kernels (softmax and the chunk's own keys in float): faster prefill, at a
+    measured perplexity cost (README, Accuracy). `int8` needs `decode.kv_cache = "int8"`; the float baseline always computes in float32."""
 
 
 class QuantizationSection(_Section):

@@ -39,11 +39,12 @@ class PrefillResult:
 
 def attend_stored_chunk(q, k, v, span: ChunkSpan, cache: KVCache, layer: int, n_kv_heads: int, chunk_attention=None) -> np.ndarray:
     """Attention of a chunk whose real K/V rows `k`/`v` [T, kv_heads, head_dim] the cache already
-    holds at `span.start`: integer kernels over an int8 cache when `chunk_attention` is given
-    (`prefill.attention = "int8"`), else float32 over `cache.attention_window`. q [T, heads,
+    holds at `span.start`: integer kernels over the earlier chunks of an int8 cache when
+    `chunk_attention` is given (`prefill.attention = "int8"`), else float32 over
+    `cache.attention_window`; the chunk's own rows are attended in float32 either way. q [T, heads,
     head_dim] rotated; returns [T, heads * head_dim]."""
     if chunk_attention is not None and cache.scales is not None:
-        return chunk_attention(q, cache, layer, span.start, span.n_real)
+        return chunk_attention(q, cache, layer, span.start, k[: span.n_real], v[: span.n_real])
     keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
     return causal_attention(q, keys, values, span.start, n_kv_heads)
 

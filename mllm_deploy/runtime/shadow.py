@@ -58,7 +58,8 @@ class ShadowLinear:
         # ~200 MB of peak RSS; hot rows read through the map ~180 MB at load)
         self._cold_rows = FileRows(self.weight_t)
         self.hot_rows = self._cold_rows[self.hot_channels]  # [n_hot, out_total] in memory
-        self._hot_index = {int(c): i for i, c in enumerate(self.hot_channels)}
+        self._hot_slot = np.full(self.weight_t.shape[0], -1, np.int64)  # channel -> row of hot_rows, or -1
+        self._hot_slot[self.hot_channels] = np.arange(self.hot_channels.size)
 
     def correction(self, x: np.ndarray) -> Correction | None:
         """x float32 [chunk, in] → the correction of the token rows that hold outliers, or None
@@ -74,10 +75,11 @@ class ShadowLinear:
         token_rows = np.flatnonzero(r.any(axis=1))  # [m]: outliers sit in a few tokens for most inputs
         if token_rows.size < x.shape[0]:
             r = r[token_rows]
-        hot = np.array([c in self._hot_index for c in channels.tolist()], bool)
+        slots = self._hot_slot[channels]
+        hot = slots >= 0
         rows = np.empty((channels.size, self.weight_t.shape[1]), np.float32)  # [n, out_total]
         if hot.any():
-            rows[hot] = self.hot_rows[[self._hot_index[c] for c in channels[hot].tolist()]]
+            rows[hot] = self.hot_rows[slots[hot]]
         disk = int((~hot).sum())
         if disk:
             rows[~hot] = self._cold_rows[channels[~hot]]  # read from the artifact file

@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+_HAS_PREADV = hasattr(os, "preadv")  # reads straight into the output array
+
 
 class FileRows:
     """Rows of a float32 table [rows, width] (the embedding, shadow weight rows) without paging
@@ -51,12 +53,13 @@ class FileRows:
                 j += 1
             offset = self._offset + rows[i] * row_bytes
             target = out[i:j]
-            if hasattr(os, "preadv"):
+            if _HAS_PREADV:
                 got = os.preadv(fd, [target], offset)
             else:  # no preadv (e.g. older macOS): through a bytes object
                 data = os.pread(fd, target.nbytes, offset)
                 got = len(data)
-                target.reshape(-1)[: got // 4] = np.frombuffer(data[: got - got % 4], np.float32)
+                if got == target.nbytes:
+                    target[...] = np.frombuffer(data, np.float32).reshape(target.shape)
             if got != target.nbytes:
                 raise OSError(f"{self._file.name}: short read of rows {rows[i]}..{rows[j - 1]} (file truncated?)")
             i = j

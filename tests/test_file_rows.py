@@ -44,3 +44,15 @@ def test_a_truncated_file_is_a_named_error_not_garbage(mapped, tmp_path):
     np.testing.assert_array_equal(rows[np.array([2, 3])][:, 0], [12.0, 18.0])
     with pytest.raises(OSError, match=r"t\.npy: short read of rows 29\.\.31"):
         rows[np.array([29, 30, 31])]
+
+
+def test_without_preadv_the_pread_fallback_reads_the_same_rows(mapped, monkeypatch, tmp_path):
+    from mllm_deploy.runtime import file_rows
+
+    table, memmap = mapped
+    monkeypatch.setattr(file_rows, "_HAS_PREADV", False)
+    rows = FileRows(memmap)
+    np.testing.assert_array_equal(rows[np.array([0, 1, 9, 10, 39])], table[[0, 1, 9, 10, 39]])
+    os.truncate(tmp_path / "t.npy", memmap.offset + 30 * 6 * 4)
+    with pytest.raises(OSError, match="short read of rows 29..31"):
+        rows[np.array([29, 30, 31])]

@@ -46,12 +46,6 @@ def host_record() -> dict:
     }
 
 
-def profile_hash(profile) -> str:
-    import hashlib
-
-    return hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:12]
-
-
 class _Rig:
     """The loaded model of one configuration and what it really runs."""
 
@@ -127,7 +121,7 @@ def _spread(values: list[float]) -> dict:
 
 def run_request(request: dict) -> list[dict]:
     from mllm_deploy.bench.prompt_text import prompt_ids
-    from mllm_deploy.profile import load_profile
+    from mllm_deploy.profile import load_profile, profile_hash
     from mllm_deploy.runtime.trace import TraceRecorder
 
     loaded = load_profile(request.get("profile"), request.get("overrides", []))
@@ -170,7 +164,7 @@ def run_request(request: dict) -> list[dict]:
             "threads": {"cpu": rig.resolved.cpu_threads, "npu": rig.resolved.npu_threads},
             "chunk_size": rig.resolved.profile.prefill.chunk_size,
             "load_s": round(load_s, 2),
-            "profile_hash": profile_hash(rig.resolved.profile),
+            "profile_hash": profile_hash(rig.resolved.profile)[:12],  # the canonical hash, shortened
             "host": host,
             "trace": trace_path,
         })  # fmt: skip

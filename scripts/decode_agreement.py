@@ -4,7 +4,7 @@ For each prompt (chat-templated), prefill in float32 once, then decode greedily 
 both decoders from copies of the same KV cache, and report how many leading tokens agree, the
 first divergence, and the decode speed of each.
 
-    .venv/bin/python scripts/decode_agreement.py [--tokens 32] [--threads 2]
+    .venv/bin/python scripts/decode_agreement.py [--tokens 32] [--threads 2] [--block 64]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.profile import load_profile
-from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
+from mllm_deploy.runtime.decode_fast import BLOCK, Int8Decoder, cached_decode_graphs
 from mllm_deploy.runtime.session import LoadedModel
 from mllm_deploy.model.chat_template import choose_template_with_origin
 from mllm_deploy.runtime.float_engine import FloatEngine
@@ -48,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--block", type=int, default=BLOCK, choices=(32, 64, 128), help="8-bit block of the decode weights")
     args = ap.parse_args()
     loaded = load_profile(None, [])
     spec = read_spec(loaded.profile.model.source)
@@ -56,7 +57,7 @@ def main() -> None:
     template, origin = choose_template_with_origin(spec, "auto")
     model = LoadedModel(spec, tokenizer, None, template, origin, 0.0)
     engine = FloatEngine(weights)
-    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights), args.threads)
+    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights, args.block), args.threads)
     agree_total = 0
     with threadpool_limits(args.threads, user_api="blas"):
         for prompt in PROMPTS:

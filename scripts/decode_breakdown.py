@@ -72,7 +72,7 @@ def main() -> None:
             engine.decoder.lm_head(x_final)
             heads.append(time.perf_counter() - started)
 
-    graphs = cached_decode_graphs(resolved.spec, lambda: weights)
+    graphs = cached_decode_graphs(resolved.spec, lambda: weights, resolved.profile.decode.weight_block)
     step_graph = "step" if cache.scales is None else "step_kv8"
     weight_mb = sum((graphs / f"{name}.onnx").stat().st_size for name in (step_graph, "head")) / 1e6
     held = cache.length
@@ -80,7 +80,8 @@ def main() -> None:
     total_ms, head_ms = 1000 * float(np.median(totals[16:])), 1000 * float(np.median(heads[16:]))
     bandwidth = max(read_bandwidth_gb_s(1), read_bandwidth_gb_s(2))
     floor_ms = (weight_mb + kv_mb) / bandwidth
-    print(f"context {args.context}..{held} tokens, decode graph {step_graph}, {engine.decoder.threads} threads")
+    print(f"context {args.context}..{held} tokens, decode graph {step_graph}, 8-bit blocks of "
+          f"{resolved.profile.decode.weight_block}, {engine.decoder.threads} threads")
     print(f"per token: {total_ms:.2f} ms = {1000 / total_ms:.1f} tok/s "
           f"(output head {head_ms:.2f} ms, step graph and Python {total_ms - head_ms:.2f} ms)")
     print(f"bytes read per token: weights {weight_mb:.1f} MB + KV cache {kv_mb:.1f} MB")

@@ -10,6 +10,7 @@ import pytest
 
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.runtime.decode_fast import (
+    BLOCK,
     Int8Decoder,
     build_decode_models,
     cached_decode_graphs,
@@ -37,13 +38,15 @@ def tiny(tmp_path_factory, request):
     return spec, load_weights(spec, use_cache=False)
 
 
-def test_block_quantization_round_trip_within_half_a_step():
+@pytest.mark.parametrize("block, n_blocks", [(None, 2), (32, 3)])  # None: the default, BLOCK = 64
+def test_block_quantization_round_trip_within_half_a_step(block, n_blocks):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5, 70)).astype(np.float32)  # 70: a padded last block
-    q, scale = quantize_blocks_u8(w)
-    assert q.shape == (5, 3, 32) and scale.shape == (5, 3) and q.dtype == np.uint8
+    q, scale = quantize_blocks_u8(w) if block is None else quantize_blocks_u8(w, block)
+    width = block or BLOCK
+    assert q.shape == (5, n_blocks, width) and scale.shape == (5, n_blocks) and q.dtype == np.uint8
     back = dequantize_blocks_u8(q, scale)[:, :70]
-    step = np.repeat(scale, 32, axis=1)[:, :70]
+    step = np.repeat(scale, width, axis=1)[:, :70]
     assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
     assert q.min() >= 1 and q.max() <= 255  # symmetric: -127..127 around 128
 
@@ -117,7 +120,7 @@ def test_decode_graphs_use_8bit_integer_matmuls(tiny):
         assert nbits, name
         for node in nbits:
             attrs = {a.name: a.i for a in node.attribute}
-            assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 32
+            assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == BLOCK == 64
 
 
 def test_embedding_rows_read_from_a_memory_mapped_table(tmp_path):
@@ -234,3 +237,52 @@ def test_int8_kv_cache_decode_follows_the_float_engine(tiny, tmp_path, monkeypat
         decoded = cache.keys(layer, end)[:, n:end]
         err = np.abs(decoded - expected) - step / 2  # beyond rounding: the 8-bit weights' error
         assert err.max() < 0.1 * np.abs(expected).max(), (layer, err.max())
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_each_weight_block_has_its_own_cached_graphs_and_follows_the_float_engine(tiny, tmp_path, monkeypatch, block):
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
+    spec, weights = tiny
+    default = cached_decode_graphs(spec, lambda: weights)
+    graphs = cached_decode_graphs(spec, lambda: weights, block)
+    assert graphs != default and graphs.parent == default.parent
+    assert cached_decode_graphs(spec, lambda: pytest.fail("rebuilt a cached entry"), block) == graphs
+    for name in ("step", "step_kv8", "head"):
+        sizes = {a.i for n in onnx.load(graphs / f"{name}.onnx").graph.node if n.op_type == "MatMulNBits"
+                 for a in n.attribute if a.name == "block_size"}  # fmt: skip
+        assert sizes == {block}, name
+    engine = FloatEngine(weights)
+    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, graphs, threads=1)
+    ref_cache, cache = engine.new_cache(32), engine.new_cache(32)
+    for c in (ref_cache, cache):
+        engine.prefill(c, [5, 17, 99, 3, 250], chunk_size=4)
+    for token in (7, 100):
+        ref, got = engine.decode_step(ref_cache, token), decoder.decode_step(cache, token)
+        assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
+
+
+def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, monkeypatch):
+    from mllm_deploy.compile import build
+    from mllm_deploy.profile import load_profile
+    from mllm_deploy.resolve import resolve
+    from mllm_deploy.runtime import dag_engine, decode_fast, npu_kernels
+    from plan_fixtures import pinned_host
+
+    spec, weights = tiny
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def recording(spec_, loader, block=decode_fast.BLOCK):
+        asked.append(block)
+        raise Stop
+
+    monkeypatch.setattr(build, "compile_artifacts", lambda resolved: None)
+    monkeypatch.setattr(npu_kernels, "load_npu_kernels", lambda resolved, artifacts: None)
+    monkeypatch.setattr(decode_fast, "cached_decode_graphs", recording)
+    for setting, expected in (([], 64), (["decode.weight_block=32"], 32)):
+        loaded = load_profile(None, [f"model.source={spec.path}", "device.npu_backend=ort-cpu", "prefill.max_context=256", *setting])
+        with pytest.raises(Stop):
+            dag_engine.open_npu_engine(resolve(loaded, pinned_host(), spec), weights)
+        assert asked[-1] == expected

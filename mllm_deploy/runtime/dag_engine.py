@@ -172,7 +172,8 @@ def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> 
     of the embedding that prompts use), so they stay on disk behind the memory map.
 
     Decode runs on `resolved.decode_threads` (both processors' threads, capped at the cores), over
-    an int8 KV cache with the calibrated steps unless `decode.kv_cache = "float32"`."""
+    an int8 KV cache with the calibrated steps unless `decode.kv_cache = "float32"`, with 8-bit
+    weight blocks of `decode.weight_block` values."""
     from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts
     from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
     from mllm_deploy.runtime.npu_kernels import load_npu_kernels
@@ -181,7 +182,7 @@ def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> 
     artifacts = compile_artifacts(resolved)
     kernels = load_npu_kernels(resolved, artifacts)
     float_engine = FloatEngine(weights)  # no warm_up(): it would page in every float weight
-    graphs = cached_decode_graphs(resolved.spec, lambda: weights)
+    graphs = cached_decode_graphs(resolved.spec, lambda: weights, resolved.profile.decode.weight_block)
     threads = decode_threads or resolved.decode_threads
     decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, graphs, threads)
     engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_inputs=calibrated_shadow_inputs(resolved),

@@ -286,3 +286,18 @@ def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, mo
         with pytest.raises(Stop):
             dag_engine.open_npu_engine(resolve(loaded, pinned_host(), spec), weights)
         assert asked[-1] == expected
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_plan_counts_the_decode_graphs_weight_bytes_exactly(tiny, block):
+    from mllm_deploy.plan.memory import decode_weight_bytes
+
+    spec, weights = tiny
+    models = build_decode_models(weights, block)
+    held = 0
+    for name in ("step", "head"):
+        inits = {i.name: i for i in models[name].graph.initializer}
+        for node in models[name].graph.node:
+            if node.op_type == "MatMulNBits":
+                held += sum(onnx.numpy_helper.to_array(inits[n]).nbytes for n in node.input[1:3])
+    assert decode_weight_bytes(spec, block) == held > 0

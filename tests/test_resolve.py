@@ -139,9 +139,17 @@ def test_memory_budget_of_default_profile(tmp_path, spec):
     linear_params = 30 * (576 * 576 * 2 + 2 * 192 * 576 + 3 * 1536 * 576)
     assert m.npu_weight_bytes == linear_params + 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) * 4
     assert m.kv_cache_bytes == 2 * 30 * 4096 * 192 * 1  # int8 KV cache (decode.kv_cache default)
-    assert m.cpu_weight_bytes >= 49152 * 576 * 4  # float embeddings (tied output head)
+    assert m.cpu_weight_bytes >= 49152 * 576 * 4 + m.decode_weight_bytes  # float embeddings (tied head), decode graphs
+    # decode graphs, blocks of 64 (+ a float32 scale each): the layers' linears and the output head
+    blocks = 30 * (960 * 9 + 576 * 9 + 2 * 1536 * 9 + 576 * 24) + 49152 * 9
+    assert m.decode_weight_bytes == blocks * (64 + 4)
+    q8_0 = resolve(loaded_from(tmp_path, '[decode]\nweight_block = 32\n'), capabilities("host"), spec)
+    assert q8_0.memory.decode_weight_bytes == 2 * blocks * (32 + 4)
+    assert q8_0.memory.cpu_weight_bytes - m.cpu_weight_bytes == q8_0.memory.decode_weight_bytes - m.decode_weight_bytes
     float_kv = resolve(loaded_from(tmp_path, '[decode]\nkv_cache = "float32"\n'), capabilities("host"), spec)
     assert float_kv.memory.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
     float_run = resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), spec)
     assert float_run.memory.npu_bytes == 0 and float_run.memory.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
-    assert float_run.memory.cpu_weight_bytes > resolved.memory.cpu_weight_bytes + 3 * linear_params
+    assert float_run.memory.decode_weight_bytes == 0  # float32 decode from the float linears
+    # the float baseline keeps float32 linears on the CPU instead of the 8-bit decode graphs
+    assert float_run.memory.cpu_weight_bytes > m.cpu_weight_bytes - m.decode_weight_bytes + 3 * linear_params

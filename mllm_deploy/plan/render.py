@@ -28,7 +28,8 @@ def render_plan(plan: Plan, *, dag_lines: int = 24) -> str:
         "memory",
         f"  npu  {_mib(m.npu_bytes):>14}  (weights {_mib(m.npu_weight_bytes)}, activations {_mib(m.npu_activation_bytes)})",
         f"  cpu  {_mib(m.cpu_bytes):>14}  (weights {_mib(m.cpu_weight_bytes)}, KV cache {_mib(m.kv_cache_bytes)} {m.kv_cache_dtype}, "
-        f"activations {_mib(m.cpu_activation_bytes)}, hot shadow rows {_mib(m.shadow_hot_bytes)})",
+        f"activations {_mib(m.cpu_activation_bytes)}, hot shadow rows {_mib(m.shadow_hot_bytes)}, "
+        f"decode graphs {_mib(m.decode_weight_bytes)})",
         f"  total {_mib(m.total_bytes):>13}",
         "",
     ]

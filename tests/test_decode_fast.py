@@ -253,6 +253,8 @@ def test_each_weight_block_has_its_own_cached_graphs_and_follows_the_float_engin
         assert sizes == {block}, name
     engine = FloatEngine(weights)
     decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, graphs, threads=1)
+    assert decoder.block == block and decoder.name == f"cpu-int8-ort-gqa b{block}"
+    assert Int8Decoder(spec, weights.tok_embd, engine.rope, build_decode_models(weights, block), threads=1).block == block
     ref_cache, cache = engine.new_cache(32), engine.new_cache(32)
     for c in (ref_cache, cache):
         engine.prefill(c, [5, 17, 99, 3, 250], chunk_size=4)

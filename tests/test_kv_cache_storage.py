@@ -31,7 +31,7 @@ def engines(tmp_path_factory):
 
 def test_npu_path_keeps_an_int8_kv_cache_unless_asked_for_float32(engines):
     int8, float32 = engines["int8"], engines["float32"]
-    assert int8.new_cache(32).k.dtype == np.int8 and int8.decode_name.endswith("kv-int8")
+    assert int8.new_cache(32).k.dtype == np.int8 and int8.decode_name == "cpu-int8-ort-gqa b64 kv-int8"
     assert float32.new_cache(32).k.dtype == np.float32 and float32.decode_name.endswith("kv-float32")
     steps = int8.kv_scales.k
     assert steps.shape == (CFG.n_layers, CFG.n_kv_heads, CFG.hidden // CFG.n_heads) and np.all(steps > 0)

@@ -61,7 +61,7 @@ from mllm_deploy.runtime.file_rows import FileRows
 from mllm_deploy.runtime.kv_cache import KVCache
 from mllm_deploy.runtime.rope import RopeTables
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5  # 5: the manifest records the block
 BLOCK: int = DecodeSection.model_fields["weight_block"].default
 """Values per 8-bit block unless a caller says otherwise: the profile's `decode.weight_block` default."""
 OPSET = 21
@@ -284,6 +284,14 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader, block: int = BLOCK) ->
     return final
 
 
+def graph_block(graphs: Path | dict) -> int:
+    """Values per 8-bit block of decode graphs: a cached directory's manifest says it, built
+    graphs carry it in their `MatMulNBits` nodes."""
+    if isinstance(graphs, dict):
+        return next(a.i for n in graphs["head"].graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size")
+    return int(json.loads((Path(graphs) / "manifest.json").read_text())["block"])
+
+
 class _CacheBinding:
     """The step graph's IO binding onto one KVCache: past and present K/V of every layer are the
     cache's own buffers (and its scales, for int8); the small per-token inputs live in arrays
@@ -327,13 +335,13 @@ class _CacheBinding:
 class Int8Decoder:
     """Decode steps over a KVCache with the step graph; `decode_step` mirrors FloatEngine's."""
 
-    name = "cpu-int8-ort-gqa"
-
     def __init__(self, spec: ModelSpec, tok_embd: np.ndarray, rope: RopeTables, graphs: Path | dict, threads: int):
         self.spec = spec
         self.tok_embd = tok_embd if isinstance(tok_embd, FileRows) else FileRows(tok_embd)  # [vocab, hidden]
         self.rope = rope
         self.threads = threads
+        self.block = graph_block(graphs)
+        self.name = f"cpu-int8-ort-gqa b{self.block}"  # what decodes, as reports and the bench show it
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

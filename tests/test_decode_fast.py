@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -303,3 +304,16 @@ def test_plan_counts_the_decode_graphs_weight_bytes_exactly(tiny, block):
             if node.op_type == "MatMulNBits":
                 held += sum(onnx.numpy_helper.to_array(inits[n]).nbytes for n in node.input[1:3])
     assert decode_weight_bytes(spec, block) == held > 0
+
+
+def test_a_damaged_decode_cache_manifest_is_rebuilt_not_trusted(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
+    spec, weights = tiny
+    graphs = cached_decode_graphs(spec, lambda: weights)
+    (graphs / "manifest.json").write_text('{"format": 5, "blo')  # cut short
+    built = []
+    again = cached_decode_graphs(spec, lambda: built.append(1) or weights)
+    assert again == graphs and built == [1]
+    assert json.loads((graphs / "manifest.json").read_text())["block"] == BLOCK
+    assert sorted(p.name for p in graphs.parent.iterdir()) == [graphs.name]  # no temporary left behind
+    assert Int8Decoder(spec, weights.tok_embd, FloatEngine(weights).rope, graphs, threads=1).block == BLOCK

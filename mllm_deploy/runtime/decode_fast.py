@@ -264,12 +264,23 @@ def decode_cache_key(spec: ModelSpec, block: int = BLOCK) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 
 
+def _complete(entry: Path, block: int) -> bool:
+    """A cache entry holds every graph and a readable manifest of this format and block (anything
+    else, e.g. a manifest damaged on disk, is rebuilt rather than trusted)."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("format") == FORMAT_VERSION and manifest.get("block") == block
+            and all((entry / f"{n}.onnx").is_file() for n in GRAPH_NAMES))  # fmt: skip
+
+
 def cached_decode_graphs(spec: ModelSpec, weights_loader, block: int = BLOCK) -> Path:
     """Directory holding the decode graphs of `spec` with 8-bit blocks of `block` values; built
     (reading the float weights from `weights_loader()`) and written atomically the first time."""
     root = cache_dir() / "decode"
     final = root / decode_cache_key(spec, block)
-    if (final / "manifest.json").is_file() and all((final / f"{n}.onnx").is_file() for n in GRAPH_NAMES):
+    if _complete(final, block):
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".decode-", dir=root))

@@ -1,15 +1,15 @@
 """CPU decode with INT8 weights: one onnxruntime graph per token (MatMulNBits + GroupQueryAttention).
 
-Decode is memory-bound: every token reads every weight once. float32 weights are 4 bytes per
+Every decode token reads every weight once. float32 weights are 4 bytes per
 parameter; 8-bit blocks are ~1.1, and onnxruntime's MatMulNBits with `accuracy_level = 4`
 quantizes the activation row per block and runs integer dot products (llama.cpp's Q8_0 scheme,
 there with blocks of 32). Measured on an earlier host (one 1536x576 matvec, 1 thread): float32
 numpy 213 us, MatMulNBits 8-bit acc-level 4 34 us, acc-level 0/1 (float compute) ~1.6-2.1 ms.
 
 Blocks are `decode.weight_block` values, 64 by default: one 512-bit register of int8, and a
-divisor of every width of the default model (576, 1536). Measured on the Zen 4 host (2 threads, 1,024 tokens of context, one run
-alternating the forms 8 tokens at a time): 12.85 ms per token with blocks of 32, 11.72 with 64,
-11.09 with 128; teacher-forced decode perplexity on 2 x 511 news tokens after 1,024-token
+divisor of every width of the default model (576, 1536). Measured on the Zen 4 host (2 threads,
+1,024 tokens of context, one run alternating the forms 8 tokens at a time): 12.85 ms per token
+with blocks of 32, 11.72 with 64, 11.09 with 128; teacher-forced decode perplexity on 2 x 511 news tokens after 1,024-token
 prompts: float32 22.492, blocks of 32 22.463, 64 22.498, 128 22.676 (+0.8%); mean KL divergence
 from float32 per token on 3 x 383 news tokens 0.0031, 0.0055, 0.0087 (top-1 agreement 96.3%,
 95.3%, 93.0%). 64 is the fastest block whose cost stays within perplexity noise.

@@ -1,4 +1,4 @@
-"""Greedy agreement of the INT8 CPU decode (runtime/decode_fast.py) with the float32 decode.
+"""Greedy agreement of the INT8 CPU decode (runtime/decode_fast.py, decode_graphs.py) with the float32 decode.
 
 For each prompt (chat-templated), prefill in float32 once, then decode greedily N tokens with
 both decoders from copies of the same KV cache, and report how many leading tokens agree, the
@@ -18,7 +18,8 @@ from threadpoolctl import threadpool_limits
 
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.profile import load_profile
-from mllm_deploy.runtime.decode_fast import BLOCK, Int8Decoder, cached_decode_graphs
+from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
+from mllm_deploy.runtime.decode_graphs import BLOCK
 from mllm_deploy.runtime.session import LoadedModel
 from mllm_deploy.model.chat_template import choose_template_with_origin
 from mllm_deploy.runtime.float_engine import FloatEngine

@@ -10,14 +10,8 @@ import onnx
 import pytest
 
 from mllm_deploy.model import load_weights, read_spec
-from mllm_deploy.runtime.decode_fast import (
-    BLOCK,
-    Int8Decoder,
-    build_decode_models,
-    cached_decode_graphs,
-    dequantize_blocks_u8,
-    quantize_blocks_u8,
-)
+from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
+from mllm_deploy.runtime.decode_graphs import BLOCK, build_decode_models, dequantize_blocks_u8, quantize_blocks_u8
 from mllm_deploy.runtime.float_engine import FloatEngine
 
 import tiny_models
@@ -277,7 +271,7 @@ def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, mo
     class Stop(Exception):
         pass
 
-    def recording(spec_, loader, block=decode_fast.BLOCK):
+    def recording(spec_, loader, block=BLOCK):
         asked.append(block)
         raise Stop
 

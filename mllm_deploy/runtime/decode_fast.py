@@ -1,34 +1,13 @@
 """CPU decode with INT8 weights: one onnxruntime graph per token (MatMulNBits + GroupQueryAttention).
 
-Every decode token reads every weight once. float32 weights are 4 bytes per
-parameter; 8-bit blocks are ~1.1, and onnxruntime's MatMulNBits with `accuracy_level = 4`
-quantizes the activation row per block and runs integer dot products (llama.cpp's Q8_0 scheme,
-there with blocks of 32). Measured on an earlier host (one 1536x576 matvec, 1 thread): float32
-numpy 213 us, MatMulNBits 8-bit acc-level 4 34 us, acc-level 0/1 (float compute) ~1.6-2.1 ms.
-
-Blocks are `decode.weight_block` values, 64 by default: one 512-bit register of int8, and a
-divisor of every width of the default model (576, 1536). Measured on the Zen 4 host (2 threads,
-1,024 tokens of context, one run alternating the forms 8 tokens at a time): 12.85 ms per token
-with blocks of 32, 11.72 with 64, 11.09 with 128; teacher-forced decode perplexity on 2 x 511 news tokens after 1,024-token
-prompts: float32 22.492, blocks of 32 22.463, 64 22.498, 128 22.676 (+0.8%); mean KL divergence
-from float32 per token on 3 x 383 news tokens 0.0031, 0.0055, 0.0087 (top-1 agreement 96.3%,
-95.3%, 93.0%). 64 is the fastest block whose cost stays within perplexity noise.
-
-A token is two onnxruntime runs:
-
-    step   x (embedding row) -> for every layer: attn_norm, qkv (MatMulNBits), GroupQueryAttention
-           (RoPE inside, the new K/V written into the KV cache in place), o_proj, +resid,
-           ffn_norm, gate/up, silu*up, down, +resid -> final norm                -> x_final
-           (each residual add is one kernel with the norm after it)
-    head   x_final -> output projection                                           -> logits
+The graphs and their 8-bit blocks are built in `decode_graphs` (see there for what a token runs
+and why blocks of 64); this module caches them on disk and runs them over a KV cache.
 
 The KV cache's heads-major layout is GroupQueryAttention's BNSH, so each layer's past and present
 K/V are bound (onnxruntime IO binding) to the same numpy buffer the prefill writes: the graph
 reads the cache where it lies and appends one position, nothing is copied. The head is its own
-graph because the DAG prefill uses it too for the last prompt token's logits. The step graph
-comes in two forms, `step` over a float32 KV cache and `step_kv8` over an int8 one
-(GroupQueryAttention's PER_CHANNEL int8 cache, the cache's steps bound as inputs); a decoder
-opens the one its caches need.
+graph because the DAG prefill uses it too for the last prompt token's logits. A decoder opens
+the step graph its caches need (`step` over float32, `step_kv8` over int8).
 
 Why one graph: the earlier form (a graph per layer, attention in numpy between them) spent
 ~16 ms of a 27 ms token in 32 onnxruntime calls and ~11 ms in numpy attention at 1,024 tokens
@@ -46,213 +25,20 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
-from mllm_deploy.model.spec import LlamaWeights, ModelSpec
+from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.paths import cache_dir
-from mllm_deploy.profile.models import DecodeSection
+from mllm_deploy.runtime.decode_graphs import BLOCK, GRAPH_NAMES, decode_model_builders, kv_names, kv_scale_names
 from mllm_deploy.runtime.file_rows import FileRows
 from mllm_deploy.runtime.kv_cache import KVCache
 from mllm_deploy.runtime.rope import RopeTables
 
 FORMAT_VERSION = 5  # 5: the manifest records the block
-BLOCK: int = DecodeSection.model_fields["weight_block"].default
-"""Values per 8-bit block unless a caller says otherwise: the profile's `decode.weight_block` default."""
-OPSET = 21
-MS_DOMAIN = "com.microsoft"
-
-
-def quantize_blocks_u8(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """w float32 [N, K] -> (q uint8 [N, ceil(K/block), block] with zero point 128, scale float32
-    [N, ceil(K/block)]). Symmetric per block: scale = max|w| / 127, q = round(w / scale) + 128
-    in [1, 255]; a last partial block is padded with zeros (as MatMulNBits expects)."""
-    n, k = w.shape
-    w = np.asarray(w, np.float32)
-    if k % block:
-        w = np.concatenate([w, np.zeros((n, block - k % block), np.float32)], axis=1)
-    blocks = w.reshape(n, -1, block)
-    scale = np.abs(blocks).max(axis=-1) / np.float32(127.0)  # [N, K/block]
-    scale = np.where(scale > 0, scale, np.float32(1e-12)).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16) + 128
-    return q.astype(np.uint8), scale
-
-
-def dequantize_blocks_u8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    n, kb, block = q.shape
-    return ((q.astype(np.float32) - 128.0) * scale[..., None]).reshape(n, kb * block)
-
-
-class _Builder:
-    """Nodes and initializers of one segment graph."""
-
-    def __init__(self, name: str, block: int = BLOCK):
-        self.name, self.nodes, self.inits, self._n, self.block = name, [], [], 0, block
-
-    def tmp(self, stem: str) -> str:
-        self._n += 1
-        return f"{stem}_{self._n}"
-
-    def const(self, stem: str, value: np.ndarray) -> str:
-        name = self.tmp(stem)
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], stem: str, domain: str = "", **attrs) -> str:
-        out = self.tmp(stem)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
-        return out
-
-    def rms_norm(self, x: str, weight: np.ndarray, eps: float) -> str:
-        """x * weight / sqrt(mean(x^2) + eps) (the pattern onnxruntime fuses into SimplifiedLayerNorm)."""
-        sq = self.op("Pow", [x, self.const("two", np.array(2.0, np.float32))], "sq")
-        mean = self.op("ReduceMean", [sq, self.const("axes", np.array([-1], np.int64))], "mean", keepdims=1)
-        var = self.op("Add", [mean, self.const("eps", np.array(eps, np.float32))], "var")
-        norm = self.op("Div", [x, self.op("Sqrt", [var], "std")], "normed")
-        return self.op("Mul", [norm, self.const("norm_w", np.asarray(weight, np.float32))], "rms")
-
-    def add_rms_norm(self, x: str, skip: str, weight: np.ndarray, eps: float) -> tuple[str, str]:
-        """(rms_norm(x + skip), x + skip) in one kernel (onnxruntime's SkipSimplifiedLayerNormalization)."""
-        normed, total = self.tmp("rms"), self.tmp("sum")
-        self.nodes.append(helper.make_node(
-            "SkipSimplifiedLayerNormalization", [x, skip, self.const("norm_w", np.asarray(weight, np.float32))],
-            [normed, "", "", total], name=normed, domain=MS_DOMAIN, epsilon=float(eps),
-        ))  # fmt: skip
-        return normed, total
-
-    def linear(self, x: str, weights: list[np.ndarray], biases: list[np.ndarray | None] | None = None) -> str:
-        """x [1, K] @ concat(weights).T (+ concat(biases)) with 8-bit block weights."""
-        w = np.concatenate([np.asarray(a, np.float32) for a in weights], axis=0)  # [N, K]
-        n, k = w.shape
-        q, scale = quantize_blocks_u8(w, self.block)
-        y = self.op(
-            "MatMulNBits", [x, self.const("wq", q), self.const("ws", scale.reshape(-1))], "mm",
-            domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=self.block, accuracy_level=4,
-        )  # fmt: skip
-        if biases and any(b is not None for b in biases):
-            full = np.concatenate([b if b is not None else np.zeros(a.shape[0], np.float32) for a, b in zip(weights, biases)])
-            y = self.op("Add", [y, self.const("bias", full.astype(np.float32))], "biased")
-        return y
-
-    def model(self, inputs: dict[str, int], outputs: dict[str, tuple[str, int]]) -> onnx.ModelProto:
-        """inputs: name -> width; outputs: graph name -> (internal tensor, width)."""
-        for out_name, (tensor, _) in outputs.items():
-            self.nodes.append(helper.make_node("Identity", [tensor], [out_name], name=f"out_{out_name}"))
-        graph = helper.make_graph(
-            self.nodes,
-            self.name,
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, w]) for n, w in inputs.items()],
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, w]) for n, (_, w) in outputs.items()],
-            self.inits,
-        )
-        model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="mllm-deploy"
-        )
-        model.ir_version = 10
-        return model
-
-
-def _mlp_then(b: _Builder, weights: LlamaWeights, layer: int, resid: str, attn: str, next_norm: np.ndarray) -> tuple[str, str]:
-    """(rms_norm(r, next_norm), r) for r the residual stream after layer `layer`'s o_proj and MLP;
-    each residual add is fused with the norm that follows it."""
-    w, spec = weights.layers[layer], weights.spec
-    x, h = b.add_rms_norm(b.linear(attn, [w.wo]), resid, w.ffn_norm, spec.rms_eps)
-    gate_up = b.linear(x, [w.w_gate, w.w_up])  # [1, 1, 2 ffn]
-    gate = b.op("Slice", [gate_up, b.const("s0", np.array([0])), b.const("s1", np.array([spec.ffn])), b.const("ax", np.array([-1]))], "gate")
-    up = b.op("Slice", [gate_up, b.const("s0", np.array([spec.ffn])), b.const("s1", np.array([2 * spec.ffn])), b.const("ax", np.array([-1]))], "up")
-    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], "sig")], "silu"), up], "act")
-    return b.add_rms_norm(b.linear(act, [w.w_down]), h, next_norm, spec.rms_eps)
-
-
-def kv_names(layer: int) -> tuple[str, str, str, str]:
-    """(past_key, past_value, present_key, present_value) input/output names of `layer`."""
-    return f"past_key_{layer}", f"past_value_{layer}", f"present_key_{layer}", f"present_value_{layer}"
-
-
-def kv_scale_names(layer: int) -> tuple[str, str]:
-    """(k_scale, v_scale) input names of `layer` in the int8-KV step graph."""
-    return f"k_scale_{layer}", f"v_scale_{layer}"
-
-
-def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelProto:
-    """One decode step over every layer (see the module docstring); with `kv_int8` the KV cache
-    is int8 with per-channel scales as inputs (GroupQueryAttention's PER_CHANNEL quantization)."""
-    spec = weights.spec
-    b = _Builder("decode_step", block)
-    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
-    kv_type = TensorProto.INT8 if kv_int8 else f32
-    kv_shape = [1, spec.n_kv_heads, "capacity", spec.head_dim]
-    inputs = [
-        helper.make_tensor_value_info("x", f32, [1, 1, spec.hidden]),
-        helper.make_tensor_value_info("seqlens_k", i32, [1]),  # tokens held after this one, minus 1
-        helper.make_tensor_value_info("total_length", i32, []),
-        helper.make_tensor_value_info("cos", f32, ["rope_positions", spec.head_dim // 2]),
-        helper.make_tensor_value_info("sin", f32, ["rope_positions", spec.head_dim // 2]),
-    ]
-    outputs = []
-    quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8} if kv_int8 else {}
-    attn = ""  # the previous layer's attention output
-    normed, resid = b.rms_norm("x", weights.layers[0].attn_norm, spec.rms_eps), "x"
-    for layer in range(spec.n_layers):
-        w = weights.layers[layer]
-        past_k, past_v, present_k, present_v = kv_names(layer)
-        inputs += [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in (past_k, past_v)]
-        outputs += [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in (present_k, present_v)]
-        scales = []
-        if kv_int8:
-            scales = ["", "", "", *kv_scale_names(layer)]  # (position_ids, attention_bias, head_sink) unused
-            inputs += [helper.make_tensor_value_info(n, f32, [1, spec.n_kv_heads, 1, spec.head_dim]) for n in kv_scale_names(layer)]
-        if layer > 0:
-            normed, resid = _mlp_then(b, weights, layer - 1, resid, attn, w.attn_norm)
-        qkv = b.linear(normed, [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
-        attn = b.tmp("attn")
-        b.nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, "seqlens_k", "total_length", "cos", "sin", *scales],  # packed QKV
-            [attn, present_k, present_v], name=attn, domain=MS_DOMAIN,
-            num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, scale=float(1.0 / np.sqrt(spec.head_dim)),
-            do_rotary=1, rotary_interleaved=int(spec.rope_style == "adjacent"), **quant,
-        ))  # fmt: skip
-    normed, _ = _mlp_then(b, weights, spec.n_layers - 1, resid, attn, weights.output_norm)
-    b.nodes.append(helper.make_node("Identity", [normed], ["x_final"], name="out_x_final"))
-    outputs.insert(0, helper.make_tensor_value_info("x_final", f32, [1, 1, spec.hidden]))
-    return _model(helper.make_graph(b.nodes, b.name, inputs, outputs, b.inits))
-
-
-def _model(graph) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="mllm-deploy")
-    model.ir_version = 10
-    return model
-
-
-def _head_model(weights: LlamaWeights, block: int) -> onnx.ModelProto:
-    head = _Builder("decode_head", block)
-    return head.model({"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)})
-
-
-def decode_model_builders(weights: LlamaWeights, block: int = BLOCK) -> dict[str, Callable[[], onnx.ModelProto]]:
-    """`step` (float32 KV cache), `step_kv8` (int8 KV cache) and `head` (see the module
-    docstring) with 8-bit blocks of `block` values, each built when called: a step graph is
-    ~120 MB, so the cache writes one at a time."""
-    return {
-        "step": lambda: _step_model(weights, kv_int8=False, block=block),
-        "step_kv8": lambda: _step_model(weights, kv_int8=True, block=block),
-        "head": lambda: _head_model(weights, block),
-    }
-
-
-def build_decode_models(weights: LlamaWeights, block: int = BLOCK) -> dict[str, onnx.ModelProto]:
-    """Every decode graph, built now (tests and scripts; the cache uses `decode_model_builders`)."""
-    return {name: build() for name, build in decode_model_builders(weights, block).items()}
-
-
-GRAPH_NAMES = ("step", "step_kv8", "head")
-
 
 def decode_cache_key(spec: ModelSpec, block: int = BLOCK) -> str:
     if spec.file_sha256:

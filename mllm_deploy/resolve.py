@@ -121,7 +121,9 @@ class _Checks:
         self.warnings: list[Diagnostic] = []
 
     def refuse(self, key: str, message: str, value: object, allowed: str, hint: str | None = None) -> None:
-        self.refusals.append(Diagnostic(message=message, value=value, allowed=allowed, hint=hint, **self.loaded.where(key)))
+        self.refusals.append(
+            Diagnostic(message=message, value=value, allowed=allowed, hint=hint, **self.loaded.where(key))
+        )
 
     def bad_input(self, key: str, message: str, value: object, allowed: str | None = None) -> None:
         self.invalid.append(Diagnostic(message=message, value=value, allowed=allowed, **self.loaded.where(key)))
@@ -194,7 +196,11 @@ def _check_placement(c: _Checks, profile: Profile, caps: Capabilities, backend: 
     if backend == "none":
         for key in ("norms", "lm_head"):
             if getattr(placement, key) == "npu" and c.loaded.is_explicit(f"placement.{key}"):
-                c.warn(f"placement.{key}", "has no effect with device.npu_backend = \"none\": everything runs on the CPU", "npu")
+                c.warn(
+                    f"placement.{key}",
+                    'has no effect with device.npu_backend = "none": everything runs on the CPU',
+                    "npu",
+                )
 
 
 def _check_attention(c: _Checks, profile: Profile, backend: Backend) -> None:
@@ -202,7 +208,11 @@ def _check_attention(c: _Checks, profile: Profile, backend: Backend) -> None:
         return
     if backend == "none":
         if c.loaded.is_explicit("prefill.attention"):
-            c.warn("prefill.attention", 'has no effect with device.npu_backend = "none": the float baseline attends in float32', "int8")
+            c.warn(
+                "prefill.attention",
+                'has no effect with device.npu_backend = "none": the float baseline attends in float32',
+                "int8",
+            )
     elif profile.decode.kv_cache != "int8":
         c.refuse(
             "prefill.attention",
@@ -259,8 +269,7 @@ def _check_memory(c: _Checks, caps: Capabilities, budget: MemoryBudget) -> None:
         if budget.npu_bytes > npu.addressable_memory_bytes:
             c.refuse(
                 "prefill.chunk_size",
-                f"NPU graphs, weights and buffers need {_gib(budget.npu_bytes)}, more than "
-                f"{caps.id}'s NPU can address",
+                f"NPU graphs, weights and buffers need {_gib(budget.npu_bytes)}, more than {caps.id}'s NPU can address",
                 None,
                 f"<= {_gib(npu.addressable_memory_bytes)}",
                 hint="use a smaller chunk_size or model",
@@ -284,13 +293,17 @@ def _check_files(c: _Checks, profile: Profile, base_dir: Path) -> None:
         path = Path(template).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
-            c.bad_input("model.chat_template", f"chat template file not found: {path}", template, "auto or a Jinja file")
+            c.bad_input(
+                "model.chat_template", f"chat template file not found: {path}", template, "auto or a Jinja file"
+            )
     source = profile.calibration.source
     if source != "self":
         pattern = Path(source).expanduser()
         pattern = pattern if pattern.is_absolute() else base_dir / pattern
         if not [p for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file()]:
-            c.bad_input("calibration.source", f"no text files match {pattern}", source, "self, or a text file path or glob")
+            c.bad_input(
+                "calibration.source", f"no text files match {pattern}", source, "self, or a text file path or glob"
+            )
 
 
 def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resolved:
@@ -343,7 +356,9 @@ def resolve_profile(loaded: LoadedProfile) -> Resolved:
     except UserError as err:
         problems.append(_relocate(err, loaded, "model.source"))
     if problems:
-        raise UserError([d for p in problems for d in p.diagnostics], exit_code=ExitCode.INVALID, warnings=list(loaded.warnings))
+        raise UserError(
+            [d for p in problems for d in p.diagnostics], exit_code=ExitCode.INVALID, warnings=list(loaded.warnings)
+        )
     return resolve(loaded, caps, spec)
 
 

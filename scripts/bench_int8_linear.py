@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from check_qnn_layer import load_layer, rms_norm, smollm2_gguf_path
 from threadpoolctl import threadpool_limits
 
-from check_qnn_layer import load_layer, rms_norm, smollm2_gguf_path
 from mllm_deploy.compile.audit import integer_kernel_report
 from mllm_deploy.compile.graphs import GRAPH_KINDS, build_layer_graphs, max_abs_layer_act_quant
 from mllm_deploy.runtime.backends.numpy_float import float_layer_graphs
@@ -93,14 +93,21 @@ def main() -> None:
                 built = build_layer_graphs(layer, 0, args.chunk, act, granularity, out_dir)
                 kernels = integer_kernel_report(built["down"].path)
                 names = ",".join(kernels["integer_kernels"]) or ",".join(
-                    sorted({f"{m['op_type']}(acc{m['attributes'].get('accuracy_level')})" for m in kernels["float_matmuls"]})
+                    sorted(
+                        {
+                            f"{m['op_type']}(acc{m['attributes'].get('accuracy_level')})"
+                            for m in kernels["float_matmuls"]
+                        }
+                    )
                 )
                 # uint16: also onnxruntime's default accuracy_level 4 (activations re-quantized to
                 # int8 per block on the fly: faster, but not the W8A16 numbers; see ort_cpu.py)
                 levels = (1, 4) if dtype == "uint16" else (1,)
                 for level in levels:
                     for threads in (1, 2):
-                        backend = OrtCpuBackend(npu_threads=threads, allow_spinning=args.spinning, uint16_accuracy_level=level)
+                        backend = OrtCpuBackend(
+                            npu_threads=threads, allow_spinning=args.spinning, uint16_accuracy_level=level
+                        )
                         per_kind = {}
                         for kind in GRAPH_KINDS:
                             handle = backend.load(built[kind].path)

@@ -64,8 +64,15 @@ def load_layer(path: Path, layer: int) -> tuple[LayerWeights, np.ndarray]:
     t = read_tensors(path, {p + k + ".weight" for k in keys} | {"token_embd.weight"})
     w = {k: t[p + k + ".weight"] for k in keys}
     weights = LayerWeights(
-        w["attn_norm"], w["attn_q"], w["attn_k"], w["attn_v"], w["attn_output"],
-        w["ffn_norm"], w["ffn_gate"], w["ffn_up"], w["ffn_down"],
+        w["attn_norm"],
+        w["attn_q"],
+        w["attn_k"],
+        w["attn_v"],
+        w["attn_output"],
+        w["ffn_norm"],
+        w["ffn_gate"],
+        w["ffn_up"],
+        w["ffn_down"],
     )
     return weights, t["token_embd.weight"]  # [vocab, hidden]
 
@@ -111,7 +118,12 @@ def main() -> None:
     attn_out = causal_attention(qkv["q"], qkv["k"], qkv["v"])
     mlp_in = rms_norm(x + floats["o_proj"].apply(attn_out)["attn_proj"], layer.ffn_norm)
     h = floats["gate_up"].apply(mlp_in)["h"]
-    feeds = {"qkv": {"x_norm": attn_in}, "o_proj": {"attn_out": attn_out}, "gate_up": {"x_norm": mlp_in}, "down": {"h": h}}
+    feeds = {
+        "qkv": {"x_norm": attn_in},
+        "o_proj": {"attn_out": attn_out},
+        "gate_up": {"x_norm": mlp_in},
+        "down": {"h": h},
+    }
 
     act = max_abs_layer_act_quant(layer, attn_in, attn_out, mlp_in, args.activations)
     cpu, ref = OrtCpuBackend(npu_threads=1), NumpyFloatBackend()

@@ -88,8 +88,10 @@ def main() -> None:
     print(f"float32      perplexity {base:.3f}")
     for block in blocks:
         ppl = float(np.exp(np.mean(nll[block])))
-        print(f"block {block:<4}   perplexity {ppl:.3f} ({ppl / base:.4f}x)  mean KL {np.mean(kl[block]):.5f}  "
-              f"top-1 agreement {100 * np.mean(same_top[block]):.1f}%")
+        print(
+            f"block {block:<4}   perplexity {ppl:.3f} ({ppl / base:.4f}x)  mean KL {np.mean(kl[block]):.5f}  "
+            f"top-1 agreement {100 * np.mean(same_top[block]):.1f}%"
+        )
 
 
 if __name__ == "__main__":

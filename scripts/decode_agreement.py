@@ -17,12 +17,12 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
+from mllm_deploy.model.chat_template import choose_template_with_origin
 from mllm_deploy.profile import load_profile
 from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
 from mllm_deploy.runtime.decode_graphs import BLOCK
-from mllm_deploy.runtime.session import LoadedModel
-from mllm_deploy.model.chat_template import choose_template_with_origin
 from mllm_deploy.runtime.float_engine import FloatEngine
+from mllm_deploy.runtime.session import LoadedModel
 
 PROMPTS = [
     "What is the capital of France?",
@@ -58,7 +58,9 @@ def main() -> None:
     template, origin = choose_template_with_origin(spec, "auto")
     model = LoadedModel(spec, tokenizer, None, template, origin, 0.0)
     engine = FloatEngine(weights)
-    decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights, args.block), args.threads)
+    decoder = Int8Decoder(
+        spec, weights.tok_embd, engine.rope, cached_decode_graphs(spec, lambda: weights, args.block), args.threads
+    )
     agree_total = 0
     with threadpool_limits(args.threads, user_api="blas"):
         for prompt in PROMPTS:
@@ -69,7 +71,9 @@ def main() -> None:
             q_tokens, q_speed = greedy(decoder.decode_step, copy.deepcopy(cache), first, args.tokens)
             same = next((i for i, (a, b) in enumerate(zip(f_tokens, q_tokens)) if a != b), args.tokens)
             agree_total += same
-            print(f"{same:3d}/{args.tokens} agree | float {f_speed:5.1f} tok/s | int8 {q_speed:5.1f} tok/s | {prompt!r}")
+            print(
+                f"{same:3d}/{args.tokens} agree | float {f_speed:5.1f} tok/s | int8 {q_speed:5.1f} tok/s | {prompt!r}"
+            )
             if same < args.tokens:
                 print(f"      float: {tokenizer.decode(f_tokens)!r}\n      int8 : {tokenizer.decode(q_tokens)!r}")
     print(f"mean agreeing prefix: {agree_total / len(PROMPTS):.1f} of {args.tokens} tokens")

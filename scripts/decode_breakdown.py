@@ -57,8 +57,12 @@ def main() -> None:
         engine = open_npu_engine(resolved, weights)
         cache = engine.new_cache(args.context + args.tokens + 1)
         logits = None
-        for _, logits in engine.prefill_chunks(cache, prompt_ids(tokenizer, args.context),
-                                               chunk_size=resolved.profile.prefill.chunk_size, pad_last_chunk=True):
+        for _, logits in engine.prefill_chunks(
+            cache,
+            prompt_ids(tokenizer, args.context),
+            chunk_size=resolved.profile.prefill.chunk_size,
+            pad_last_chunk=True,
+        ):
             pass
         cache.reserve(args.context + args.tokens)  # no growth inside the timed loop
         token = int(np.argmax(logits[-1]))
@@ -80,13 +84,19 @@ def main() -> None:
     total_ms, head_ms = 1000 * float(np.median(totals[16:])), 1000 * float(np.median(heads[16:]))
     bandwidth = max(read_bandwidth_gb_s(1), read_bandwidth_gb_s(2))
     floor_ms = (weight_mb + kv_mb) / bandwidth
-    print(f"context {args.context}..{held} tokens, decode graph {step_graph}, 8-bit blocks of "
-          f"{resolved.profile.decode.weight_block}, {engine.decoder.threads} threads")
-    print(f"per token: {total_ms:.2f} ms = {1000 / total_ms:.1f} tok/s "
-          f"(output head {head_ms:.2f} ms, step graph and Python {total_ms - head_ms:.2f} ms)")
+    print(
+        f"context {args.context}..{held} tokens, decode graph {step_graph}, 8-bit blocks of "
+        f"{resolved.profile.decode.weight_block}, {engine.decoder.threads} threads"
+    )
+    print(
+        f"per token: {total_ms:.2f} ms = {1000 / total_ms:.1f} tok/s "
+        f"(output head {head_ms:.2f} ms, step graph and Python {total_ms - head_ms:.2f} ms)"
+    )
     print(f"bytes read per token: weights {weight_mb:.1f} MB + KV cache {kv_mb:.1f} MB")
-    print(f"read bandwidth {bandwidth:.1f} GB/s -> floor {floor_ms:.2f} ms = {1000 / floor_ms:.0f} tok/s; "
-          f"measured is {total_ms / floor_ms:.2f}x the floor")
+    print(
+        f"read bandwidth {bandwidth:.1f} GB/s -> floor {floor_ms:.2f} ms = {1000 / floor_ms:.0f} tok/s; "
+        f"measured is {total_ms / floor_ms:.2f}x the floor"
+    )
 
 
 if __name__ == "__main__":

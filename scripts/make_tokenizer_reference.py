@@ -45,7 +45,11 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     gguf_path = Path(sys.argv[1]).resolve()
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "tests/golden/tokenizer_smollm2.json"
+    out = (
+        Path(sys.argv[2])
+        if len(sys.argv) > 2
+        else Path(__file__).resolve().parent.parent / "tests/golden/tokenizer_smollm2.json"
+    )
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     cases = [{"text": t, "ids": tok.encode(t, add_special_tokens=False)} for t in TEXTS]
     import transformers

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_deploy.compile.graphs import build_layer_models, max_abs_layer_act_quant, quantize_layer_weights, save_model_atomic
+from mllm_deploy.compile.graphs import (
+    build_layer_models,
+    max_abs_layer_act_quant,
+    quantize_layer_weights,
+    save_model_atomic,
+)
 from mllm_deploy.runtime.backends.numpy_float import float_layer_graphs
 from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
 from mllm_deploy.runtime.float_engine import FloatEngine

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+import tiny_models
+from plan_fixtures import pinned_host
 
 from mllm_deploy.compile import artifacts as art
 from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts, find_artifacts
@@ -16,12 +17,15 @@ from mllm_deploy.model import read_spec
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 
-import tiny_models
-from plan_fixtures import pinned_host
-
 CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
-BASE = ["prefill.chunk_size=8", "prefill.max_context=128", "calibration.samples=1", "calibration.tokens_per_sample=16",
-        "outliers.scale_percentile=99.0", "device.npu_backend=ort-cpu"]
+BASE = [
+    "prefill.chunk_size=8",
+    "prefill.max_context=128",
+    "calibration.samples=1",
+    "calibration.tokens_per_sample=16",
+    "outliers.scale_percentile=99.0",
+    "device.npu_backend=ort-cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,12 @@ def resolved_for(model, *settings, profile=None):
 
 
 def build(resolved, messages=None, force=False):
-    return compile_artifacts(resolved, force=force, log=(messages.append if messages is not None else lambda m: None),
-                             progress=lambda *a: None)
+    return compile_artifacts(
+        resolved,
+        force=force,
+        log=(messages.append if messages is not None else lambda m: None),
+        progress=lambda *a: None,
+    )
 
 
 def test_hit_reuses_the_entry_and_lockfile_records_the_build(model, cache):
@@ -54,17 +62,31 @@ def test_hit_reuses_the_entry_and_lockfile_records_the_build(model, cache):
     assert not any("compiled" in m for m in messages)
     lock = json.loads((first.root / "lock.json").read_text())
     assert lock["chunk_size"] == 8 and lock["backend"] == "ort-cpu" and lock["target"] == "host"
-    assert lock["model_identity"].startswith("sha256:") and set(lock["versions"]) >= {"onnx", "onnxruntime", "onnxruntime-qnn", "mllm-deploy"}
+    assert lock["model_identity"].startswith("sha256:") and set(lock["versions"]) >= {
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-qnn",
+        "mllm-deploy",
+    }
     assert sorted(p.name for p in (cache / "artifacts").iterdir()) == [first.root.name]  # no temp leftovers
     assert find_artifacts(resolved_for(model)).root == first.root
     assert calibrated_shadow_inputs(resolved_for(model)) == tuple(first.calibration.shadow_inputs)
 
 
-@pytest.mark.parametrize("change", [
-    "prefill.chunk_size=16", "quantization.activations=uint16", "quantization.weights=int8-per-tensor",
-    "outliers.policy=clip", "outliers.scale_percentile=99.5", "outliers.hot_channel_fraction=0.5",
-    "outliers.prune_fraction=0.25", "calibration.samples=2", "calibration.tokens_per_sample=24",
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "prefill.chunk_size=16",
+        "quantization.activations=uint16",
+        "quantization.weights=int8-per-tensor",
+        "outliers.policy=clip",
+        "outliers.scale_percentile=99.5",
+        "outliers.hot_channel_fraction=0.5",
+        "outliers.prune_fraction=0.25",
+        "calibration.samples=2",
+        "calibration.tokens_per_sample=24",
+    ],
+)
 def test_every_relevant_change_is_a_different_entry(model, cache, change):
     base = art.entry_key(art.expected_lock(resolved_for(model)))
     assert art.entry_key(art.expected_lock(resolved_for(model, change))) != base
@@ -72,8 +94,12 @@ def test_every_relevant_change_is_a_different_entry(model, cache, change):
 
 def test_irrelevant_changes_share_the_entry_but_library_versions_do_not(model, cache, monkeypatch):
     base = art.entry_key(art.expected_lock(resolved_for(model)))
-    assert art.entry_key(art.expected_lock(resolved_for(model, "decode.temperature=0.5", "device.npu_threads=1"))) == base
-    monkeypatch.setattr(art, "library_versions", lambda: {"mllm-deploy": "9", "onnx": "1", "onnxruntime": "1", "onnxruntime-qnn": "1"})
+    assert (
+        art.entry_key(art.expected_lock(resolved_for(model, "decode.temperature=0.5", "device.npu_threads=1"))) == base
+    )
+    monkeypatch.setattr(
+        art, "library_versions", lambda: {"mllm-deploy": "9", "onnx": "1", "onnxruntime": "1", "onnxruntime-qnn": "1"}
+    )
     assert art.entry_key(art.expected_lock(resolved_for(model))) != base
 
 
@@ -137,7 +163,10 @@ def test_profile_loader_knows_the_bundle_file_names():
     from mllm_deploy.compile import bundle
     from mllm_deploy.profile import load as profile_load
 
-    assert (profile_load.BUNDLE_INFO_NAME, profile_load.BUNDLE_PROFILE_NAME) == (bundle.BUNDLE_INFO, bundle.BUNDLE_PROFILE)
+    assert (profile_load.BUNDLE_INFO_NAME, profile_load.BUNDLE_PROFILE_NAME) == (
+        bundle.BUNDLE_INFO,
+        bundle.BUNDLE_PROFILE,
+    )
 
 
 def test_lockfile_for_a_snapdragon_target_records_its_htp_arch_and_soc():
@@ -183,6 +212,7 @@ def test_a_new_calibration_generator_rebuilds_samples_statistics_and_artifacts(m
         def run():
             calls.append(text)
             return [[1, 2, text]]
+
         return run
 
     assert build_module._cached_samples(lock, produce(3)) == [[1, 2, 3]]

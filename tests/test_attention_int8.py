@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from npu_doubles import FloatKernels
+from test_dag_prefill import CHUNK, IDS, float_reference, make_prefill, run_all, tiny  # noqa: F401  (fixture)
 
 from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention, attention_model
 from mllm_deploy.runtime.kv_cache import KVCache, KVScales
 from mllm_deploy.runtime.layers import causal_attention
-
-from test_dag_prefill import CHUNK, IDS, float_reference, make_prefill, run_all, tiny  # noqa: F401  (fixture)
-from npu_doubles import FloatKernels
 
 
 class Spec:
@@ -73,13 +72,20 @@ def test_identical_values_come_back_whatever_the_weights_round_to():
     start, n_real = 200, 4
     cache = filled_cache(rng, start + n_real, layer_scale=4.0)  # peaked rows: many weights < 1/510
     value = np.linspace(-2.5, 2.5, Spec.head_dim, dtype=np.float32)
-    cache.store(0, 0, cache.keys(0, start).transpose(1, 0, 2), np.broadcast_to(value, (start, Spec.n_kv_heads, Spec.head_dim)))
+    cache.store(
+        0, 0, cache.keys(0, start).transpose(1, 0, 2), np.broadcast_to(value, (start, Spec.n_kv_heads, Spec.head_dim))
+    )
     exact = cache.values(0, start)[0, 0]  # the value as the int8 cache holds it
     own_keys, _ = own_rows(rng, n_real)
     own_values = np.broadcast_to(exact, (n_real, Spec.n_kv_heads, Spec.head_dim)).copy()
     q = 3 * rng.standard_normal((n_real, Spec.n_heads, Spec.head_dim)).astype(np.float32)
     out = Int8ChunkAttention(Spec)(q, cache, 0, start, own_keys, own_values)
-    np.testing.assert_allclose(out.reshape(n_real, Spec.n_heads, Spec.head_dim), np.broadcast_to(exact, (n_real, Spec.n_heads, Spec.head_dim)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out.reshape(n_real, Spec.n_heads, Spec.head_dim),
+        np.broadcast_to(exact, (n_real, Spec.n_heads, Spec.head_dim)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_a_query_never_sees_a_later_key():
@@ -124,7 +130,11 @@ def test_dag_prefill_and_float_engine_use_it_on_int8_caches(tiny):  # noqa: F811
         prefill.close()
     np.testing.assert_allclose(sequential, int8_attention, rtol=1e-4, atol=1e-4)
     assert not np.array_equal(int8_attention, float_attention)  # it really ran the integer graph
-    cos = float(np.dot(int8_attention[0], float_attention[0]) / np.linalg.norm(int8_attention[0]) / np.linalg.norm(float_attention[0]))
+    cos = float(
+        np.dot(int8_attention[0], float_attention[0])
+        / np.linalg.norm(int8_attention[0])
+        / np.linalg.norm(float_attention[0])
+    )
     assert cos > 0.99
     engine.chunk_attention = None
     ref = float_reference(engine, IDS)[0]

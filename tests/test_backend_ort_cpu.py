@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from test_compile_graphs import CHUNK, build_tiny, sample_activations
 
 from mllm_deploy.compile.graphs import quantize_layer_weights
 from mllm_deploy.compile.quantize import linear_error_bound
@@ -13,7 +14,6 @@ from mllm_deploy.runtime.backends.numpy_float import (
     save_float_graph,
 )
 from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
-from test_compile_graphs import CHUNK, build_tiny, sample_activations
 
 
 def layer_feeds(layer) -> dict[str, dict[str, np.ndarray]]:

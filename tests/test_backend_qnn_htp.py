@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_backend_ort_cpu import layer_feeds
+from test_compile_graphs import CHUNK, HIDDEN, build_tiny
 
 from mllm_deploy.compile import graphs
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph
 from mllm_deploy.runtime.backends.base import BackendError
 from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
-from test_backend_ort_cpu import layer_feeds
-from test_compile_graphs import CHUNK, HIDDEN, build_tiny
 
 qnn_htp = pytest.importorskip("mllm_deploy.runtime.backends.qnn_htp")
 
@@ -82,7 +82,10 @@ def test_context_binary_compile_and_reload(tmp_path, qnn):
         assert len(embedded.s) > 1000  # the QNN context binary itself
         direct, cached = qnn.load(built[kind].path), qnn.load(context)
         assert cached.inputs == direct.inputs and cached.outputs == direct.outputs
-        x = {name: np.random.default_rng(3).standard_normal(shape).astype(np.float32) for name, shape in direct.inputs.items()}
+        x = {
+            name: np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+            for name, shape in direct.inputs.items()
+        }
         a, b = qnn.run(direct, x), qnn.run(cached, x)
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])  # same binary, same bits
@@ -101,9 +104,11 @@ def test_qnn_refuses_float_output_per_channel_matmul_instead_of_cpu_fallback(tmp
 def test_qnn_would_run_a_float_matmul_so_the_audit_must_refuse_it(tmp_path, qnn):
     w = numpy_helper.from_array(np.eye(HIDDEN, dtype=np.float32), "w")
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="float_mm")], "float",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="float_mm")],
+        "float",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [CHUNK, HIDDEN])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [CHUNK, HIDDEN])], [w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [CHUNK, HIDDEN])],
+        [w],
     )
     path = tmp_path / "float.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", graphs.OPSET)]), path)

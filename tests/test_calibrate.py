@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from mllm_deploy.compile.calibrate import _TopValues, text_file_tokens
-from mllm_deploy.compile.calibration import ActivationStats, InputStats, KVAbsMax, choose_hot_channels, derive_calibration
+from mllm_deploy.compile.calibration import (
+    ActivationStats,
+    InputStats,
+    KVAbsMax,
+    choose_hot_channels,
+    derive_calibration,
+)
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.errors import UserError
 
@@ -45,18 +51,44 @@ def _stats(n_layers=4, damage=None):
         for kind in GRAPH_KINDS:
             big = 100.0 * (layer + 1) if kind == "down" else 2.0
             grid_damage = (damage or {}).get((layer, kind), big / 1000)
-            inputs.append(InputStats(layer=layer, kind=kind, width=8, values=800, percentile_clamp=1.0,
-                                     max_abs=big, channel_outliers={3: 2, 5: 1}, grid_damage=grid_damage))
-    outs = {f"{l}/{n}": 10.0 for l in range(n_layers) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+            inputs.append(
+                InputStats(
+                    layer=layer,
+                    kind=kind,
+                    width=8,
+                    values=800,
+                    percentile_clamp=1.0,
+                    max_abs=big,
+                    channel_outliers={3: 2, 5: 1},
+                    grid_damage=grid_damage,
+                )
+            )
+    outs = {
+        f"{l}/{n}": 10.0
+        for l in range(n_layers)
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    }
     clamped = {k: 3.0 for k in outs}
     kv = KVAbsMax(keys=[[[1.0] * 4] * 2] * n_layers, values=[[[0.5] * 4] * 2] * n_layers)
-    return ActivationStats(source="self", text_sha256="0" * 64, samples=1, tokens=100, scale_percentile=99.9,
-                           inputs=inputs, output_max=outs, output_max_clamped=clamped, kv_absmax=kv, seconds=0.0)
+    return ActivationStats(
+        source="self",
+        text_sha256="0" * 64,
+        samples=1,
+        tokens=100,
+        scale_percentile=99.9,
+        inputs=inputs,
+        output_max=outs,
+        output_max_clamped=clamped,
+        kv_absmax=kv,
+        seconds=0.0,
+    )
 
 
 def test_policies_choose_clamps_and_shadowed_layers():
     stats = _stats()
-    shadow = derive_calibration(stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2)
+    shadow = derive_calibration(
+        stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2
+    )
     assert shadow.layer_rank == [3, 2, 1, 0]  # down input max 400, 300, ... over the same clamp
     assert shadow.shadow_layers == [2, 3]
     assert shadow.shadow_inputs == [(2, "down"), (3, "down")]  # ranked over every input, not whole layers
@@ -74,7 +106,9 @@ def test_policies_choose_clamps_and_shadowed_layers():
     assert clip.shadow_layers == [] and clip.input(3, "down").clamp == 1.0
     assert clip.input(0, "qkv").outlier_fraction == pytest.approx(3 / 800)
     assert clip.output_clamps["0/ffn_down"] == 3.0
-    none = derive_calibration(stats, policy="none", activations="uint16", hot_channel_fraction=0.5, shadow_input_count=2)
+    none = derive_calibration(
+        stats, policy="none", activations="uint16", hot_channel_fraction=0.5, shadow_input_count=2
+    )
     assert none.input(3, "down").clamp == 400.0 and none.input(3, "down").outlier_fraction == 0.0
     assert none.output_clamps["0/ffn_down"] == 10.0 and none.shadow_layers == []
     assert none.input(3, "down").importance == pytest.approx(32767)
@@ -83,7 +117,9 @@ def test_policies_choose_clamps_and_shadowed_layers():
 def test_pruning_ranks_by_measured_damage_not_max_over_scale():
     # layer 0's qkv input has the smallest max |x| / clamp but the largest measured damage
     stats = _stats(damage={(0, "qkv"): 5.0})
-    shadow = derive_calibration(stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2)
+    shadow = derive_calibration(
+        stats, policy="shadow", activations="uint8", hot_channel_fraction=0.5, shadow_input_count=2
+    )
     assert shadow.shadow_inputs == [(0, "qkv"), (3, "down")]
     assert shadow.input(2, "down").clamp == 300.0  # pruned, although its importance is higher than (0, qkv)'s
     assert shadow.input(2, "down").importance > shadow.input(0, "qkv").importance
@@ -110,8 +146,9 @@ def test_grid_damage_pass_measures_each_input_on_a_tiny_model(tmp_path):
     again = collect_activation_stats(engine, samples, 99.0, source="self", chunk_size=8)
     assert [s.grid_damage for s in again.inputs] == [s.grid_damage for s in stats.inputs]  # deterministic
     # the probes leave the KV cache as the float pass writes it: chunked equals one-chunk statistics
-    assert [s.max_abs for s in collect_activation_stats(engine, samples, 99.0, source="self", chunk_size=24).inputs] == \
-        pytest.approx([s.max_abs for s in stats.inputs], rel=1e-5)
+    assert [
+        s.max_abs for s in collect_activation_stats(engine, samples, 99.0, source="self", chunk_size=24).inputs
+    ] == pytest.approx([s.max_abs for s in stats.inputs], rel=1e-5)
 
 
 class _Tok:

@@ -16,13 +16,18 @@ STATS = re.compile(r"\[prompt (\d+) tokens \((\d+) reused, (\d+) prefilled\) \| 
 def chat(stdin: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mllm_deploy", "chat", "--set", "device.npu_backend=none"],
-        input=stdin, capture_output=True, text=True, timeout=300,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 @pytest.mark.slow
 def test_two_turns_from_a_pipe_prefill_only_new_tokens():
-    proc = chat("What is the capital of France?\nAnd of Germany?\n/reset\nWhat is the capital of France?\n/quit\nnever read\n")
+    proc = chat(
+        "What is the capital of France?\nAnd of Germany?\n/reset\nWhat is the capital of France?\n/quit\nnever read\n"
+    )
     assert proc.returncode == 0, proc.stderr
     replies = proc.stdout.splitlines()
     assert replies[0] == "The capital of France is Paris."

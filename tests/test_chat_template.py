@@ -6,11 +6,16 @@ import dataclasses
 import json
 
 import pytest
-
 import tiny_models as tm
+
 from mllm_deploy.errors import UserError
 from mllm_deploy.model import load_tokenizer, read_spec
-from mllm_deploy.model.chat_template import choose_template, choose_template_with_origin, fallback_template_path, render_chat
+from mllm_deploy.model.chat_template import (
+    choose_template,
+    choose_template_with_origin,
+    fallback_template_path,
+    render_chat,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -56,7 +61,9 @@ def test_fallback_is_chatml_when_the_model_has_none(smollm_spec):
 
 
 def test_hf_directory_template_comes_from_tokenizer_config(tmp_path):
-    directory = tm.write_tiny_hf(tmp_path / "hf", chat_template="{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    directory = tm.write_tiny_hf(
+        tmp_path / "hf", chat_template="{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    )
     spec = read_spec(str(directory))
     template, origin = choose_template_with_origin(spec, "auto", None)
     assert origin == str(directory / "tokenizer_config.json")
@@ -77,7 +84,11 @@ def test_missing_template_file_is_a_located_error(tmp_path, smollm_spec):
     with pytest.raises(UserError) as info:
         choose_template(smollm_spec, "nope.jinja", tmp_path)
     d = info.value.diagnostics[0]
-    assert (d.message, d.file, d.key) == ("chat template file not found", str(tmp_path / "nope.jinja"), "model.chat_template")
+    assert (d.message, d.file, d.key) == (
+        "chat template file not found",
+        str(tmp_path / "nope.jinja"),
+        "model.chat_template",
+    )
 
 
 def test_syntax_error_names_file_and_line(tmp_path, smollm_spec):

@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 import pytest
+from plan_fixtures import REPO
 
 from mllm_deploy.cli import build_parser, main
-from plan_fixtures import REPO
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mllm_deploy", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mllm_deploy", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def test_plan_json_real_process():
@@ -32,7 +34,7 @@ def test_validate_exit_codes(tmp_path, capsys):
     assert main(["validate", str(good)]) == 0
     assert "ok (name 'default')" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
-    bad.write_text('[prefill]\nchunk_sise = 128\n')
+    bad.write_text("[prefill]\nchunk_sise = 128\n")
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2:1" in err and "did you mean 'prefill.chunk_size'" in err

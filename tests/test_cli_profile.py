@@ -42,7 +42,7 @@ def test_validate_invalid_profile_reports_every_error_on_stderr(tmp_path, capsys
 
 def test_validate_prints_warnings_and_still_succeeds(tmp_path, capsys):
     path = tmp_path / "p.toml"
-    path.write_text('[decode]\ntop_k = 40\n', encoding="utf-8")
+    path.write_text("[decode]\ntop_k = 40\n", encoding="utf-8")
     code, out, err = run(capsys, "validate", str(path))
     assert code == 0
     assert out.splitlines()[0] == f"{path}: ok (name 'default'); 1 warning"

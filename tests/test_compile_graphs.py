@@ -34,8 +34,18 @@ def random_layer(seed: int = 0, bias: bool = False) -> LayerWeights:
 
     ones = np.ones(HIDDEN, np.float32)
     return LayerWeights(
-        ones, w(Q_DIM, HIDDEN), w(KV_DIM, HIDDEN), w(KV_DIM, HIDDEN), w(HIDDEN, Q_DIM), ones,
-        w(FFN, HIDDEN), w(FFN, HIDDEN), w(HIDDEN, FFN), bq=b(Q_DIM), bk=b(KV_DIM), bv=b(KV_DIM),
+        ones,
+        w(Q_DIM, HIDDEN),
+        w(KV_DIM, HIDDEN),
+        w(KV_DIM, HIDDEN),
+        w(HIDDEN, Q_DIM),
+        ones,
+        w(FFN, HIDDEN),
+        w(FFN, HIDDEN),
+        w(HIDDEN, FFN),
+        bq=b(Q_DIM),
+        bk=b(KV_DIM),
+        bv=b(KV_DIM),
     )
 
 
@@ -106,9 +116,11 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 def test_audit_refuses_a_float_matmul(tmp_path):
     w = numpy_helper.from_array(np.ones((HIDDEN, HIDDEN), np.float32), "w")
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="float_mm")], "float",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="float_mm")],
+        "float",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [CHUNK, HIDDEN])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [CHUNK, HIDDEN])], [w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [CHUNK, HIDDEN])],
+        [w],
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", graphs.OPSET)])
     with pytest.raises(GraphAuditError) as err:
@@ -201,9 +213,9 @@ def test_uint16_activations_have_no_integer_kernel_on_ort_cpu(tmp_path):
     _, _, built = build_tiny(tmp_path, dtype="uint16")
     report = integer_kernel_report(built["down"].path)
     assert report["integer_kernels"] == {} and not report["all_linears_integer"]
-    assert [(m["op_type"], m["attributes"]["bits"], m["attributes"]["accuracy_level"]) for m in report["float_matmuls"]] == [
-        ("MatMulNBits", 8, 1)
-    ]
+    assert [
+        (m["op_type"], m["attributes"]["bits"], m["attributes"]["accuracy_level"]) for m in report["float_matmuls"]
+    ] == [("MatMulNBits", 8, 1)]
 
 
 def test_biased_linears_are_integer_gemms_with_int32_bias(tmp_path):
@@ -212,6 +224,8 @@ def test_biased_linears_are_integer_gemms_with_int32_bias(tmp_path):
     bias_q = initializer(model, "attn_q_bias_q")
     assert bias_q.dtype == np.int32
     w_scale = initializer(model, "attn_q_weight_scale")
-    np.testing.assert_allclose(bias_q * act.attn_in.scale * w_scale, layer.bq, atol=float(act.attn_in.scale * w_scale.max()))
+    np.testing.assert_allclose(
+        bias_q * act.attn_in.scale * w_scale, layer.bq, atol=float(act.attn_in.scale * w_scale.max())
+    )
     report = integer_kernel_report(built["qkv"].path)
     assert report["integer_kernels"] == {"QGemm": 3} and report["all_linears_integer"]

@@ -12,7 +12,9 @@ from mllm_deploy.compile.quantize import (
 )
 
 RNG = np.random.default_rng(7)
-W = (RNG.standard_normal((48, 32)) * np.linspace(0.01, 2.0, 48)[:, None]).astype(np.float32)  # rows of very different size
+W = (RNG.standard_normal((48, 32)) * np.linspace(0.01, 2.0, 48)[:, None]).astype(
+    np.float32
+)  # rows of very different size
 
 
 def test_per_tensor_weight_round_trip_within_half_step():

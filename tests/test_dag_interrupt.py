@@ -12,10 +12,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 import tiny_models
 
-CHILD = textwrap.dedent('''
+CHILD = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {tests!r})
     from mllm_deploy.model import load_weights, read_spec
@@ -68,7 +67,7 @@ CHILD = textwrap.dedent('''
                       "cache": cache.length, "cache_ids_ok": cache.token_ids == (prompt + done.token_ids)[: cache.length]}}))
     engine.close()
     sys.exit(130 if done.finish_reason == "cancelled" else 0)
-''')
+""")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,9 @@ import threading
 
 import numpy as np
 import pytest
+import tiny_models
+from npu_doubles import FloatKernels, OrtInt8Kernels
+from plan_fixtures import pinned_host
 
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.plan import build_plan
@@ -16,10 +19,6 @@ from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.dag_prefill import DagPrefill
 from mllm_deploy.runtime.events import SubgraphFinished, SubgraphStarted
 from mllm_deploy.runtime.float_engine import FloatEngine
-
-import tiny_models
-from npu_doubles import FloatKernels, OrtInt8Kernels
-from plan_fixtures import pinned_host
 
 CHUNK = 8
 CFG = tiny_models.TinyConfig(n_layers=3, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
@@ -33,8 +32,16 @@ def tiny(tmp_path_factory):
 
 
 def plan_factory(path, spec, *settings):
-    loaded = load_profile(None, [f"model.source={path}", "device.npu_backend=ort-cpu", f"prefill.chunk_size={CHUNK}",
-                                 "prefill.max_context=256", *settings])
+    loaded = load_profile(
+        None,
+        [
+            f"model.source={path}",
+            "device.npu_backend=ort-cpu",
+            f"prefill.chunk_size={CHUNK}",
+            "prefill.max_context=256",
+            *settings,
+        ],
+    )
     resolved = resolve(loaded, pinned_host(), spec)
     return lambda n_chunks: build_plan(resolved, prompt_tokens=n_chunks * CHUNK)
 
@@ -42,8 +49,15 @@ def plan_factory(path, spec, *settings):
 def make_prefill(tiny, kernels, policy="out-of-order", cpu_threads=1, *settings):
     path, spec, weights = tiny
     engine = FloatEngine(weights)
-    return DagPrefill(weights, engine.rope, kernels, plan_factory(path, spec, *settings),
-                      chunk_tokens=CHUNK, policy=policy, cpu_threads=cpu_threads), engine
+    return DagPrefill(
+        weights,
+        engine.rope,
+        kernels,
+        plan_factory(path, spec, *settings),
+        chunk_tokens=CHUNK,
+        policy=policy,
+        cpu_threads=cpu_threads,
+    ), engine
 
 
 def run_all(prefill, cache, ids, cancel=None):
@@ -78,7 +92,7 @@ def test_float_kernels_give_exactly_the_float_engine(tiny, policy):
         prefill.close()
 
 
-def CFG_VOCAB(tiny):  # noqa: N802
+def CFG_VOCAB(tiny):
     return tiny[1].vocab
 
 
@@ -94,7 +108,9 @@ def test_both_policies_give_identical_logits_with_int8_kernels(tiny):
             prefill.close()
     np.testing.assert_array_equal(results["sequential"], results["out-of-order"])
     ref = float_reference(FloatEngine(tiny[2]), IDS)[0]
-    cos = float(np.dot(ref[0], results["sequential"][0]) / np.linalg.norm(ref[0]) / np.linalg.norm(results["sequential"][0]))
+    cos = float(
+        np.dot(ref[0], results["sequential"][0]) / np.linalg.norm(ref[0]) / np.linalg.norm(results["sequential"][0])
+    )
     assert cos > 0.99  # INT8 W8A8 with max-abs scales on a tiny random model
     assert not np.array_equal(ref, results["sequential"])  # it really ran the integer graphs
 
@@ -209,7 +225,9 @@ def _check_one_overlapping_run(tiny, kernels) -> float:
     spans = [e for e in events if isinstance(e, SubgraphFinished)]
     npu = sorted((e.t_start, e.t_end) for e in spans if e.processor == "npu")
     cpu = sorted((e.t_start, e.t_end) for e in spans if e.processor == "cpu")
-    assert len(npu) == 15 * CFG.n_layers * 4 and all(e.kind in ("qkv", "o_proj", "gate_up", "down") for e in spans if e.processor == "npu")
+    assert len(npu) == 15 * CFG.n_layers * 4 and all(
+        e.kind in ("qkv", "o_proj", "gate_up", "down") for e in spans if e.processor == "npu"
+    )
     for a, b in zip(npu, npu[1:]):
         assert a[1] <= b[0]  # one NPU subgraph at a time, measured
     overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in npu for b0, b1 in cpu)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from npu_doubles import OrtInt8Kernels
+from plan_fixtures import pinned_host
 
 from mllm_deploy.bench.prompt_text import prompt_ids
 from mllm_deploy.model import load_tokenizer, load_weights
@@ -14,15 +16,14 @@ from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.dag_prefill import DagPrefill
 from mllm_deploy.runtime.float_engine import FloatEngine
 
-from npu_doubles import OrtInt8Kernels
-from plan_fixtures import pinned_host
-
 CHUNK = 32
 
 
 @pytest.fixture(scope="module")
 def real():
-    loaded = load_profile(None, ["device.npu_backend=ort-cpu", f"prefill.chunk_size={CHUNK}", "outliers.prune_fraction=1.0"])
+    loaded = load_profile(
+        None, ["device.npu_backend=ort-cpu", f"prefill.chunk_size={CHUNK}", "outliers.prune_fraction=1.0"]
+    )
     from mllm_deploy.model import read_spec
 
     spec = read_spec(loaded.profile.model.source)
@@ -38,8 +39,15 @@ def test_real_model_policies_agree_and_match_float(real):
     engine = FloatEngine(weights)
     logits = {}
     for policy in ("sequential", "out-of-order"):
-        prefill = DagPrefill(weights, engine.rope, kernels, lambda n: build_plan(resolved, prompt_tokens=n * CHUNK),
-                             chunk_tokens=CHUNK, policy=policy, cpu_threads=1)
+        prefill = DagPrefill(
+            weights,
+            engine.rope,
+            kernels,
+            lambda n: build_plan(resolved, prompt_tokens=n * CHUNK),
+            chunk_tokens=CHUNK,
+            policy=policy,
+            cpu_threads=1,
+        )
         try:
             cache = engine.new_cache(256)
             logits[policy] = list(prefill.run(cache, ids))[-1][1][0]

@@ -8,14 +8,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+import tiny_models
 
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
 from mllm_deploy.runtime.decode_graphs import BLOCK, build_decode_models, dequantize_blocks_u8, quantize_blocks_u8
 from mllm_deploy.runtime.float_engine import FloatEngine
-
-import tiny_models
-
 
 TINY_CFG = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, context=256)
 
@@ -68,8 +66,12 @@ def test_int8_decode_follows_the_float_engine(tiny, tmp_path, monkeypatch):
     assert cache.token_ids == ref_cache.token_ids
     n = cache.length
     # the graph wrote the decoded tokens' rotated K/V into the cache's own buffers
-    np.testing.assert_allclose(cache.k[:, :, :n], ref_cache.k[:, :, :n], atol=0.05 * np.abs(ref_cache.k[:, :, :n]).max())
-    np.testing.assert_allclose(cache.v[:, :, :n], ref_cache.v[:, :, :n], atol=0.05 * np.abs(ref_cache.v[:, :, :n]).max())
+    np.testing.assert_allclose(
+        cache.k[:, :, :n], ref_cache.k[:, :, :n], atol=0.05 * np.abs(ref_cache.k[:, :, :n]).max()
+    )
+    np.testing.assert_allclose(
+        cache.v[:, :, :n], ref_cache.v[:, :, :n], atol=0.05 * np.abs(ref_cache.v[:, :, :n]).max()
+    )
     assert not cache.k[:, :, n:].any()  # nothing beyond the held positions
 
 
@@ -150,7 +152,9 @@ def test_int8_decode_follows_the_cache_when_it_grows(tiny, tmp_path, monkeypatch
         ref, got = engine.decode_step(ref_cache, token), decoder.decode_step(cache, token)
         assert float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.999
     assert cache.allocated == 16 and cache.length == 12
-    np.testing.assert_allclose(cache.k[:, :, :12], ref_cache.k[:, :, :12], atol=0.05 * np.abs(ref_cache.k[:, :, :12]).max())
+    np.testing.assert_allclose(
+        cache.k[:, :, :12], ref_cache.k[:, :, :12], atol=0.05 * np.abs(ref_cache.k[:, :, :12]).max()
+    )
 
 
 def test_int8_decoder_does_not_keep_old_cache_buffers_alive(tiny, tmp_path, monkeypatch):
@@ -199,7 +203,12 @@ def _int8_copy(cache, scales):
     q = KVCache(n_layers, cache.capacity, n_kv, head_dim, scales=scales)
     q.reserve(cache.length)
     for layer in range(n_layers):
-        q.store(layer, 0, cache.k[layer, :, : cache.length].transpose(1, 0, 2), cache.v[layer, :, : cache.length].transpose(1, 0, 2))
+        q.store(
+            layer,
+            0,
+            cache.k[layer, :, : cache.length].transpose(1, 0, 2),
+            cache.v[layer, :, : cache.length].transpose(1, 0, 2),
+        )
     q.advance(cache.token_ids)
     return q
 
@@ -217,7 +226,7 @@ def test_int8_kv_cache_decode_follows_the_float_engine(tiny, tmp_path, monkeypat
     ref_cache = engine.new_cache(64)
     engine.prefill(ref_cache, [5, 17, 99, 3, 250, 40, 41], chunk_size=4)
     n = ref_cache.length
-    absmax = lambda a: np.abs(a[:, :, :n]).max(axis=2) * 1.5  # noqa: E731  (room for the decoded tokens)
+    absmax = lambda a: np.abs(a[:, :, :n]).max(axis=2) * 1.5
     scales = KVScales.from_absmax(absmax(ref_cache.k), absmax(ref_cache.v))
     cache = _int8_copy(ref_cache, scales)
     assert cache.k.dtype == np.int8 and cache.keys(0, n).dtype == np.float32
@@ -249,7 +258,9 @@ def test_each_weight_block_has_its_own_cached_graphs_and_follows_the_float_engin
     engine = FloatEngine(weights)
     decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, graphs, threads=1)
     assert decoder.block == block and decoder.name == f"cpu-int8-ort-gqa b{block}"
-    assert Int8Decoder(spec, weights.tok_embd, engine.rope, build_decode_models(weights, block), threads=1).block == block
+    assert (
+        Int8Decoder(spec, weights.tok_embd, engine.rope, build_decode_models(weights, block), threads=1).block == block
+    )
     ref_cache, cache = engine.new_cache(32), engine.new_cache(32)
     for c in (ref_cache, cache):
         engine.prefill(c, [5, 17, 99, 3, 250], chunk_size=4)
@@ -259,11 +270,12 @@ def test_each_weight_block_has_its_own_cached_graphs_and_follows_the_float_engin
 
 
 def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, monkeypatch):
+    from plan_fixtures import pinned_host
+
     from mllm_deploy.compile import build
     from mllm_deploy.profile import load_profile
     from mllm_deploy.resolve import resolve
     from mllm_deploy.runtime import dag_engine, decode_fast, npu_kernels
-    from plan_fixtures import pinned_host
 
     spec, weights = tiny
     asked = []
@@ -279,7 +291,9 @@ def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, mo
     monkeypatch.setattr(npu_kernels, "load_npu_kernels", lambda resolved, artifacts: None)
     monkeypatch.setattr(decode_fast, "cached_decode_graphs", recording)
     for setting, expected in (([], 64), (["decode.weight_block=32"], 32)):
-        loaded = load_profile(None, [f"model.source={spec.path}", "device.npu_backend=ort-cpu", "prefill.max_context=256", *setting])
+        loaded = load_profile(
+            None, [f"model.source={spec.path}", "device.npu_backend=ort-cpu", "prefill.max_context=256", *setting]
+        )
         with pytest.raises(Stop):
             dag_engine.open_npu_engine(resolve(loaded, pinned_host(), spec), weights)
         assert asked[-1] == expected

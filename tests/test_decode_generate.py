@@ -6,14 +6,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+import tiny_models
 
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.runtime.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
 from mllm_deploy.runtime.float_engine import FloatEngine
 from mllm_deploy.runtime.generate import GenerationRequest, generate
 from mllm_deploy.runtime.sampling import SamplingSettings
-
-import tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,11 @@ def run(tiny, prompt_ids=None, *, cache=None, capacity=128, cancel=None, cancel_
     events = []
     for event in generate(engine, cache, ids, GenerationRequest(**request), tokenizer.stream(), cancel):
         events.append(event)
-        if cancel_after_tokens is not None and isinstance(event, TokenEmitted) and event.index + 1 == cancel_after_tokens:
+        if (
+            cancel_after_tokens is not None
+            and isinstance(event, TokenEmitted)
+            and event.index + 1 == cancel_after_tokens
+        ):
             cancel.set()
     done = events[-1]
     assert isinstance(done, GenerationDone)
@@ -97,7 +100,9 @@ def test_cancel_during_prefill_stops_at_a_chunk_boundary(tiny):
     cancel = threading.Event()
     cache = engine.new_cache(256)
     events = []
-    for event in generate(engine, cache, ids, GenerationRequest(max_new_tokens=5, chunk_size=8), tokenizer.stream(), cancel):
+    for event in generate(
+        engine, cache, ids, GenerationRequest(max_new_tokens=5, chunk_size=8), tokenizer.stream(), cancel
+    ):
         events.append(event)
         if isinstance(event, ChunkDone) and event.index == 1:
             cancel.set()
@@ -107,7 +112,9 @@ def test_cancel_during_prefill_stops_at_a_chunk_boundary(tiny):
 
 
 def test_seed_reproducible_sampling(tiny):
-    sampled = lambda seed: run(tiny, max_new_tokens=15, sampling=SamplingSettings(temperature=1.0, seed=seed))[0].token_ids  # noqa: E731
+    sampled = lambda seed: (
+        run(tiny, max_new_tokens=15, sampling=SamplingSettings(temperature=1.0, seed=seed))[0].token_ids
+    )
     assert sampled(5) == sampled(5)
     assert sampled(5) != sampled(6)
 

@@ -15,9 +15,9 @@ from mllm_deploy.device import (
     device_ids,
     list_devices,
     load_capabilities,
+    models,
 )
 from mllm_deploy.device import catalog as catalog_mod
-from mllm_deploy.device import models
 from mllm_deploy.errors import ExitCode, UserError
 
 CATALOG_IDS = ["sd8gen2", "sd8gen3", "sd8elite", "x-elite", "qcs6490"]

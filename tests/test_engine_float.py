@@ -40,22 +40,45 @@ def random_llama_weights(
         return (around + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     spec = ModelSpec(
-        source="test:random", path="", format="gguf" if rope_style == "adjacent" else "hf",
-        architecture="qwen2" if qkv_bias else "llama", name="random",
-        n_layers=n_layers, hidden=hidden, ffn=ffn, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=head_dim, vocab=vocab, context=512, rope_theta=rope_theta, rope_style=rope_style,
-        rms_eps=1e-5, tied_embeddings=tied, qkv_bias=qkv_bias, weight_bytes_f32=0, file_bytes=0,
+        source="test:random",
+        path="",
+        format="gguf" if rope_style == "adjacent" else "hf",
+        architecture="qwen2" if qkv_bias else "llama",
+        name="random",
+        n_layers=n_layers,
+        hidden=hidden,
+        ffn=ffn,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        context=512,
+        rope_theta=rope_theta,
+        rope_style=rope_style,
+        rms_eps=1e-5,
+        tied_embeddings=tied,
+        qkv_bias=qkv_bias,
+        weight_bytes_f32=0,
+        file_bytes=0,
     )
     layers = []
     for _ in range(n_layers):
-        layers.append(LayerWeights(
-            attn_norm=vec(hidden), wq=mat(n_heads * head_dim, hidden), wk=mat(n_kv_heads * head_dim, hidden),
-            wv=mat(n_kv_heads * head_dim, hidden), wo=mat(hidden, n_heads * head_dim), ffn_norm=vec(hidden),
-            w_gate=mat(ffn, hidden), w_up=mat(ffn, hidden), w_down=mat(hidden, ffn),
-            bq=vec(n_heads * head_dim, 0.0) if qkv_bias else None,
-            bk=vec(n_kv_heads * head_dim, 0.0) if qkv_bias else None,
-            bv=vec(n_kv_heads * head_dim, 0.0) if qkv_bias else None,
-        ))
+        layers.append(
+            LayerWeights(
+                attn_norm=vec(hidden),
+                wq=mat(n_heads * head_dim, hidden),
+                wk=mat(n_kv_heads * head_dim, hidden),
+                wv=mat(n_kv_heads * head_dim, hidden),
+                wo=mat(hidden, n_heads * head_dim),
+                ffn_norm=vec(hidden),
+                w_gate=mat(ffn, hidden),
+                w_up=mat(ffn, hidden),
+                w_down=mat(hidden, ffn),
+                bq=vec(n_heads * head_dim, 0.0) if qkv_bias else None,
+                bk=vec(n_kv_heads * head_dim, 0.0) if qkv_bias else None,
+                bv=vec(n_kv_heads * head_dim, 0.0) if qkv_bias else None,
+            )
+        )
     tok_embd = rng.standard_normal((vocab, hidden)).astype(np.float32)
     output = tok_embd if tied else mat(vocab, hidden)
     return LlamaWeights(spec=spec, tok_embd=tok_embd, layers=layers, output_norm=vec(hidden), output=output)
@@ -80,7 +103,7 @@ def naive_forward(weights: LlamaWeights, token_ids: list[int]) -> np.ndarray:
     """Logits [T, vocab] for every position, float64, no cache."""
     spec = weights.spec
     d = spec.head_dim
-    f64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    f64 = lambda a: None if a is None else a.astype(np.float64)
 
     def norm(x, w):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.rms_eps) * f64(w)
@@ -109,6 +132,7 @@ def naive_forward(weights: LlamaWeights, token_ids: list[int]) -> np.ndarray:
         g = h @ f64(lw.w_gate).T
         x = x + ((g / (1 + np.exp(-g))) * (h @ f64(lw.w_up).T)) @ f64(lw.w_down).T
     return norm(x, weights.output_norm) @ f64(weights.output).T
+
 
 PROMPT = [int(t) for t in np.random.default_rng(7).integers(0, 64, 300)]
 

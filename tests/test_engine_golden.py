@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.runtime.float_engine import FloatEngine
-
-import tiny_models
 
 GOLDEN = Path(__file__).parent / "golden"
 REAL = np.load(GOLDEN / "smollm2_reference.npz")
@@ -54,7 +53,9 @@ def test_real_model_matches_reference(real_engine, prompt):
     assert out.logits.shape == (len(ids), real_engine.spec.vocab)
     assert cosine(out.logits[-1], REAL[f"{prompt}/last_logits"]) >= 0.9999
     mismatched = np.nonzero(out.logits.argmax(-1) != REAL[f"{prompt}/argmax"])[0]
-    assert mismatched.tolist() == [], f"argmax differs at {mismatched} (reference margins {REAL[f'{prompt}/margin'][mismatched]})"
+    assert mismatched.tolist() == [], (
+        f"argmax differs at {mismatched} (reference margins {REAL[f'{prompt}/margin'][mismatched]})"
+    )
 
 
 @pytest.fixture(scope="module")

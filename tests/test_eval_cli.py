@@ -7,10 +7,9 @@ import json
 import math
 
 import pytest
+import tiny_models
 
 from mllm_deploy import cli
-
-import tiny_models
 
 CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
 
@@ -27,8 +26,16 @@ def main(monkeypatch, tmp_path):
 
 
 def sets(model, *extra):
-    base = [f"model.source={model}", "prefill.chunk_size=8", "prefill.max_context=128", "calibration.samples=1",
-            "calibration.tokens_per_sample=16", "outliers.scale_percentile=99.0", "device.npu_backend=ort-cpu", *extra]
+    base = [
+        f"model.source={model}",
+        "prefill.chunk_size=8",
+        "prefill.max_context=128",
+        "calibration.samples=1",
+        "calibration.tokens_per_sample=16",
+        "outliers.scale_percentile=99.0",
+        "device.npu_backend=ort-cpu",
+        *extra,
+    ]
     return [a for s in base for a in ("--set", s)]
 
 
@@ -45,12 +52,18 @@ def test_eval_json_reports_both_perplexities(main, model, tmp_path, capsys):
     assert 0 <= report["outlier_fraction"] < 0.05
     assert report["kv_cache"] == "int8"  # the default: the prefill reads the KV cache back from int8
     assert 0 <= report["kv_saturated_fraction"] < 0.05
-    assert main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "decode.kv_cache=float32")]) == 0
+    assert (
+        main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "decode.kv_cache=float32")])
+        == 0
+    )
     float_kv = json.loads(capsys.readouterr().out)
     assert float_kv["kv_cache"] == "float32" and float_kv["perplexity"] != report["perplexity"]
     assert float_kv["kv_saturated_fraction"] == 0.0
     assert abs(math.log(float_kv["perplexity"]) / math.log(report["perplexity"]) - 1) < 0.02
-    assert main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "device.npu_backend=none")]) == 0
+    assert (
+        main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "device.npu_backend=none")])
+        == 0
+    )
     float_only = json.loads(capsys.readouterr().out)
     assert float_only["perplexity"] == float_only["baseline_perplexity"] == pytest.approx(report["baseline_perplexity"])
     assert float_only["outlier_fraction"] == 0.0 and float_only["backend"].startswith("none")

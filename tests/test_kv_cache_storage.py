@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_models
 
 from mllm_deploy.profile import load_profile
 from mllm_deploy.runtime.session import load_model
-
-import tiny_models
 
 CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
 
@@ -19,10 +18,18 @@ def engines(tmp_path_factory):
     path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=CFG)
     mp = pytest.MonkeyPatch()
     mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
-    base = [f"model.source={path}", "device.npu_backend=ort-cpu", "prefill.chunk_size=8", "prefill.max_context=128",
-            "calibration.samples=2", "calibration.tokens_per_sample=32"]
+    base = [
+        f"model.source={path}",
+        "device.npu_backend=ort-cpu",
+        "prefill.chunk_size=8",
+        "prefill.max_context=128",
+        "calibration.samples=2",
+        "calibration.tokens_per_sample=32",
+    ]
     try:
-        engines = {kv: load_model(load_profile(None, [*base, f"decode.kv_cache={kv}"])).engine for kv in ("int8", "float32")}
+        engines = {
+            kv: load_model(load_profile(None, [*base, f"decode.kv_cache={kv}"])).engine for kv in ("int8", "float32")
+        }
         engines["int8 attention"] = load_model(load_profile(None, [*base, "prefill.attention=int8"])).engine
         yield engines
     finally:

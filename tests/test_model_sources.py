@@ -7,8 +7,8 @@ import dataclasses
 import gguf
 import numpy as np
 import pytest
-
 import tiny_models as tm
+
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.model.gguf_source import gguf_tensor
 
@@ -41,7 +41,14 @@ def _rope(x: np.ndarray, style: str, theta: float = tm.TINY.rope_theta) -> np.nd
 def test_tiny_gguf_spec_has_the_metadata_values(tiny_dir):
     spec = read_spec(str(tm.write_tiny_gguf(tiny_dir)))
     assert (spec.format, spec.architecture, spec.rope_style) == ("gguf", "llama", "adjacent")
-    assert (spec.n_layers, spec.hidden, spec.ffn, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (2, 64, 128, 4, 2, 16)
+    assert (spec.n_layers, spec.hidden, spec.ffn, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (
+        2,
+        64,
+        128,
+        4,
+        2,
+        16,
+    )
     assert (spec.vocab, spec.context, spec.rope_theta, spec.rms_eps) == (384, 256, 10000.0, pytest.approx(1e-5))
     assert spec.tied_embeddings and not spec.qkv_bias
     assert (spec.bos_id, spec.eos_ids, spec.add_bos) == (1, (2,), False)
@@ -57,7 +64,19 @@ def test_hf_spec_matches_the_gguf_spec(tiny_dir, arch):
     assert (hf.format, hf.architecture, hf.rope_style) == ("hf", arch, "half")
     assert hf.qkv_bias == (arch == "qwen2") and not hf.tied_embeddings
     gg = read_spec(str(tm.write_tiny_gguf(tiny_dir, tied=False)))
-    same = ["n_layers", "hidden", "ffn", "n_heads", "n_kv_heads", "head_dim", "vocab", "context", "rope_theta", "bos_id", "eos_ids"]
+    same = [
+        "n_layers",
+        "hidden",
+        "ffn",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "vocab",
+        "context",
+        "rope_theta",
+        "bos_id",
+        "eos_ids",
+    ]
     assert [getattr(hf, k) for k in same] == [getattr(gg, k) for k in same]
     assert hf.chat_template == tm.TINY_CHAT_TEMPLATE
 
@@ -65,9 +84,15 @@ def test_hf_spec_matches_the_gguf_spec(tiny_dir, arch):
 def test_gguf_f32_weights_are_the_permuted_hf_weights(tiny_dir):
     ref = tm.tiny_hf_weights(tied=False)
     w = load_weights(read_spec(str(tm.write_tiny_gguf(tiny_dir, tied=False))))
-    assert w.layers[1].wq.shape == (64, 64) and w.layers[1].wk.shape == (32, 64) and w.layers[1].w_down.shape == (64, 128)
-    np.testing.assert_array_equal(w.layers[1].wq, tm.permute_for_adjacent_rope(ref["model.layers.1.self_attn.q_proj.weight"], 4))
-    np.testing.assert_array_equal(w.layers[0].wk, tm.permute_for_adjacent_rope(ref["model.layers.0.self_attn.k_proj.weight"], 2))
+    assert (
+        w.layers[1].wq.shape == (64, 64) and w.layers[1].wk.shape == (32, 64) and w.layers[1].w_down.shape == (64, 128)
+    )
+    np.testing.assert_array_equal(
+        w.layers[1].wq, tm.permute_for_adjacent_rope(ref["model.layers.1.self_attn.q_proj.weight"], 4)
+    )
+    np.testing.assert_array_equal(
+        w.layers[0].wk, tm.permute_for_adjacent_rope(ref["model.layers.0.self_attn.k_proj.weight"], 2)
+    )
     np.testing.assert_array_equal(w.layers[0].wv, ref["model.layers.0.self_attn.v_proj.weight"])
     np.testing.assert_array_equal(w.layers[1].w_gate, ref["model.layers.1.mlp.gate_proj.weight"])
     np.testing.assert_array_equal(w.output, ref["lm_head.weight"])
@@ -174,7 +199,13 @@ def test_cache_key_follows_the_file(tiny_dir):
 
 def test_default_model_spec_matches_the_design_facts():
     spec = read_spec("builtin:smollm2-135m-instruct")
-    assert (spec.architecture, spec.rope_style, spec.n_layers, spec.hidden, spec.ffn) == ("llama", "adjacent", 30, 576, 1536)
+    assert (spec.architecture, spec.rope_style, spec.n_layers, spec.hidden, spec.ffn) == (
+        "llama",
+        "adjacent",
+        30,
+        576,
+        1536,
+    )
     assert (spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.vocab, spec.context) == (9, 3, 64, 49152, 8192)
     assert spec.rope_theta == 100000.0 and spec.rms_eps == pytest.approx(1e-5)
     assert spec.tied_embeddings and not spec.add_bos and spec.eos_ids == (2,) and spec.bos_id == 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_models
+from plan_fixtures import pinned_host
 
 from mllm_deploy.compile.build import compile_artifacts
 from mllm_deploy.model import load_weights, read_spec
@@ -14,13 +16,16 @@ from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.float_engine import FloatEngine
 from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
 
-import tiny_models
-from plan_fixtures import pinned_host
-
 CHUNK = 16
 CFG = tiny_models.TinyConfig(n_layers=3, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
-BASE = [f"prefill.chunk_size={CHUNK}", "prefill.max_context=256", "calibration.samples=2",
-        "calibration.tokens_per_sample=48", "outliers.scale_percentile=99.0", "outliers.prune_fraction=0.34"]
+BASE = [
+    f"prefill.chunk_size={CHUNK}",
+    "prefill.max_context=256",
+    "calibration.samples=2",
+    "calibration.tokens_per_sample=48",
+    "outliers.scale_percentile=99.0",
+    "outliers.prune_fraction=0.34",
+]
 IDS = [int(i) for i in np.random.default_rng(3).integers(3, 300, size=37)]  # 3 chunks, last one padded
 
 

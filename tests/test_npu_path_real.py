@@ -38,7 +38,9 @@ def evaluate(root, *settings):
     from mllm_deploy.profile import load_profile
 
     with cache_env(root):
-        return evaluate_profile(load_profile(None, [*PROPOSED, *settings]), news_text(), max_tokens=EVAL_TOKENS, progress=False)
+        return evaluate_profile(
+            load_profile(None, [*PROPOSED, *settings]), news_text(), max_tokens=EVAL_TOKENS, progress=False
+        )
 
 
 def test_default_profile_perplexity_within_2_percent_and_correction_closes_the_gap(shared_npu_cache):
@@ -48,8 +50,10 @@ def test_default_profile_perplexity_within_2_percent_and_correction_closes_the_g
     shadow = evaluate(shared_npu_cache)
     none = evaluate(shared_npu_cache, "outliers.policy=none")
     base = shadow["baseline_perplexity"]
-    print(f"\nfloat {base:.3f}  shadow {shadow['perplexity']:.3f} ({shadow['perplexity'] / base:.4f}x, "
-          f"{100 * shadow['outlier_fraction']:.4f}% on CPU)  none {none['perplexity']:.3f} ({none['perplexity'] / base:.4f}x)")
+    print(
+        f"\nfloat {base:.3f}  shadow {shadow['perplexity']:.3f} ({shadow['perplexity'] / base:.4f}x, "
+        f"{100 * shadow['outlier_fraction']:.4f}% on CPU)  none {none['perplexity']:.3f} ({none['perplexity'] / base:.4f}x)"
+    )
     assert shadow["tokens"] == none["tokens"] == EVAL_TOKENS
     assert none["baseline_perplexity"] == pytest.approx(base)
     assert shadow["backend"].startswith("ort-cpu emulation")
@@ -74,8 +78,16 @@ def test_int8_kv_cache_costs_under_half_a_percent_of_perplexity(shared_npu_cache
 def test_run_answers_paris_on_the_npu_path(shared_npu_cache):
     with cache_env(shared_npu_cache):
         env = {**os.environ, "MLLM_DEPLOY_CACHE": str(shared_npu_cache)}
-        cmd = [str(Path(sys.executable).parent / "mllm-deploy"), "run", "--prompt", "What is the capital of France?",
-               "--max-new-tokens", "12", "--json", *[a for s in PROPOSED for a in ("--set", s)]]
+        cmd = [
+            str(Path(sys.executable).parent / "mllm-deploy"),
+            "run",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "12",
+            "--json",
+            *[a for s in PROPOSED for a in ("--set", s)],
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)

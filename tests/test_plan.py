@@ -8,6 +8,7 @@ import os
 from collections import Counter
 
 import pytest
+from plan_fixtures import GOLDEN, REPO, capabilities, loaded_from
 
 from mllm_deploy.model import read_spec
 from mllm_deploy.plan import build_plan, plan_to_json
@@ -15,7 +16,6 @@ from mllm_deploy.plan.passes import topological_order
 from mllm_deploy.plan.render import render_plan
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
-from plan_fixtures import GOLDEN, REPO, capabilities, loaded_from
 
 UPDATE = os.environ.get("MLLM_DEPLOY_UPDATE_GOLDEN") == "1"
 
@@ -96,10 +96,19 @@ def test_shadow_insertion(tmp_path, spec):
     assert kinds.count("down") == 30 and kinds.count("qkv") == 30  # then qkv
     assert kinds.count("gate_up") == kinds.count("o_proj") == 0
     chosen = ((29, "down"), (0, "qkv"), (7, "gate_up"))
-    calibrated = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256, calibrated_shadow_inputs=chosen)
+    calibrated = _plan(
+        loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"),
+        spec,
+        prompt_tokens=256,
+        calibrated_shadow_inputs=chosen,
+    )
     assert calibrated.shadow.layers == [0, 7, 29] and calibrated.shadow.source == "calibration"
     assert calibrated.shadow.linears == ["L0.qkv", "L7.gate_up", "L29.down"]
-    assert sorted(s.id for s in calibrated.subgraphs if s.kind == "shadow") == ["c0.L0.qkv.shadow", "c0.L29.down.shadow", "c0.L7.gate_up.shadow"]
+    assert sorted(s.id for s in calibrated.subgraphs if s.kind == "shadow") == [
+        "c0.L0.qkv.shadow",
+        "c0.L29.down.shadow",
+        "c0.L7.gate_up.shadow",
+    ]
 
 
 def test_shadow_of_a_linear_waits_for_the_shadow_of_its_input(tmp_path, spec):
@@ -148,7 +157,9 @@ def test_golden_plan_text_and_json(spec, name, path, tokens):
     assert text == text_file.read_text(), "plan text changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
     golden = json.loads(gzip.decompress(json_file.read_bytes()))
     for key in golden:
-        assert data[key] == golden[key], f"plan JSON key {key!r} changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
+        assert data[key] == golden[key], (
+            f"plan JSON key {key!r} changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
+        )
     assert set(data) == set(golden)
     assert {"subgraphs", "edges", "memory", "estimate"} <= set(data)
     assert {"id", "layer", "kind", "processor", "inputs", "outputs"} <= set(data["subgraphs"][0])

@@ -97,7 +97,11 @@ def mutated_profiles(draw) -> str:
     for _ in range(draw(st.integers(1, 4))):
         at = draw(st.integers(0, len(text)))
         cut = draw(st.integers(0, 6))
-        text = text[:at] + draw(st.sampled_from(["", "[", "]", '"', "=", "\n", "x", "0", ".", "{", "'''", "#"])) + text[at + cut:]
+        text = (
+            text[:at]
+            + draw(st.sampled_from(["", "[", "]", '"', "=", "\n", "x", "0", ".", "{", "'''", "#"]))
+            + text[at + cut :]
+        )
     return text
 
 

@@ -65,7 +65,11 @@ def test_last_override_wins_and_a_table_value_merges(tmp_path):
         ("prefill.chunk=1", "unknown key", "did you mean 'prefill.chunk_size'?"),
         ("prefil.chunk_size=1", "unknown key", "did you mean 'prefill'?"),
         ("chunk_size=1", "unknown key", "'chunk_size' belongs in [prefill]: did you mean 'prefill.chunk_size'?"),
-        ("prefill=3", "[prefill] is a section, not a value", "set one of its keys, e.g. --set prefill.chunk_size=VALUE"),
+        (
+            "prefill=3",
+            "[prefill] is a section, not a value",
+            "set one of its keys, e.g. --set prefill.chunk_size=VALUE",
+        ),
         ("name.first=1", "'name' is a value, not a section", None),
     ],
 )
@@ -86,7 +90,10 @@ def test_override_diagnostics_come_after_file_ones_in_command_line_order(tmp_pat
     with pytest.raises(UserError) as caught:
         load_profile(path, ["decode.seed=-1", "bogus=1", "ui.refresh_hz=0"])
     assert [d.file for d in caught.value.diagnostics] == [
-        str(path), "--set decode.seed=-1", "--set bogus=1", "--set ui.refresh_hz=0",
+        str(path),
+        "--set decode.seed=-1",
+        "--set bogus=1",
+        "--set ui.refresh_hz=0",
     ]
 
 
@@ -148,7 +155,10 @@ def test_where_points_at_the_override_that_set_a_key(tmp_path):
     path = write(tmp_path, PROFILE)
     loaded = load_profile(path, ["prefill.chunk_size=64", "outliers.policy=clip"])
     assert loaded.where("prefill.chunk_size") == {
-        "file": "--set prefill.chunk_size=64", "line": None, "col": None, "key": "prefill.chunk_size",
+        "file": "--set prefill.chunk_size=64",
+        "line": None,
+        "col": None,
+        "key": "prefill.chunk_size",
     }
     assert loaded.where("prefill")["line"] == 4  # the section itself is in the file
     assert loaded.where("outliers")["file"] == "--set outliers.policy=clip"
@@ -188,26 +198,43 @@ def test_text_hash_depends_on_the_effective_values_only(tmp_path):
 
 # --- warnings -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[device]\nnpu_backend = \"qnn-htp\"\nnpu_threads = 2\n",
-         [("device.npu_threads", 3, 'has no effect with device.npu_backend = "qnn-htp"')]),
-        ("[device]\nnpu_backend = \"none\"\nnpu_threads = 2\n[quantization]\nweights = \"int8-per-tensor\"\n"
-         "[outliers]\npolicy = \"clip\"\n[scheduler]\npolicy = \"sequential\"\n",
-         [("device.npu_threads", 3, 'has no effect with device.npu_backend = "none"'),
-          ("quantization.weights", 5, 'device.npu_backend = "none": everything runs in float32'),
-          ("outliers.policy", 7, 'device.npu_backend = "none"'),
-          ("scheduler.policy", 9, 'device.npu_backend = "none"')]),
-        ("[decode]\ntop_k = 40\ntop_p = 0.9\nseed = 7\n",
-         [("decode.top_k", 2, "has no effect with decode.temperature = 0 (greedy decoding)"),
-          ("decode.top_p", 3, "decode.temperature = 0"),
-          ("decode.seed", 4, "decode.temperature = 0")]),
-        ("[outliers]\npolicy = \"none\"\nprune_fraction = 0.5\nscale_percentile = 99.9\n",
-         [("outliers.prune_fraction", 3, 'has no effect with outliers.policy = "none"'),
-          ("outliers.scale_percentile", 4, 'has no effect with outliers.policy = "none"')]),
-        ("[device]\nnpu_backend = \"none\"\n[placement]\nnorms = \"npu\"\n",
-         [("placement.norms", 4, 'device.npu_backend = "none"')]),
+        (
+            '[device]\nnpu_backend = "qnn-htp"\nnpu_threads = 2\n',
+            [("device.npu_threads", 3, 'has no effect with device.npu_backend = "qnn-htp"')],
+        ),
+        (
+            '[device]\nnpu_backend = "none"\nnpu_threads = 2\n[quantization]\nweights = "int8-per-tensor"\n'
+            '[outliers]\npolicy = "clip"\n[scheduler]\npolicy = "sequential"\n',
+            [
+                ("device.npu_threads", 3, 'has no effect with device.npu_backend = "none"'),
+                ("quantization.weights", 5, 'device.npu_backend = "none": everything runs in float32'),
+                ("outliers.policy", 7, 'device.npu_backend = "none"'),
+                ("scheduler.policy", 9, 'device.npu_backend = "none"'),
+            ],
+        ),
+        (
+            "[decode]\ntop_k = 40\ntop_p = 0.9\nseed = 7\n",
+            [
+                ("decode.top_k", 2, "has no effect with decode.temperature = 0 (greedy decoding)"),
+                ("decode.top_p", 3, "decode.temperature = 0"),
+                ("decode.seed", 4, "decode.temperature = 0"),
+            ],
+        ),
+        (
+            '[outliers]\npolicy = "none"\nprune_fraction = 0.5\nscale_percentile = 99.9\n',
+            [
+                ("outliers.prune_fraction", 3, 'has no effect with outliers.policy = "none"'),
+                ("outliers.scale_percentile", 4, 'has no effect with outliers.policy = "none"'),
+            ],
+        ),
+        (
+            '[device]\nnpu_backend = "none"\n[placement]\nnorms = "npu"\n',
+            [("placement.norms", 4, 'device.npu_backend = "none"')],
+        ),
     ],
 )
 def test_warnings_for_keys_without_effect(tmp_path, text, expected):
@@ -223,11 +250,11 @@ def test_warnings_for_keys_without_effect(tmp_path, text, expected):
 @pytest.mark.parametrize(
     "text",
     [
-        "[device]\nnpu_backend = \"ort-cpu\"\nnpu_threads = 2\n",
-        "[device]\nnpu_backend = \"auto\"\nnpu_threads = 2\n",
+        '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 2\n',
+        '[device]\nnpu_backend = "auto"\nnpu_threads = 2\n',
         "[decode]\ntemperature = 0.7\ntop_k = 40\ntop_p = 0.9\nseed = 7\n",
-        "[outliers]\npolicy = \"shadow\"\nprune_fraction = 0.5\n",
-        "[device]\nnpu_backend = \"none\"\n[decode]\nrepetition_penalty = 1.1\n",
+        '[outliers]\npolicy = "shadow"\nprune_fraction = 0.5\n',
+        '[device]\nnpu_backend = "none"\n[decode]\nrepetition_penalty = 1.1\n',
     ],
 )
 def test_no_warning_when_the_key_has_an_effect(tmp_path, text):

@@ -32,15 +32,31 @@ BAD_VALUES = [
     ("schema_version", "2", ["not an allowed value", "got 2", "allowed: one of 1"]),
     ("name", '""', ["must not be empty", "got ''", "a string of 1 to 128 characters"]),
     ("model.source", '""', ["must not be empty", "a non-empty string"]),
-    ("model.chat_template", "5", ["expected a non-empty string, got an integer", "got 5", 'quote it: chat_template = "5"']),
+    (
+        "model.chat_template",
+        "5",
+        ["expected a non-empty string, got an integer", "got 5", 'quote it: chat_template = "5"'],
+    ),
     ("model.system_prompt", "1.5", ["expected a string, got a number", "got 1.5"]),
     ("device.target", '""', ["must not be empty", "a non-empty string"]),
-    ("device.npu_backend", '"qnn"', ["got 'qnn'", 'one of "auto", "qnn-htp", "ort-cpu", "none"', "did you mean 'qnn-htp'?"]),
+    (
+        "device.npu_backend",
+        '"qnn"',
+        ["got 'qnn'", 'one of "auto", "qnn-htp", "ort-cpu", "none"', "did you mean 'qnn-htp'?"],
+    ),
     ("device.cpu_threads", "0", ["must be >= 1", "got 0", "an integer from 1 to 256"]),
     ("device.npu_threads", "257", ["must be <= 256", "got 257", "an integer from 1 to 256"]),
     ("prefill.chunk_size", "5000", ["must be <= 4096", "got 5000", "an integer from 1 to 4096"]),
-    ("prefill.max_context", '"4096"', ["expected an integer, got a string", "got '4096'", "without quotes: max_context = 4096"]),
-    ("prefill.overflow", '"truncate"', ["got 'truncate'", 'one of "error", "truncate-left"', "did you mean 'truncate-left'?"]),
+    (
+        "prefill.max_context",
+        '"4096"',
+        ["expected an integer, got a string", "got '4096'", "without quotes: max_context = 4096"],
+    ),
+    (
+        "prefill.overflow",
+        '"truncate"',
+        ["got 'truncate'", 'one of "error", "truncate-left"', "did you mean 'truncate-left'?"],
+    ),
     ("prefill.attention", '"int4"', ["got 'int4'", 'one of "float32", "int8"', "did you mean 'int8'?"]),
     ("quantization.weights", '"int8"', ["got 'int8'", 'one of "int8-per-tensor", "int8-per-channel"']),
     ("quantization.activations", '"int8"', ['one of "uint8", "uint16"', "did you mean 'uint8'?"]),
@@ -97,7 +113,9 @@ def test_bad_value_of_every_key_by_set_is_located_at_the_override(tmp_path, key,
 
 
 def test_all_errors_are_reported_at_once_in_file_order(tmp_path):
-    path = write(tmp_path, """name = ""
+    path = write(
+        tmp_path,
+        """name = ""
 [device]
 npu_backend = "qnn"
 [prefill]
@@ -105,7 +123,8 @@ chunk_sz = 256
 max_context = 0
 [decode]
 stop = ["a", "", 3]
-""")
+""",
+    )
     err = errors_of(path)
     located = [(d.line, d.col, d.key) for d in err.diagnostics]
     assert located == [
@@ -119,7 +138,7 @@ stop = ["a", "", 3]
 
 
 def test_errors_in_inline_tables_and_dotted_keys_point_at_the_key(tmp_path):
-    path = write(tmp_path, 'prefill = { chunk_size = 0, max_context = 8 }\ndecode.top_p = 2.0\n')
+    path = write(tmp_path, "prefill = { chunk_size = 0, max_context = 8 }\ndecode.top_p = 2.0\n")
     err = errors_of(path)
     assert [(d.key, d.line, d.col) for d in err.diagnostics] == [
         ("prefill.chunk_size", 1, 13),
@@ -132,13 +151,20 @@ def test_errors_in_inline_tables_and_dotted_keys_point_at_the_key(tmp_path):
     [
         ("[prefill]\nchunk_sz = 256\n", "prefill.chunk_sz", "did you mean 'prefill.chunk_size'?"),
         ("[decode]\ntempreature = 0.5\n", "decode.tempreature", "did you mean 'decode.temperature'?"),
-        ("[decode]\nchunk_size = 1\n", "decode.chunk_size", "'chunk_size' belongs in [prefill]: did you mean 'prefill.chunk_size'?"),
+        (
+            "[decode]\nchunk_size = 1\n",
+            "decode.chunk_size",
+            "'chunk_size' belongs in [prefill]: did you mean 'prefill.chunk_size'?",
+        ),
         ("chunk_size = 1\n", "chunk_size", "'chunk_size' belongs in [prefill]: did you mean 'prefill.chunk_size'?"),
         ("[prefil]\nchunk_size = 1\n", "prefil", "did you mean 'prefill'?"),
-        ("[model]\nname = \"x\"\n", "model.name", "'name' belongs at the top level: did you mean 'name'?"),
-        ("[device]\nbackend = \"none\"\n", "device.backend", "did you mean 'device.npu_backend'?"),
-        ("[decode]\nsource = \"self\"\n", "decode.source",
-         "'source' belongs in [model] or in [calibration]: did you mean 'model.source' or 'calibration.source'?"),
+        ('[model]\nname = "x"\n', "model.name", "'name' belongs at the top level: did you mean 'name'?"),
+        ('[device]\nbackend = "none"\n', "device.backend", "did you mean 'device.npu_backend'?"),
+        (
+            '[decode]\nsource = "self"\n',
+            "decode.source",
+            "'source' belongs in [model] or in [calibration]: did you mean 'model.source' or 'calibration.source'?",
+        ),
     ],
 )
 def test_did_you_mean_for_misspelt_or_misplaced_keys(tmp_path, text, key, hint):
@@ -188,15 +214,28 @@ def test_a_value_is_accepted_at_its_limits(tmp_path):
 
 # --- TOML syntax errors -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("text", "line", "col", "fragment", "hint"),
     [
-        ("[device]\nnpu_backend = qnn-htp\n", 2, 15, "invalid value", 'strings need quotes in TOML: npu_backend = "qnn-htp"'),
-        ("name = \"a\"\nname = \"b\"\n", 2, 11, "cannot overwrite a value", None),
+        (
+            "[device]\nnpu_backend = qnn-htp\n",
+            2,
+            15,
+            "invalid value",
+            'strings need quotes in TOML: npu_backend = "qnn-htp"',
+        ),
+        ('name = "a"\nname = "b"\n', 2, 11, "cannot overwrite a value", None),
         ("[prefill]\nchunk_size = 1\n[prefill]\n", 3, 9, "cannot declare ('prefill',) twice", None),
         ("[prefill\n", 1, 9, "expected ']'", None),
-        ("name = \"x\n", 1, 10, "illegal character", "a string is not closed on this line (use triple quotes for text spanning lines)"),
-        ("[decode]\nstop = [\"a\",\n", 2, 13, "invalid value", None),
+        (
+            'name = "x\n',
+            1,
+            10,
+            "illegal character",
+            "a string is not closed on this line (use triple quotes for text spanning lines)",
+        ),
+        ('[decode]\nstop = ["a",\n', 2, 13, "invalid value", None),
     ],
 )
 def test_toml_syntax_errors_are_located(tmp_path, text, line, col, fragment, hint):
@@ -213,6 +252,7 @@ def test_syntax_error_names_the_key_on_its_line(tmp_path):
 
 
 # --- files that are not profiles --------------------------------------------------------
+
 
 def test_missing_file(tmp_path):
     (diag,) = errors_of(tmp_path / "nope.toml").diagnostics

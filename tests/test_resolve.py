@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from plan_fixtures import capabilities, loaded_from
 
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.model import read_spec
 from mllm_deploy.resolve import resolve
-from plan_fixtures import capabilities, loaded_from
 
 GIB = 1024**3
 
@@ -26,26 +26,151 @@ def _caps(target: str, npu: dict | None = None, **top):
 
 # (name, profile text, target, npu overrides, caps overrides, key, line, message part, allowed part)
 REFUSALS = [
-    ("attention on npu", '[placement]\nattention = "npu"\n', "host", None, {}, "placement.attention", 2, "dynamic shapes", "cpu"),
+    (
+        "attention on npu",
+        '[placement]\nattention = "npu"\n',
+        "host",
+        None,
+        {},
+        "placement.attention",
+        2,
+        "dynamic shapes",
+        "cpu",
+    ),
     ("norms need fp16", '[placement]\nnorms = "npu"\n', "host", None, {}, "placement.norms", 2, "no float16", "cpu"),
-    ("chunk rule", "[prefill]\nchunk_size = 100\n", "sd8gen3", None, {}, "prefill.chunk_size", 2, "not allowed on sd8gen3", "multiples of 32 from 32 to 1024"),
-    ("chunk above context", "[prefill]\nchunk_size = 512\nmax_context = 256\n", "host", None, {}, "prefill.chunk_size", 2, "cannot hold more tokens", "<= prefill.max_context (256)"),
-    ("context above model", "[prefill]\nmax_context = 16384\n", "host", None, {}, "prefill.max_context", 2, "model's context length", "<= 8192"),
-    ("int16 unsupported", '[quantization]\nactivations = "uint16"\n', "sd8gen3", {"supports_int16_activations": False}, {}, "quantization.activations", 2, "no 16-bit activations", "uint8"),
-    ("per-channel unsupported", '[quantization]\nweights = "int8-per-channel"\n', "sd8gen3", {"supports_per_channel_weights": False}, {}, "quantization.weights", 2, "no per-channel", "int8-per-tensor"),
-    ("npu memory", "[prefill]\nchunk_size = 256\n", "sd8gen3", {"addressable_memory_bytes": 50 * 1024**2}, {}, "prefill.chunk_size", 2, "more than sd8gen3's NPU can address", "<= 0.05 GiB"),
-    ("ram", "[prefill]\nmax_context = 8192\n", "qcs6490", None, {"ram_bytes": GIB // 4}, "prefill.max_context", 2, "more than 80% of qcs6490's RAM", "<= 0.20 GiB"),
-    ("cpu threads", "[device]\ncpu_threads = 16\n", "sd8gen3", None, {}, "device.cpu_threads", 2, "more threads than sd8gen3 has cores", "<= 8"),
-    ("npu threads", '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 64\n', "host", None, {}, "device.npu_threads", 3, "more threads than host has cores", "<= 2"),
-    ("int8 attention on a float32 cache", '[prefill]\nattention = "int8"\n[decode]\nkv_cache = "float32"\n', "host", None, {}, "prefill.attention", 2, "reads the int8 KV cache", "float32"),
-    ("backend not on device", '[device]\nnpu_backend = "ort-cpu"\n', "sd8gen3", None, {}, "device.npu_backend", 2, "not available on sd8gen3", "qnn-htp, none"),
+    (
+        "chunk rule",
+        "[prefill]\nchunk_size = 100\n",
+        "sd8gen3",
+        None,
+        {},
+        "prefill.chunk_size",
+        2,
+        "not allowed on sd8gen3",
+        "multiples of 32 from 32 to 1024",
+    ),
+    (
+        "chunk above context",
+        "[prefill]\nchunk_size = 512\nmax_context = 256\n",
+        "host",
+        None,
+        {},
+        "prefill.chunk_size",
+        2,
+        "cannot hold more tokens",
+        "<= prefill.max_context (256)",
+    ),
+    (
+        "context above model",
+        "[prefill]\nmax_context = 16384\n",
+        "host",
+        None,
+        {},
+        "prefill.max_context",
+        2,
+        "model's context length",
+        "<= 8192",
+    ),
+    (
+        "int16 unsupported",
+        '[quantization]\nactivations = "uint16"\n',
+        "sd8gen3",
+        {"supports_int16_activations": False},
+        {},
+        "quantization.activations",
+        2,
+        "no 16-bit activations",
+        "uint8",
+    ),
+    (
+        "per-channel unsupported",
+        '[quantization]\nweights = "int8-per-channel"\n',
+        "sd8gen3",
+        {"supports_per_channel_weights": False},
+        {},
+        "quantization.weights",
+        2,
+        "no per-channel",
+        "int8-per-tensor",
+    ),
+    (
+        "npu memory",
+        "[prefill]\nchunk_size = 256\n",
+        "sd8gen3",
+        {"addressable_memory_bytes": 50 * 1024**2},
+        {},
+        "prefill.chunk_size",
+        2,
+        "more than sd8gen3's NPU can address",
+        "<= 0.05 GiB",
+    ),
+    (
+        "ram",
+        "[prefill]\nmax_context = 8192\n",
+        "qcs6490",
+        None,
+        {"ram_bytes": GIB // 4},
+        "prefill.max_context",
+        2,
+        "more than 80% of qcs6490's RAM",
+        "<= 0.20 GiB",
+    ),
+    (
+        "cpu threads",
+        "[device]\ncpu_threads = 16\n",
+        "sd8gen3",
+        None,
+        {},
+        "device.cpu_threads",
+        2,
+        "more threads than sd8gen3 has cores",
+        "<= 8",
+    ),
+    (
+        "npu threads",
+        '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 64\n',
+        "host",
+        None,
+        {},
+        "device.npu_threads",
+        3,
+        "more threads than host has cores",
+        "<= 2",
+    ),
+    (
+        "int8 attention on a float32 cache",
+        '[prefill]\nattention = "int8"\n[decode]\nkv_cache = "float32"\n',
+        "host",
+        None,
+        {},
+        "prefill.attention",
+        2,
+        "reads the int8 KV cache",
+        "float32",
+    ),
+    (
+        "backend not on device",
+        '[device]\nnpu_backend = "ort-cpu"\n',
+        "sd8gen3",
+        None,
+        {},
+        "device.npu_backend",
+        2,
+        "not available on sd8gen3",
+        "qnn-htp, none",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", REFUSALS, ids=[c[0] for c in REFUSALS])
 def test_each_refusal_names_key_line_value_and_limit(tmp_path, spec, case):
     _, text, target, npu, top, key, line, message, allowed = case
-    loaded = loaded_from(tmp_path, f'[device]\ntarget = "{target}"\n' + text if "[device]" not in text else text.replace("[device]\n", f'[device]\ntarget = "{target}"\n'))
+    loaded = loaded_from(
+        tmp_path,
+        f'[device]\ntarget = "{target}"\n' + text
+        if "[device]" not in text
+        else text.replace("[device]\n", f'[device]\ntarget = "{target}"\n'),
+    )
     shift = 0 if "[device]" in text else 2
     with pytest.raises(UserError) as info:
         resolve(loaded, _caps(target, npu, **top), spec)
@@ -62,7 +187,9 @@ def test_each_refusal_names_key_line_value_and_limit(tmp_path, spec, case):
 
 
 def test_all_refusals_reported_at_once(tmp_path, spec):
-    text = '[device]\ntarget = "sd8gen3"\ncpu_threads = 12\n[prefill]\nchunk_size = 100\n[placement]\nattention = "npu"\n'
+    text = (
+        '[device]\ntarget = "sd8gen3"\ncpu_threads = 12\n[prefill]\nchunk_size = 100\n[placement]\nattention = "npu"\n'
+    )
     with pytest.raises(UserError) as info:
         resolve(loaded_from(tmp_path, text), capabilities("sd8gen3"), spec)
     keys = sorted(d.key for d in info.value.diagnostics)
@@ -106,7 +233,7 @@ def test_calibration_glob_that_matches_is_accepted(tmp_path, spec):
         ('[device]\nnpu_backend = "none"\n', "host", "none", "none (float32 on the CPU)", (2, 0)),
         ('[device]\nnpu_backend = "qnn-htp"\n', "host", "qnn-htp", "QNN HTP x86 simulator", (2, 0)),
         ("", "sd8gen3", "qnn-htp", "QNN HTP v75", (8, 0)),
-        ('[device]\nnpu_threads = 2\ncpu_threads = 2\n', "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (2, 2)),
+        ("[device]\nnpu_threads = 2\ncpu_threads = 2\n", "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (2, 2)),
     ],
 )
 def test_backend_label_and_threads(tmp_path, spec, text, target, backend, label, threads):
@@ -129,7 +256,9 @@ def test_simulator_and_oversubscription_warn_but_run(tmp_path, spec):
 def test_int8_attention_is_ignored_with_a_warning_on_the_float_baseline(tmp_path, spec):
     text = '[device]\nnpu_backend = "none"\n[prefill]\nattention = "int8"\n'
     resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
-    assert [(w.key, w.line) for w in resolved.warnings if "float baseline attends in float32" in w.message] == [("prefill.attention", 4)]
+    assert [(w.key, w.line) for w in resolved.warnings if "float baseline attends in float32" in w.message] == [
+        ("prefill.attention", 4)
+    ]
     assert not resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), spec).warnings
 
 
@@ -143,7 +272,7 @@ def test_memory_budget_of_default_profile(tmp_path, spec):
     # decode graphs, blocks of 64 (+ a float32 scale each): the layers' linears and the output head
     blocks = 30 * (960 * 9 + 576 * 9 + 2 * 1536 * 9 + 576 * 24) + 49152 * 9
     assert m.decode_weight_bytes == blocks * (64 + 4)
-    q8_0 = resolve(loaded_from(tmp_path, '[decode]\nweight_block = 32\n'), capabilities("host"), spec)
+    q8_0 = resolve(loaded_from(tmp_path, "[decode]\nweight_block = 32\n"), capabilities("host"), spec)
     assert q8_0.memory.decode_weight_bytes == 2 * blocks * (32 + 4)
     assert q8_0.memory.cpu_weight_bytes - m.cpu_weight_bytes == q8_0.memory.decode_weight_bytes - m.decode_weight_bytes
     float_kv = resolve(loaded_from(tmp_path, '[decode]\nkv_cache = "float32"\n'), capabilities("host"), spec)

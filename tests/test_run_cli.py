@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 import tiny_models
 
 FLOAT = ["--set", "device.npu_backend=none", "--set", "decode.temperature=0"]
@@ -19,7 +18,10 @@ METRIC_KEYS = {"load_s", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s
 def mllm(*args, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mllm_deploy", *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -51,7 +53,9 @@ def test_run_json_reports_result_and_measured_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_run_raw_continues_text_and_respects_max_new_tokens():
-    proc = mllm("run", *FLOAT, "--raw", "--prompt", "The quick brown fox jumps over the lazy", "--max-new-tokens", "1", "--json")
+    proc = mllm(
+        "run", *FLOAT, "--raw", "--prompt", "The quick brown fox jumps over the lazy", "--max-new-tokens", "1", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["text"] == " dog" and result["prompt_tokens"] == 8
@@ -63,11 +67,15 @@ def test_batch_runs_every_line_and_reports_bad_ones(tmp_path):
     lines = [
         json.dumps({"prompt": "What is the capital of France?", "id": "a"}),
         "{not json",
-        json.dumps({"messages": [
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": "The capital of France is Paris."},
-            {"role": "user", "content": "And of Germany?"},
-        ]}),
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "What is the capital of France?"},
+                    {"role": "assistant", "content": "The capital of France is Paris."},
+                    {"role": "user", "content": "And of Germany?"},
+                ]
+            }
+        ),
         "",
         json.dumps({"prompt": "The quick brown fox jumps over the lazy", "raw": True, "max_new_tokens": 1}),
         json.dumps({"prompt": "hi", "temperature": 2}),
@@ -97,8 +105,17 @@ def test_overflow_error_exits_2_naming_limit_and_length():
 @pytest.mark.slow
 def test_overflow_truncate_left_runs():
     proc = mllm(
-        "run", *FLOAT, "--set", "prefill.max_context=32", "--set", "prefill.overflow=truncate-left",
-        "--prompt", "What is the capital of France?", "--max-new-tokens", "4", "--json",
+        "run",
+        *FLOAT,
+        "--set",
+        "prefill.max_context=32",
+        "--set",
+        "prefill.overflow=truncate-left",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        "4",
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -118,7 +135,9 @@ def test_ctrl_c_stops_with_partial_result_and_exit_130(tmp_path):
     counting = ", ".join(str(i) for i in range(1, 40)) + ","
     proc = subprocess.Popen(
         [sys.executable, "-m", "mllm_deploy", "run", *FLOAT, "--raw", "--prompt", counting, "--max-new-tokens", "3000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     first = proc.stdout.read(1)  # generation has started
     proc.send_signal(signal.SIGINT)
@@ -134,8 +153,18 @@ def test_ctrl_c_stops_with_partial_result_and_exit_130(tmp_path):
 def test_run_on_a_tiny_hf_model(tmp_path):
     model_dir = tiny_models.write_tiny_hf(tmp_path / "tiny", arch="qwen2", tied=False)
     proc = mllm(
-        "run", "--set", f"model.source={model_dir}", "--set", "device.npu_backend=none",
-        "--set", "prefill.max_context=128", "--prompt", "Hello", "--max-new-tokens", "5", "--json",
+        "run",
+        "--set",
+        f"model.source={model_dir}",
+        "--set",
+        "device.npu_backend=none",
+        "--set",
+        "prefill.max_context=128",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "5",
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

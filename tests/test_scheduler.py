@@ -187,11 +187,11 @@ def test_unknown_policy_is_refused():
 
 
 def test_real_plan_dag_sequential_never_overlaps_and_out_of_order_overlaps(tmp_path):
+    from plan_fixtures import capabilities, loaded_from
+
     from mllm_deploy.model import read_spec
     from mllm_deploy.plan import build_plan
     from mllm_deploy.resolve import resolve
-
-    from plan_fixtures import capabilities, loaded_from
 
     loaded = loaded_from(tmp_path, 'name = "t"\n[device]\nnpu_backend = "ort-cpu"\n', ["outliers.prune_fraction=0.8"])
     spec = read_spec(loaded.profile.model.source)
@@ -199,8 +199,18 @@ def test_real_plan_dag_sequential_never_overlaps_and_out_of_order_overlaps(tmp_p
     graph = TaskGraph.from_plan(plan)
     # Latencies shaped like this machine: NPU linears ~ what ort-cpu does on one core,
     # attention growing with the chunk, small norms, shadows a fraction of their linear.
-    base = {"qkv": 3.0, "o_proj": 2.0, "gate_up": 9.0, "down": 4.5, "attn_norm": 0.3, "ffn_norm": 0.3,
-            "shadow": 0.8, "embed": 0.2, "final_norm": 0.1, "lm_head": 2.0}
+    base = {
+        "qkv": 3.0,
+        "o_proj": 2.0,
+        "gate_up": 9.0,
+        "down": 4.5,
+        "attn_norm": 0.3,
+        "ffn_norm": 0.3,
+        "shadow": 0.8,
+        "embed": 0.2,
+        "final_norm": 0.1,
+        "lm_head": 2.0,
+    }
     dur = {t.id: base.get(t.kind, 0.0) if t.kind != "attention" else 1.5 * (t.chunk + 1) for t in graph.tasks.values()}
     seq = simulate(graph, "sequential", dur)
     ooo = simulate(graph, "out-of-order", dur)
@@ -208,7 +218,9 @@ def test_real_plan_dag_sequential_never_overlaps_and_out_of_order_overlaps(tmp_p
     _check_respects_dependencies(graph, ooo)
     npu_total = sum(d for t, d in dur.items() if graph.tasks[t].processor == "npu")
     cpu_total = sum(d for t, d in dur.items() if graph.tasks[t].processor == "cpu")
-    assert seq.makespan == pytest.approx(npu_total + cpu_total - sum(d for t, d in dur.items() if t.endswith(".shadow")))
+    assert seq.makespan == pytest.approx(
+        npu_total + cpu_total - sum(d for t, d in dur.items() if t.endswith(".shadow"))
+    )
     # within 10% of the busier processor's total (the bound no schedule can beat)
     assert max(npu_total, cpu_total) - 1e-9 <= ooo.makespan <= 1.1 * max(npu_total, cpu_total)
     # sequential: the only overlap is a shadow with its own linear
@@ -230,8 +242,15 @@ def _check_respects_dependencies(graph: TaskGraph, run) -> None:
 
 
 def _random_chunk_dag(rng, n_chunks: int, n_layers: int):
-    kinds = [("attn_norm", "cpu"), ("qkv", "npu"), ("attention", "cpu"), ("o_proj", "npu"),
-             ("ffn_norm", "cpu"), ("gate_up", "npu"), ("down", "npu")]
+    kinds = [
+        ("attn_norm", "cpu"),
+        ("qkv", "npu"),
+        ("attention", "cpu"),
+        ("o_proj", "npu"),
+        ("ffn_norm", "cpu"),
+        ("gate_up", "npu"),
+        ("down", "npu"),
+    ]
     tasks, edges, dur = [], [], {}
     for c in range(n_chunks):
         prev = None

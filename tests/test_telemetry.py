@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import pytest
 
 from mllm_deploy.runtime.events import ChunkDone, GenerationDone, GenerationMetrics, SubgraphFinished, SubgraphStarted
@@ -107,7 +108,9 @@ def test_prefill_progress_eta_from_wall_time():
 
 
 def _done(prefilled, reused, generated, prefill_s, decode_s, ttft_ms, reason="eos"):
-    metrics = GenerationMetrics(ttft_ms, prefill_s, prefilled / prefill_s, decode_s, (generated - 1) / decode_s if generated > 1 else None)
+    metrics = GenerationMetrics(
+        ttft_ms, prefill_s, prefilled / prefill_s, decode_s, (generated - 1) / decode_s if generated > 1 else None
+    )
     return GenerationDone("x", reason, prefilled + reused, reused, prefilled, 0, generated, metrics=metrics)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import tiny_models as tm
+
 from mllm_deploy.errors import UserError
 from mllm_deploy.model import load_tokenizer, read_spec
 from mllm_deploy.model.tokenizer import tokenizer_from_gguf_metadata

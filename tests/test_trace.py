@@ -7,6 +7,9 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models
+from npu_doubles import FloatKernels, OrtInt8Kernels
+from plan_fixtures import pinned_host
 
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.plan import build_plan
@@ -14,14 +17,10 @@ from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.dag_engine import DagEngine, with_subgraph_events
 from mllm_deploy.runtime.dag_prefill import DagPrefill
-from mllm_deploy.runtime.events import GenerationDone, SubgraphFinished, SubgraphStarted, TokenEmitted
+from mllm_deploy.runtime.events import SubgraphFinished, SubgraphStarted, TokenEmitted
 from mllm_deploy.runtime.float_engine import FloatEngine
 from mllm_deploy.runtime.generate import GenerationRequest, generate
 from mllm_deploy.runtime.trace import TraceRecorder
-
-import tiny_models
-from npu_doubles import FloatKernels, OrtInt8Kernels
-from plan_fixtures import pinned_host
 
 CHUNK = 8
 
@@ -43,12 +42,27 @@ def tiny(tmp_path_factory):
 
 def engine_for(tiny, kernels, cpu_threads=1):
     path, spec, weights = tiny
-    loaded = load_profile(None, [f"model.source={path}", "device.npu_backend=ort-cpu", f"prefill.chunk_size={CHUNK}",
-                                 "prefill.max_context=256", "outliers.prune_fraction=1.0"])
+    loaded = load_profile(
+        None,
+        [
+            f"model.source={path}",
+            "device.npu_backend=ort-cpu",
+            f"prefill.chunk_size={CHUNK}",
+            "prefill.max_context=256",
+            "outliers.prune_fraction=1.0",
+        ],
+    )
     resolved = resolve(loaded, pinned_host(), spec)
     float_engine = FloatEngine(weights)
-    prefill = DagPrefill(weights, float_engine.rope, kernels, lambda n: build_plan(resolved, prompt_tokens=n * CHUNK),
-                         chunk_tokens=CHUNK, policy="out-of-order", cpu_threads=cpu_threads)
+    prefill = DagPrefill(
+        weights,
+        float_engine.rope,
+        kernels,
+        lambda n: build_plan(resolved, prompt_tokens=n * CHUNK),
+        chunk_tokens=CHUNK,
+        policy="out-of-order",
+        cpu_threads=cpu_threads,
+    )
     return DagEngine(float_engine, prefill, None, npu_label=kernels.backend_label), float_engine
 
 
@@ -64,8 +78,15 @@ def test_dag_engine_generates_what_the_float_engine_generates(tiny):
     engine, float_engine = engine_for(tiny, FloatKernels(tiny[2], CHUNK))
     try:
         events = run_turn(engine, engine.new_cache(128))
-        ref = list(generate(float_engine, float_engine.new_cache(128), PROMPT,
-                            GenerationRequest(max_new_tokens=5, chunk_size=CHUNK, pad_last_chunk=True), _Detok()))
+        ref = list(
+            generate(
+                float_engine,
+                float_engine.new_cache(128),
+                PROMPT,
+                GenerationRequest(max_new_tokens=5, chunk_size=CHUNK, pad_last_chunk=True),
+                _Detok(),
+            )
+        )
         assert events[-1].token_ids == ref[-1].token_ids and len(events[-1].token_ids) == 5
         started = [e for e in events if isinstance(e, SubgraphStarted)]
         finished = [e for e in events if isinstance(e, SubgraphFinished)]

@@ -11,10 +11,8 @@ import asyncio
 import time
 
 import pytest
-
-from textual.widgets import Input
-
 from test_tui_screens import check_golden, masked
+from textual.widgets import Input
 
 from mllm_deploy.runtime.events import ChunkDone
 from mllm_deploy.runtime.session import load_model
@@ -92,7 +90,7 @@ def test_question_streams_answer_into_one_message_and_keeps_context():
             await ask(pilot, "And of Germany?")
             assert "Berlin" in views(app, "assistant")[1].text
             second = views(app, "metrics")[1].text
-            assert "(44 reused)" in second or " reused)" in second and "0 reused" not in second
+            assert "(44 reused)" in second or (" reused)" in second and "0 reused" not in second)
             assert app.metrics.turns == 2 and app.metrics.reused_tokens >= 40
             # history: Up brings back the previous inputs
             await pilot.press("up")
@@ -145,7 +143,9 @@ def test_set_bad_value_is_a_notification_and_good_value_applies_in_place():
             await pilot.press(*"/set decode.max_new_tokens=3")
             await pilot.press("enter")
             await pilot.pause()
-            assert notifications(app)[-1] == "/set: decode.max_new_tokens = 3: applies from the next turn; nothing rebuilt"
+            assert (
+                notifications(app)[-1] == "/set: decode.max_new_tokens = 3: applies from the next turn; nothing rebuilt"
+            )
             assert app.model is model and app.session.profile.decode.max_new_tokens == 3
             await ask(pilot, QUESTION)
             assert views(app, "assistant")[0].text == "The capital of"  # 3 tokens

@@ -28,7 +28,9 @@ class Terminal:
     def __init__(self, argv: list[str], env: dict[str, str]):
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-        self.process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True, close_fds=True)
+        self.process = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True, close_fds=True
+        )
         os.close(slave)
         self.master = master
         self.raw = b""
@@ -69,7 +71,13 @@ class Terminal:
 
 def test_up_in_a_terminal_answers_and_quits_with_ctrl_q(tmp_path):
     executable = Path(sys.executable).with_name("mllm-deploy")
-    env = {**os.environ, "TERM": "xterm-256color", "MLLM_DEPLOY_DATA": str(tmp_path), "COLUMNS": str(COLUMNS), "LINES": str(ROWS)}
+    env = {
+        **os.environ,
+        "TERM": "xterm-256color",
+        "MLLM_DEPLOY_DATA": str(tmp_path),
+        "COLUMNS": str(COLUMNS),
+        "LINES": str(ROWS),
+    }
     terminal = Terminal([str(executable), "up", "--set", "device.npu_backend=none"], env)
     try:
         terminal.wait_for("model ready", timeout=240)

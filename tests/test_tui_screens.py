@@ -130,7 +130,10 @@ def test_model_failure_is_a_notification_not_a_crash(deployment):
         ]
         await pilot.press(*"/frobnicate", "enter")
         await pilot.pause()
-        assert notifications(app)[-1] == "Unknown command: error: unknown command /frobnicate\n    hint: type /help for the list"
+        assert (
+            notifications(app)[-1]
+            == "Unknown command: error: unknown command /frobnicate\n    hint: type /help for the list"
+        )
         assert app.is_running
         check_golden("model_failed_80x24", masked(app))
 
@@ -222,7 +225,10 @@ def test_save_and_open_sessions(deployment, data_dir):
         assert app.restore_messages == conversation  # prefilled once the model is there
         await pilot.press(*"/open nothing-here", "enter")
         await pilot.pause()
-        assert notifications(app)[-1].startswith("/open: ") and "no saved session named 'nothing-here'" in notifications(app)[-1]
+        assert (
+            notifications(app)[-1].startswith("/open: ")
+            and "no saved session named 'nothing-here'" in notifications(app)[-1]
+        )
 
     run(app, scenario)
 
@@ -262,7 +268,10 @@ def test_set_rebuilds_only_what_must_change(deployment):
         assert len(loads) == 1
         await pilot.press(*"/set device.cpu_threads=1", "enter")
         await wait_until(pilot, lambda: len(loads) == 2 and app.session is not None)
-        assert notifications(app)[-1] == "/set: device.cpu_threads = 1: plan re-resolved, model reloaded; the conversation is prefilled again on the next turn"
+        assert (
+            notifications(app)[-1]
+            == "/set: device.cpu_threads = 1: plan re-resolved, model reloaded; the conversation is prefilled again on the next turn"
+        )
         assert loads[-1][-3:] == ("decode.temperature=0.5", "prefill.max_context=2048", "device.cpu_threads=1")
         assert [m["content"] for m in app.session.messages] == ["hi", "hello"]
         assert app.deployment.resolved.cpu_threads == 1
@@ -272,7 +281,14 @@ def test_set_rebuilds_only_what_must_change(deployment):
 
 class FailingSession(StubSession):
     def send(self, text, *, cancel=None):
-        raise UserError([Diagnostic(message="the prompt is 9,000 tokens, longer than prefill.max_context = 4096", key="prefill.max_context")])
+        raise UserError(
+            [
+                Diagnostic(
+                    message="the prompt is 9,000 tokens, longer than prefill.max_context = 4096",
+                    key="prefill.max_context",
+                )
+            ]
+        )
         yield  # a generator, like ChatSession.send
 
 

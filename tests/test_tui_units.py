@@ -14,7 +14,7 @@ from mllm_deploy.tui.commands import COMMANDS, KEY_BINDINGS, chat_text, help_tex
 from mllm_deploy.tui.deployment import prepare_deployment
 from mllm_deploy.tui.formatting import bar, document_message, lane, sparkline
 from mllm_deploy.tui.plan_text import placement_grid, profile_section, summary_section
-from mllm_deploy.tui.reconfigure import reconfigure, rebuild_needed
+from mllm_deploy.tui.reconfigure import rebuild_needed, reconfigure
 from mllm_deploy.tui.sessions import SavedSession, load_session, save_session, saved_names
 
 FLOAT = ("device.npu_backend=none",)
@@ -211,7 +211,13 @@ def _up(*args: str, env_data) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "MLLM_DEPLOY_DATA": str(env_data)}
-    return subprocess.run([sys.executable, "-m", "mllm_deploy", "up", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "mllm_deploy", "up", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -103,7 +103,9 @@ def tiny_vocab_size() -> int:
     return len(tiny_vocab()[0])
 
 
-def tiny_hf_weights(arch: str = "llama", seed: int = 0, tied: bool = True, cfg: TinyConfig = TINY) -> dict[str, np.ndarray]:
+def tiny_hf_weights(
+    arch: str = "llama", seed: int = 0, tied: bool = True, cfg: TinyConfig = TINY
+) -> dict[str, np.ndarray]:
     """Float32 weights in Hugging Face names and layout (linears (out, in), q/k unpermuted)."""
     rng = np.random.default_rng(seed)
     vocab, h, f, hd = tiny_vocab_size(), cfg.hidden, cfg.ffn, cfg.head_dim
@@ -164,7 +166,9 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def tiny_gguf_weights(arch: str = "llama", seed: int = 0, tied: bool = True, cfg: TinyConfig = TINY) -> dict[str, np.ndarray]:
+def tiny_gguf_weights(
+    arch: str = "llama", seed: int = 0, tied: bool = True, cfg: TinyConfig = TINY
+) -> dict[str, np.ndarray]:
     """The same weights under GGUF names; for `llama`, q/k permuted like llama.cpp's converter
     (qwen2 GGUFs keep HF order: llama.cpp runs qwen2 with NeoX, i.e. half-split, RoPE)."""
     out: dict[str, np.ndarray] = {}

@@ -1,7 +1,7 @@
 """Sweeps -> configurations -> one fresh worker process each -> rows; and the row renderings.
 
-    configs = expand_sweeps(["scheduler.policy=sequential,out-of-order", "device.npu_backend=none,auto"])
-    rows = run_bench(BenchRequest(...), configs)
+configs = expand_sweeps(["scheduler.policy=sequential,out-of-order", "device.npu_backend=none,auto"])
+rows = run_bench(BenchRequest(...), configs)
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def run_config(request: BenchRequest, settings: dict[str, str], trace: str | Non
     return result["rows"]
 
 
-def run_bench(request: BenchRequest, configs: list[dict[str, str]], on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+def run_bench(
+    request: BenchRequest, configs: list[dict[str, str]], on_rows: Callable[[list[dict]], None] | None = None
+) -> list[dict]:
     rows: list[dict] = []
     for index, settings in enumerate(configs):
         new = run_config(request, settings, _trace_for(request, index, len(configs)))
@@ -102,6 +104,7 @@ def run_bench(request: BenchRequest, configs: list[dict[str, str]], on_rows: Cal
 
 
 # -- output -------------------------------------------------------------------------------------
+
 
 def flat_row(row: dict) -> dict:
     """One level of keys, for CSV."""

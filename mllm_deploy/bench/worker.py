@@ -65,15 +65,23 @@ class _Rig:
 
             self.engine = FloatEngine(weights)
             self.engine.warm_up()
-            self.backend = {"npu": "none", "prefill": "cpu-float32-numpy", "attention": "float32",
-                            "decode": "cpu-float32-numpy"}
+            self.backend = {
+                "npu": "none",
+                "prefill": "cpu-float32-numpy",
+                "attention": "float32",
+                "decode": "cpu-float32-numpy",
+            }
             self.slots = {"cpu": 1}
         else:
             from mllm_deploy.runtime.dag_engine import open_npu_engine
 
             self.engine = open_npu_engine(self.resolved, weights)
-            self.backend = {"npu": self.engine.npu_label, "prefill": f"dag {self.engine.prefill.policy}",
-                            "attention": self.engine.attention_name, "decode": self.engine.decode_name}
+            self.backend = {
+                "npu": self.engine.npu_label,
+                "prefill": f"dag {self.engine.prefill.policy}",
+                "attention": self.engine.attention_name,
+                "decode": self.engine.decode_name,
+            }
             self.slots = {p: ex.threads for p, ex in self.engine.prefill.executors.items()}
 
 
@@ -83,8 +91,11 @@ def measure_once(rig: _Rig, ids: list[int], gen_tokens: int, recorder=None) -> d
 
     engine = rig.engine
     cache = engine.new_cache(len(ids) + gen_tokens + 1)
-    request = GenerationRequest(max_new_tokens=gen_tokens, chunk_size=rig.resolved.profile.prefill.chunk_size,
-                                pad_last_chunk=rig.resolved.backend != "none")
+    request = GenerationRequest(
+        max_new_tokens=gen_tokens,
+        chunk_size=rig.resolved.profile.prefill.chunk_size,
+        pad_last_chunk=rig.resolved.backend != "none",
+    )
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     events = generate(engine, cache, ids, request, rig.tokenizer.stream())
     if hasattr(engine, "drain_events"):
@@ -188,7 +199,9 @@ def main() -> int:
     try:
         rows = run_request(request)
     except UserError as err:
-        print(json.dumps({"error": [d.render() for d in err.warnings + err.diagnostics], "exit_code": int(err.exit_code)}))
+        print(
+            json.dumps({"error": [d.render() for d in err.warnings + err.diagnostics], "exit_code": int(err.exit_code)})
+        )
         return int(err.exit_code)
     except KeyboardInterrupt:
         return 130

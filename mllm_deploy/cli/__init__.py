@@ -13,8 +13,8 @@ import traceback
 from collections.abc import Sequence
 
 from mllm_deploy import __version__
-from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.cli.common import print_diagnostics
+from mllm_deploy.errors import ExitCode, UserError
 
 COMMAND_MODULES = (
     "validate_cmd",
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
         return ExitCode.OK
-    except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
+    except Exception as exc:
         if os.environ.get("MLLM_DEPLOY_DEBUG"):
             traceback.print_exc()
         print(

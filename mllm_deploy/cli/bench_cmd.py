@@ -31,7 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt-tokens", type=_int_list, default=[256, 1024], metavar="N[,N...]",
                         help="prompt lengths in tokens of real text (default 256,1024)")  # fmt: skip
     parser.add_argument("--gen-tokens", type=int, default=32, metavar="N", help="tokens to decode per run (default 32)")
-    parser.add_argument("--repeat", type=int, default=3, metavar="R", help="measured runs per prompt length (default 3)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, metavar="R", help="measured runs per prompt length (default 3)"
+    )
     parser.add_argument("--warmup", type=int, default=1, metavar="W", help="unmeasured runs first (default 1)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="profile key and values to sweep (repeatable; the cartesian product runs)")  # fmt: skip

@@ -13,7 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm_deploy.cli.common import add_generation_args, add_profile_args, load_for_generation, open_chat_session, print_diagnostics
+from mllm_deploy.cli.common import (
+    add_generation_args,
+    add_profile_args,
+    load_for_generation,
+    open_chat_session,
+    print_diagnostics,
+)
 from mllm_deploy.errors import ExitCode, UserError
 
 HELP_TEXT = "commands: /reset (new conversation), /quit (leave), /help"
@@ -62,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
             print(HELP_TEXT, file=sys.stderr)
             continue
         try:
-            done = run_turn(lambda cancel: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write)
+            done = run_turn(
+                lambda cancel: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write
+            )
         except UserError as err:  # e.g. the conversation outgrew prefill.max_context
             print_diagnostics(err.diagnostics)
             print("[turn not run; /reset starts a new conversation]", file=sys.stderr, flush=True)

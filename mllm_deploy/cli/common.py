@@ -24,8 +24,7 @@ def add_profile_args(parser: argparse.ArgumentParser, *, optional: bool = False)
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a profile key, e.g. --set prefill.chunk_size=128 (repeatable; "
-        "validated exactly like the file)",
+        help="override a profile key, e.g. --set prefill.chunk_size=128 (repeatable; validated exactly like the file)",
     )
 
 

@@ -19,9 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Use an id as the profile's device.target.",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON list of capabilities")
-    parser.add_argument(
-        "--reprobe", action="store_true", help="probe this machine again instead of using the cache"
-    )
+    parser.add_argument("--reprobe", action="store_true", help="probe this machine again instead of using the cache")
     parser.set_defaults(func=run)
 
 
@@ -105,8 +103,10 @@ def render_host(caps) -> str:
     ]
     if probe.onnxruntime_version:
         lines.append(f"  onnxruntime {probe.onnxruntime_version}: {', '.join(probe.ort_providers) or 'no providers'}")
-        int8 = "INT8 via AMX/VNNI" if (probe.has_amx_int8 or probe.has_avx512_vnni or probe.has_avx_vnni) else (
-            "INT8 without VNNI/AMX (slow)"
+        int8 = (
+            "INT8 via AMX/VNNI"
+            if (probe.has_amx_int8 or probe.has_avx512_vnni or probe.has_avx_vnni)
+            else ("INT8 without VNNI/AMX (slow)")
         )
         lines.append(
             f"  ort-cpu: {int8}, ~{probe.int8_emulated_gops:g} GOP/s{NOMINAL} "
@@ -120,9 +120,7 @@ def render_host(caps) -> str:
     if probe.qnn_htp_mode == "device":
         lines.append(f"  QNN HTP: real Hexagon NPU (used by auto){qnn_versions}")
     elif probe.qnn_htp_mode == "simulator":
-        lines.append(
-            "  QNN HTP: x86 simulator (correct, ~200-700x slower than CPU; not used by auto)" + qnn_versions
-        )
+        lines.append("  QNN HTP: x86 simulator (correct, ~200-700x slower than CPU; not used by auto)" + qnn_versions)
     else:
         lines.append("  QNN HTP: absent" + qnn_versions)
     lines.append(f"  auto backend: {caps.auto_backend or 'none (everything float32 on the CPU)'}")

@@ -20,7 +20,9 @@ def register(subparsers) -> None:
     )
     add_profile_args(parser, optional=True)
     parser.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to evaluate on")
-    parser.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="evaluate the first N tokens (default 4096)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=4096, metavar="N", help="evaluate the first N tokens (default 4096)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 
@@ -45,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokens:               {report['tokens']}")
         print(f"backend:              {report['backend']}")
         if "kv_cache" in report:
-            print(f"KV cache:             {report['kv_cache']} ({100 * report['kv_saturated_fraction']:.4f}% of values saturated)")
+            print(
+                f"KV cache:             {report['kv_cache']} ({100 * report['kv_saturated_fraction']:.4f}% of values saturated)"
+            )
             print(f"prefill attention:    {report['attention']}")
         print(f"perplexity:           {report['perplexity']:.3f}  ({ratio:.4f}x float)")
         print(f"baseline (float32):   {report['baseline_perplexity']:.3f}")

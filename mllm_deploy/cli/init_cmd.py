@@ -35,12 +35,16 @@ def render_template(name: str) -> str:
     if name not in names:
         from mllm_deploy.profile.suggest import did_you_mean
 
-        raise UserError([Diagnostic(
-            message=f"unknown template {name!r}",
-            key="--template",
-            allowed=", ".join(names),
-            hint=did_you_mean(name, names),
-        )])
+        raise UserError(
+            [
+                Diagnostic(
+                    message=f"unknown template {name!r}",
+                    key="--template",
+                    allowed=", ".join(names),
+                    hint=did_you_mean(name, names),
+                )
+            ]
+        )
     body = (templates_dir() / f"{name}.toml").read_text(encoding="utf-8")
     lines = [line for line in body.splitlines() if not line.startswith(SCHEMA_DIRECTIVE)]
     return "\n".join([schema_header(), *lines]) + "\n"
@@ -71,16 +75,23 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.path)
     text = render_template(args.template)
     if target.is_dir():
-        raise UserError([Diagnostic(message="is a directory; give the path of the profile file to write",
-                                    file=str(target))])
+        raise UserError(
+            [Diagnostic(message="is a directory; give the path of the profile file to write", file=str(target))]
+        )
     if target.exists() and not args.force:
-        raise UserError([Diagnostic(message="already exists; not overwriting it", file=str(target),
-                                    hint="pass --force to overwrite it")])
+        raise UserError(
+            [
+                Diagnostic(
+                    message="already exists; not overwriting it", file=str(target), hint="pass --force to overwrite it"
+                )
+            ]
+        )
     load_profile_text(text, file=target)  # a template that does not validate is a bug: exit 1
     try:
         atomic_write_text(target, text)
     except OSError as exc:
-        raise UserError([Diagnostic(message=f"cannot write the profile: {exc.strerror or exc}",
-                                    file=str(target))]) from None
+        raise UserError(
+            [Diagnostic(message=f"cannot write the profile: {exc.strerror or exc}", file=str(target))]
+        ) from None
     print(f"wrote {target} from template {args.template!r}; check it with: mllm-deploy validate {target}")
     return ExitCode.OK

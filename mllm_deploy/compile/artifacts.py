@@ -34,7 +34,13 @@ from mllm_deploy import __version__
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult
 from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
 
-LOCK, MANIFEST, CALIBRATION, LATENCIES, KERNELS = "lock.json", "manifest.json", "calibration.json", "latencies.json", "kernels.json"
+LOCK, MANIFEST, CALIBRATION, LATENCIES, KERNELS = (
+    "lock.json",
+    "manifest.json",
+    "calibration.json",
+    "latencies.json",
+    "kernels.json",
+)
 
 
 class _Model(BaseModel):
@@ -156,9 +162,13 @@ def _calibration_source_identity(source: str, base_dir: Path | None) -> str:
     if not pattern.is_absolute() and base_dir is not None:
         pattern = Path(base_dir) / pattern
     files = sorted(glob.glob(str(pattern)))
-    return source + ":" + hashlib.sha256(
-        "\n".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files).encode()
-    ).hexdigest()[:16]
+    return (
+        source
+        + ":"
+        + hashlib.sha256(
+            "\n".join(f"{f}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files).encode()
+        ).hexdigest()[:16]
+    )
 
 
 _INFORMATIVE = {"model_source"}
@@ -171,8 +181,14 @@ def entry_key(lock: Lockfile) -> str:
 def stats_key(lock: Lockfile) -> str:
     """Calibration statistics depend on the model, the data and the percentile only."""
     s = lock.settings
-    parts = [lock.model_identity, s["calibration.source"], s["calibration.samples"],
-             s["calibration.tokens_per_sample"], s["outliers.scale_percentile"], lock.versions["mllm-deploy"]]
+    parts = [
+        lock.model_identity,
+        s["calibration.source"],
+        s["calibration.samples"],
+        s["calibration.tokens_per_sample"],
+        s["outliers.scale_percentile"],
+        lock.versions["mllm-deploy"],
+    ]
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:24]
 
 

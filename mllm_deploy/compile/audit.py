@@ -90,10 +90,14 @@ def audit_graph(model_path: str | Path, *, require_quantized_outputs: bool = Fal
         for role, tensor in zip(("activation", "weight"), mm.input[:2]):
             dq = producer.get(tensor)
             if dq is None or dq.op_type != "DequantizeLinear":
-                how = "a graph input" if dq is None and tensor not in initializers else (
-                    "a float initializer" if dq is None else f"{dq.op_type} {dq.name!r}"
+                how = (
+                    "a graph input"
+                    if dq is None and tensor not in initializers
+                    else ("a float initializer" if dq is None else f"{dq.op_type} {dq.name!r}")
                 )
-                problems.append(f"{label}: {role} input {tensor!r} comes from {how}, not DequantizeLinear (float matmul)")
+                problems.append(
+                    f"{label}: {role} input {tensor!r} comes from {how}, not DequantizeLinear (float matmul)"
+                )
                 continue
             source = dq.input[0]
             if source in initializers:

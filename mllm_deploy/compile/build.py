@@ -22,8 +22,21 @@ from pathlib import Path
 import numpy as np
 
 from mllm_deploy.compile.artifacts import (
-    CALIBRATION, KERNELS, LATENCIES, LOCK, Artifacts, EntryProblem, artifacts_root, commit_entry, entry_key,
-    expected_lock, load_stats, open_entry, stats_key, store_stats, write_manifest,
+    CALIBRATION,
+    KERNELS,
+    LATENCIES,
+    LOCK,
+    Artifacts,
+    EntryProblem,
+    artifacts_root,
+    commit_entry,
+    entry_key,
+    expected_lock,
+    load_stats,
+    open_entry,
+    stats_key,
+    store_stats,
+    write_manifest,
 )  # fmt: skip
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
@@ -56,7 +69,7 @@ def layer_act_quant(cal: CalibrationResult, layer: int, quantize_outputs: bool =
     rounding of the output — measured on SmolLM2, per-tensor uint8 *outputs* alone cost ~30%
     perplexity)."""
     dtype = cal.activations
-    grid = lambda clamp: activation_quant_symmetric(clamp, dtype)  # noqa: E731
+    grid = lambda clamp: activation_quant_symmetric(clamp, dtype)
     names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     return LayerActQuant(
         attn_in=grid(cal.input(layer, "qkv").clamp),
@@ -110,7 +123,7 @@ def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, p
             if final.exists():
                 log(f"artifact cache entry {final.name} rejected: {problem}; recompiling")
     started = time.perf_counter()
-    from mllm_deploy.model import load_tokenizer, load_weights
+    from mllm_deploy.model import load_weights
     from mllm_deploy.runtime.float_engine import FloatEngine
 
     engine = FloatEngine(load_weights(resolved.spec))
@@ -142,10 +155,10 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
     stats = load_stats(key)
     if stats is not None:
         return stats
+    from threadpoolctl import threadpool_limits
+
     from mllm_deploy.compile.calibrate import calibration_tokens, collect_activation_stats
     from mllm_deploy.model import load_tokenizer
-
-    from threadpoolctl import threadpool_limits
 
     p = resolved.profile
     started = time.perf_counter()
@@ -157,8 +170,12 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
     log(f"calibrating on {p.calibration.samples} x {p.calibration.tokens_per_sample} tokens "
         f"from {p.calibration.source!r} (once per model and calibration settings)")  # fmt: skip
     try:
-        samples = _cached_samples(lock, lambda: calibration_tokens(
-            p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir, resolved.loaded.where, progress))
+        samples = _cached_samples(
+            lock,
+            lambda: calibration_tokens(
+                p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir, resolved.loaded.where, progress
+            ),
+        )
         stats = collect_activation_stats(engine, samples, p.outliers.scale_percentile, source=p.calibration.source,
                                          chunk_size=p.prefill.chunk_size, progress=progress, started=started)  # fmt: skip
     finally:
@@ -175,8 +192,13 @@ def _cached_samples(lock, produce) -> list[list[int]]:
     from mllm_deploy.paths import atomic_write_bytes, cache_dir
 
     s = lock.settings
-    parts = [lock.model_identity, s["calibration.source"], s["calibration.samples"], s["calibration.tokens_per_sample"],
-             lock.versions["mllm-deploy"]]
+    parts = [
+        lock.model_identity,
+        s["calibration.source"],
+        s["calibration.samples"],
+        s["calibration.tokens_per_sample"],
+        lock.versions["mllm-deploy"],
+    ]
     path = cache_dir() / "calibration" / ("tokens-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:24] + ".json")
     try:
         samples = json.loads(path.read_text())

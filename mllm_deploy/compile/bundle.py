@@ -83,7 +83,9 @@ def write_bundle(resolved, artifacts: Artifacts, out_dir: Path) -> Path:
             shutil.copy2(model, tmp / "model" / model.name)
         source = f"model/{model.name}"
         shutil.copytree(artifacts.root, tmp / "artifacts")
-        profile = resolved.profile.model_copy(update={"model": resolved.profile.model.model_copy(update={"source": source})})
+        profile = resolved.profile.model_copy(
+            update={"model": resolved.profile.model.model_copy(update={"source": source})}
+        )
         atomic_write_text(tmp / BUNDLE_PROFILE, profile_to_toml(profile))
         info = BundleInfo(profile_name=profile.name, model_source=source, backend_label=resolved.backend_label,
                           artifacts_key=artifacts.root.name)  # fmt: skip

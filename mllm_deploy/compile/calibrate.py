@@ -74,8 +74,9 @@ fresh generations agree byte for byte across runs and thread counts."""
 MAX_KEPT_VALUES = 1 << 20  # beyond this K, percentiles come from a strided subsample
 
 
-def calibration_tokens(profile, tokenizer, engine: FloatEngine, base_dir: Path | None, where=None,
-                       progress: Progress | None = None) -> list[list[int]]:
+def calibration_tokens(
+    profile, tokenizer, engine: FloatEngine, base_dir: Path | None, where=None, progress: Progress | None = None
+) -> list[list[int]]:
     """The calibration samples as token id lists (each `tokens_per_sample` long, except that a
     short text file gives fewer, shorter samples)."""
     cal = profile.calibration
@@ -84,12 +85,17 @@ def calibration_tokens(profile, tokenizer, engine: FloatEngine, base_dir: Path |
     return text_file_tokens(cal.source, tokenizer, cal.samples, cal.tokens_per_sample, base_dir, where)
 
 
-def text_file_tokens(source: str, tokenizer, samples: int, tokens_per_sample: int, base_dir: Path | None,
-                     where=None) -> list[list[int]]:
+def text_file_tokens(
+    source: str, tokenizer, samples: int, tokens_per_sample: int, base_dir: Path | None, where=None
+) -> list[list[int]]:
     pattern = Path(source).expanduser()
     if not pattern.is_absolute() and base_dir is not None:
         pattern = Path(base_dir) / pattern
-    files = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else ([str(pattern)] if pattern.exists() else [])
+    files = (
+        sorted(glob.glob(str(pattern)))
+        if glob.has_magic(str(pattern))
+        else ([str(pattern)] if pattern.exists() else [])
+    )
     loc = (where or (lambda key: {"key": key}))("calibration.source")
     if not files:
         raise user_error("calibration text not found", value=source, allowed="`self`, a text file or a glob", **loc)
@@ -101,13 +107,16 @@ def text_file_tokens(source: str, tokenizer, samples: int, tokens_per_sample: in
             raise user_error(f"cannot read calibration text {name}: {exc.strerror or exc}", **loc) from None
     ids = tokenizer.encode("\n\n".join(text), allow_special=False)
     if len(ids) < 8:
-        raise user_error(f"calibration text has only {len(ids)} tokens", value=source, allowed="at least 8 tokens", **loc)
+        raise user_error(
+            f"calibration text has only {len(ids)} tokens", value=source, allowed="at least 8 tokens", **loc
+        )
     n = min(samples, math.ceil(len(ids) / tokens_per_sample))
     return [ids[i * tokens_per_sample : (i + 1) * tokens_per_sample] for i in range(n)]
 
 
-def self_generated_tokens(engine: FloatEngine, tokenizer, samples: int, tokens_per_sample: int,
-                          progress: Progress | None = None) -> list[list[int]]:
+def self_generated_tokens(
+    engine: FloatEngine, tokenizer, samples: int, tokens_per_sample: int, progress: Progress | None = None
+) -> list[list[int]]:
     """`samples` sequences of chat prompt + the model's own seeded continuation, decoded as one batch."""
     from mllm_deploy.model.chat_template import render_chat
 
@@ -116,8 +125,14 @@ def self_generated_tokens(engine: FloatEngine, tokenizer, samples: int, tokens_p
     seqs: list[list[int]] = []
     for i in range(samples):
         prompt = CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]
-        text = render_chat([{"role": "user", "content": prompt}], template=engine.spec.chat_template or _CHATML,
-                           add_generation_prompt=True, bos_token="", eos_token="", origin="calibration")
+        text = render_chat(
+            [{"role": "user", "content": prompt}],
+            template=engine.spec.chat_template or _CHATML,
+            add_generation_prompt=True,
+            bos_token="",
+            eos_token="",
+            origin="calibration",
+        )
         seqs.append(tokenizer.encode(text, allow_special=True)[:tokens_per_sample])
     caches = [engine.new_cache(tokens_per_sample) for _ in seqs]
     logits = np.stack([engine.forward_chunk(c, s, logit_rows="last")[0] for c, s in zip(caches, seqs)])  # [B, vocab]
@@ -244,8 +259,14 @@ def _widths(engine: FloatEngine) -> dict[str, int]:
 
 
 def collect_activation_stats(
-    engine: FloatEngine, samples: Sequence[Sequence[int]], percentile: float, *, source: str,
-    chunk_size: int = 256, progress: Progress | None = None, started: float | None = None,
+    engine: FloatEngine,
+    samples: Sequence[Sequence[int]],
+    percentile: float,
+    *,
+    source: str,
+    chunk_size: int = 256,
+    progress: Progress | None = None,
+    started: float | None = None,
 ) -> ActivationStats:
     """Two statistics passes over `samples` (see the module docstring)."""
     started = time.perf_counter() if started is None else started
@@ -283,7 +304,11 @@ def collect_activation_stats(
     _run_pass(engine, samples, outputs, chunk_size, progress, "calibration pass 2/3 (outputs)")
     max_abs = {key: max(top.max_abs, 1e-8) for key, top in tops.items()}
     damage = _grid_damage(engine, samples, max_abs, chunk_size, progress, "calibration pass 3/3 (grid damage)")
-    inputs = [tops[(layer, kind)].result(layer, kind, damage[(layer, kind)]) for layer in range(n_layers) for kind in GRAPH_KINDS]
+    inputs = [
+        tops[(layer, kind)].result(layer, kind, damage[(layer, kind)])
+        for layer in range(n_layers)
+        for kind in GRAPH_KINDS
+    ]
     digest = hashlib.sha256(np.concatenate([np.asarray(s, np.int64) for s in samples]).tobytes()).hexdigest()
     return ActivationStats(
         source=source, text_sha256=digest, samples=len(samples), tokens=total_tokens,
@@ -318,8 +343,15 @@ class _KVRange:
         return KVAbsMax(keys=self.keys.tolist(), values=self.values.tolist())
 
 
-def _run_pass(engine: FloatEngine, samples, sink, chunk_size: int, progress: Progress | None, stage: str,
-              on_cache: Callable | None = None) -> None:
+def _run_pass(
+    engine: FloatEngine,
+    samples,
+    sink,
+    chunk_size: int,
+    progress: Progress | None,
+    stage: str,
+    on_cache: Callable | None = None,
+) -> None:
     recording = FloatEngine.__new__(FloatEngine)  # same weights and tables, recording linears
     recording.__dict__.update(engine.__dict__)
     recording.block_linears = [_Recorder(engine, layer, sink) for layer in range(engine.spec.n_layers)]
@@ -356,8 +388,14 @@ class _MaxAbsGrid(FloatBlockLinears):
         return self._in("down", h) @ self.w.w_down.T  # [T, hidden]
 
 
-def _grid_damage(engine: FloatEngine, samples, max_abs: dict[tuple[int, str], float], chunk_size: int,
-                 progress: Progress | None, stage: str) -> dict[tuple[int, str], float]:
+def _grid_damage(
+    engine: FloatEngine,
+    samples,
+    max_abs: dict[tuple[int, str], float],
+    chunk_size: int,
+    progress: Progress | None,
+    stage: str,
+) -> dict[tuple[int, str], float]:
     """(layer, kind) -> mean over tokens of |h' - h|² / |h|², h the residual stream after the layer
     in float and h' the same with only that input on its max-abs grid (pass 3, module docstring)."""
     n_layers = engine.spec.n_layers

@@ -255,7 +255,11 @@ def derive_calibration(
         outputs = stats.output_max_clamped
     else:  # a linear's output range follows whether its input is clipped (shadowed) or not (pruned)
         outputs = {
-            key: (stats.output_max_clamped if (int(key.split("/")[0]), KIND_OF_LINEAR[key.split("/")[1]]) in shadowed else stats.output_max)[key]
+            key: (
+                stats.output_max_clamped
+                if (int(key.split("/")[0]), KIND_OF_LINEAR[key.split("/")[1]]) in shadowed
+                else stats.output_max
+            )[key]
             for key in stats.output_max
         }
     return CalibrationResult(

@@ -140,9 +140,7 @@ def _plus(y: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     return y if bias is None else y + bias
 
 
-def quantize_layer_weights(
-    layer: LayerWeights, granularity: WeightGranularity
-) -> dict[str, QuantizedWeight]:
+def quantize_layer_weights(layer: LayerWeights, granularity: WeightGranularity) -> dict[str, QuantizedWeight]:
     """INT8 weights of one layer's seven linears, keyed like `ModelSpec.linear_shapes()`."""
     float_weights = {
         "attn_q": layer.wq,
@@ -160,17 +158,13 @@ def _scalar(name: str, value, dtype) -> TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def _act_qdq(
-    src: str, prefix: str, act: ActQuant, nodes: list, inits: list, out: str | None = None
-) -> str:
+def _act_qdq(src: str, prefix: str, act: ActQuant, nodes: list, inits: list, out: str | None = None) -> str:
     """Append Q→DQ of `src` on the grid `act`; return the DQ output name (`out` if given)."""
     scale, zp = f"{prefix}_scale", f"{prefix}_zero_point"
     out = out or f"{prefix}_dq"
     inits += [_scalar(scale, act.scale, np.float32), _scalar(zp, act.zero_point, act.numpy_dtype)]
     nodes.append(helper.make_node("QuantizeLinear", [src, scale, zp], [f"{prefix}_q"], name=f"{prefix}_quantize"))
-    nodes.append(
-        helper.make_node("DequantizeLinear", [f"{prefix}_q", scale, zp], [out], name=f"{prefix}_dequantize")
-    )
+    nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}_q", scale, zp], [out], name=f"{prefix}_dequantize"))
     return out
 
 
@@ -264,9 +258,7 @@ def build_linear_group_model(
         ],
         inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mllm-deploy"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mllm-deploy")
     model.ir_version = IR_VERSION
     return model
 
@@ -330,8 +322,12 @@ def save_model_atomic(model: onnx.ModelProto, path: Path) -> Path:
         tmp_model = tmp_dir / path.name
         if external:
             onnx.save_model(
-                model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
+                model,
+                tmp_model,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
             )
             os.replace(tmp_dir / data_name, path.parent / data_name)
         else:

@@ -139,9 +139,7 @@ def activation_quant_asymmetric(lo: float, hi: float, dtype: ActDtype) -> ActQua
     return ActQuant(dtype=dtype, scale=scale, zero_point=zero_point)
 
 
-def linear_error_bound(
-    x: np.ndarray, weight: QuantizedWeight, act: ActQuant
-) -> np.ndarray:
+def linear_error_bound(x: np.ndarray, weight: QuantizedWeight, act: ActQuant) -> np.ndarray:
     """Worst-case |x_q @ W_q.T - x @ W.T| per output element for x inside the clamp range,
     from the rounding steps alone (no accumulation error, which is exact in int32):
 

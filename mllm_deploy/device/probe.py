@@ -82,7 +82,7 @@ def _cpu_ghz(text_mhz: str | None) -> float | None:
 
     try:
         freq = psutil.cpu_freq()
-    except Exception:  # noqa: BLE001 - psutil raises various errors in containers
+    except Exception:
         freq = None
     if freq is not None:
         mhz = freq.max or freq.current
@@ -136,7 +136,7 @@ def collect_ort() -> dict[str, Any]:
     """onnxruntime version and built-in providers."""
     try:
         import onnxruntime as ort
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no onnxruntime"
+    except Exception as exc:
         return {"warnings": [f"onnxruntime cannot be imported: {exc}"]}
     ort.set_default_logger_severity(3)
     return {"onnxruntime_version": ort.__version__, "ort_providers": list(ort.get_available_providers())}
@@ -148,7 +148,7 @@ def collect_qnn(machine: str, providers: list[str]) -> dict[str, Any]:
     try:
         import onnxruntime as ort
         import onnxruntime_qnn
-    except Exception:  # noqa: BLE001 - the plugin is optional
+    except Exception:
         return out
     out["qnn_version"] = getattr(onnxruntime_qnn, "__version__", None)
     info = getattr(onnxruntime_qnn, "build_and_package_info", None)
@@ -157,7 +157,7 @@ def collect_qnn(machine: str, providers: list[str]) -> dict[str, Any]:
     try:
         ort.register_execution_provider_library(ep_name, onnxruntime_qnn.get_library_path())
         devices = [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
-    except Exception as exc:  # noqa: BLE001 - a broken plugin must not fail the probe
+    except Exception as exc:
         out["warnings"].append(f"QNN execution provider failed to register: {exc}")
         return out
     if devices and ep_name not in providers:
@@ -237,7 +237,7 @@ def _fallback(warnings: list[str], partial: dict[str, Any] | None) -> dict[str, 
         import psutil
 
         ram = int(psutil.virtual_memory().total)
-    except Exception:  # noqa: BLE001 - stay conservative whatever goes wrong
+    except Exception:
         ram = 0
     facts: dict[str, Any] = {
         "system": platform.system() or "unknown",
@@ -308,7 +308,7 @@ def _read_cache(path: Path, fp: dict[str, str]) -> HostProbe | None:
         if data.get("fingerprint") != fp:
             return None
         return HostProbe.model_validate(data["probe"])
-    except Exception:  # noqa: BLE001 - a corrupt or stale cache is simply re-probed
+    except Exception:
         return None
 
 

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 
-def token_nll(engine, token_ids: Sequence[int], chunk_size: int,
-              on_chunk: Callable[[int, int], None] | None = None, cache=None) -> np.ndarray:
+def token_nll(
+    engine, token_ids: Sequence[int], chunk_size: int, on_chunk: Callable[[int, int], None] | None = None, cache=None
+) -> np.ndarray:
     """Negative log-likelihood of every token after the first, float64 [n - 1]. `cache`: an
     empty KV cache of the engine's to fill (its counters can be read afterwards), else a new one."""
     ids = np.asarray(token_ids, np.int64)

@@ -17,7 +17,15 @@ from pathlib import Path
 from mllm_deploy.errors import user_error
 from mllm_deploy.model.spec import LayerWeights, LlamaWeights, ModelSpec
 
-__all__ = ["LayerWeights", "LlamaWeights", "ModelSpec", "read_spec", "load_weights", "load_tokenizer", "resolve_source_path"]
+__all__ = [
+    "LayerWeights",
+    "LlamaWeights",
+    "ModelSpec",
+    "load_tokenizer",
+    "load_weights",
+    "read_spec",
+    "resolve_source_path",
+]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?![\\/])")  # "builtin:x", "hf:x"; not "C:\" or "/a:b"
 SOURCE_SYNTAX = "builtin:NAME, a path to a .gguf file, or a Hugging Face model directory"
@@ -42,7 +50,9 @@ def resolve_source_path(source: str, base_dir: Path | None = None) -> tuple[Path
             allowed=SOURCE_SYNTAX,
         )
     if not path.exists():
-        raise user_error("model path not found", file=str(path), key="model.source", value=source, allowed=SOURCE_SYNTAX)
+        raise user_error(
+            "model path not found", file=str(path), key="model.source", value=source, allowed=SOURCE_SYNTAX
+        )
     return path, None
 
 
@@ -66,7 +76,9 @@ def read_spec(source: str, base_dir: Path | None = None) -> ModelSpec:
     except OSError as exc:
         raise user_error(f"cannot read the model file: {exc.strerror or exc}", file=str(path)) from None
     if magic != GGUF_MAGIC and path.suffix != ".gguf":
-        raise user_error(f"not a model: expected a GGUF file or a Hugging Face directory ({SOURCE_SYNTAX})", file=str(path))
+        raise user_error(
+            f"not a model: expected a GGUF file or a Hugging Face directory ({SOURCE_SYNTAX})", file=str(path)
+        )
     spec = read_gguf_spec(path, source)
     return replace(spec, file_sha256=sha256) if sha256 else spec
 

@@ -68,7 +68,11 @@ def _check_messages(messages: list[dict]) -> None:
     if not isinstance(messages, list):
         raise user_error("chat messages must be a list of {role, content} objects")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
             raise user_error(f"chat message {i} must have a string 'role' and 'content'", value=message)
 
 
@@ -92,7 +96,11 @@ def render_chat(
     compiled = compile_template(template, origin=origin)
     try:
         return compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token, **extra
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            **extra,
         )
     except TemplateRaised as exc:
         raise user_error(f"the chat template refused the conversation: {exc}", file=origin) from None
@@ -125,7 +133,9 @@ def choose_template_with_origin(spec: ModelSpec, setting: str = AUTO, base_dir: 
             raise user_error("chat template file not found", file=str(path), key="model.chat_template", value=setting,
                              allowed="'auto' or a path to a Jinja template file") from None  # fmt: skip
         except (OSError, UnicodeDecodeError) as exc:
-            raise user_error(f"cannot read the chat template: {exc}", file=str(path), key="model.chat_template") from None
+            raise user_error(
+                f"cannot read the chat template: {exc}", file=str(path), key="model.chat_template"
+            ) from None
         origin = str(path)
     compile_template(template, origin=origin)
     return template, origin

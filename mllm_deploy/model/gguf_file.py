@@ -32,7 +32,19 @@ _SCALARS = {
     0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
     6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
 }  # fmt: skip
-_NUMPY_OF = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY_OF = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -158,9 +170,7 @@ class GGUFFile:
                 ggml_type = gguf.GGMLQuantizationType(type_id)
                 block, type_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
             except (ValueError, KeyError):
-                raise user_error(
-                    f"tensor {name!r} has unknown ggml type id {type_id}", file=str(self.path)
-                ) from None
+                raise user_error(f"tensor {name!r} has unknown ggml type id {type_id}", file=str(self.path)) from None
             n_elements = int(np.prod(shape)) if shape else 1
             if shape and shape[-1] % block:
                 self._bad(f"tensor {name!r} row length {shape[-1]} is not a multiple of {ggml_type.name} block {block}")

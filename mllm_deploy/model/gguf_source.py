@@ -67,7 +67,9 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
         if value is None:
             raise user_error(f"metadata key '{arch}.{key}' is missing", file=file)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise user_error(f"metadata key '{arch}.{key}' must be a number (per-layer values are not supported)", file=file)
+            raise user_error(
+                f"metadata key '{arch}.{key}' must be a number (per-layer values are not supported)", file=file
+            )
         return value
 
     for key, what in _UNSUPPORTED_KEYS.items():

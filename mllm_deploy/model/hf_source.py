@@ -86,23 +86,36 @@ def read_hf_spec(directory: Path, source: str) -> ModelSpec:
     arch_name = names[0] if isinstance(names, list) and names else config.get("model_type")
     if arch_name not in ARCHITECTURES:
         raise user_error(
-            f"unsupported model architecture {arch_name!r}", file=file, key="architectures", allowed=", ".join(ARCHITECTURES)
+            f"unsupported model architecture {arch_name!r}",
+            file=file,
+            key="architectures",
+            allowed=", ".join(ARCHITECTURES),
         )
     arch = ARCHITECTURES[arch_name]
     scaling = config.get("rope_scaling") or {}
     if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
-        raise user_error("RoPE scaling is not supported", file=file, key="rope_scaling", value=str(config["rope_scaling"]))
+        raise user_error(
+            "RoPE scaling is not supported", file=file, key="rope_scaling", value=str(config["rope_scaling"])
+        )
     if config.get("hidden_act", "silu") != "silu":
-        raise user_error("only SiLU (SwiGLU) MLPs are supported", file=file, key="hidden_act", value=config.get("hidden_act"))
+        raise user_error(
+            "only SiLU (SwiGLU) MLPs are supported", file=file, key="hidden_act", value=config.get("hidden_act")
+        )
     if arch != "qwen2" and (config.get("attention_bias") or config.get("mlp_bias")):
-        raise user_error("attention/MLP biases are not supported for this architecture", file=file, key="attention_bias")
+        raise user_error(
+            "attention/MLP biases are not supported for this architecture", file=file, key="attention_bias"
+        )
     if arch == "qwen2" and config.get("use_sliding_window"):
         raise user_error("Qwen2 sliding-window attention is not supported", file=file, key="use_sliding_window")
 
     hidden = _config_int(config, "hidden_size", file)
     n_heads = _config_int(config, "num_attention_heads", file)
     n_kv_heads = _config_int(config, "num_key_value_heads", file, n_heads)
-    head_dim = _config_int(config, "head_dim", file, hidden // n_heads) if config.get("head_dim") is not None else hidden // n_heads
+    head_dim = (
+        _config_int(config, "head_dim", file, hidden // n_heads)
+        if config.get("head_dim") is not None
+        else hidden // n_heads
+    )
     if n_heads % n_kv_heads or head_dim % 2:
         raise user_error(f"invalid head layout: {n_heads} heads, {n_kv_heads} KV heads, head_dim {head_dim}", file=file)
     context = _config_int(config, "max_position_embeddings", file, 2048)

@@ -71,7 +71,9 @@ def expected_tensors(spec: ModelSpec, fmt: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_tensor_table(spec: ModelSpec, fmt: str, found: dict[str, tuple[int, ...]], file: str, *, ignored: set[str] = frozenset()) -> None:
+def check_tensor_table(
+    spec: ModelSpec, fmt: str, found: dict[str, tuple[int, ...]], file: str, *, ignored: set[str] = frozenset()
+) -> None:
     """Refuse missing tensors, wrong shapes and unknown tensors (a variant we would run wrongly)."""
     expected = expected_tensors(spec, fmt)
     missing = [n for n in expected if n not in found]

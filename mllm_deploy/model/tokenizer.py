@@ -68,7 +68,9 @@ class ModelTokenizer:
     (`add_bos=None` uses the spec's `add_bos`; BOS is not doubled when the text starts with it).
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, bos_id: int | None, eos_ids: tuple[int, ...], add_bos: bool, origin: str):
+    def __init__(
+        self, tokenizer: Tokenizer, *, bos_id: int | None, eos_ids: tuple[int, ...], add_bos: bool, origin: str
+    ):
         self.tokenizer = tokenizer
         self.bos_id = bos_id
         self.add_bos = add_bos

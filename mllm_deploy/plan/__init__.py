@@ -18,7 +18,18 @@ from mllm_deploy.plan.passes import PASSES, PlanInputs
 if TYPE_CHECKING:
     from mllm_deploy.resolve import Resolved
 
-__all__ = ["Estimate", "GraphSpec", "MemoryBudget", "Plan", "ShadowPlan", "Subgraph", "TensorSpec", "build_plan", "memory_budget", "plan_to_json"]
+__all__ = [
+    "Estimate",
+    "GraphSpec",
+    "MemoryBudget",
+    "Plan",
+    "ShadowPlan",
+    "Subgraph",
+    "TensorSpec",
+    "build_plan",
+    "memory_budget",
+    "plan_to_json",
+]
 
 
 def default_prompt_tokens(resolved: Resolved) -> int:

@@ -80,6 +80,7 @@ def shadowed_input_count(profile: Profile, spec: ModelSpec) -> int:
 def decode_weight_bytes(spec: ModelSpec, block: int) -> int:
     """Bytes of the decode graphs' 8-bit weights: every layer's linears and the output head, each
     row in blocks of `block` int8 values (the last one padded) with one float32 scale per block."""
+
     def blocked(out: int, inp: int) -> int:
         return out * -(-inp // block) * (block + F32)
 

@@ -39,11 +39,31 @@ def _layer_kinds(spec: ModelSpec, chunk: int) -> list[tuple[str, list[TensorSpec
     """(kind, inputs, outputs, ops per chunk) of the subgraphs of one layer, in data-flow order."""
     h, q, kv, f = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn
     return [
-        ("attn_norm", [_t("residual", (chunk, h)), _t("mlp_out", (chunk, h))], [_t("residual", (chunk, h)), _t("x_norm", (chunk, h))], 4 * chunk * h),
-        ("qkv", [_t("x_norm", (chunk, h))], [_t("q", (chunk, q)), _t("k", (chunk, kv)), _t("v", (chunk, kv))], 2 * chunk * h * (q + 2 * kv)),
-        ("attention", [_t("q", (chunk, q)), _t("k", (chunk, kv)), _t("v", (chunk, kv))], [_t("attn_out", (chunk, q))], 0),
+        (
+            "attn_norm",
+            [_t("residual", (chunk, h)), _t("mlp_out", (chunk, h))],
+            [_t("residual", (chunk, h)), _t("x_norm", (chunk, h))],
+            4 * chunk * h,
+        ),
+        (
+            "qkv",
+            [_t("x_norm", (chunk, h))],
+            [_t("q", (chunk, q)), _t("k", (chunk, kv)), _t("v", (chunk, kv))],
+            2 * chunk * h * (q + 2 * kv),
+        ),
+        (
+            "attention",
+            [_t("q", (chunk, q)), _t("k", (chunk, kv)), _t("v", (chunk, kv))],
+            [_t("attn_out", (chunk, q))],
+            0,
+        ),
         ("o_proj", [_t("attn_out", (chunk, q))], [_t("o_out", (chunk, h))], 2 * chunk * q * h),
-        ("ffn_norm", [_t("residual", (chunk, h)), _t("o_out", (chunk, h))], [_t("residual", (chunk, h)), _t("x_norm", (chunk, h))], 4 * chunk * h),
+        (
+            "ffn_norm",
+            [_t("residual", (chunk, h)), _t("o_out", (chunk, h))],
+            [_t("residual", (chunk, h)), _t("x_norm", (chunk, h))],
+            4 * chunk * h,
+        ),
         ("gate_up", [_t("x_norm", (chunk, h))], [_t("act", (chunk, f))], 2 * chunk * h * 2 * f + 4 * chunk * f),
         ("down", [_t("act", (chunk, f))], [_t("mlp_out", (chunk, h))], 2 * chunk * f * h),
     ]
@@ -63,7 +83,9 @@ def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
     kinds = _layer_kinds(spec, chunk)
     for c in range(n_chunks):
         prev = f"c{c}.embed"
-        subgraphs.append(_sub(prev, c, -1, "embed", [_t("token_ids", (chunk,), "int32")], [_t("residual", (chunk, spec.hidden))], 0))
+        subgraphs.append(
+            _sub(prev, c, -1, "embed", [_t("token_ids", (chunk,), "int32")], [_t("residual", (chunk, spec.hidden))], 0)
+        )
         for layer in range(spec.n_layers):
             for kind, ins, outs, ops in kinds:
                 sid = f"c{c}.L{layer}.{kind}"
@@ -76,9 +98,29 @@ def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
                 prev = sid
         if c == n_chunks - 1:
             fin = f"c{c}.L{spec.n_layers}.final_norm"
-            subgraphs.append(_sub(fin, c, spec.n_layers, "final_norm", [_t("residual", (1, spec.hidden)), _t("mlp_out", (1, spec.hidden))], [_t("x_norm", (1, spec.hidden))], 4 * spec.hidden))
+            subgraphs.append(
+                _sub(
+                    fin,
+                    c,
+                    spec.n_layers,
+                    "final_norm",
+                    [_t("residual", (1, spec.hidden)), _t("mlp_out", (1, spec.hidden))],
+                    [_t("x_norm", (1, spec.hidden))],
+                    4 * spec.hidden,
+                )
+            )
             head = f"c{c}.L{spec.n_layers}.lm_head"
-            subgraphs.append(_sub(head, c, spec.n_layers, "lm_head", [_t("x_norm", (1, spec.hidden))], [_t("logits", (1, spec.vocab))], 2 * spec.hidden * spec.vocab))
+            subgraphs.append(
+                _sub(
+                    head,
+                    c,
+                    spec.n_layers,
+                    "lm_head",
+                    [_t("x_norm", (1, spec.hidden))],
+                    [_t("logits", (1, spec.vocab))],
+                    2 * spec.hidden * spec.vocab,
+                )
+            )
             edges += [(prev, fin), (fin, head)]
     return plan.model_copy(
         update={
@@ -92,7 +134,18 @@ def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
 
 
 def _sub(sid: str, chunk: int, layer: int, kind: str, ins, outs, ops: int) -> Subgraph:
-    return Subgraph(id=sid, chunk=chunk, layer=layer, kind=kind, processor="cpu", graph=None, inputs=ins, outputs=outs, ops=ops, estimate_ms=0.0)
+    return Subgraph(
+        id=sid,
+        chunk=chunk,
+        layer=layer,
+        kind=kind,
+        processor="cpu",
+        graph=None,
+        inputs=ins,
+        outputs=outs,
+        ops=ops,
+        estimate_ms=0.0,
+    )
 
 
 def _act_dtype(profile: Profile) -> str:
@@ -113,7 +166,13 @@ def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
             on_npu.add("lm_head")
     per_channel = profile.quantization.weights == "int8-per-channel"
     shapes = spec.linear_shapes()
-    linear_members = {"qkv": ("attn_q", "attn_k", "attn_v"), "o_proj": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"), "down": ("ffn_down",), "lm_head": ()}
+    linear_members = {
+        "qkv": ("attn_q", "attn_k", "attn_v"),
+        "o_proj": ("attn_output",),
+        "gate_up": ("ffn_gate", "ffn_up"),
+        "down": ("ffn_down",),
+        "lm_head": (),
+    }
 
     def weight_bytes(kind: str) -> int:
         if kind == "lm_head":
@@ -134,12 +193,26 @@ def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
         if gid in graphs:
             graphs[gid] = graphs[gid].model_copy(update={"used_by_chunks": graphs[gid].used_by_chunks + 1})
         else:
-            graphs[gid] = GraphSpec(id=gid, layer=sg.layer, kind=sg.kind, processor="npu", weight_bytes=weight_bytes(sg.kind), ops=sg.ops, used_by_chunks=1)
+            graphs[gid] = GraphSpec(
+                id=gid,
+                layer=sg.layer,
+                kind=sg.kind,
+                processor="npu",
+                weight_bytes=weight_bytes(sg.kind),
+                ops=sg.ops,
+                used_by_chunks=1,
+            )
         # the NPU quantizes its float input on entry (QuantizeLinear) and returns float
         inputs = [TensorSpec(name=t.name, shape=t.shape, dtype=F32) for t in sg.inputs]
-        note = [TensorSpec(name=f"{t.name}_q", shape=t.shape, dtype=_act_dtype(profile)) for t in sg.inputs if sg.kind in LINEAR_KINDS]
+        note = [
+            TensorSpec(name=f"{t.name}_q", shape=t.shape, dtype=_act_dtype(profile))
+            for t in sg.inputs
+            if sg.kind in LINEAR_KINDS
+        ]
         placed.append(sg.model_copy(update={"processor": "npu", "graph": gid, "inputs": inputs + note}))
-    return plan.model_copy(update={"subgraphs": placed, "graphs": list(graphs.values()), "passes": [*plan.passes, "place"]})
+    return plan.model_copy(
+        update={"subgraphs": placed, "graphs": list(graphs.values()), "passes": [*plan.passes, "place"]}
+    )
 
 
 PROVISIONAL_KIND_ORDER = ("down", "qkv", "gate_up", "o_proj")
@@ -158,7 +231,9 @@ def choose_shadow_inputs(
     """((layer, kind) inputs, source): calibration's choice when known, else a provisional one —
     kinds in PROVISIONAL_KIND_ORDER, each spread evenly over the layers."""
     if calibrated is not None:
-        return sorted(((int(layer), str(kind)) for layer, kind in calibrated), key=lambda p: (p[0], _kind_order(p[1]))), "calibration"
+        return sorted(
+            ((int(layer), str(kind)) for layer, kind in calibrated), key=lambda p: (p[0], _kind_order(p[1]))
+        ), "calibration"
     count = shadowed_input_count(profile, spec)
     chosen: list[tuple[int, str]] = []
     for kind in PROVISIONAL_KIND_ORDER:
@@ -206,12 +281,32 @@ def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
         out_width = sum(t.shape[1] for t in sg.outputs)
         ops = int(2 * OUTLIER_SHARE * x.shape[0] * x.shape[1] * out_width)
         outs = [TensorSpec(name=f"{t.name}_correction", shape=t.shape, dtype=F32) for t in sg.outputs]
-        new_subgraphs.append(Subgraph(id=sid, chunk=sg.chunk, layer=sg.layer, kind="shadow", processor="cpu", graph=None, inputs=[x], outputs=outs, ops=ops, estimate_ms=0.0))
+        new_subgraphs.append(
+            Subgraph(
+                id=sid,
+                chunk=sg.chunk,
+                layer=sg.layer,
+                kind="shadow",
+                processor="cpu",
+                graph=None,
+                inputs=[x],
+                outputs=outs,
+                ops=ops,
+                estimate_ms=0.0,
+            )
+        )
         new_edges += [(src, sid) for src in producers.get(sg.id, [])]  # whatever made its input
         for dst in consumers.get(sg.id, []):  # the correction is added before use
             new_edges.append((sid, dst))
             producers.setdefault(dst, []).append(sid)
-    return plan.model_copy(update={"subgraphs": new_subgraphs, "edges": new_edges, "shadow": shadow, "passes": [*plan.passes, "insert_shadow"]})
+    return plan.model_copy(
+        update={
+            "subgraphs": new_subgraphs,
+            "edges": new_edges,
+            "shadow": shadow,
+            "passes": [*plan.passes, "insert_shadow"],
+        }
+    )
 
 
 def _ms(ops: int, gops: float) -> float:

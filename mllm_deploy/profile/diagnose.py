@@ -15,8 +15,17 @@ Where = Callable[[tuple], dict]  # pydantic loc -> Diagnostic kwargs file, line,
 
 _MAX_VALUE_CHARS = 80
 _TYPE_ERRORS = {
-    "int_type", "int_parsing", "float_type", "float_parsing", "string_type", "bool_type",
-    "list_type", "dict_type", "model_type", "model_attributes_type", "int_from_float",
+    "int_type",
+    "int_parsing",
+    "float_type",
+    "float_parsing",
+    "string_type",
+    "bool_type",
+    "list_type",
+    "dict_type",
+    "model_type",
+    "model_attributes_type",
+    "int_from_float",
 }
 _RANGE_WORDS = {
     "greater_than_equal": (">=", "ge"),
@@ -74,7 +83,7 @@ def _type_hint(value: object, info: KeyInfo | None, name: str) -> str | None:
     if isinstance(value, float) and info.kind == "integer" and value.is_integer():
         return f"write a whole number: {name} = {int(value)}"
     if isinstance(value, str) and info.kind == "array of strings":
-        return f'write an array: {name} = [{toml_literal(value)}]'
+        return f"write an array: {name} = [{toml_literal(value)}]"
     if info.kind == "string" and isinstance(value, (int, float, bool)):
         return f'quote it: {name} = "{toml_literal(value)}"'
     return None

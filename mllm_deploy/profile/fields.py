@@ -187,7 +187,7 @@ def keys_in(section: str) -> list[str]:
     """Names (not dotted) of the keys directly inside `section` ("" for the top level)."""
     prefix = f"{section}." if section else ""
     depth = prefix.count(".")
-    return [k[len(prefix):] for k in all_keys() if k.startswith(prefix) and k.count(".") == depth]
+    return [k[len(prefix) :] for k in all_keys() if k.startswith(prefix) and k.count(".") == depth]
 
 
 def sections() -> list[str]:

@@ -24,15 +24,20 @@ def _set_under(explicit: frozenset[str], section: str) -> list[str]:
 def _npu_threads(profile: Profile, explicit: frozenset[str]) -> list[tuple[str, str]]:
     backend = profile.device.npu_backend
     if "device.npu_threads" in explicit and backend in ("qnn-htp", "none"):
-        return [("device.npu_threads", f"has no effect with device.npu_backend = \"{backend}\"; "
-                 "it only sets the threads of the emulated NPU (\"ort-cpu\")")]
+        return [
+            (
+                "device.npu_threads",
+                f'has no effect with device.npu_backend = "{backend}"; '
+                'it only sets the threads of the emulated NPU ("ort-cpu")',
+            )
+        ]
     return []
 
 
 def _float_baseline(profile: Profile, explicit: frozenset[str]) -> list[tuple[str, str]]:
     if profile.device.npu_backend != "none":
         return []
-    reason = "has no effect with device.npu_backend = \"none\": everything runs in float32 on the CPU"
+    reason = 'has no effect with device.npu_backend = "none": everything runs in float32 on the CPU'
     found = [(key, reason) for section in _FLOAT_ONLY_SECTIONS for key in _set_under(explicit, section)]
     for kind in ("attention", "norms", "lm_head"):
         if getattr(profile.placement, kind) == "npu":
@@ -49,7 +54,7 @@ def _outlier_knobs(profile: Profile, explicit: frozenset[str]) -> list[tuple[str
         unused += ["outliers.hot_channel_fraction", "outliers.prune_fraction"]
     if policy == "none":
         unused.append("outliers.scale_percentile")
-    return [(key, f"has no effect with outliers.policy = \"{policy}\"") for key in unused if key in explicit]
+    return [(key, f'has no effect with outliers.policy = "{policy}"') for key in unused if key in explicit]
 
 
 def _greedy_sampling(profile: Profile, explicit: frozenset[str]) -> list[tuple[str, str]]:
@@ -68,8 +73,4 @@ CHECKS = (_npu_threads, _float_baseline, _outlier_knobs, _greedy_sampling)
 def profile_warnings(profile: Profile, explicit: frozenset[str], where: Where) -> list[Diagnostic]:
     """Every warning for `profile`, located with `where(dotted_key)`."""
     found = [item for check in CHECKS for item in check(profile, explicit)]
-    return [
-        Diagnostic(message=message, severity="warning", **where(key))
-        for key, message in found
-    ]
-
+    return [Diagnostic(message=message, severity="warning", **where(key)) for key, message in found]

@@ -83,10 +83,14 @@ def load_profile_text(
     explicit = frozenset(leaf_keys(document) | set_by_overrides)
     warnings = in_reading_order(profile_warnings(profile, explicit, where), overrides)
     if not document and not overrides:
-        warnings.insert(0, Diagnostic(
-            message="the profile sets no keys: every key has its default value",
-            severity="warning", file=display,
-        ))
+        warnings.insert(
+            0,
+            Diagnostic(
+                message="the profile sets no keys: every key has its default value",
+                severity="warning",
+                file=display,
+            ),
+        )
     return LoadedProfile(
         profile=profile,
         path=file,

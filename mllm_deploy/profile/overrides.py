@@ -133,9 +133,7 @@ def leaf_keys(document: object, prefix: str = "") -> set[str]:
     return out
 
 
-def apply_overrides(
-    document: dict, overrides: Sequence[str]
-) -> tuple[dict, set[str], list[str], list[Diagnostic]]:
+def apply_overrides(document: dict, overrides: Sequence[str]) -> tuple[dict, set[str], list[str], list[Diagnostic]]:
     """(merged copy of `document`, dotted keys the overrides set, the overrides applied,
     diagnostics of the overrides that could not be applied)."""
     merged = dict(document)

@@ -84,8 +84,13 @@ def reference_text() -> str:
     lines += ["", "Sections: " + ", ".join(f"[`[{s.key}]`](#{s.key})" for s in sections), ""]
     for section in sections:
         lines += [f"## [{section.key}]", "", section.doc, ""]
-        lines += _key_table([info for key, info in keys.items() if key.rsplit(".", 1)[0] == section.key
-                             and "." in key and not info.is_section])
+        lines += _key_table(
+            [
+                info
+                for key, info in keys.items()
+                if key.rsplit(".", 1)[0] == section.key and "." in key and not info.is_section
+            ]
+        )
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -94,17 +99,14 @@ def _key_table(infos: list) -> list[str]:
     rows = ["| Key | Type | Default | Allowed | Description |", "|---|---|---|---|---|"]
     for info in infos:
         default = f"`{info.default}`" if info.default != "unset" else "unset"
-        rows.append(
-            f"| `{info.key}` | {info.kind} | {_cell(default)} | {_cell(info.allowed)} | {_cell(info.doc)} |"
-        )
+        rows.append(f"| `{info.key}` | {info.kind} | {_cell(default)} | {_cell(info.allowed)} | {_cell(info.doc)} |")
     return rows
 
 
 def stale_files() -> list[Path]:
     """Committed generated files whose content differs from what the models generate now."""
     expected = {SCHEMA_PATH: schema_text(), REFERENCE_PATH: reference_text()}
-    return [path for path, text in expected.items()
-            if not path.is_file() or path.read_text(encoding="utf-8") != text]
+    return [path for path, text in expected.items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
 
 
 def write_all() -> list[Path]:
@@ -118,8 +120,11 @@ def write_all() -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mllm_deploy.profile.reference", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mllm_deploy.profile.reference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write", action="store_true", help="regenerate the schema and the reference doc")
     group.add_argument("--check", action="store_true", help="exit 1 if a committed copy is stale")

@@ -1,4 +1,4 @@
-""""Did you mean ...?" suggestions for misspelt keys and values."""
+""" "Did you mean ...?" suggestions for misspelt keys and values."""
 
 from __future__ import annotations
 

@@ -20,8 +20,15 @@ from mllm_deploy.runtime.scheduler import LatencyModel
 
 
 class DagEngine:
-    def __init__(self, float_engine: FloatEngine, prefill: DagPrefill, decoder, *, npu_label: str,
-                 kv_scales: KVScales | None = None):
+    def __init__(
+        self,
+        float_engine: FloatEngine,
+        prefill: DagPrefill,
+        decoder,
+        *,
+        npu_label: str,
+        kv_scales: KVScales | None = None,
+    ):
         self.float_engine = float_engine
         self.kv_scales = kv_scales  # int8 KV cache steps, or None: float32
         self.spec = float_engine.spec
@@ -48,8 +55,15 @@ class DagEngine:
     def new_cache(self, capacity: int) -> KVCache:
         return self.float_engine.new_cache(capacity, scales=self.kv_scales)
 
-    def prefill_chunks(self, cache: KVCache, token_ids: Sequence[int], *, chunk_size: int,
-                       pad_last_chunk: bool = False, logit_rows: str = "last") -> Iterator:
+    def prefill_chunks(
+        self,
+        cache: KVCache,
+        token_ids: Sequence[int],
+        *,
+        chunk_size: int,
+        pad_last_chunk: bool = False,
+        logit_rows: str = "last",
+    ) -> Iterator:
         """Like FloatEngine.prefill_chunks; chunks are always padded to the graphs' static size."""
         if logit_rows != "last":
             raise ValueError("the DAG prefill returns logits of the last token only")
@@ -102,8 +116,16 @@ def seeded_latencies(kernels) -> LatencyModel:
     return LatencyModel({("npu", kind, layer): ms / 1e3 for (layer, kind), ms in profiled.items()})
 
 
-def build_dag_engine(resolved, float_engine: FloatEngine, kernels, decoder, *, policy: str | None = None,
-                     shadow_inputs: tuple[tuple[int, str], ...] | None = None, kv_scales: KVScales | None = None) -> DagEngine:
+def build_dag_engine(
+    resolved,
+    float_engine: FloatEngine,
+    kernels,
+    decoder,
+    *,
+    policy: str | None = None,
+    shadow_inputs: tuple[tuple[int, str], ...] | None = None,
+    kv_scales: KVScales | None = None,
+) -> DagEngine:
     """A DagEngine for `resolved` (the profile checked against device and model). `shadow_inputs`:
     the calibrated (layer, kind) shadowed inputs for the plan (default: those the kernels correct);
     `kv_scales`: an int8 KV cache's steps (None: float32)."""

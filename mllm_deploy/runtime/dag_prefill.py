@@ -191,7 +191,9 @@ class DagPrefill:
                 assert isinstance(msg, TaskFinished)
                 sched.finished(task.id)
                 free[task.processor] += 1
-                finished = SubgraphFinished(task.id, task.processor, task.chunk, task.layer, task.kind, msg.t_start, msg.t_end)
+                finished = SubgraphFinished(
+                    task.id, task.processor, task.chunk, task.layer, task.kind, msg.t_start, msg.t_end
+                )
                 stats.spans.append(finished)
                 stats.busy_seconds[task.processor] += msg.t_end - msg.t_start
                 stats.tasks += 1
@@ -211,7 +213,9 @@ class DagPrefill:
                     committed += 1
                     logits = done.logits
                     _release(done)
-                    event = ChunkDone(done.index, len(chunks), done.span.n_real, done.last_end - (done.first_start or done.last_end))
+                    event = ChunkDone(
+                        done.index, len(chunks), done.span.n_real, done.last_end - (done.first_start or done.last_end)
+                    )
                     yield event, logits
                 if cancel is not None and cancel.is_set():
                     stopping = True
@@ -324,7 +328,9 @@ class DagPrefill:
         v = v.reshape(rows, spec.n_kv_heads, spec.head_dim)
         # only real rows reach the cache; not cache.write(): chunks of different layers interleave
         cache.store(layer, span.start, k[: span.n_real], v[: span.n_real])
-        chunk.attn = attend_stored_chunk(q, k, v, span, cache, layer, spec.n_kv_heads, self.chunk_attention)  # [T, q_dim]
+        chunk.attn = attend_stored_chunk(
+            q, k, v, span, cache, layer, spec.n_kv_heads, self.chunk_attention
+        )  # [T, q_dim]
 
     def _final_norm(self, chunk: _Chunk, layer: int) -> None:
         last = chunk.span.n_real - 1

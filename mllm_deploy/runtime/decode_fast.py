@@ -40,6 +40,7 @@ from mllm_deploy.runtime.rope import RopeTables
 
 FORMAT_VERSION = 5  # 5: the manifest records the block
 
+
 def decode_cache_key(spec: ModelSpec, block: int = BLOCK) -> str:
     if spec.file_sha256:
         identity = ["sha256", spec.file_sha256]
@@ -73,7 +74,9 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader, block: int = BLOCK) ->
     try:
         for name, build in decode_model_builders(weights_loader(), block).items():
             onnx.save_model(build(), tmp / f"{name}.onnx")  # one graph in memory at a time
-        (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT_VERSION, "graphs": list(GRAPH_NAMES), "model": spec.path, "block": block}))
+        (tmp / "manifest.json").write_text(
+            json.dumps({"format": FORMAT_VERSION, "graphs": list(GRAPH_NAMES), "model": spec.path, "block": block})
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     finally:
@@ -85,7 +88,13 @@ def graph_block(graphs: Path | dict) -> int:
     """Values per 8-bit block of decode graphs: a cached directory's manifest says it, built
     graphs carry it in their `MatMulNBits` nodes."""
     if isinstance(graphs, dict):
-        return next(a.i for n in graphs["head"].graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size")
+        return next(
+            a.i
+            for n in graphs["head"].graph.node
+            if n.op_type == "MatMulNBits"
+            for a in n.attribute
+            if a.name == "block_size"
+        )
     return int(json.loads((Path(graphs) / "manifest.json").read_text())["block"])
 
 
@@ -108,13 +117,18 @@ class _CacheBinding:
             self.io.bind_ortvalue_input(name, self._share(array))
         for layer in range(cache.n_layers):
             past_k, past_v, present_k, present_v = kv_names(layer)
-            for array, past, present in ((cache.k[layer][None], past_k, present_k), (cache.v[layer][None], past_v, present_v)):
+            for array, past, present in (
+                (cache.k[layer][None], past_k, present_k),
+                (cache.v[layer][None], past_v, present_v),
+            ):
                 value = self._share(array)
                 self.io.bind_ortvalue_input(past, value)
                 self.io.bind_ortvalue_output(present, value)
             if cache.scales is not None:
                 for scales, name in zip((cache.scales.k, cache.scales.v), kv_scale_names(layer)):
-                    self.io.bind_ortvalue_input(name, self._share(np.ascontiguousarray(scales[layer][None, :, None, :])))
+                    self.io.bind_ortvalue_input(
+                        name, self._share(np.ascontiguousarray(scales[layer][None, :, None, :]))
+                    )
         self.io.bind_ortvalue_output("x_final", self._share(self.x_final))
 
     def _share(self, array: np.ndarray) -> ort.OrtValue:
@@ -164,7 +178,9 @@ class Int8Decoder:
     def _session(self, name: str) -> ort.InferenceSession:
         if name not in self.sessions:
             graphs = self._graphs
-            source = graphs[name].SerializeToString() if isinstance(graphs, dict) else str(Path(graphs) / f"{name}.onnx")
+            source = (
+                graphs[name].SerializeToString() if isinstance(graphs, dict) else str(Path(graphs) / f"{name}.onnx")
+            )
             self.sessions[name] = ort.InferenceSession(source, self._options, providers=["CPUExecutionProvider"])
         return self.sessions[name]
 

@@ -111,7 +111,9 @@ class _Builder:
             domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=self.block, accuracy_level=4,
         )  # fmt: skip
         if biases and any(b is not None for b in biases):
-            full = np.concatenate([b if b is not None else np.zeros(a.shape[0], np.float32) for a, b in zip(weights, biases)])
+            full = np.concatenate(
+                [b if b is not None else np.zeros(a.shape[0], np.float32) for a, b in zip(weights, biases)]
+            )
             y = self.op("Add", [y, self.const("bias", full.astype(np.float32))], "biased")
         return y
 
@@ -127,20 +129,37 @@ class _Builder:
             self.inits,
         )
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="mllm-deploy"
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+            producer_name="mllm-deploy",
         )
         model.ir_version = 10
         return model
 
 
-def _mlp_then(b: _Builder, weights: LlamaWeights, layer: int, resid: str, attn: str, next_norm: np.ndarray) -> tuple[str, str]:
+def _mlp_then(
+    b: _Builder, weights: LlamaWeights, layer: int, resid: str, attn: str, next_norm: np.ndarray
+) -> tuple[str, str]:
     """(rms_norm(r, next_norm), r) for r the residual stream after layer `layer`'s o_proj and MLP;
     each residual add is fused with the norm that follows it."""
     w, spec = weights.layers[layer], weights.spec
     x, h = b.add_rms_norm(b.linear(attn, [w.wo]), resid, w.ffn_norm, spec.rms_eps)
     gate_up = b.linear(x, [w.w_gate, w.w_up])  # [1, 1, 2 ffn]
-    gate = b.op("Slice", [gate_up, b.const("s0", np.array([0])), b.const("s1", np.array([spec.ffn])), b.const("ax", np.array([-1]))], "gate")
-    up = b.op("Slice", [gate_up, b.const("s0", np.array([spec.ffn])), b.const("s1", np.array([2 * spec.ffn])), b.const("ax", np.array([-1]))], "up")
+    gate = b.op(
+        "Slice",
+        [gate_up, b.const("s0", np.array([0])), b.const("s1", np.array([spec.ffn])), b.const("ax", np.array([-1]))],
+        "gate",
+    )
+    up = b.op(
+        "Slice",
+        [
+            gate_up,
+            b.const("s0", np.array([spec.ffn])),
+            b.const("s1", np.array([2 * spec.ffn])),
+            b.const("ax", np.array([-1])),
+        ],
+        "up",
+    )
     act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], "sig")], "silu"), up], "act")
     return b.add_rms_norm(b.linear(act, [w.w_down]), h, next_norm, spec.rms_eps)
 
@@ -182,7 +201,10 @@ def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelP
         scales = []
         if kv_int8:
             scales = ["", "", "", *kv_scale_names(layer)]  # (position_ids, attention_bias, head_sink) unused
-            inputs += [helper.make_tensor_value_info(n, f32, [1, spec.n_kv_heads, 1, spec.head_dim]) for n in kv_scale_names(layer)]
+            inputs += [
+                helper.make_tensor_value_info(n, f32, [1, spec.n_kv_heads, 1, spec.head_dim])
+                for n in kv_scale_names(layer)
+            ]
         if layer > 0:
             normed, resid = _mlp_then(b, weights, layer - 1, resid, attn, w.attn_norm)
         qkv = b.linear(normed, [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
@@ -201,14 +223,20 @@ def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelP
 
 
 def _model(graph) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)], producer_name="mllm-deploy")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="mllm-deploy",
+    )
     model.ir_version = 10
     return model
 
 
 def _head_model(weights: LlamaWeights, block: int) -> onnx.ModelProto:
     head = _Builder("decode_head", block)
-    return head.model({"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)})
+    return head.model(
+        {"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)}
+    )
 
 
 def decode_model_builders(weights: LlamaWeights, block: int = BLOCK) -> dict[str, Callable[[], onnx.ModelProto]]:

@@ -80,7 +80,7 @@ class ProcessorExecutor:
             error = None
             try:
                 work()
-            except BaseException as exc:  # noqa: BLE001 - reported to the dispatcher, which re-raises
+            except BaseException as exc:
                 error = exc
             t_end = time.perf_counter()
             with self._lock:

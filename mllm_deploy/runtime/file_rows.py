@@ -34,7 +34,7 @@ class FileRows:
             return np.array(self.table[ids], dtype=np.float32)
         scalar = np.ndim(ids) == 0
         flat = np.atleast_1d(np.asarray(ids, np.int64))
-        if flat.size and not (0 <= flat.min() and flat.max() < self.shape[0]):
+        if flat.size and not (flat.min() >= 0 and flat.max() < self.shape[0]):
             bad = int(flat[(flat < 0) | (flat >= self.shape[0])][0])
             raise IndexError(f"row {bad} outside the table of {self.shape[0]} rows")
         out = np.empty((flat.size, self.shape[1]), np.float32)

@@ -37,7 +37,9 @@ class PrefillResult:
     cancelled: bool
 
 
-def attend_stored_chunk(q, k, v, span: ChunkSpan, cache: KVCache, layer: int, n_kv_heads: int, chunk_attention=None) -> np.ndarray:
+def attend_stored_chunk(
+    q, k, v, span: ChunkSpan, cache: KVCache, layer: int, n_kv_heads: int, chunk_attention=None
+) -> np.ndarray:
     """Attention of a chunk whose real K/V rows `k`/`v` [T, kv_heads, head_dim] the cache already
     holds at `span.start`: integer kernels over the earlier chunks of an int8 cache when
     `chunk_attention` is given (`prefill.attention = "int8"`), else float32 over
@@ -45,7 +47,9 @@ def attend_stored_chunk(q, k, v, span: ChunkSpan, cache: KVCache, layer: int, n_
     head_dim] rotated; returns [T, heads * head_dim]."""
     if chunk_attention is not None and cache.scales is not None:
         return chunk_attention(q, cache, layer, span.start, k[: span.n_real], v[: span.n_real])
-    keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])  # [kv_heads, end, head_dim]
+    keys, values = cache.attention_window(
+        layer, span.start, k[: span.n_real], v[: span.n_real]
+    )  # [kv_heads, end, head_dim]
     return causal_attention(q, keys, values, span.start, n_kv_heads)
 
 

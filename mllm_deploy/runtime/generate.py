@@ -65,7 +65,7 @@ def generate(
         raise ValueError("the prompt is empty")
     if len(prompt_ids) > cache.capacity:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the KV cache ({cache.capacity})")
-    cancelled = lambda: cancel is not None and cancel.is_set()  # noqa: E731
+    cancelled = lambda: cancel is not None and cancel.is_set()
     started = time.perf_counter()
     # room for the whole turn up front: growing the cache mid-decode would hold two copies at once
     cache.reserve(min(cache.capacity, len(prompt_ids) + request.max_new_tokens))
@@ -86,9 +86,7 @@ def generate(
             break
     prefill_seconds = time.perf_counter() - started
     prefill_cancelled = prefilled < len(new_ids)
-    yield PrefillDone(
-        len(prompt_ids), reused, prefilled, request.truncated_tokens, prefill_seconds, prefill_cancelled
-    )
+    yield PrefillDone(len(prompt_ids), reused, prefilled, request.truncated_tokens, prefill_seconds, prefill_cancelled)
 
     sampler = Sampler(request.sampling)
     stop_filter = StopStringFilter(request.stop)
@@ -130,7 +128,9 @@ def generate(
         prefill_seconds=prefill_seconds,
         prefill_tokens_per_s=prefilled / prefill_seconds if prefilled and prefill_seconds > 0 else None,
         decode_seconds=decode_seconds,
-        decode_tokens_per_s=(len(generated) - 1) / decode_seconds if len(generated) > 1 and decode_seconds > 0 else None,
+        decode_tokens_per_s=(len(generated) - 1) / decode_seconds
+        if len(generated) > 1 and decode_seconds > 0
+        else None,
     )
     yield GenerationDone(
         text="".join(pieces),

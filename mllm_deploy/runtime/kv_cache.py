@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 GROWTH = 64
 """Buffers grow in multiples of this many positions (a turn reserves its prompt plus
 `max_new_tokens` up front, so growth is rare and can be tight)."""
@@ -47,6 +46,7 @@ class KVScales:
     @classmethod
     def from_absmax(cls, k_absmax: np.ndarray, v_absmax: np.ndarray) -> KVScales:
         """Scales that put the largest magnitude seen (per channel) on the last int8 step."""
+
         def step(absmax):
             a = np.asarray(absmax, np.float32)
             return (np.maximum(a, np.float32(1e-6)) / np.float32(INT8_MAX)).astype(np.float32)
@@ -129,7 +129,9 @@ class KVCache:
         if self.scales is not None:
             k, v = quantize_kv(k, self.scales.k[layer]), quantize_kv(v, self.scales.v[layer])
             self.stored_values += k.size + v.size
-            self.saturated_values += int(np.count_nonzero(np.abs(k) == INT8_MAX) + np.count_nonzero(np.abs(v) == INT8_MAX))
+            self.saturated_values += int(
+                np.count_nonzero(np.abs(k) == INT8_MAX) + np.count_nonzero(np.abs(v) == INT8_MAX)
+            )
         self.k[layer, :, start : start + n] = k
         self.v[layer, :, start : start + n] = v
 
@@ -142,7 +144,9 @@ class KVCache:
         """Values of positions `0 .. end-1` of `layer` (as `keys`)."""
         return self._read(self.v, None if self.scales is None else self.scales.v, layer, end)
 
-    def attention_window(self, layer: int, start: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def attention_window(
+        self, layer: int, start: int, keys: np.ndarray, values: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) [kv_heads, start + n, head_dim] float32 for a chunk that has just stored
         its n rows `keys`/`values` [n, kv_heads, head_dim] at `start`: the earlier positions as
         held, the chunk's own rows exactly as given (with int8 storage the prefill still attends

@@ -90,9 +90,7 @@ class ChunkSpan:
         return self.start + self.n_real
 
 
-def causal_attention(
-    q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, n_kv_heads: int
-) -> np.ndarray:
+def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, n_kv_heads: int) -> np.ndarray:
     """Grouped-query attention of a chunk over every earlier token and causally within itself.
 
     q: [T, n_heads, head_dim], already rotated, row t at position `start + t`.
@@ -109,7 +107,9 @@ def causal_attention(
     q_grouped = q.reshape(n_rows, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
     q_grouped = q_grouped * np.float32(1.0 / np.sqrt(head_dim))  # [kv_heads, group, T, head_dim]
     q_grouped = q_grouped.reshape(n_kv_heads, group * n_rows, head_dim)
-    scores = np.matmul(q_grouped, keys.transpose(0, 2, 1), out=_scratch((n_kv_heads, group * n_rows, n_keys)))  # [kv_heads, group*T, L]
+    scores = np.matmul(
+        q_grouped, keys.transpose(0, 2, 1), out=_scratch((n_kv_heads, group * n_rows, n_keys))
+    )  # [kv_heads, group*T, L]
     n_new = n_keys - start  # keys of this chunk: only they can lie in a query's future
     if n_new > 1:
         grid = scores.reshape(n_kv_heads, group, n_rows, n_keys)

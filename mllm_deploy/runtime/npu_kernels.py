@@ -205,7 +205,9 @@ class NpuPrefillEngine:
         )
 
     def prefill(self, cache, token_ids, *, chunk_size: int | None = None, pad_last_chunk: bool = True, **kw):
-        return self.npu_engine.prefill(cache, token_ids, chunk_size=self.kernels.chunk_tokens, pad_last_chunk=True, **kw)
+        return self.npu_engine.prefill(
+            cache, token_ids, chunk_size=self.kernels.chunk_tokens, pad_last_chunk=True, **kw
+        )
 
     def decode_step(self, cache, token_id: int) -> np.ndarray:
         return self.float_engine.decode_step(cache, token_id)

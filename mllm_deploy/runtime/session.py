@@ -133,7 +133,9 @@ class ChatSession:
         self.messages = []
         self.cache.reset()
 
-    def send(self, user_text: str, *, cancel: threading.Event | None = None, max_new_tokens: int | None = None) -> Iterator[Event]:
+    def send(
+        self, user_text: str, *, cancel: threading.Event | None = None, max_new_tokens: int | None = None
+    ) -> Iterator[Event]:
         """One chat turn: the user's message, then the assistant's streamed reply."""
         conversation = [*self.messages, {"role": "user", "content": user_text}]
         for event in self.reply_to(conversation, cancel=cancel, max_new_tokens=max_new_tokens):
@@ -184,6 +186,7 @@ class ChatSession:
 
             engine.cancel = cancel
             request = replace(request, chunk_size=engine.prefill.chunk_tokens, pad_last_chunk=True)
-            return with_subgraph_events(generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel), engine)
+            return with_subgraph_events(
+                generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel), engine
+            )
         return generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel)
-

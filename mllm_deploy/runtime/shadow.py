@@ -84,7 +84,9 @@ class ShadowLinear:
         if disk:
             rows[~hot] = self._cold_rows[channels[~hot]]  # read from the artifact file
         values = r @ rows  # [m, out_total]
-        self._count(ShadowStats(1, x.size, int(np.count_nonzero(r)), int(channels.size), disk, time.thread_time() - started))
+        self._count(
+            ShadowStats(1, x.size, int(np.count_nonzero(r)), int(channels.size), disk, time.thread_time() - started)
+        )
         return Correction(token_rows, np.split(values, np.cumsum(self.splits)[:-1], axis=1))
 
     def _count(self, stats: ShadowStats) -> None:

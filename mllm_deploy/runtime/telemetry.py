@@ -250,7 +250,9 @@ class SessionMetrics:
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
-        return self.prefilled_tokens / self.prefill_seconds if self.prefilled_tokens and self.prefill_seconds > 0 else None
+        return (
+            self.prefilled_tokens / self.prefill_seconds if self.prefilled_tokens and self.prefill_seconds > 0 else None
+        )
 
     @property
     def decode_tokens_per_s(self) -> float | None:

@@ -42,8 +42,12 @@ class TraceRecorder:
             self._saw_subgraphs = True
         elif isinstance(event, ChunkDone):
             if not self._saw_subgraphs:  # the float engine: a chunk is one CPU span
-                self._spans.append(("cpu", f"prefill chunk {event.index + 1}/{event.n_chunks}", now - event.seconds, now, {}))
-            self._instants.append((f"chunk {event.index + 1}/{event.n_chunks} committed", now, {"tokens": event.tokens}))
+                self._spans.append(
+                    ("cpu", f"prefill chunk {event.index + 1}/{event.n_chunks}", now - event.seconds, now, {})
+                )
+            self._instants.append(
+                (f"chunk {event.index + 1}/{event.n_chunks} committed", now, {"tokens": event.tokens})
+            )
             self._last_mark = now
         elif isinstance(event, PrefillDone):
             self._last_mark = now
@@ -63,7 +67,7 @@ class TraceRecorder:
     def to_json(self) -> dict:
         times = [s[2] for s in self._spans] + [i[1] for i in self._instants]
         t0 = min(times) if times else 0.0
-        us = lambda t: round((t - t0) * 1e6, 3)  # noqa: E731
+        us = lambda t: round((t - t0) * 1e6, 3)
         lanes = self._cpu_lanes()
         events: list[dict] = []
         names = {NPU_TID: f"NPU ({self.npu_label})" if self.npu_label else "NPU"}
@@ -71,8 +75,18 @@ class TraceRecorder:
             tid = NPU_TID if processor == "npu" else CPU_TID + lane
             if processor != "npu":
                 names[tid] = "CPU" if lane == 0 else f"CPU {lane + 1}"
-            events.append({"name": name, "cat": processor, "ph": "X", "pid": PID, "tid": tid,
-                           "ts": us(start), "dur": round((end - start) * 1e6, 3), "args": args})
+            events.append(
+                {
+                    "name": name,
+                    "cat": processor,
+                    "ph": "X",
+                    "pid": PID,
+                    "tid": tid,
+                    "ts": us(start),
+                    "dur": round((end - start) * 1e6, 3),
+                    "args": args,
+                }
+            )
         for name, t, args in self._instants:
             events.append({"name": name, "ph": "i", "s": "p", "pid": PID, "tid": CPU_TID, "ts": us(t), "args": args})
         names.setdefault(CPU_TID, "CPU")

@@ -25,15 +25,15 @@ from mllm_deploy.runtime.telemetry import (
     UtilizationTracker,
 )
 from mllm_deploy.tui.command_handlers import CommandHandlers
-from mllm_deploy.tui.turn_handlers import TurnHandlers
 from mllm_deploy.tui.commands import chat_text, parse_command
 from mllm_deploy.tui.deployment import Deployment
 from mllm_deploy.tui.formatting import prefill_line, seconds
 from mllm_deploy.tui.messages import ModelFailed, ModelReady, WorkKind
 from mllm_deploy.tui.session_adapter import close_engine, executor_slots
 from mllm_deploy.tui.sessions import SavedSession
-from mllm_deploy.tui.widgets.prompt_input import PromptInput
 from mllm_deploy.tui.telemetry_view import LANE_SECONDS, telemetry_state
+from mllm_deploy.tui.turn_handlers import TurnHandlers
+from mllm_deploy.tui.widgets.prompt_input import PromptInput
 
 TRACKER_KEEP_SECONDS = LANE_SECONDS + 3.0  # spans older than the lane are not needed
 from mllm_deploy.tui.widgets.telemetry_panel import TelemetryPanel
@@ -145,7 +145,15 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         for message in messages:
             self.transcript.add(message["role"], message["content"])
 
-    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None, markup: bool = False) -> None:
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity="information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
         """Notifications show user text (paths, keys like `decode.stop[0]`) literally: no markup."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
@@ -170,7 +178,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         except UserError as err:
             self.post_message(ModelFailed(str(err)))
             return
-        except Exception as exc:  # noqa: BLE001 - shown as a notification, the app stays up
+        except Exception as exc:
             self.post_message(ModelFailed(f"the model failed to load: {type(exc).__name__}: {exc}"))
             return
         self.post_message(ModelReady(model, session, reason))
@@ -183,7 +191,9 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
 
     def on_model_ready(self, message: ModelReady) -> None:
         self.model, self.session = message.model, message.session
-        self.tracker = UtilizationTracker(slots=executor_slots(self.model, self.deployment.resolved), keep_seconds=TRACKER_KEEP_SECONDS)
+        self.tracker = UtilizationTracker(
+            slots=executor_slots(self.model, self.deployment.resolved), keep_seconds=TRACKER_KEEP_SECONDS
+        )
         if self.restore_messages is not None:
             self.session.messages = list(self.restore_messages)
             self.restore_messages = None
@@ -277,7 +287,9 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("Plan view", "Resolved profile and execution plan (F2)", self.action_plan)
         yield SystemCommand("Help", "Commands and key bindings (F1)", self.action_help)
-        yield SystemCommand("New conversation", "Forget the conversation and empty the KV cache (Ctrl+R)", self.action_reset)
+        yield SystemCommand(
+            "New conversation", "Forget the conversation and empty the KV cache (Ctrl+R)", self.action_reset
+        )
         yield SystemCommand("Save session", "Transcript as markdown + session file (Ctrl+S)", self.action_save)
         yield SystemCommand("Session stats", "TTFT, prefill and decode rates so far", lambda: self.command_stats(""))
         yield SystemCommand("Load a document…", "Type the path after /load", lambda: self.prefill_input("/load "))

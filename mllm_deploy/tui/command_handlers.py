@@ -40,7 +40,14 @@ class CommandHandlers:
 
     def command_stats(self, argument: str) -> None:
         load_s = getattr(self.model, "load_seconds", None)
-        self.note(stats_text(self.metrics, load_seconds=load_s, peak_rss_mb=peak_rss_mb(), backend_label=self.deployment.resolved.backend_label))
+        self.note(
+            stats_text(
+                self.metrics,
+                load_seconds=load_s,
+                peak_rss_mb=peak_rss_mb(),
+                backend_label=self.deployment.resolved.backend_label,
+            )
+        )
 
     def command_reset(self, argument: str) -> None:
         if self.busy is not None:

@@ -24,7 +24,9 @@ COMMANDS: tuple[CommandInfo, ...] = (
     CommandInfo("stats", "", "metrics of this session so far"),
     CommandInfo("plan", "", "show the resolved profile and execution plan (F2)"),
     CommandInfo("save", "[NAME]", "save the transcript (markdown + session file to reopen)"),
-    CommandInfo("open", "NAME", "reopen a saved session (its conversation is prefilled on the next turn)", needs_argument=True),
+    CommandInfo(
+        "open", "NAME", "reopen a saved session (its conversation is prefilled on the next turn)", needs_argument=True
+    ),
     CommandInfo("sessions", "", "list saved sessions"),
     CommandInfo("quit", "", "leave (Ctrl+Q)"),
 )
@@ -63,7 +65,9 @@ def parse_command(line: str) -> SlashCommand | None:
         raise UserError([Diagnostic(message=f"unknown command /{name}", hint=hint)])
     argument = argument.strip()
     if info.needs_argument and not argument:
-        raise UserError([Diagnostic(message=f"/{name} needs {info.argument}", hint=f"/{name} {info.argument}: {info.summary}")])
+        raise UserError(
+            [Diagnostic(message=f"/{name} needs {info.argument}", hint=f"/{name} {info.argument}: {info.summary}")]
+        )
     return SlashCommand(name, argument)
 
 

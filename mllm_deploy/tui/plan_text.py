@@ -65,7 +65,10 @@ def placement_grid(deployment: Deployment) -> str:
         if sg.chunk == 0:
             rows.setdefault(sg.layer, {}).setdefault(sg.kind, []).append(sg.processor)
     header = "layer ".ljust(6) + "".join(short.ljust(CELL) for _, short in GRID_COLUMNS)
-    lines = [f"Placement of chunk 0 ({plan.n_chunks} chunk(s) of {plan.chunk_size} planned; NPU / CPU per subgraph)", header]
+    lines = [
+        f"Placement of chunk 0 ({plan.n_chunks} chunk(s) of {plan.chunk_size} planned; NPU / CPU per subgraph)",
+        header,
+    ]
     for layer in sorted(rows):
         kinds = rows[layer]
         if layer < 0 or any(k in kinds for k in ("embed", "final_norm", "lm_head")):

@@ -23,7 +23,10 @@ Rebuild = Literal["nothing", "cache", "model"]
 APPLIED_EACH_TURN = ("decode.", "ui.", "name", "model.system_prompt", "prefill.overflow")
 FLOAT_ENGINE_EACH_TURN = ("prefill.chunk_size",)  # chunking is free on the float engine; NPU graphs are per chunk size
 NEEDS_NEW_CACHE = ("prefill.max_context",)
-NPU_ENGINE_SETTINGS = ("decode.kv_cache", "prefill.attention")  # the NPU engine is opened with its KV cache storage and attention
+NPU_ENGINE_SETTINGS = (
+    "decode.kv_cache",
+    "prefill.attention",
+)  # the NPU engine is opened with its KV cache storage and attention
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ def reconfigure(current: Deployment, assignment: str) -> Reconfiguration:
     """The deployment with one more override; raises UserError with located diagnostics."""
     assignment = assignment.strip()
     if "=" not in assignment:
-        raise UserError([Diagnostic(message="expected KEY=VALUE, e.g. /set decode.temperature=0.7", value=assignment or None)])
+        raise UserError(
+            [Diagnostic(message="expected KEY=VALUE, e.g. /set decode.temperature=0.7", value=assignment or None)]
+        )
     new = prepare_deployment(current.profile_arg, (*current.overrides, assignment))
     before, after = profile_values(current), profile_values(new)
     changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}

@@ -82,7 +82,10 @@ def load_session(name: str) -> SavedSession:
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {data.get('format_version')!r}, this release reads {FORMAT_VERSION}")
         session = SavedSession(**data)
-        if not all(isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str) for m in session.messages):
+        if not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+            for m in session.messages
+        ):
             raise ValueError("messages must be user/assistant objects with text content")
     except (OSError, ValueError, TypeError) as exc:
         raise UserError([Diagnostic(message=f"cannot read the saved session: {exc}", file=str(path))]) from None

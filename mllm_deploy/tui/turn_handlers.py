@@ -31,7 +31,9 @@ class TurnHandlers:
         self.inference_worker(self.session, make_events, kind, self.cancel_event, self.engine_synchronous)
 
     @work(thread=True, group="inference")
-    def inference_worker(self, session, make_events, kind: WorkKind, cancel: threading.Event, synchronous: bool) -> None:
+    def inference_worker(
+        self, session, make_events, kind: WorkKind, cancel: threading.Event, synchronous: bool
+    ) -> None:
         relay = SubgraphRelay(lambda batch: self.post_message(SubgraphEvents(batch)))
         restore = relay_subgraph_events(session, relay)
         try:
@@ -40,7 +42,7 @@ class TurnHandlers:
                 self.post_message(EngineEvent(timed, kind, synchronous))
         except UserError as err:
             self.post_message(WorkFailed(str(err), kind))
-        except Exception as exc:  # noqa: BLE001 - a model failure is a notification, not a crash
+        except Exception as exc:
             self.post_message(WorkFailed(f"{type(exc).__name__}: {exc}", kind))
         finally:
             restore()
@@ -48,7 +50,11 @@ class TurnHandlers:
 
     def ready_for_work(self) -> bool:
         if self.session is None:
-            text = "the model is still loading" if self.loading_started else "no model is loaded (see the error above; /set can fix the profile)"
+            text = (
+                "the model is still loading"
+                if self.loading_started
+                else "no model is loaded (see the error above; /set can fix the profile)"
+            )
             self.notify(text, severity="warning")
             return False
         if self.busy is not None:
@@ -143,4 +149,3 @@ class TurnHandlers:
         self.current_reply = None
         self.activity = ""
         self.refresh_telemetry(sample=False)
-

@@ -17,6 +17,7 @@ from mllm_deploy.model.spec import LayerWeights
 from mllm_deploy.paths import atomic_write_bytes
 from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle, check_inputs
 
+
 @dataclass(frozen=True)
 class FloatLinearGraph:
     """Linears sharing one float input; with `swiglu`, (gate, up) → silu(gate)·up."""
@@ -46,8 +47,12 @@ def float_layer_graphs(layer: LayerWeights, layer_index: int, chunk_tokens: int)
     p = f"layer{layer_index}"
     return {
         "qkv": FloatLinearGraph(
-            f"{p}_qkv", "x_norm", ("q", "k", "v"), (layer.wq, layer.wk, layer.wv),
-            (layer.bq, layer.bk, layer.bv), chunk_tokens,
+            f"{p}_qkv",
+            "x_norm",
+            ("q", "k", "v"),
+            (layer.wq, layer.wk, layer.wv),
+            (layer.bq, layer.bk, layer.bv),
+            chunk_tokens,
         ),
         "o_proj": FloatLinearGraph(f"{p}_o_proj", "attn_out", ("attn_proj",), (layer.wo,), (None,), chunk_tokens),
         "gate_up": FloatLinearGraph(
@@ -79,10 +84,13 @@ def load_float_graph(path: Path) -> FloatLinearGraph:
         name, input_name, outputs = (str(s) for s in data["meta"])
         n = sum(1 for k in data.files if k.startswith("weight"))
         return FloatLinearGraph(
-            name, input_name, tuple(outputs.split(",")),
+            name,
+            input_name,
+            tuple(outputs.split(",")),
             tuple(data[f"weight{i}"] for i in range(n)),
             tuple(data[f"bias{i}"] if f"bias{i}" in data.files else None for i in range(n)),
-            int(data["chunk_tokens"]), bool(data["swiglu"]),
+            int(data["chunk_tokens"]),
+            bool(data["swiglu"]),
         )
 
 

@@ -19,6 +19,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 def session_io(session: ort.InferenceSession) -> tuple[dict, dict]:
     """Static input and output shapes of a session, name → shape."""
+
     def shapes(values) -> dict[str, tuple[int, ...]]:
         out = {}
         for v in values:

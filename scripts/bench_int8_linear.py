@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +27,12 @@ import numpy as np
 from check_qnn_layer import load_layer, rms_norm, smollm2_gguf_path
 from threadpoolctl import threadpool_limits
 
+from mllm_deploy.backends.ort_cpu import OrtCpuBackend
 from mllm_deploy.compile.audit import integer_kernel_report
 from mllm_deploy.compile.graphs import GRAPH_KINDS, build_layer_graphs, max_abs_layer_act_quant
-from mllm_deploy.runtime.backends.numpy_float import float_layer_graphs
-from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the float reference graphs are a test double
+from float_graphs import float_layer_graphs
 
 
 def time_rounds(fn, rounds: int, iters: int) -> list[float]:

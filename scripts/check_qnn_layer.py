@@ -26,12 +26,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from mllm_deploy.backends.ort_cpu import OrtCpuBackend
+from mllm_deploy.backends.qnn_htp import QnnHtpBackend
 from mllm_deploy.compile.audit import audit_graph, integer_kernel_report
 from mllm_deploy.compile.graphs import build_layer_graphs, max_abs_layer_act_quant
 from mllm_deploy.model.spec import LayerWeights
-from mllm_deploy.runtime.backends.numpy_float import NumpyFloatBackend, float_layer_graphs
-from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
-from mllm_deploy.runtime.backends.qnn_htp import QnnHtpBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the float reference graphs are a test double
+from float_graphs import NumpyFloatBackend, float_layer_graphs
 
 RMS_EPS = 1e-5
 N_HEADS, N_KV_HEADS, HEAD_DIM = 9, 3, 64

@@ -18,11 +18,11 @@ import copy
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from mllm_deploy.compile.decode_graphs import decode_model_builders
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.profile import load_profile
 from mllm_deploy.runtime.decode_fast import Int8Decoder
-from mllm_deploy.runtime.decode_graphs import decode_model_builders
-from mllm_deploy.runtime.float_engine import FloatEngine
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

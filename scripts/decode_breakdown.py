@@ -19,11 +19,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mllm_deploy.bench.prompt_text import prompt_ids
+from mllm_deploy.compile.decode_cache import cached_decode_graphs
 from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve_profile
 from mllm_deploy.runtime.dag_engine import open_npu_engine
-from mllm_deploy.runtime.decode_fast import cached_decode_graphs
 
 
 def read_bandwidth_gb_s(threads: int, megabytes: int = 200, repeat: int = 3) -> float:

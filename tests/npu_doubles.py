@@ -13,17 +13,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from float_graphs import float_layer_graphs
 
+from mllm_deploy.backends.ort_cpu import OrtCpuBackend
 from mllm_deploy.compile.graphs import (
     build_layer_models,
     max_abs_layer_act_quant,
     quantize_layer_weights,
     save_model_atomic,
 )
-from mllm_deploy.runtime.backends.numpy_float import float_layer_graphs
-from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
-from mllm_deploy.runtime.float_engine import FloatEngine
-from mllm_deploy.runtime.layers import rms_norm
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.forward.layers import rms_norm
 
 KINDS = ("qkv", "o_proj", "gate_up", "down")
 
@@ -111,7 +111,7 @@ def _layer_samples(weights, ids: list[int]) -> list[tuple[np.ndarray, np.ndarray
     cache = engine.new_cache(len(ids) + 1)
     samples = []
     x = weights.tok_embd[np.asarray(ids)]
-    from mllm_deploy.runtime.layers import ChunkSpan
+    from mllm_deploy.forward.layers import ChunkSpan
 
     span = ChunkSpan(0, len(ids), len(ids))
     for i, layer in enumerate(weights.layers):

@@ -10,9 +10,9 @@ import pytest
 from npu_doubles import FloatKernels
 from test_dag_prefill import CHUNK, IDS, float_reference, make_prefill, run_all, tiny  # noqa: F401  (fixture)
 
+from mllm_deploy.forward.kv_cache import KVCache, KVScales
+from mllm_deploy.forward.layers import causal_attention
 from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention, attention_model
-from mllm_deploy.runtime.kv_cache import KVCache, KVScales
-from mllm_deploy.runtime.layers import causal_attention
 
 
 class Spec:

@@ -2,18 +2,18 @@
 
 import numpy as np
 import pytest
-from test_compile_graphs import CHUNK, build_tiny, sample_activations
-
-from mllm_deploy.compile.graphs import quantize_layer_weights
-from mllm_deploy.compile.quantize import linear_error_bound
-from mllm_deploy.runtime.backends.base import BackendError
-from mllm_deploy.runtime.backends.numpy_float import (
+from float_graphs import (
     NumpyFloatBackend,
     float_layer_graphs,
     load_float_graph,
     save_float_graph,
 )
-from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
+from test_compile_graphs import CHUNK, build_tiny, sample_activations
+
+from mllm_deploy.backends.base import BackendError
+from mllm_deploy.backends.ort_cpu import OrtCpuBackend
+from mllm_deploy.compile.graphs import quantize_layer_weights
+from mllm_deploy.compile.quantize import linear_error_bound
 
 
 def layer_feeds(layer) -> dict[str, dict[str, np.ndarray]]:

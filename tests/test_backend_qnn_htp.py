@@ -16,12 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 from test_backend_ort_cpu import layer_feeds
 from test_compile_graphs import CHUNK, HIDDEN, build_tiny
 
+from mllm_deploy.backends.base import BackendError
+from mllm_deploy.backends.ort_cpu import OrtCpuBackend
 from mllm_deploy.compile import graphs
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph
-from mllm_deploy.runtime.backends.base import BackendError
-from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
 
-qnn_htp = pytest.importorskip("mllm_deploy.runtime.backends.qnn_htp")
+qnn_htp = pytest.importorskip("mllm_deploy.backends.qnn_htp")
 
 OUTPUT_LINEAR = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "attn_proj": "attn_output", "mlp_out": "ffn_down"}
 STEPS = {"uint8": 2, "uint16": 4}

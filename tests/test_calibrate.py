@@ -132,8 +132,8 @@ def test_grid_damage_pass_measures_each_input_on_a_tiny_model(tmp_path):
     import tiny_models
 
     from mllm_deploy.compile.calibrate import collect_activation_stats
+    from mllm_deploy.forward.float_engine import FloatEngine
     from mllm_deploy.model import load_weights, read_spec
-    from mllm_deploy.runtime.float_engine import FloatEngine
 
     cfg = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
     spec = read_spec(str(tiny_models.write_tiny_gguf(tmp_path, tied=False, cfg=cfg)))

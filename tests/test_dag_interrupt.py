@@ -23,8 +23,8 @@ CHILD = textwrap.dedent("""
     from mllm_deploy.resolve import resolve
     from mllm_deploy.runtime.dag_engine import DagEngine, with_subgraph_events
     from mllm_deploy.runtime.dag_prefill import DagPrefill
-    from mllm_deploy.runtime.events import SubgraphFinished, TokenEmitted
-    from mllm_deploy.runtime.float_engine import FloatEngine
+    from mllm_deploy.events import SubgraphFinished, TokenEmitted
+    from mllm_deploy.forward.float_engine import FloatEngine
     from mllm_deploy.runtime.generate import GenerationRequest, generate
     from mllm_deploy.cli.run_cmd import run_turn
     from npu_doubles import FloatKernels

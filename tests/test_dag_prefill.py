@@ -12,13 +12,13 @@ import tiny_models
 from npu_doubles import FloatKernels, OrtInt8Kernels
 from plan_fixtures import pinned_host
 
+from mllm_deploy.events import SubgraphFinished, SubgraphStarted
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.plan import build_plan
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.dag_prefill import DagPrefill
-from mllm_deploy.runtime.events import SubgraphFinished, SubgraphStarted
-from mllm_deploy.runtime.float_engine import FloatEngine
 
 CHUNK = 8
 CFG = tiny_models.TinyConfig(n_layers=3, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)

@@ -9,12 +9,12 @@ from npu_doubles import OrtInt8Kernels
 from plan_fixtures import pinned_host
 
 from mllm_deploy.bench.prompt_text import prompt_ids
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.plan import build_plan
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.dag_prefill import DagPrefill
-from mllm_deploy.runtime.float_engine import FloatEngine
 
 CHUNK = 32
 

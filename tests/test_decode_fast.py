@@ -10,10 +10,11 @@ import onnx
 import pytest
 import tiny_models
 
+from mllm_deploy.compile.decode_cache import cached_decode_graphs
+from mllm_deploy.compile.decode_graphs import BLOCK, build_decode_models, dequantize_blocks_u8, quantize_blocks_u8
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_weights, read_spec
-from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
-from mllm_deploy.runtime.decode_graphs import BLOCK, build_decode_models, dequantize_blocks_u8, quantize_blocks_u8
-from mllm_deploy.runtime.float_engine import FloatEngine
+from mllm_deploy.runtime.decode_fast import Int8Decoder
 
 TINY_CFG = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, context=256)
 
@@ -197,7 +198,7 @@ def test_decode_step_graph_fuses_each_residual_add_with_the_next_norm(tiny):
 
 def _int8_copy(cache, scales):
     """An int8 KV cache holding `cache`'s positions, quantized with `scales`."""
-    from mllm_deploy.runtime.kv_cache import KVCache
+    from mllm_deploy.forward.kv_cache import KVCache
 
     n_layers, n_kv, _, head_dim = cache.k.shape
     q = KVCache(n_layers, cache.capacity, n_kv, head_dim, scales=scales)
@@ -217,7 +218,7 @@ def test_int8_kv_cache_decode_follows_the_float_engine(tiny, tmp_path, monkeypat
     """The int8-KV step graph (GroupQueryAttention PER_CHANNEL) on a quantized copy of the float
     engine's cache: same logits within int8 error, and the new positions it writes are the float
     engine's K/V quantized with the same steps."""
-    from mllm_deploy.runtime.kv_cache import KVScales
+    from mllm_deploy.forward.kv_cache import KVScales
 
     monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
     spec, weights = tiny
@@ -301,7 +302,7 @@ def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, mo
 
 @pytest.mark.parametrize("block", [32, 64, 128])
 def test_plan_counts_the_decode_graphs_weight_bytes_exactly(tiny, block):
-    from mllm_deploy.plan.memory import decode_weight_bytes
+    from mllm_deploy.resolve.memory import decode_weight_bytes
 
     spec, weights = tiny
     models = build_decode_models(weights, block)

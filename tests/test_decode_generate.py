@@ -8,9 +8,9 @@ import threading
 import pytest
 import tiny_models
 
+from mllm_deploy.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
-from mllm_deploy.runtime.float_engine import FloatEngine
 from mllm_deploy.runtime.generate import GenerationRequest, generate
 from mllm_deploy.runtime.sampling import SamplingSettings
 

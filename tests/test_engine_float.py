@@ -11,9 +11,9 @@ import threading
 import numpy as np
 import pytest
 
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.forward.layers import causal_attention
 from mllm_deploy.model.spec import LayerWeights, LlamaWeights, ModelSpec
-from mllm_deploy.runtime.float_engine import FloatEngine
-from mllm_deploy.runtime.layers import causal_attention
 
 
 def random_llama_weights(

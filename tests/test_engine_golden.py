@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tiny_models
 
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_weights, read_spec
-from mllm_deploy.runtime.float_engine import FloatEngine
 
 GOLDEN = Path(__file__).parent / "golden"
 REAL = np.load(GOLDEN / "smollm2_reference.npz")

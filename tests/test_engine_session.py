@@ -7,9 +7,9 @@ import pytest
 import tiny_models
 
 from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.events import GenerationDone, PrefillDone
 from mllm_deploy.profile import load_profile
 from mllm_deploy.runtime.availability import require_runnable_backend
-from mllm_deploy.runtime.events import GenerationDone, PrefillDone
 from mllm_deploy.runtime.session import ChatSession, fit_to_context, load_model
 
 

@@ -10,10 +10,10 @@ import tiny_models
 from plan_fixtures import pinned_host
 
 from mllm_deploy.compile.build import compile_artifacts
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
-from mllm_deploy.runtime.float_engine import FloatEngine
 from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
 
 CHUNK = 16

@@ -231,7 +231,6 @@ def test_calibration_glob_that_matches_is_accepted(tmp_path, spec):
     [
         ("", "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (2, 1)),
         ('[device]\nnpu_backend = "none"\n', "host", "none", "none (float32 on the CPU)", (2, 0)),
-        ('[device]\nnpu_backend = "qnn-htp"\n', "host", "qnn-htp", "QNN HTP x86 simulator", (2, 0)),
         ("", "sd8gen3", "qnn-htp", "QNN HTP v75", (8, 0)),
         ("[device]\nnpu_threads = 2\ncpu_threads = 2\n", "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (2, 2)),
     ],
@@ -244,10 +243,20 @@ def test_backend_label_and_threads(tmp_path, spec, text, target, backend, label,
     assert (resolved.cpu_threads, resolved.npu_threads) == threads
 
 
-def test_simulator_and_oversubscription_warn_but_run(tmp_path, spec):
+def test_qnn_on_a_target_without_an_htp_arch_is_refused_not_defaulted(tmp_path, spec):
+    """The host's QNN simulator emulates no particular HTP: qnn-htp needs a target that names one
+    (it used to compile for v75 silently)."""
     text = '[device]\nnpu_backend = "qnn-htp"\n'
-    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
-    assert any("x86 simulator" in w.message and w.line == 2 for w in resolved.warnings)
+    with pytest.raises(UserError) as info:
+        resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+    assert info.value.exit_code == ExitCode.CANNOT_RUN
+    (diag,) = info.value.diagnostics
+    assert (diag.key, diag.line, diag.value) == ("device.npu_backend", 2, "qnn-htp")
+    assert "names none" in diag.message and diag.allowed == "ort-cpu"
+    assert "catalog" in diag.hint
+
+
+def test_oversubscription_warns_but_runs(tmp_path, spec):
     text = '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 2\ncpu_threads = 2\n'
     resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
     assert any("compete for cores" in w.message for w in resolved.warnings)
@@ -282,3 +291,32 @@ def test_memory_budget_of_default_profile(tmp_path, spec):
     assert float_run.memory.decode_weight_bytes == 0  # float32 decode from the float linears
     # the float baseline keeps float32 linears on the CPU instead of the 8-bit decode graphs
     assert float_run.memory.cpu_weight_bytes > m.cpu_weight_bytes - m.decode_weight_bytes + 3 * linear_params
+
+
+@pytest.mark.parametrize(
+    ("target", "key", "words"),
+    [
+        ("host", "lm_head", "no output-head graph"),
+        ("sd8gen3", "lm_head", "no output-head graph"),
+        ("host", "norms", "no float16"),  # the emulated NPU has no float16 either
+    ],
+)
+def test_placements_no_backend_implements_are_refused(tmp_path, spec, target, key, words):
+    """`plan` used to count an lm_head graph the compiler never built (its matmul ran on the NPU
+    executor as CPU work): a placement nothing implements is a located refusal."""
+    text = f'[device]\ntarget = "{target}"\n[placement]\n{key} = "npu"\n'
+    with pytest.raises(UserError) as info:
+        resolve(loaded_from(tmp_path, text), capabilities(target), spec)
+    assert info.value.exit_code == ExitCode.CANNOT_RUN
+    diags = [d for d in info.value.diagnostics if d.key == f"placement.{key}"]
+    assert len(diags) == 1 and diags[0].line == 4 and words in diags[0].message and diags[0].allowed == "cpu"
+
+
+def test_norms_on_an_fp16_npu_are_refused_because_no_backend_builds_them(tmp_path, spec):
+    caps = capabilities("sd8elite")
+    assert caps.npu is not None and caps.npu.supports_fp16
+    text = '[device]\ntarget = "sd8elite"\n[placement]\nnorms = "npu"\n'
+    with pytest.raises(UserError) as info:
+        resolve(loaded_from(tmp_path, text), caps, spec)
+    (diag,) = [d for d in info.value.diagnostics if d.key == "placement.norms"]
+    assert "builds no norm graphs" in diag.message and diag.line == 4

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone, GenerationMetrics, SubgraphFinished, SubgraphStarted
+from mllm_deploy.events import ChunkDone, GenerationDone, GenerationMetrics, SubgraphFinished, SubgraphStarted
 from mllm_deploy.runtime.telemetry import (
     PrefillProgress,
     ProcessSampler,

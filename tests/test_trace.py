@@ -11,14 +11,14 @@ import tiny_models
 from npu_doubles import FloatKernels, OrtInt8Kernels
 from plan_fixtures import pinned_host
 
+from mllm_deploy.events import SubgraphFinished, SubgraphStarted, TokenEmitted
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.plan import build_plan
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.dag_engine import DagEngine, with_subgraph_events
 from mllm_deploy.runtime.dag_prefill import DagPrefill
-from mllm_deploy.runtime.events import SubgraphFinished, SubgraphStarted, TokenEmitted
-from mllm_deploy.runtime.float_engine import FloatEngine
 from mllm_deploy.runtime.generate import GenerationRequest, generate
 from mllm_deploy.runtime.trace import TraceRecorder
 

@@ -14,7 +14,7 @@ import pytest
 from test_tui_screens import check_golden, masked
 from textual.widgets import Input
 
-from mllm_deploy.runtime.events import ChunkDone
+from mllm_deploy.events import ChunkDone
 from mllm_deploy.runtime.session import load_model
 from mllm_deploy.tui.app import DeployApp
 from mllm_deploy.tui.capture import screen_text

@@ -61,7 +61,7 @@ class _Rig:
         weights = load_weights(spec)
         self.blas_limit = threadpool_limits(limits=self.resolved.cpu_threads, user_api="blas")
         if self.resolved.backend == "none":
-            from mllm_deploy.runtime.float_engine import FloatEngine
+            from mllm_deploy.forward.float_engine import FloatEngine
 
             self.engine = FloatEngine(weights)
             self.engine.warm_up()
@@ -86,7 +86,7 @@ class _Rig:
 
 
 def measure_once(rig: _Rig, ids: list[int], gen_tokens: int, recorder=None) -> dict:
-    from mllm_deploy.runtime.events import GenerationDone
+    from mllm_deploy.events import GenerationDone
     from mllm_deploy.runtime.generate import GenerationRequest, generate
 
     engine = rig.engine

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mllm_deploy.cli.common import add_generation_args, add_profile_args, load_for_generation, open_chat_session
 from mllm_deploy.errors import ExitCode, UserError, user_error
-from mllm_deploy.runtime.events import GenerationDone, TokenEmitted
+from mllm_deploy.events import GenerationDone, TokenEmitted
 
 BATCH_KEYS = {"prompt", "raw", "max_new_tokens", "system", "messages", "id"}
 

@@ -31,6 +31,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mllm_deploy import __version__
+from mllm_deploy.backends.registry import NpuBackendName, backend_support
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult
 from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
 
@@ -59,7 +60,7 @@ class Lockfile(_Model):
     """sha256 of the model file when known (builtin registry), else path:size:mtime_ns."""
     chunk_size: int = Field(ge=1)
     """Static batch dimension of every graph."""
-    backend: Literal["ort-cpu", "qnn-htp"]
+    backend: NpuBackendName
     """What runs the graphs."""
     target: str
     """`device.target`."""
@@ -124,7 +125,7 @@ def expected_lock(resolved) -> Lockfile:
     """The lockfile an entry for `resolved` must carry."""
     p = resolved.profile
     npu = resolved.caps.npu
-    qnn = resolved.backend == "qnn-htp"
+    qnn = backend_support(resolved.backend).context_binaries
     settings = {
         "quantization.weights": p.quantization.weights,
         "quantization.activations": p.quantization.activations,

@@ -135,7 +135,7 @@ def integer_kernel_report(model_path: str | Path, threads: int = 1, uint16_accur
     """
     import onnxruntime as ort
 
-    from mllm_deploy.runtime.backends.ort_cpu import CPU_PROVIDER, OrtCpuBackend
+    from mllm_deploy.backends.ort_cpu import CPU_PROVIDER, OrtCpuBackend
 
     backend = OrtCpuBackend(npu_threads=threads, uint16_accuracy_level=uint16_accuracy_level)
     with tempfile.TemporaryDirectory(prefix="mllm-deploy-opt-") as tmp:

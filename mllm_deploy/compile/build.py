@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mllm_deploy.backends.base import ContextCompiler, NpuBackend
+from mllm_deploy.backends.registry import backend_support, open_backend
 from mllm_deploy.compile.artifacts import (
     CALIBRATION,
     KERNELS,
@@ -123,13 +125,13 @@ def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, p
             if final.exists():
                 log(f"artifact cache entry {final.name} rejected: {problem}; recompiling")
     started = time.perf_counter()
+    from mllm_deploy.forward.float_engine import FloatEngine
     from mllm_deploy.model import load_weights
-    from mllm_deploy.runtime.float_engine import FloatEngine
 
     engine = FloatEngine(load_weights(resolved.spec))
     stats = calibration_stats(resolved, engine, lock, log, progress)
     p = resolved.profile
-    from mllm_deploy.plan.memory import shadowed_input_count
+    from mllm_deploy.resolve.memory import shadowed_input_count
 
     cal = derive_calibration(
         stats, policy=p.outliers.policy, activations=p.quantization.activations,
@@ -140,7 +142,11 @@ def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, p
     try:
         _build_into(tmp, resolved, engine, cal, progress, log)
         atomic_write_text(tmp / LOCK, lock.model_dump_json(indent=1))
-        write_manifest(tmp, time.perf_counter() - started, resolved.npu_threads if resolved.backend == "ort-cpu" else 0)
+        write_manifest(
+            tmp,
+            time.perf_counter() - started,
+            resolved.npu_threads if backend_support(resolved.backend).uses_npu_threads else 0,
+        )
         commit_entry(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,24 +237,28 @@ def _build_into(tmp: Path, resolved, engine, cal: CalibrationResult, progress, l
     spec, p = resolved.spec, resolved.profile
     chunk = p.prefill.chunk_size
     granularity = "per-channel" if p.quantization.weights == "int8-per-channel" else "per-tensor"
-    backend = open_backend(resolved)
+    backend = open_backend(resolved.backend, **resolved.npu_backend_options())
     shadowed = cal.shadowed
-    qnn = resolved.backend == "qnn-htp"
+    support = backend_support(resolved.backend)
     latencies: dict[str, float] = {}
     for layer in range(spec.n_layers):
         progress("building graphs", layer, spec.n_layers)
         weights = engine.weights.layers[layer]
-        built = build_layer_graphs(weights, layer, chunk, layer_act_quant(cal, layer, quantize_outputs=qnn), granularity,
+        built = build_layer_graphs(weights, layer, chunk, layer_act_quant(cal, layer, quantize_outputs=support.quantized_outputs), granularity,
                                    tmp / "graphs", split_gate_up=(layer, "gate_up") in shadowed)  # fmt: skip
         for kind, graph in built.items():
-            _audit_or_refuse(resolved, graph.path, require_quantized_outputs=qnn)
+            _audit_or_refuse(resolved, graph.path, require_quantized_outputs=support.quantized_outputs)
             if (layer, kind) in shadowed:
                 (tmp / "shadow").mkdir(exist_ok=True)
                 np.save(tmp / "shadow" / f"layer{layer}_{kind}.npy", shadow_weight_t(weights, kind))
             run_path = graph.path
-            if qnn:
+            if support.context_binaries:
+                assert isinstance(backend, ContextCompiler)
                 run_path = backend.compile_context(graph.path, tmp / "contexts" / f"layer{layer}_{kind}.ctx.onnx")
-            latencies[f"{layer}/{kind}"] = profile_graph(backend, run_path, runs=1 if qnn else PROFILE_RUNS)
+            # one run on a context-binary backend: off the device that is Qualcomm's slow simulator
+            latencies[f"{layer}/{kind}"] = profile_graph(
+                backend, run_path, runs=1 if support.context_binaries else PROFILE_RUNS
+            )
     progress("building graphs", spec.n_layers, spec.n_layers)
     report = {kind: integer_kernel_report(tmp / "graphs" / f"layer0_{kind}.onnx") for kind in GRAPH_KINDS}
     if not all(r["all_linears_integer"] for r in report.values()):
@@ -259,20 +269,7 @@ def _build_into(tmp: Path, resolved, engine, cal: CalibrationResult, progress, l
     atomic_write_text(tmp / LATENCIES, json.dumps(latencies, indent=1))
 
 
-def open_backend(resolved):
-    """The NPU backend object for `resolved` (ort-cpu with npu_threads, or qnn-htp for the target)."""
-    if resolved.backend == "qnn-htp":
-        from mllm_deploy.runtime.backends.qnn_htp import QnnHtpBackend
-
-        npu = resolved.caps.npu
-        return QnnHtpBackend(htp_arch=(npu.htp_arch_number if npu and npu.htp_arch else 75),
-                             soc_model=npu.qnn_soc_model if npu else None)  # fmt: skip
-    from mllm_deploy.runtime.backends.ort_cpu import OrtCpuBackend
-
-    return OrtCpuBackend(npu_threads=max(1, resolved.npu_threads))
-
-
-def profile_graph(backend, path: Path, runs: int) -> float:
+def profile_graph(backend: NpuBackend, path: Path, runs: int) -> float:
     """Median wall time (ms) of `runs` runs of the graph at `path` on random inputs, after a warm-up."""
     handle = backend.load(path)
     rng = np.random.default_rng(0)

@@ -41,8 +41,8 @@ from mllm_deploy.compile.calibration import ActivationStats, InputStats, KVAbsMa
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import user_error
-from mllm_deploy.runtime.float_engine import FloatEngine
-from mllm_deploy.runtime.layers import ChunkSpan, FloatBlockLinears, silu_mul_
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 

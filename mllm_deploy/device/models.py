@@ -12,9 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mllm_deploy.backends.registry import NpuBackendName
+
 HtpArch = Literal["v68", "v69", "v73", "v75", "v79", "v81"]
 DeviceKind = Literal["phone", "laptop", "iot", "host"]
-NpuBackendName = Literal["qnn-htp", "ort-cpu"]
 QnnHtpMode = Literal["device", "simulator", "absent"]
 
 GIB = 1024**3

@@ -24,10 +24,10 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
     `max_tokens` tokens (at most prefill.max_context). The NPU path prefills with the profile's
     INT8 graphs + shadow outliers (sequentially) over the profile's KV cache (int8 by default);
     the baseline is the float32 engine."""
+    from mllm_deploy.forward.float_engine import FloatEngine
     from mllm_deploy.model import load_tokenizer, load_weights
     from mllm_deploy.resolve import resolve_profile
     from mllm_deploy.runtime.dag_engine import profile_chunk_attention, profile_kv_scales
-    from mllm_deploy.runtime.float_engine import FloatEngine
     from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
 
     resolved = resolve_profile(loaded)

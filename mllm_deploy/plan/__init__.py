@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mllm_deploy.paths import atomic_write_text
-from mllm_deploy.plan.memory import MemoryBudget, memory_budget
 from mllm_deploy.plan.models import Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, TensorSpec
 from mllm_deploy.plan.passes import PASSES, PlanInputs
+from mllm_deploy.resolve.memory import MemoryBudget, memory_budget
 
 if TYPE_CHECKING:
     from mllm_deploy.resolve import Resolved

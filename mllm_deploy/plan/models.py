@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mllm_deploy.plan.memory import MemoryBudget
+from mllm_deploy.resolve.memory import MemoryBudget
 
 ProcessorName = Literal["cpu", "npu"]
 SubgraphKind = Literal[

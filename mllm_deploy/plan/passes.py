@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.plan.memory import shadowed_input_count
 from mllm_deploy.plan.models import LINEAR_KINDS, Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, TensorSpec
 from mllm_deploy.profile.models import Profile
+from mllm_deploy.resolve.memory import shadowed_input_count
 
 F32 = "float32"
 OUTLIER_SHARE = 0.003

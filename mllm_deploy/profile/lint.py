@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mllm_deploy.backends.registry import BACKENDS
 from mllm_deploy.errors import Diagnostic
 from mllm_deploy.profile.models import Profile
 
@@ -23,12 +24,14 @@ def _set_under(explicit: frozenset[str], section: str) -> list[str]:
 
 def _npu_threads(profile: Profile, explicit: frozenset[str]) -> list[tuple[str, str]]:
     backend = profile.device.npu_backend
-    if "device.npu_threads" in explicit and backend in ("qnn-htp", "none"):
+    if backend == "auto" or "device.npu_threads" not in explicit:
+        return []
+    if backend == "none" or not BACKENDS[backend].uses_npu_threads:
+        emulated = ", ".join(f'"{b.name}"' for b in BACKENDS.values() if b.uses_npu_threads)
         return [
             (
                 "device.npu_threads",
-                f'has no effect with device.npu_backend = "{backend}"; '
-                'it only sets the threads of the emulated NPU ("ort-cpu")',
+                f'has no effect with device.npu_backend = "{backend}"; it only sets the threads of the emulated NPU ({emulated})',
             )
         ]
     return []

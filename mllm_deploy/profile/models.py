@@ -10,10 +10,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mllm_deploy.backends.registry import NpuBackendName
+
 SCHEMA_VERSION = 1
 
 Processor = Literal["cpu", "npu"]
-NpuBackend = Literal["auto", "qnn-htp", "ort-cpu", "none"]
+NpuBackend = Literal["auto", NpuBackendName, "none"]  # the registered backends, plus auto and none
 
 
 class _Section(BaseModel):

@@ -44,9 +44,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from mllm_deploy.forward.kv_cache import KVCache
+from mllm_deploy.forward.layers import causal_attention
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.runtime.kv_cache import KVCache
-from mllm_deploy.runtime.layers import causal_attention
 
 OPSET = 21
 P_STEPS = 255  # uint8 steps of a probability in [0, 1]

@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.forward.kv_cache import KVCache, KVScales
 from mllm_deploy.runtime.dag_prefill import DagPrefill
-from mllm_deploy.runtime.float_engine import FloatEngine
-from mllm_deploy.runtime.kv_cache import KVCache, KVScales
 from mllm_deploy.runtime.scheduler import LatencyModel
 
 

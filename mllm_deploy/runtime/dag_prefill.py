@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mllm_deploy.events import ChunkDone, SubgraphFinished, SubgraphStarted
+from mllm_deploy.forward.float_engine import PAD_TOKEN_ID, attend_stored_chunk
+from mllm_deploy.forward.kv_cache import KVCache
+from mllm_deploy.forward.layers import ChunkSpan, rms_norm, silu_mul_
+from mllm_deploy.forward.rope import RopeTables
 from mllm_deploy.model.spec import LlamaWeights
-from mllm_deploy.runtime.events import ChunkDone, SubgraphFinished, SubgraphStarted
 from mllm_deploy.runtime.executors import ProcessorExecutor, TaskFinished, TaskStarted
-from mllm_deploy.runtime.float_engine import PAD_TOKEN_ID, attend_stored_chunk
-from mllm_deploy.runtime.kv_cache import KVCache
-from mllm_deploy.runtime.layers import ChunkSpan, rms_norm, silu_mul_
-from mllm_deploy.runtime.rope import RopeTables
 from mllm_deploy.runtime.scheduler import LatencyModel, PolicyName, Scheduler, Task, TaskGraph
 
 LINEAR_INPUT = {"qkv": "x_norm", "gate_up": "x_norm", "o_proj": "attn", "down": "h"}

@@ -1,7 +1,8 @@
 """CPU decode with INT8 weights: one onnxruntime graph per token (MatMulNBits + GroupQueryAttention).
 
-The graphs and their 8-bit blocks are built in `decode_graphs` (see there for what a token runs
-and why blocks of 64); this module caches them on disk and runs them over a KV cache.
+The graphs and their 8-bit blocks are built by the compiler (`compile.decode_graphs`, see there
+for what a token runs and why blocks of 64; cached on disk by `compile.decode_cache`); this module
+runs them over a KV cache.
 
 The KV cache's heads-major layout is GroupQueryAttention's BNSH, so each layer's past and present
 K/V are bound (onnxruntime IO binding) to the same numpy buffer the prefill writes: the graph
@@ -12,76 +13,22 @@ the step graph its caches need (`step` over float32, `step_kv8` over int8).
 Why one graph: the earlier form (a graph per layer, attention in numpy between them) spent
 ~16 ms of a 27 ms token in 32 onnxruntime calls and ~11 ms in numpy attention at 1,024 tokens
 of context (cProfile, 64 tokens); one call lets onnxruntime's threads stay busy across layers.
-
-Graphs are built once from the float weights and cached on disk (`cache_dir()/decode/<key>/`),
-so a warm start reads only the INT8 graphs and never touches the float32 linear weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 import weakref
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
+from mllm_deploy.compile.decode_graphs import kv_names, kv_scale_names
+from mllm_deploy.forward.kv_cache import KVCache
+from mllm_deploy.forward.rope import RopeTables
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.paths import cache_dir
-from mllm_deploy.runtime.decode_graphs import BLOCK, GRAPH_NAMES, decode_model_builders, kv_names, kv_scale_names
 from mllm_deploy.runtime.file_rows import FileRows
-from mllm_deploy.runtime.kv_cache import KVCache
-from mllm_deploy.runtime.rope import RopeTables
-
-FORMAT_VERSION = 5  # 5: the manifest records the block
-
-
-def decode_cache_key(spec: ModelSpec, block: int = BLOCK) -> str:
-    if spec.file_sha256:
-        identity = ["sha256", spec.file_sha256]
-    else:
-        st = Path(spec.path).stat()
-        identity = ["file", str(Path(spec.path).resolve()), st.st_size, st.st_mtime_ns]
-    identity += ["decode-int8", FORMAT_VERSION, block, onnx.__version__, spec.rope_style]
-    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
-
-
-def _complete(entry: Path, block: int) -> bool:
-    """A cache entry holds every graph and a readable manifest of this format and block (anything
-    else, e.g. a manifest damaged on disk, is rebuilt rather than trusted)."""
-    try:
-        manifest = json.loads((entry / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(manifest, dict) and manifest.get("format") == FORMAT_VERSION and manifest.get("block") == block
-            and all((entry / f"{n}.onnx").is_file() for n in GRAPH_NAMES))  # fmt: skip
-
-
-def cached_decode_graphs(spec: ModelSpec, weights_loader, block: int = BLOCK) -> Path:
-    """Directory holding the decode graphs of `spec` with 8-bit blocks of `block` values; built
-    (reading the float weights from `weights_loader()`) and written atomically the first time."""
-    root = cache_dir() / "decode"
-    final = root / decode_cache_key(spec, block)
-    if _complete(final, block):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".decode-", dir=root))
-    try:
-        for name, build in decode_model_builders(weights_loader(), block).items():
-            onnx.save_model(build(), tmp / f"{name}.onnx")  # one graph in memory at a time
-        (tmp / "manifest.json").write_text(
-            json.dumps({"format": FORMAT_VERSION, "graphs": list(GRAPH_NAMES), "model": spec.path, "block": block})
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def graph_block(graphs: Path | dict) -> int:

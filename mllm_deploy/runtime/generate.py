@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mllm_deploy.runtime.events import (
+from mllm_deploy.events import (
     ChunkDone,
     FinishReason,
     GenerationDone,
@@ -24,8 +24,8 @@ from mllm_deploy.runtime.events import (
     PrefillDone,
     TokenEmitted,
 )
-from mllm_deploy.runtime.float_engine import FloatEngine
-from mllm_deploy.runtime.kv_cache import KVCache
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.forward.kv_cache import KVCache
 from mllm_deploy.runtime.sampling import Sampler, SamplingSettings
 from mllm_deploy.runtime.stop_strings import StopStringFilter
 

@@ -28,10 +28,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mllm_deploy.backends.registry import backend_support, open_backend
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.compile.quantize import activation_quant_symmetric
-from mllm_deploy.runtime.layers import silu_mul_
+from mllm_deploy.forward.layers import silu_mul_
 from mllm_deploy.runtime.shadow import Correction, ShadowLinear, ShadowStats
 
 _INPUT = {"qkv": "x_norm", "o_proj": "attn_out", "gate_up": "x_norm", "down": "h"}
@@ -120,16 +121,14 @@ class NpuLayerKernels:
 def load_npu_kernels(resolved, artifacts: Artifacts) -> NpuLayerKernels:
     """Load every graph of `artifacts` on the resolved backend (QNN: the context binaries) and
     open the shadow weight files (memory-mapped; hot rows copied to memory)."""
-    from mllm_deploy.compile.build import open_backend
-
-    backend = open_backend(resolved)
+    backend = open_backend(resolved.backend, **resolved.npu_backend_options())
     cal = artifacts.calibration
     n_layers = len(cal.layer_importance)
     handles, shadows = {}, {}
-    qnn = resolved.backend == "qnn-htp"
+    contexts = backend_support(resolved.backend).context_binaries
     for layer in range(n_layers):
         for kind in GRAPH_KINDS:
-            path = artifacts.context_path(layer, kind) if qnn else artifacts.graph_path(layer, kind)
+            path = artifacts.context_path(layer, kind) if contexts else artifacts.graph_path(layer, kind)
             handle = backend.load(path)
             handles[(layer, kind)] = handle
             if (layer, kind) in cal.shadowed:
@@ -181,7 +180,7 @@ class NpuPrefillEngine:
     everything else on the float engine. Duck-types FloatEngine for `generate` and eval."""
 
     def __init__(self, float_engine, kernels: NpuLayerKernels, kv_scales=None, chunk_attention=None):
-        from mllm_deploy.runtime.float_engine import FloatEngine
+        from mllm_deploy.forward.float_engine import FloatEngine
 
         self.float_engine = float_engine
         self.kernels = kernels

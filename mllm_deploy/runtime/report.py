@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 
-from mllm_deploy.runtime.events import GenerationDone
+from mllm_deploy.events import GenerationDone
 
 
 def peak_rss_mb() -> float:

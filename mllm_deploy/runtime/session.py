@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
+from mllm_deploy.events import GenerationDone
+from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.model.chat_template import choose_template_with_origin, render_chat, special_token_text
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.runtime.events import GenerationDone
-from mllm_deploy.runtime.float_engine import FloatEngine
 from mllm_deploy.runtime.generate import Event, GenerationRequest, generate
 from mllm_deploy.runtime.sampling import SamplingSettings
 

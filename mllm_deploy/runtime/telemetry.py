@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone, SubgraphFinished, SubgraphStarted
+from mllm_deploy.events import ChunkDone, GenerationDone, SubgraphFinished, SubgraphStarted
 
 PROCESSORS = ("npu", "cpu")
 

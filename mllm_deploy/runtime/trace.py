@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from mllm_deploy.events import ChunkDone, GenerationDone, PrefillDone, SubgraphFinished, TokenEmitted
 from mllm_deploy.paths import atomic_write_text
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone, PrefillDone, SubgraphFinished, TokenEmitted
 
 PID = 1
 NPU_TID, CPU_TID = 1, 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mllm_deploy.runtime.events import GenerationDone
+from mllm_deploy.events import GenerationDone
 from mllm_deploy.runtime.telemetry import PrefillProgress, ProcessSample, SessionMetrics
 
 EIGHTHS = " ▏▎▍▌▋▊▉█"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from textual import work
 
 from mllm_deploy.errors import UserError
-from mllm_deploy.runtime.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
+from mllm_deploy.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
 from mllm_deploy.runtime.telemetry import PrefillProgress, timed_events
 from mllm_deploy.tui.formatting import seconds, turn_metrics_line, turn_summary_line
 from mllm_deploy.tui.messages import EngineEvent, EngineStepStarted, SubgraphEvents, WorkFailed, WorkKind, WorkStopped

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle, check_inputs
+from mllm_deploy.backends.base import BackendError, GraphHandle, NpuBackend, check_inputs
 
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -58,7 +58,7 @@ def run_session(handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str,
     return dict(zip(names, handle.impl.run(names, feeds), strict=True))
 
 
-class OrtCpuBackend(Backend):
+class OrtCpuBackend(NpuBackend):
     """onnxruntime CPUExecutionProvider, `npu_threads` intra-op threads, sequential execution."""
 
     name = "ort-cpu"

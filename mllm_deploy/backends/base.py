@@ -1,11 +1,12 @@
-"""The interface every NPU backend implements: load a graph, run it, describe yourself."""
+"""The interface every NPU backend implements: load a graph, run it, describe yourself.
+
+What each backend supports is declared once, in `registry`."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,22 +26,32 @@ class GraphHandle:
     assigned_nodes: dict[str, int] = field(default_factory=dict)  # provider → nodes it runs
 
 
-class Backend(ABC):
+class NpuBackend(Protocol):
     """One processor that runs static-shape linear graphs (the logical `npu`)."""
 
     name: str
 
-    @abstractmethod
     def load(self, graph_path: Path) -> GraphHandle:
         """Prepare the graph at `graph_path` for repeated runs."""
+        ...
 
-    @abstractmethod
     def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; `inputs` are float32 [chunk, width] arrays keyed by input name."""
+        ...
 
-    @abstractmethod
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, object]:
         """{"name", "provider", "device_mode", "threads", ...}: what really runs the graphs."""
+        ...
+
+
+@runtime_checkable
+class ContextCompiler(Protocol):
+    """A backend that compiles graphs ahead of time into context binaries for a target SoC
+    (those whose registry entry says `context_binaries`)."""
+
+    def compile_context(self, graph_path: Path, context_path: Path) -> Path:
+        """Compile the graph at `graph_path`; returns the model file that loads the binary."""
+        ...
 
 
 def check_inputs(handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,14 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mllm_deploy.backends.registry import BACKENDS, NpuBackendName, backend_support
+from mllm_deploy.device import load_capabilities
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
+from mllm_deploy.model import read_spec
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.plan.memory import MemoryBudget, memory_budget
 from mllm_deploy.profile.loaded import LoadedProfile
 from mllm_deploy.profile.models import Profile
+from mllm_deploy.resolve.memory import MemoryBudget, memory_budget
 
-Backend = Literal["qnn-htp", "ort-cpu", "none"]
+Backend = Literal[NpuBackendName, "none"]  # a registered NPU backend, or none: float32 on the CPU
 
 RAM_SHARE_LIMIT = 0.8
 """Largest share of device RAM a plan may claim; the OS and other apps need the rest."""
@@ -47,6 +50,16 @@ class Resolved:
     @property
     def uses_npu(self) -> bool:
         return self.backend != "none"
+
+    def npu_backend_options(self) -> dict[str, object]:
+        """Options to open this plan's NPU backend with (`backends.registry.open_backend`): the
+        emulated NPU's threads, or the target's HTP architecture and SoC id."""
+        support = backend_support(self.backend)
+        if support.needs_htp_arch:
+            npu = self.caps.npu
+            assert npu is not None and npu.htp_arch_number is not None  # refused by the resolver otherwise
+            return {"htp_arch": npu.htp_arch_number, "soc_model": npu.qnn_soc_model}
+        return {"npu_threads": max(1, self.npu_threads)}
 
     @property
     def decode_threads(self) -> int:
@@ -79,14 +92,15 @@ def backend_label(backend: Backend, caps: Capabilities) -> str:
     if backend == "none":
         return "none (float32 on the CPU)"
     probe = caps.probe
-    if backend == "ort-cpu":
+    support = backend_support(backend)
+    if support.uses_npu_threads:  # emulated on CPU cores: name the integer units that run it
         if probe is not None and probe.has_amx_int8:
             units = "AMX INT8"
         elif probe is not None and (probe.has_avx512_vnni or probe.has_avx_vnni):
             units = "VNNI INT8"
         else:
             units = "CPU integer kernels"
-        return f"ort-cpu emulation ({units})"
+        return f"{support.name} emulation ({units})"
     arch = caps.npu.htp_arch if caps.npu is not None and caps.npu.htp_arch else None
     if probe is not None and probe.qnn_htp_mode == "simulator":
         return "QNN HTP x86 simulator" + (f" {arch}" if arch else "")
@@ -104,7 +118,7 @@ def choose_threads(profile: Profile, caps: Capabilities, backend: Backend) -> tu
     (`bench`, 1,024-token prompt, out-of-order on 2 cores: cpu 2 / npu 1 745 tok/s, cpu 1 / npu 1
     549 tok/s)."""
     cores = max(1, _usable_cores(caps))
-    if backend != "ort-cpu":
+    if backend == "none" or not backend_support(backend).uses_npu_threads:
         return profile.device.cpu_threads or cores, 0
     npu = profile.device.npu_threads or max(1, cores // 2)
     cpu = profile.device.cpu_threads or cores
@@ -145,7 +159,16 @@ def _check_backend(c: _Checks, profile: Profile, caps: Capabilities, backend: Ba
         allowed = ", ".join([*caps.backends, "none"])
         c.refuse("device.npu_backend", f"backend {backend!r} is not available on {caps.id}", wanted, allowed)
         return
-    if backend == "qnn-htp" and caps.probe is not None and caps.probe.qnn_htp_mode == "simulator":
+    support = backend_support(backend)
+    if support.needs_htp_arch and caps.npu.htp_arch_number is None:
+        c.refuse(
+            "device.npu_backend",
+            f"{backend} compiles for a Hexagon HTP architecture and {caps.id}'s catalog entry names none",
+            wanted,
+            ", ".join(name for name in caps.backends if not BACKENDS[name].needs_htp_arch) or "none",
+            hint='choose a catalogued Snapdragon (`mllm-deploy devices`), e.g. device.target = "sd8gen3", or another backend',
+        )
+    if support.needs_htp_arch and caps.probe is not None and caps.probe.qnn_htp_mode == "simulator":
         c.warn(
             "device.npu_backend",
             "QNN HTP on this machine is Qualcomm's x86 simulator: correct, but 200-700x slower "
@@ -154,10 +177,17 @@ def _check_backend(c: _Checks, profile: Profile, caps: Capabilities, backend: Ba
         )
 
 
-def _check_dtypes(c: _Checks, profile: Profile, caps: Capabilities) -> None:
+def _check_dtypes(c: _Checks, profile: Profile, caps: Capabilities, backend: NpuBackendName) -> None:
     npu = caps.npu
     assert npu is not None
     q = profile.quantization
+    support = BACKENDS[backend]
+    if q.activations not in support.activations:
+        allowed = ", ".join(sorted(support.activations))
+        c.refuse("quantization.activations", f"{backend} has no graphs for these activations", q.activations, allowed)
+    if q.weights not in support.weights:
+        allowed = ", ".join(sorted(support.weights))
+        c.refuse("quantization.weights", f"{backend} has no graphs for these weights", q.weights, allowed)
     if q.activations == "uint16" and not npu.supports_int16_activations:
         c.refuse(
             "quantization.activations",
@@ -193,6 +223,21 @@ def _check_placement(c: _Checks, profile: Profile, caps: Capabilities, backend: 
                 "npu",
                 "cpu",
             )
+        elif "norms" not in backend_support(backend).npu_roles:
+            c.refuse(
+                "placement.norms",
+                f"{backend} builds no norm graphs: the compiler puts only the linear layers on the NPU",
+                "npu",
+                "cpu",
+            )
+    if placement.lm_head == "npu" and backend != "none" and "lm_head" not in backend_support(backend).npu_roles:
+        c.refuse(
+            "placement.lm_head",
+            f"{backend} builds no output-head graph: the compiler puts only the linear layers of the blocks "
+            "on the NPU, and the head runs on the CPU",
+            "npu",
+            "cpu",
+        )
     if backend == "none":
         for key in ("norms", "lm_head"):
             if getattr(placement, key) == "npu" and c.loaded.is_explicit(f"placement.{key}"):
@@ -254,7 +299,8 @@ def _check_threads(c: _Checks, profile: Profile, caps: Capabilities, backend: Ba
         value = getattr(device, key)
         if value is not None and value > cores:
             c.refuse(f"device.{key}", f"more threads than {caps.id} has cores", value, f"<= {cores}")
-    if backend == "ort-cpu" and device.cpu_threads and device.npu_threads:
+    emulated = backend != "none" and backend_support(backend).uses_npu_threads
+    if emulated and device.cpu_threads and device.npu_threads:
         if device.cpu_threads + device.npu_threads > cores:
             c.warn(
                 "device.cpu_threads",
@@ -314,7 +360,7 @@ def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resol
     backend = choose_backend(profile, caps)
     _check_backend(c, profile, caps, backend)
     if backend != "none" and caps.npu is not None:
-        _check_dtypes(c, profile, caps)
+        _check_dtypes(c, profile, caps, backend)
     _check_placement(c, profile, caps, backend)
     _check_attention(c, profile, backend)
     _check_context(c, profile, caps, spec, backend)
@@ -342,9 +388,6 @@ def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resol
 
 def resolve_profile(loaded: LoadedProfile) -> Resolved:
     """Load the device and model metadata a profile names, then :func:`resolve`."""
-    from mllm_deploy.device import load_capabilities
-    from mllm_deploy.model import read_spec
-
     problems: list[UserError] = []
     caps = spec = None
     try:

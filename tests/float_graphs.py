@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mllm_deploy.backends.base import BackendError, GraphHandle, NpuBackend, check_inputs
 from mllm_deploy.model.spec import LayerWeights
 from mllm_deploy.paths import atomic_write_bytes
-from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle, check_inputs
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def load_float_graph(path: Path) -> FloatLinearGraph:
         )
 
 
-class NumpyFloatBackend(Backend):
+class NumpyFloatBackend(NpuBackend):
     """float32 numpy matmuls (`y = x @ W.T`) on the CPU; numpy's BLAS picks the threads."""
 
     name = "numpy-float"

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mllm_deploy.runtime.backends.base import Backend, BackendError, GraphHandle
-from mllm_deploy.runtime.backends.ort_cpu import RECORD_ASSIGNMENT, run_session, session_handle
+from mllm_deploy.backends.base import BackendError, GraphHandle, NpuBackend
+from mllm_deploy.backends.ort_cpu import RECORD_ASSIGNMENT, run_session, session_handle
 
 QNN_PROVIDER = "QNNExecutionProvider"
 HTP_ARCHS = (68, 69, 73, 75, 79, 81)
@@ -63,7 +63,7 @@ def qnn_ep_devices() -> list:
     return [d for d in ort.get_ep_devices() if d.ep_name == QNN_PROVIDER]
 
 
-class QnnHtpBackend(Backend):
+class QnnHtpBackend(NpuBackend):
     """Graphs on QNN HTP with CPU fallback disabled."""
 
     name = "qnn-htp"

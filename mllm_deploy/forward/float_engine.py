@@ -13,17 +13,17 @@ from typing import Literal
 
 import numpy as np
 
-from mllm_deploy.model.spec import LlamaWeights, ModelSpec
-from mllm_deploy.runtime.events import ChunkDone
-from mllm_deploy.runtime.kv_cache import KVCache, KVScales
-from mllm_deploy.runtime.layers import (
+from mllm_deploy.events import ChunkDone
+from mllm_deploy.forward.kv_cache import KVCache, KVScales
+from mllm_deploy.forward.layers import (
     BlockLinears,
     ChunkSpan,
     FloatBlockLinears,
     causal_attention,
     rms_norm,
 )
-from mllm_deploy.runtime.rope import RopeTables
+from mllm_deploy.forward.rope import RopeTables
+from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 
 LogitRows = Literal["last", "all", "none"]
 PAD_TOKEN_ID = 0  # fills padded chunk rows; its results are discarded

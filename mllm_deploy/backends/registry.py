@@ -1,0 +1,95 @@
+"""The one registry of NPU backends: each declares here, once, what it supports.
+
+The profile's `device.npu_backend` choices, the device catalog's `backends`, the resolver's
+checks, the compiler's graph form and the runtime's loader all read this table; no other module
+names a backend. Importing this module is cheap: an implementation (onnxruntime, its QNN plugin)
+is imported only when a backend is opened.
+
+    support = BACKENDS["ort-cpu"]                  # what it can run (dtypes, roles, artifacts)
+    backend = open_backend("qnn-htp", htp_arch=75)  # the implementation, ready to load graphs
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from mllm_deploy.backends.base import NpuBackend
+
+NpuBackendName = Literal["qnn-htp", "ort-cpu"]
+"""The registered backends (the keys of BACKENDS, in the same order)."""
+
+NpuRole = Literal["linears", "norms", "lm_head", "attention"]
+"""Kinds of subgraph a plan could place on the NPU (profile `placement.*`, plus the linears)."""
+
+
+@dataclass(frozen=True)
+class BackendSupport:
+    """What one NPU backend really implements (not what a device could do in principle)."""
+
+    name: NpuBackendName
+    summary: str  # one line for `devices` and reports
+    runs_on: str  # where it can execute, in words
+    activations: frozenset[str]  # `quantization.activations` its graphs take
+    weights: frozenset[str]  # `quantization.weights` its graphs take
+    npu_roles: frozenset[NpuRole]  # subgraph kinds the compiler builds as graphs for it
+    context_binaries: bool  # compiles ahead-of-time context binaries for a target SoC
+    quantized_outputs: bool  # every linear output must carry its own Q/DQ grid (QNN's unit)
+    uses_npu_threads: bool  # `device.npu_threads` applies (the NPU is emulated on CPU cores)
+    needs_htp_arch: bool  # the target device must name its Hexagon HTP architecture
+    module: str  # implementation module, imported on open
+    factory: str  # class in `module`
+
+
+BACKENDS: dict[NpuBackendName, BackendSupport] = {
+    "qnn-htp": BackendSupport(
+        name="qnn-htp",
+        summary="onnxruntime QNN HTP (Hexagon NPU; Qualcomm's simulator on x86-64)",
+        runs_on="Snapdragon devices with a Hexagon NPU; on x86-64 Linux, Qualcomm's HTP simulator",
+        activations=frozenset({"uint8", "uint16"}),
+        weights=frozenset({"int8-per-tensor", "int8-per-channel"}),
+        npu_roles=frozenset({"linears"}),
+        context_binaries=True,
+        quantized_outputs=True,
+        uses_npu_threads=False,
+        needs_htp_arch=True,
+        module="mllm_deploy.backends.qnn_htp",
+        factory="QnnHtpBackend",
+    ),
+    "ort-cpu": BackendSupport(
+        name="ort-cpu",
+        summary="onnxruntime CPU integer kernels (an emulated NPU)",
+        runs_on="any host onnxruntime runs on (AMX or VNNI integer kernels where the CPU has them)",
+        activations=frozenset({"uint8", "uint16"}),
+        weights=frozenset({"int8-per-tensor", "int8-per-channel"}),
+        npu_roles=frozenset({"linears"}),
+        context_binaries=False,
+        quantized_outputs=False,
+        uses_npu_threads=True,
+        needs_htp_arch=False,
+        module="mllm_deploy.backends.ort_cpu",
+        factory="OrtCpuBackend",
+    ),
+}
+
+if tuple(BACKENDS) != get_args(NpuBackendName):  # one fact: the type and the table agree
+    raise RuntimeError(f"NpuBackendName {get_args(NpuBackendName)} differs from BACKENDS {tuple(BACKENDS)}")
+
+
+def backend_support(name: str) -> BackendSupport:
+    """The registered support of `name`; KeyError names the registered backends."""
+    try:
+        return BACKENDS[name]  # type: ignore[index]  # a str checked against the registry here
+    except KeyError:
+        raise KeyError(f"unknown NPU backend {name!r} (registered: {', '.join(BACKENDS)})") from None
+
+
+def open_backend(name: str, **options: object) -> NpuBackend:
+    """The implementation of backend `name`, constructed with `options` (ort-cpu: `npu_threads`;
+    qnn-htp: `htp_arch`, `soc_model`). Its module is imported now, not before: onnxruntime and the
+    QNN plugin are heavy and a profile check must not load them."""
+    support = backend_support(name)
+    module = importlib.import_module(support.module)
+    backend: NpuBackend = getattr(module, support.factory)(**options)
+    return backend

@@ -1,0 +1,66 @@
+"""The CPU decode graphs on disk: built once from the float weights (see `decode_graphs`) and
+cached under `cache_dir()/decode/<key>/`, written atomically, so a warm start reads only the INT8
+graphs and never touches the float32 linear weights. Building them is the compiler's job; the
+runtime's `Int8Decoder` only opens a directory this returns (or a bundle's copy of it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from mllm_deploy.compile.decode_graphs import BLOCK, GRAPH_NAMES, decode_model_builders
+from mllm_deploy.model.spec import LlamaWeights, ModelSpec
+from mllm_deploy.paths import cache_dir
+
+FORMAT_VERSION = 5  # 5: the manifest records the block
+
+
+def decode_cache_key(spec: ModelSpec, block: int = BLOCK) -> str:
+    if spec.file_sha256:
+        identity = ["sha256", spec.file_sha256]
+    else:
+        st = Path(spec.path).stat()
+        identity = ["file", str(Path(spec.path).resolve()), st.st_size, st.st_mtime_ns]
+    identity += ["decode-int8", FORMAT_VERSION, block, onnx.__version__, spec.rope_style]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+
+def _complete(entry: Path, block: int) -> bool:
+    """A cache entry holds every graph and a readable manifest of this format and block (anything
+    else, e.g. a manifest damaged on disk, is rebuilt rather than trusted)."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("format") == FORMAT_VERSION and manifest.get("block") == block
+            and all((entry / f"{n}.onnx").is_file() for n in GRAPH_NAMES))  # fmt: skip
+
+
+def cached_decode_graphs(spec: ModelSpec, weights_loader: Callable[[], LlamaWeights], block: int = BLOCK) -> Path:
+    """Directory holding the decode graphs of `spec` with 8-bit blocks of `block` values; built
+    (reading the float weights from `weights_loader()`) and written atomically the first time."""
+    root = cache_dir() / "decode"
+    final = root / decode_cache_key(spec, block)
+    if _complete(final, block):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".decode-", dir=root))
+    try:
+        for name, build in decode_model_builders(weights_loader(), block).items():
+            onnx.save_model(build(), tmp / f"{name}.onnx")  # one graph in memory at a time
+        (tmp / "manifest.json").write_text(
+            json.dumps({"format": FORMAT_VERSION, "graphs": list(GRAPH_NAMES), "model": spec.path, "block": block})
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 
 class ExitCode(IntEnum):
@@ -20,6 +20,28 @@ class ExitCode(IntEnum):
     INVALID = 2  # invalid profile, model file or usage
     CANNOT_RUN = 3  # valid profile that this device cannot run
     INTERRUPTED = 130
+
+
+class Location(TypedDict):
+    """Where a diagnostic points: its `file`, `line`, `col` and dotted `key` (``**``-splat into
+    :class:`Diagnostic`)."""
+
+    file: str | None
+    line: int | None
+    col: int | None
+    key: str | None
+
+
+class DiagnosticFields(TypedDict, total=False):
+    """The optional fields of a :class:`Diagnostic`, as keyword arguments of :func:`user_error`."""
+
+    file: str | None
+    line: int | None
+    col: int | None
+    key: str | None
+    value: object
+    allowed: str | None
+    hint: str | None
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,7 @@ class Diagnostic:
             out += f"\n    hint: {self.hint}"
         return out
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return {
             "severity": self.severity,
             "file": self.file,
@@ -88,6 +110,6 @@ class UserError(Exception):
         return "\n".join(d.render() for d in self.diagnostics)
 
 
-def user_error(message: str, *, exit_code: ExitCode = ExitCode.INVALID, **where) -> UserError:
+def user_error(message: str, *, exit_code: ExitCode = ExitCode.INVALID, **where: Unpack[DiagnosticFields]) -> UserError:
     """Shorthand for a single-diagnostic :class:`UserError`."""
     return UserError([Diagnostic(message=message, **where)], exit_code=exit_code)

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
+from typing import Required, TypedDict
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from mllm_deploy.errors import Diagnostic
+from mllm_deploy.errors import Diagnostic, Location
 from mllm_deploy.profile.fields import KeyInfo, all_keys, keys_in, toml_literal
 from mllm_deploy.profile.suggest import did_you_mean, suggest_key
 
-Where = Callable[[tuple], dict]  # pydantic loc -> Diagnostic kwargs file, line, col, key
+Loc = tuple[int | str, ...]  # a pydantic error's loc, e.g. ("decode", "stop", 0)
+Where = Callable[[Loc], Location]  # pydantic loc -> Diagnostic kwargs file, line, col, key
+
+
+class _Explained(TypedDict, total=False):
+    """What a diagnostic says about one pydantic error (Diagnostic kwargs)."""
+
+    message: Required[str]
+    allowed: str | None
+    hint: str | None
+
 
 _MAX_VALUE_CHARS = 80
 _TYPE_ERRORS = {
@@ -65,7 +77,7 @@ def shown_value(value: object) -> object:
     return value
 
 
-def _key_info(loc: tuple) -> KeyInfo | None:
+def _key_info(loc: Loc) -> KeyInfo | None:
     field_key = ".".join(str(part) for part in loc if not isinstance(part, int))
     return all_keys().get(field_key)
 
@@ -99,7 +111,7 @@ def _section_shape(value: object, info: KeyInfo) -> tuple[str, str | None]:
     )
 
 
-def _unknown_key(loc: tuple, value: object) -> dict:
+def _unknown_key(loc: Loc, value: object) -> _Explained:
     section = ".".join(str(part) for part in loc[:-1])
     name = str(loc[-1])
     names = ", ".join(keys_in(section))
@@ -110,7 +122,7 @@ def _unknown_key(loc: tuple, value: object) -> dict:
     }
 
 
-def _explain(error: dict) -> dict:
+def _explain(error: ErrorDetails) -> _Explained:
     """message / allowed / hint for one pydantic error."""
     kind, loc, value = error["type"], tuple(error["loc"]), error.get("input")
     info = _key_info(loc)
@@ -133,7 +145,7 @@ def _explain(error: dict) -> dict:
     if kind == "string_too_short":
         return {"message": "must not be empty", "allowed": allowed}
     if kind == "string_too_long":
-        return {"message": f"too long ({len(value)} characters)", "allowed": allowed}
+        return {"message": f"too long ({len(str(value))} characters)", "allowed": allowed}
     if kind in _TYPE_ERRORS:
         item = " of array item" if loc and isinstance(loc[-1], int) else ""
         expected = (allowed or "").split(" from ")[0].split(" >")[0]
@@ -146,7 +158,7 @@ def _explain(error: dict) -> dict:
 
 def diagnostics_from_validation(exc: ValidationError, where: Where) -> list[Diagnostic]:
     """One located diagnostic per pydantic error (unsorted; see :func:`in_reading_order`)."""
-    out = []
+    out: list[Diagnostic] = []
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
         explained = _explain(error)
@@ -158,7 +170,7 @@ def in_reading_order(diagnostics: list[Diagnostic], overrides: tuple[str, ...]) 
     """File diagnostics by line and column, then those of `--set` overrides in command-line order."""
     files = [f"--set {text}" for text in overrides]
 
-    def order(diag: Diagnostic) -> tuple:
+    def order(diag: Diagnostic) -> tuple[int, ...]:
         if diag.file in files:
             return (1, files.index(diag.file), 0, 0)
         return (0, 0, diag.line is None, diag.line or 0, diag.col or 0)

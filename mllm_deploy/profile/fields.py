@@ -51,7 +51,7 @@ def _split_annotated(annotation: object) -> tuple[object, list[object]]:
     return annotation, []
 
 
-def _number(value: float) -> str:
+def _number(value: object) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return str(value)
@@ -59,7 +59,8 @@ def _number(value: float) -> str:
 
 def _range_text(constraints: list[object]) -> str:
     """`from 1 to 4096`, `> 50 and <= 100`, `>= 0`; empty when unconstrained."""
-    low = high = None
+    low: object = None  # the bounds of annotated_types.Ge/Gt/Le/Lt: numbers
+    high: object = None
     low_strict = high_strict = False
     for item in constraints:
         if isinstance(item, annotated_types.Ge):
@@ -144,7 +145,7 @@ def _section_model(field: FieldInfo) -> type[BaseModel] | None:
 
 def _default_text(field: FieldInfo) -> str:
     if field.default_factory is not None:
-        return toml_literal(field.default_factory())
+        return toml_literal(field.get_default(call_default_factory=True))
     return toml_literal(field.default)
 
 

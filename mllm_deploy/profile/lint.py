@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mllm_deploy.backends.registry import BACKENDS
-from mllm_deploy.errors import Diagnostic
+from mllm_deploy.errors import Diagnostic, Location
 from mllm_deploy.profile.models import Profile
 
-Where = Callable[[str], dict]
+Where = Callable[[str], Location]  # dotted key -> Diagnostic kwargs file, line, col, key
 
 _FLOAT_ONLY_SECTIONS = ("quantization", "outliers", "scheduler", "calibration")
 _SAMPLING_KEYS = ("decode.top_k", "decode.top_p", "decode.seed")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mllm_deploy.errors import Diagnostic, UserError
+from mllm_deploy.errors import Diagnostic, Location, UserError
 from mllm_deploy.paths import resource_dir
 from mllm_deploy.profile.diagnose import diagnostics_from_validation, in_reading_order
 from mllm_deploy.profile.lint import profile_warnings
@@ -69,7 +69,7 @@ def load_profile_text(
     locations = locate_keys(text)
     merged, set_by_overrides, applied, problems = apply_overrides(document, overrides)
 
-    def where(key) -> dict:
+    def where(key: str | Sequence[object]) -> Location:
         return locate(key, file=display, locations=locations, overrides=applied)
 
     try:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm_deploy.errors import Diagnostic
+from mllm_deploy.errors import Diagnostic, Location
 from mllm_deploy.profile.models import Profile
 
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -46,7 +46,7 @@ def locate(
     file: str | None,
     locations: Mapping[str, tuple[int, int]],
     overrides: Sequence[str] = (),
-) -> dict:
+) -> Location:
     """Diagnostic kwargs (`file`, `line`, `col`, `key`) saying where dotted `key` was set.
 
     Order: the last `--set` that set the key (or a section holding it); the key in the file;
@@ -93,7 +93,7 @@ class LoadedProfile:
         dotted = normalise_key(key)
         return dotted in self.explicit or any(k.startswith(dotted + ".") for k in self.explicit)
 
-    def where(self, key: str | Sequence[object] | None) -> dict:
+    def where(self, key: str | Sequence[object] | None) -> Location:
         """Diagnostic kwargs `file`, `line`, `col`, `key` for dotted `key` (see :func:`locate`).
 
         Never raises: unknown keys fall back to their nearest enclosing section, then to the

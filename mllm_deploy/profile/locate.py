@@ -102,7 +102,7 @@ class _Scanner:
     def quoted_string(self, quote: str) -> str | None:
         """A one-line string at `pos` (which is on its opening quote); None if unterminated."""
         self.pos += 1
-        chars = []
+        chars: list[str] = []
         while not self.at_end():
             ch = self.peek()
             if ch == "\n":

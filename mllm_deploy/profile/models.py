@@ -6,13 +6,13 @@ Every field's docstring is its documentation: `mllm-deploy schema` and
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_deploy.backends.registry import NpuBackendName
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 Processor = Literal["cpu", "npu"]
 NpuBackend = Literal["auto", NpuBackendName, "none"]  # the registered backends, plus auto and none

@@ -34,8 +34,16 @@ class Override:
         return ".".join(self.key)
 
 
-def _diagnostic(text: str, message: str, *, key: str | None = None, **details) -> Diagnostic:
-    return Diagnostic(message=message, file=f"--set {text}", key=key, **details)
+def _diagnostic(
+    text: str,
+    message: str,
+    *,
+    key: str | None = None,
+    value: object = None,
+    allowed: str | None = None,
+    hint: str | None = None,
+) -> Diagnostic:
+    return Diagnostic(message=message, file=f"--set {text}", key=key, value=value, allowed=allowed, hint=hint)
 
 
 def parse_value(raw: str) -> object:
@@ -105,20 +113,23 @@ def parse_override(text: str) -> Override | Diagnostic:
     return problem if problem is not None else Override(text=text, key=tuple(parts), value=value)
 
 
-def _merge(target: dict, key: tuple[str, ...], value: object) -> None:
+def _merge(target: dict[str, object], key: tuple[str, ...], value: object) -> None:
     """Set `key` in `target` to `value`, copying (never mutating) the tables on the way."""
     node = target
     for part in key[:-1]:
         child = node.get(part)
         if child is not None and not isinstance(child, dict):
             return  # the file has a non-table here: validation reports that at the file's line
-        node[part] = dict(child or {})
-        node = node[part]
+        table: dict[str, object] = dict(child or {})
+        node[part] = table
+        node = table
     last = key[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
-        node[last] = dict(node[last])
+    current = node.get(last)
+    if isinstance(value, dict) and isinstance(current, dict):
+        copied: dict[str, object] = dict(current)
+        node[last] = copied
         for sub_key, sub_value in value.items():
-            _merge(node[last], (sub_key,), sub_value)
+            _merge(copied, (sub_key,), sub_value)
     else:
         node[last] = value
 
@@ -133,7 +144,9 @@ def leaf_keys(document: object, prefix: str = "") -> set[str]:
     return out
 
 
-def apply_overrides(document: dict, overrides: Sequence[str]) -> tuple[dict, set[str], list[str], list[Diagnostic]]:
+def apply_overrides(
+    document: dict[str, object], overrides: Sequence[str]
+) -> tuple[dict[str, object], set[str], list[str], list[Diagnostic]]:
     """(merged copy of `document`, dotted keys the overrides set, the overrides applied,
     diagnostics of the overrides that could not be applied)."""
     merged = dict(document)

@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from mllm_deploy.profile.fields import all_keys
+from mllm_deploy.paths import atomic_write_text
+from mllm_deploy.profile.fields import KeyInfo, all_keys
 from mllm_deploy.profile.models import SCHEMA_VERSION, Profile
 
 REGENERATE_COMMAND = "python -m mllm_deploy.profile.reference --write"
@@ -30,7 +31,12 @@ def _drop_null_branches(node: object) -> object:
         return [_drop_null_branches(item) for item in node]
     if not isinstance(node, dict):
         return node
-    out = {key: _drop_null_branches(value) for key, value in node.items()}
+    return _drop_null_branches_of_table(node)
+
+
+def _drop_null_branches_of_table(table: dict[str, object]) -> dict[str, object]:
+    """:func:`_drop_null_branches` of one JSON object (the schema itself, or a node in it)."""
+    out = {key: _drop_null_branches(value) for key, value in table.items()}
     branches = out.get("anyOf")
     if isinstance(branches, list):
         kept = [branch for branch in branches if branch != {"type": "null"}]
@@ -42,10 +48,10 @@ def _drop_null_branches(node: object) -> object:
     return out
 
 
-def build_schema() -> dict:
+def build_schema() -> dict[str, object]:
     """JSON Schema (draft 2020-12) of a profile file."""
-    schema = _drop_null_branches(Profile.model_json_schema(mode="validation"))
-    header = {
+    schema = _drop_null_branches_of_table(Profile.model_json_schema(mode="validation"))
+    header: dict[str, object] = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
         "title": f"mllm-deploy profile (schema_version {SCHEMA_VERSION})",
@@ -95,7 +101,7 @@ def reference_text() -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _key_table(infos: list) -> list[str]:
+def _key_table(infos: list[KeyInfo]) -> list[str]:
     rows = ["| Key | Type | Default | Allowed | Description |", "|---|---|---|---|---|"]
     for info in infos:
         default = f"`{info.default}`" if info.default != "unset" else "unset"
@@ -110,8 +116,6 @@ def stale_files() -> list[Path]:
 
 
 def write_all() -> list[Path]:
-    from mllm_deploy.paths import atomic_write_text
-
     written = []
     for path, text in ((SCHEMA_PATH, schema_text()), (REFERENCE_PATH, reference_text())):
         atomic_write_text(path, text)

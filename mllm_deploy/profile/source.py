@@ -25,8 +25,10 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-def _fail(message: str, file: str, **where) -> UserError:
-    return UserError([Diagnostic(message=message, file=file, **where)])
+def _fail(
+    message: str, file: str, *, line: int | None = None, col: int | None = None, hint: str | None = None
+) -> UserError:
+    return UserError([Diagnostic(message=message, file=file, line=line, col=col, hint=hint)])
 
 
 def read_profile_text(path: Path, display: str) -> str:
@@ -105,7 +107,7 @@ def toml_syntax_diagnostic(exc: tomllib.TOMLDecodeError, text: str, display: str
     )
 
 
-def parse_toml(text: str, display: str) -> dict:
+def parse_toml(text: str, display: str) -> dict[str, object]:
     """The TOML document `text` as a dict; a syntax error raises a located UserError."""
     try:
         return tomllib.loads(text)

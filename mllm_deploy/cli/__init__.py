@@ -13,22 +13,39 @@ import traceback
 from collections.abc import Sequence
 
 from mllm_deploy import __version__
+from mllm_deploy.cli import (
+    bench_cmd,
+    build_cmd,
+    chat_cmd,
+    devices_cmd,
+    eval_cmd,
+    init_cmd,
+    models_cmd,
+    plan_cmd,
+    run_cmd,
+    schema_cmd,
+    up_cmd,
+    validate_cmd,
+)
 from mllm_deploy.cli.common import print_diagnostics
 from mllm_deploy.errors import ExitCode, UserError
 
+# In `--help` order. The command modules keep their heavy imports (engines, onnxruntime, textual)
+# inside `run`, so importing them all here keeps `--help` light (tests/test_tui_units.py checks
+# that textual stays out).
 COMMAND_MODULES = (
-    "validate_cmd",
-    "plan_cmd",
-    "schema_cmd",
-    "init_cmd",
-    "devices_cmd",
-    "models_cmd",
-    "run_cmd",
-    "chat_cmd",
-    "build_cmd",
-    "eval_cmd",
-    "bench_cmd",
-    "up_cmd",
+    validate_cmd,
+    plan_cmd,
+    schema_cmd,
+    init_cmd,
+    devices_cmd,
+    models_cmd,
+    run_cmd,
+    chat_cmd,
+    build_cmd,
+    eval_cmd,
+    bench_cmd,
+    up_cmd,
 )
 
 
@@ -37,8 +54,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = _Parser(
         prog="mllm-deploy",
         description="Deploy small LLMs with chunked INT8 NPU prefill, shadow outliers and "
@@ -46,13 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mllm-deploy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"mllm_deploy.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command not written yet
-            if exc.name == f"mllm_deploy.cli.{name}":
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 

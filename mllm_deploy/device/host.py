@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mllm_deploy.backends.registry import NpuBackendName
 from mllm_deploy.device.models import Capabilities, CpuCluster, HostProbe, NpuCaps
 
 GIB = 1024**3
@@ -54,7 +55,12 @@ def build_host(defaults: Capabilities, probe: HostProbe) -> Capabilities:
         gflops_per_core=gflops,
     )
     has_ort = probe.onnxruntime_version is not None
-    backends = (["ort-cpu"] if has_ort else []) + (["qnn-htp"] if probe.qnn_available else [])
+    backends: list[NpuBackendName] = []
+    if has_ort:
+        backends.append("ort-cpu")
+    if probe.qnn_available:
+        backends.append("qnn-htp")
+    auto: NpuBackendName | None
     if probe.qnn_htp_mode == "device":
         auto = "qnn-htp"
         # A Snapdragon host: QNN does not tell us the SoC here, so no soc_model/htp_arch and

@@ -43,7 +43,8 @@ VNNI_INT8_GOPS_PER_CORE = 250.0
 
 def _cpuinfo() -> tuple[str, set[str]]:
     """CPU model name and feature flags from /proc/cpuinfo (Linux); else platform info."""
-    model, flags = "", set()
+    model = ""
+    flags: set[str] = set()
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
@@ -85,7 +86,7 @@ def _cpu_ghz(text_mhz: str | None) -> float | None:
     except Exception:
         freq = None
     if freq is not None:
-        mhz = freq.max or freq.current
+        mhz: float = freq.max or freq.current  # psutil ships no type stubs: its fields are Any
         if mhz:
             return round(mhz / 1000.0, 3)
     if text_mhz:

@@ -43,13 +43,12 @@ class Detokenizer(Protocol):
 @dataclass(frozen=True)
 class GenerationRequest:
     max_new_tokens: int
-    sampling: SamplingSettings = SamplingSettings()
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
     eos_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     chunk_size: int = 256
     pad_last_chunk: bool = False
     truncated_tokens: int = 0  # reported only: tokens the caller dropped to fit the context
-    extra: dict = field(default_factory=dict)
 
 
 def generate(

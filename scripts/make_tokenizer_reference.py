@@ -7,8 +7,8 @@ Runs OUTSIDE the project venv, in a separate one with Hugging Face transformers:
 
 transformers rebuilds the tokenizer from the GGUF metadata with its own converter
 (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`); we store, for varied texts, the
-ids it produces without added BOS/EOS. tests/test_tokenizer_reference.py checks ours
-against them. OUT_JSON defaults to tests/golden/tokenizer_smollm2.json.
+ids it produces without added BOS/EOS. tests/test_tokenizer.py
+(test_default_model_matches_reference_ids) checks ours against them. OUT_JSON defaults to tests/golden/tokenizer_smollm2.json.
 """
 
 from __future__ import annotations

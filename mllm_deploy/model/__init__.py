@@ -13,9 +13,13 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mllm_deploy.errors import user_error
 from mllm_deploy.model.spec import LayerWeights, LlamaWeights, ModelSpec
+
+if TYPE_CHECKING:  # at run time tokenizer.py (and the tokenizers library) loads only with a tokenizer
+    from mllm_deploy.model.tokenizer import ModelTokenizer
 
 __all__ = [
     "LayerWeights",
@@ -94,7 +98,7 @@ def load_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeights:
     return load_hf_weights(spec)
 
 
-def load_tokenizer(spec: ModelSpec):
+def load_tokenizer(spec: ModelSpec) -> ModelTokenizer:
     """The model's tokenizer (a ModelTokenizer)."""
     from mllm_deploy.model.tokenizer import load_tokenizer as _load
 

@@ -12,6 +12,7 @@ import json
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import NoReturn, Protocol
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -28,7 +29,13 @@ class TemplateRaised(Exception):
     """A template called raise_exception(message)."""
 
 
-def _raise_exception(message: str):
+class TokenNames(Protocol):
+    """What :func:`special_token_text` needs of a tokenizer (a ModelTokenizer has it)."""
+
+    def id_to_token(self, token_id: int) -> str | None: ...
+
+
+def _raise_exception(message: str) -> NoReturn:
     raise TemplateRaised(message)
 
 
@@ -36,7 +43,13 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
+def _tojson(
+    value: object,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+    ensure_ascii: bool = False,
+) -> str:
     return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
 
 
@@ -64,7 +77,8 @@ def compile_template(template: str, *, origin: str | None = None) -> jinja2.Temp
         raise user_error(f"chat template syntax error: {exc.message}", file=origin, line=exc.lineno) from None
 
 
-def _check_messages(messages: list[dict]) -> None:
+def _check_messages(messages: object) -> None:
+    """Refuse anything but a list of dicts with a string `role` and `content` (they may come from JSON)."""
     if not isinstance(messages, list):
         raise user_error("chat messages must be a list of {role, content} objects")
     for i, message in enumerate(messages):
@@ -77,14 +91,14 @@ def _check_messages(messages: list[dict]) -> None:
 
 
 def render_chat(
-    messages: list[dict],
+    messages: list[dict[str, object]],
     *,
     template: str,
     add_generation_prompt: bool = True,
     bos_token: str = "",
     eos_token: str = "",
     origin: str | None = None,
-    **extra,
+    **extra: object,
 ) -> str:
     """The prompt text for `messages` ([{"role": "user", "content": "..."}, ...]).
 
@@ -146,7 +160,7 @@ def choose_template(spec: ModelSpec, setting: str = AUTO, base_dir: Path | None 
     return choose_template_with_origin(spec, setting, base_dir)[0]
 
 
-def special_token_text(tokenizer, token_id: int | None) -> str:
+def special_token_text(tokenizer: TokenNames, token_id: int | None) -> str:
     """The text of a special token for bos_token/eos_token ("" when the model has none)."""
     if token_id is None:
         return ""

@@ -10,14 +10,22 @@ the concatenation of everything returned (plus `finish()`) equals `decode(all id
 
 from __future__ import annotations
 
+from typing import Protocol
+
 REPLACEMENT = "\ufffd"
 MAX_PENDING = 16  # ids held back at most; a longer run of undecodable bytes is released as U+FFFD
+
+
+class Decoder(Protocol):
+    """What StreamDecoder needs of a tokenizer (a ModelTokenizer has it)."""
+
+    def decode(self, ids: list[int], *, skip_special: bool = False) -> str: ...
 
 
 class StreamDecoder:
     """Incremental decoder over a ModelTokenizer (anything with `decode(ids, skip_special=)`)."""
 
-    def __init__(self, tokenizer, *, skip_special: bool = False):
+    def __init__(self, tokenizer: Decoder, *, skip_special: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special = skip_special
         self.ids: list[int] = []

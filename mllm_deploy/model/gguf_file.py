@@ -18,11 +18,14 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, TypeAlias
 
 import gguf
 import numpy as np
+import numpy.typing as npt
 
 from mllm_deploy.errors import user_error
+from mllm_deploy.model.spec import F32Array
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -47,6 +50,10 @@ _NUMPY_OF = {
 }
 _STRING, _ARRAY = 8, 9
 
+GGUFValue: TypeAlias = "int | float | str | npt.NDArray[np.generic] | list[GGUFValue]"
+"""A metadata value: a scalar (bool is an int), a string, a numeric array, or an array of
+strings or of arrays."""
+
 
 class _Truncated(Exception):
     pass
@@ -68,7 +75,9 @@ class GGUFTensorInfo:
 class GGUFFile:
     """An opened GGUF file: `metadata` (key -> python value), `tensors` (name -> info)."""
 
-    def __init__(self, path: Path):
+    _pos: int  # the parse cursor: a byte offset in the file
+
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
             with open(self.path, "rb") as fh:
@@ -88,16 +97,23 @@ class GGUFFile:
             ) from None
 
     # -- parsing -------------------------------------------------------------------------
-    def _take(self, fmt: str, size: int):
+    def _take(self, fmt: str, size: int) -> int | float:
+        """One little-endian scalar (`fmt` a struct format of `size` bytes) at the cursor."""
         end = self._pos + size
         if end > self.file_bytes:
             raise _Truncated
-        value = struct.unpack_from(fmt, self._map, self._pos)[0]
+        value: int | float = struct.unpack_from(fmt, self._map, self._pos)[0]
         self._pos = end
         return value
 
+    def _u32(self) -> int:
+        return int(self._take("<I", 4))
+
+    def _u64(self) -> int:
+        return int(self._take("<Q", 8))
+
     def _string(self) -> str:
-        n = self._take("<Q", 8)
+        n = self._u64()
         end = self._pos + n
         if end > self.file_bytes:
             raise _Truncated
@@ -105,14 +121,14 @@ class GGUFFile:
         self._pos = end
         return raw.decode("utf-8", errors="replace")
 
-    def _value(self, vtype: int):
+    def _value(self, vtype: int) -> GGUFValue:
         if vtype in _SCALARS:
             return self._take(*_SCALARS[vtype])
         if vtype == _STRING:
             return self._string()
         if vtype == _ARRAY:
-            etype = self._take("<I", 4)
-            count = self._take("<Q", 8)
+            etype = self._u32()
+            count = self._u64()
             if etype in _NUMPY_OF:
                 dt = np.dtype(_NUMPY_OF[etype])
                 end = self._pos + count * dt.itemsize
@@ -128,7 +144,7 @@ class GGUFFile:
             self._bad(f"unknown array element type {etype}")
         self._bad(f"unknown metadata value type {vtype}")
 
-    def _bad(self, problem: str):
+    def _bad(self, problem: str) -> NoReturn:
         raise user_error(f"corrupt GGUF file: {problem} at byte {self._pos}", file=str(self.path))
 
     def _parse(self) -> None:
@@ -140,29 +156,31 @@ class GGUFFile:
                 file=str(self.path),
             )
         self._pos = 4
-        self.version = self._take("<I", 4)
+        self.version = self._u32()
         if self.version not in (2, 3):
             hint = " (big-endian GGUF files are not supported)" if self.version > 0xFFFF else ""
             raise user_error(f"unsupported GGUF version {self.version}{hint}; supported: 2, 3", file=str(self.path))
-        n_tensors = self._take("<Q", 8)
-        n_kv = self._take("<Q", 8)
+        n_tensors = self._u64()
+        n_kv = self._u64()
         if n_tensors > self.file_bytes or n_kv > self.file_bytes:
             self._bad(f"implausible counts ({n_tensors} tensors, {n_kv} metadata keys)")
-        self.metadata: dict[str, object] = {}
+        self.metadata: dict[str, GGUFValue] = {}
         for _ in range(n_kv):
             key = self._string()
-            self.metadata[key] = self._value(self._take("<I", 4))
-        infos = []
+            self.metadata[key] = self._value(self._u32())
+        infos: list[tuple[str, tuple[int, ...], int, int]] = []  # name, shape, type id, offset in data
         for _ in range(n_tensors):
             name = self._string()
-            n_dims = self._take("<I", 4)
+            n_dims = self._u32()
             if n_dims > 4:
                 self._bad(f"tensor {name!r} has {n_dims} dimensions")
-            dims = [self._take("<Q", 8) for _ in range(n_dims)]
-            type_id = self._take("<I", 4)
-            rel_offset = self._take("<Q", 8)
+            dims = [self._u64() for _ in range(n_dims)]
+            type_id = self._u32()
+            rel_offset = self._u64()
             infos.append((name, tuple(reversed(dims)), type_id, rel_offset))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+            self._bad(f"general.alignment is {alignment!r}, not a positive integer")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, shape, type_id, rel_offset in infos:
@@ -185,10 +203,11 @@ class GGUFFile:
             self.tensors[name] = GGUFTensorInfo(name, shape, ggml_type, start, n_bytes)
 
     # -- access --------------------------------------------------------------------------
-    def get(self, key: str, default=None):
+    def get(self, key: str, default: object = None) -> object:
+        """The metadata value of `key` (a :data:`GGUFValue`), or `default`."""
         return self.metadata.get(key, default)
 
-    def raw(self, name: str) -> np.ndarray:
+    def raw(self, name: str) -> npt.NDArray[np.uint8]:
         """The stored bytes of a tensor, shaped (rows..., bytes per row), read-only."""
         info = self.tensors[name]
         rows = info.shape[:-1]
@@ -197,7 +216,7 @@ class GGUFFile:
         data = np.frombuffer(self._map, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
         return data.reshape(*rows, row_bytes)
 
-    def dequantize(self, name: str) -> np.ndarray:
+    def dequantize(self, name: str) -> F32Array:
         """A tensor as float32 in numpy order (a linear comes out (out, in))."""
         info = self.tensors[name]
         raw = self.raw(name)

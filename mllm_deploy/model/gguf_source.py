@@ -11,15 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from mllm_deploy.errors import user_error
 from mllm_deploy.model import layout, weight_cache
 from mllm_deploy.model.gguf_file import GGUFFile
-from mllm_deploy.model.spec import LlamaWeights, ModelSpec
+from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec, RopeStyle
 
 LOADER_VERSION = 1  # bump when the cached float32 arrays would differ
-ROPE_STYLE_OF_ARCH = {"llama": "adjacent", "qwen2": "half"}
+ROPE_STYLE_OF_ARCH: dict[str, RopeStyle] = {"llama": "adjacent", "qwen2": "half"}
 # metadata keys that describe variants the float engine would run wrongly
 _UNSUPPORTED_KEYS = {
     "expert_count": "mixture-of-experts layers",
@@ -40,7 +38,7 @@ def read_gguf_spec(path: Path, source: str) -> ModelSpec:
     return cached
 
 
-_SPEC_MEMO: dict[tuple, ModelSpec] = {}
+_SPEC_MEMO: dict[tuple[str, int, int, str], ModelSpec] = {}  # (path, size, mtime_ns, source) -> spec
 
 
 def _read_gguf_spec_uncached(path: Path, source: str) -> ModelSpec:
@@ -54,7 +52,7 @@ def _read_gguf_spec_uncached(path: Path, source: str) -> ModelSpec:
 def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
     file = str(gfile.path)
     arch = gfile.get("general.architecture")
-    if arch not in ROPE_STYLE_OF_ARCH:
+    if not isinstance(arch, str) or arch not in ROPE_STYLE_OF_ARCH:
         raise user_error(
             f"unsupported model architecture {arch!r}",
             file=file,
@@ -62,8 +60,9 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
             allowed=", ".join(ROPE_STYLE_OF_ARCH),
         )
 
-    def need(key: str):
-        value = gfile.get(f"{arch}.{key}")
+    def need(key: str, default: int | float | None = None) -> int | float:
+        """The number at `{arch}.{key}`; `default` when it is absent (None: it is required)."""
+        value = gfile.get(f"{arch}.{key}", default)
         if value is None:
             raise user_error(f"metadata key '{arch}.{key}' is missing", file=file)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -81,28 +80,28 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
 
     n_heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    n_kv_heads = int(gfile.get(f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = int(gfile.get(f"{arch}.attention.key_length", hidden // max(n_heads, 1)))
-    rope_dims = int(gfile.get(f"{arch}.rope.dimension_count", head_dim))
+    n_kv_heads = int(need("attention.head_count_kv", n_heads))
+    head_dim = int(need("attention.key_length", hidden // max(n_heads, 1)))
+    rope_dims = int(need("rope.dimension_count", head_dim))
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
         raise user_error(f"invalid head counts: {n_heads} heads, {n_kv_heads} KV heads", file=file)
     if rope_dims != head_dim or head_dim % 2:
         raise user_error(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported", file=file)
 
     tokens = gfile.get("tokenizer.ggml.tokens")
-    if not tokens:
+    if not isinstance(tokens, list) or not tokens:
         raise user_error("the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)", file=file)
     embd = gfile.tensors.get("token_embd.weight")
-    vocab = int(gfile.get(f"{arch}.vocab_size", len(tokens)))
+    vocab = int(need("vocab_size", len(tokens)))
     if embd is not None and len(embd.shape) == 2:
         vocab = embd.shape[0]
     if len(tokens) > vocab:
         raise user_error(f"the tokenizer has {len(tokens)} tokens but the embedding only {vocab} rows", file=file)
 
-    eos = gfile.get("tokenizer.ggml.eos_token_id")
-    eot = gfile.get("tokenizer.ggml.eot_token_id")
-    eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
-    bos = gfile.get("tokenizer.ggml.bos_token_id")
+    eos = _token_id(gfile, "tokenizer.ggml.eos_token_id")
+    eot = _token_id(gfile, "tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(dict.fromkeys(t for t in (eos, eot) if t is not None))
+    bos = _token_id(gfile, "tokenizer.ggml.bos_token_id")
     template = gfile.get("tokenizer.chat_template")
     spec = ModelSpec(
         source=source,
@@ -118,14 +117,14 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
         head_dim=head_dim,
         vocab=vocab,
         context=int(need("context_length")),
-        rope_theta=float(gfile.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_theta=float(need("rope.freq_base", 10000.0)),
         rope_style=ROPE_STYLE_OF_ARCH[arch],
         rms_eps=float(need("attention.layer_norm_rms_epsilon")),
         tied_embeddings="output.weight" not in gfile.tensors,
         qkv_bias="blk.0.attn_q.bias" in gfile.tensors,
         weight_bytes_f32=0,
         file_bytes=gfile.file_bytes,
-        bos_id=int(bos) if bos is not None else None,
+        bos_id=bos,
         eos_ids=eos_ids,
         add_bos=bool(gfile.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=template if isinstance(template, str) else None,
@@ -140,6 +139,16 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
     return replace(spec, weight_bytes_f32=layout.weight_bytes_f32(layout.expected_tensors(spec, "gguf")))
 
 
+def _token_id(gfile: GGUFFile, key: str) -> int | None:
+    """The token id at metadata `key`, or None when the file has none."""
+    value = gfile.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise user_error(f"metadata key '{key}' must be a token id (an integer)", file=str(gfile.path), value=value)
+    return value
+
+
 def _type_histogram(gfile: GGUFFile) -> dict[str, int]:
     counts: dict[str, int] = {}
     for info in gfile.tensors.values():
@@ -149,6 +158,7 @@ def _type_histogram(gfile: GGUFFile) -> dict[str, int]:
 
 def gguf_weights_cache_key(spec: ModelSpec) -> str:
     """Content hash when verified (builtin registry), else path + size + mtime."""
+    identity: tuple[str | int, ...]
     if spec.file_sha256:
         identity = ("sha256", spec.file_sha256)
     else:
@@ -188,7 +198,7 @@ def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeight
         gfile.close()
 
 
-def gguf_tensor(spec: ModelSpec, name: str) -> np.ndarray:
+def gguf_tensor(spec: ModelSpec, name: str) -> F32Array:
     """One tensor as float32, straight from the file (no cache); for tools and tests."""
     gfile = GGUFFile(Path(spec.path))
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,13 +20,13 @@ from safetensors import SafetensorError, safe_open
 
 from mllm_deploy.errors import user_error
 from mllm_deploy.model import layout
-from mllm_deploy.model.spec import LlamaWeights, ModelSpec
+from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str) -> dict[str, object]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -69,11 +70,18 @@ def _tensor_table(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], s
     return table
 
 
-def _config_int(config: dict, key: str, file: str, default: int | None = None) -> int:
+def _config_int(config: Mapping[str, object], key: str, file: str, default: int | None = None) -> int:
     value = config.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise user_error(f"config.json: '{key}' must be a positive integer", file=file, key=key, value=value)
     return value
+
+
+def _config_float(config: Mapping[str, object], key: str, file: str, default: float) -> float:
+    value = config.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise user_error(f"config.json: '{key}' must be a number", file=file, key=key, value=value)
+    return float(value)
 
 
 def read_hf_spec(directory: Path, source: str) -> ModelSpec:
@@ -84,7 +92,7 @@ def read_hf_spec(directory: Path, source: str) -> ModelSpec:
     config = _read_json(config_path, "a Hugging Face model directory needs config.json")
     names = config.get("architectures") or []
     arch_name = names[0] if isinstance(names, list) and names else config.get("model_type")
-    if arch_name not in ARCHITECTURES:
+    if not isinstance(arch_name, str) or arch_name not in ARCHITECTURES:
         raise user_error(
             f"unsupported model architecture {arch_name!r}",
             file=file,
@@ -93,7 +101,7 @@ def read_hf_spec(directory: Path, source: str) -> ModelSpec:
         )
     arch = ARCHITECTURES[arch_name]
     scaling = config.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
+    if scaling and (not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "default"):
         raise user_error(
             "RoPE scaling is not supported", file=file, key="rope_scaling", value=str(config["rope_scaling"])
         )
@@ -156,9 +164,9 @@ def read_hf_spec(directory: Path, source: str) -> ModelSpec:
         head_dim=head_dim,
         vocab=vocab,
         context=context,
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_theta=_config_float(config, "rope_theta", file, 10000.0),
         rope_style="half",
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rms_eps=_config_float(config, "rms_norm_eps", file, 1e-6),
         tied_embeddings=tied,
         qkv_bias=arch == "qwen2",
         weight_bytes_f32=0,
@@ -180,10 +188,11 @@ def read_hf_spec(directory: Path, source: str) -> ModelSpec:
     return replace(spec, weight_bytes_f32=layout.weight_bytes_f32(layout.expected_tensors(spec, "hf")))
 
 
-def _adds_bos(tok_config: dict, tok_json: Path) -> bool:
+def _adds_bos(tok_config: Mapping[str, object], tok_json: Path) -> bool:
     """Whether encoding a prompt starts with BOS: `add_bos_token`, else tokenizer.json's post-processor."""
-    if isinstance(tok_config.get("add_bos_token"), bool):
-        return tok_config["add_bos_token"]
+    add_bos = tok_config.get("add_bos_token")
+    if isinstance(add_bos, bool):
+        return add_bos
     try:
         post = json.loads(tok_json.read_text(encoding="utf-8")).get("post_processor") or {}
     except (OSError, ValueError):
@@ -195,7 +204,7 @@ def _adds_bos(tok_config: dict, tok_json: Path) -> bool:
     return False
 
 
-def _hf_chat_template(directory: Path, tok_config: dict) -> str | None:
+def _hf_chat_template(directory: Path, tok_config: Mapping[str, object]) -> str | None:
     jinja = directory / "chat_template.jinja"
     if jinja.exists():
         return jinja.read_text(encoding="utf-8")
@@ -206,7 +215,7 @@ def _hf_chat_template(directory: Path, tok_config: dict) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _widen_bf16(path: Path, name: str) -> np.ndarray:
+def _widen_bf16(path: Path, name: str) -> F32Array:
     """A BF16 tensor as float32, read from the raw bytes at its header offsets."""
     with open(path, "rb") as fh:
         header_len = struct.unpack("<Q", fh.read(8))[0]
@@ -226,7 +235,7 @@ def load_hf_weights(spec: ModelSpec) -> LlamaWeights:
         for f in files:
             handles[f] = safe_open(str(f), framework="np").__enter__()
 
-        def read(name: str) -> np.ndarray:
+        def read(name: str) -> F32Array:
             f, shape, dtype = table[name]
             try:
                 arr = _widen_bf16(f, name) if dtype == "BF16" else handles[f].get_tensor(name)

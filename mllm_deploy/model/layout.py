@@ -7,12 +7,12 @@ assemble `LlamaWeights` through `assemble_weights`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
 from mllm_deploy.errors import user_error
-from mllm_deploy.model.spec import LayerWeights, LlamaWeights, ModelSpec
+from mllm_deploy.model.spec import F32Array, LayerWeights, LlamaWeights, ModelFormat, ModelSpec
 
 # LayerWeights field -> (GGUF name after "blk.{i}.", HF name after "model.layers.{i}.")
 LAYER_TENSORS: dict[str, tuple[str, str]] = {
@@ -53,7 +53,7 @@ def field_shape(spec: ModelSpec, field: str) -> tuple[int, ...]:
     return by_field[field]
 
 
-def expected_tensors(spec: ModelSpec, fmt: str) -> dict[str, tuple[int, ...]]:
+def expected_tensors(spec: ModelSpec, fmt: ModelFormat) -> dict[str, tuple[int, ...]]:
     """Every tensor name the model must have in format `fmt` ("gguf"/"hf") -> numpy shape."""
     col = 0 if fmt == "gguf" else 1
     prefix = "blk.{i}." if fmt == "gguf" else "model.layers.{i}."
@@ -72,7 +72,12 @@ def expected_tensors(spec: ModelSpec, fmt: str) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensor_table(
-    spec: ModelSpec, fmt: str, found: dict[str, tuple[int, ...]], file: str, *, ignored: set[str] = frozenset()
+    spec: ModelSpec,
+    fmt: ModelFormat,
+    found: dict[str, tuple[int, ...]],
+    file: str,
+    *,
+    ignored: Collection[str] = frozenset(),
 ) -> None:
     """Refuse missing tensors, wrong shapes and unknown tensors (a variant we would run wrongly)."""
     expected = expected_tensors(spec, fmt)
@@ -96,7 +101,7 @@ def check_tensor_table(
         )
 
 
-def assemble_weights(spec: ModelSpec, fmt: str, read: Callable[[str], np.ndarray]) -> LlamaWeights:
+def assemble_weights(spec: ModelSpec, fmt: ModelFormat, read: Callable[[str], F32Array]) -> LlamaWeights:
     """Build LlamaWeights, calling `read(name)` (float32, numpy shape) for each tensor."""
     col = 0 if fmt == "gguf" else 1
     prefix = "blk.{i}." if fmt == "gguf" else "model.layers.{i}."

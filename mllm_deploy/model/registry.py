@@ -90,7 +90,7 @@ def locate(model: BuiltinModel) -> tuple[Path | None, str | None]:
         return None, None
     for entry in dist.files or ():
         if str(entry).replace("\\", "/") == model.file_in_distribution:
-            path = Path(dist.locate_file(entry))
+            path = Path(str(dist.locate_file(entry)))  # typeshed: a SimplePath (a Path at runtime)
             return (path if path.is_file() else None), dist.version
     return None, dist.version
 
@@ -113,8 +113,9 @@ def verified_sha256(path: Path) -> str:
     except (OSError, ValueError):
         known = {}
     entry = known.get(key) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
-        return entry["sha256"]
+    cached = entry.get("sha256") if isinstance(entry, dict) and entry.get("stamp") == stamp else None
+    if isinstance(cached, str):
+        return cached
     digest = sha256_of(path)
     known = known if isinstance(known, dict) else {}
     known[key] = {"stamp": stamp, "sha256": digest}

@@ -8,10 +8,13 @@ the (out, in) layout, so a linear is `y = x @ W.T`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
+F32Array: TypeAlias = npt.NDArray[np.float32]
+ModelFormat = Literal["gguf", "hf"]  # one GGUF file, or a Hugging Face directory
 RopeStyle = Literal["adjacent", "half"]
 """`adjacent`: rotate pairs (2i, 2i+1) — GGUF's permuted Q/K (ggml "normal" rope).
 `half`: rotate (i, i + d/2) — Hugging Face checkpoints (NeoX style)."""
@@ -23,7 +26,7 @@ class ModelSpec:
 
     source: str  # the profile's model.source, as given
     path: str  # resolved file or directory
-    format: Literal["gguf", "hf"]
+    format: ModelFormat
     architecture: str  # "llama", "qwen2", "mistral"
     name: str
     n_layers: int
@@ -46,7 +49,7 @@ class ModelSpec:
     eos_ids: tuple[int, ...] = ()
     add_bos: bool = False
     chat_template: str | None = None  # the model's own Jinja template, if any
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)  # format-specific facts, for reports
 
     @property
     def q_dim(self) -> int:
@@ -77,18 +80,18 @@ class ModelSpec:
 class LayerWeights:
     """One transformer block, float32, linears (out, in)."""
 
-    attn_norm: np.ndarray  # [hidden]
-    wq: np.ndarray  # [n_heads*head_dim, hidden]
-    wk: np.ndarray  # [n_kv_heads*head_dim, hidden]
-    wv: np.ndarray  # [n_kv_heads*head_dim, hidden]
-    wo: np.ndarray  # [hidden, n_heads*head_dim]
-    ffn_norm: np.ndarray  # [hidden]
-    w_gate: np.ndarray  # [ffn, hidden]
-    w_up: np.ndarray  # [ffn, hidden]
-    w_down: np.ndarray  # [hidden, ffn]
-    bq: np.ndarray | None = None  # [n_heads*head_dim] (Qwen2)
-    bk: np.ndarray | None = None  # [n_kv_heads*head_dim]
-    bv: np.ndarray | None = None  # [n_kv_heads*head_dim]
+    attn_norm: F32Array  # [hidden]
+    wq: F32Array  # [n_heads*head_dim, hidden]
+    wk: F32Array  # [n_kv_heads*head_dim, hidden]
+    wv: F32Array  # [n_kv_heads*head_dim, hidden]
+    wo: F32Array  # [hidden, n_heads*head_dim]
+    ffn_norm: F32Array  # [hidden]
+    w_gate: F32Array  # [ffn, hidden]
+    w_up: F32Array  # [ffn, hidden]
+    w_down: F32Array  # [hidden, ffn]
+    bq: F32Array | None = None  # [n_heads*head_dim] (Qwen2)
+    bk: F32Array | None = None  # [n_kv_heads*head_dim]
+    bv: F32Array | None = None  # [n_kv_heads*head_dim]
 
 
 @dataclass
@@ -96,7 +99,7 @@ class LlamaWeights:
     """All float32 weights of a Llama-family model."""
 
     spec: ModelSpec
-    tok_embd: np.ndarray  # [vocab, hidden]
+    tok_embd: F32Array  # [vocab, hidden]
     layers: list[LayerWeights]
-    output_norm: np.ndarray  # [hidden]
-    output: np.ndarray  # [vocab, hidden]; the same array as tok_embd when tied
+    output_norm: F32Array  # [hidden]
+    output: F32Array  # [vocab, hidden]; the same array as tok_embd when tied

@@ -9,11 +9,14 @@ tokens, matched whole in the text. SentencePiece vocabularies (`llama`) are refu
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from mllm_deploy.errors import user_error
+from mllm_deploy.model.detokenize import StreamDecoder
 from mllm_deploy.model.spec import ModelSpec
 
 # llama.cpp's split regexes per `tokenizer.ggml.pre` (the Llama 3 / Qwen2 ones as published
@@ -46,7 +49,7 @@ def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
 
 
 # tokenizer.ggml.pre -> (pre-tokenizer factory, ignore_merges: whole-word vocab hits skip BPE)
-PRE_TOKENIZERS = {
+PRE_TOKENIZERS: dict[str, tuple[Callable[[], pre_tokenizers.PreTokenizer], bool]] = {
     "gpt2": (_gpt2, False),
     "smollm": (_digits_then_gpt2, False),
     "starcoder": (_digits_then_gpt2, False),
@@ -70,7 +73,7 @@ class ModelTokenizer:
 
     def __init__(
         self, tokenizer: Tokenizer, *, bos_id: int | None, eos_ids: tuple[int, ...], add_bos: bool, origin: str
-    ):
+    ) -> None:
         self.tokenizer = tokenizer
         self.bos_id = bos_id
         self.add_bos = add_bos
@@ -109,18 +112,16 @@ class ModelTokenizer:
     def decode(self, ids: list[int], *, skip_special: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
-    def stream(self, *, skip_special: bool = False):
+    def stream(self, *, skip_special: bool = False) -> StreamDecoder:
         """A fresh incremental decoder (mllm_deploy.model.detokenize.StreamDecoder)."""
-        from mllm_deploy.model.detokenize import StreamDecoder
-
         return StreamDecoder(self, skip_special=skip_special)
 
 
-def tokenizer_from_gguf_metadata(metadata: dict, file: str) -> Tokenizer:
+def tokenizer_from_gguf_metadata(metadata: Mapping[str, object], file: str) -> Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` from GGUF `tokenizer.ggml.*` metadata."""
     model = metadata.get("tokenizer.ggml.model")
     tokens = metadata.get("tokenizer.ggml.tokens")
-    if not tokens:
+    if not isinstance(tokens, list) or not tokens:
         raise user_error("the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)", file=file)
     if model != "gpt2":
         what = "SentencePiece ('llama')" if model == "llama" else repr(model)
@@ -138,18 +139,22 @@ def tokenizer_from_gguf_metadata(metadata: dict, file: str) -> Tokenizer:
             allowed=", ".join(PRE_TOKENIZERS),
             hint="re-convert the model with a current llama.cpp convert_hf_to_gguf.py, or use its Hugging Face directory",
         )
-    if pre not in PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         raise user_error(
             f"unsupported pre-tokenizer {pre!r}", file=file, key="tokenizer.ggml.pre", allowed=", ".join(PRE_TOKENIZERS)
         )
     merges_raw = metadata.get("tokenizer.ggml.merges")
     if merges_raw is None:
         raise user_error("a BPE tokenizer needs tokenizer.ggml.merges, which is missing", file=file)
+    if not isinstance(merges_raw, list):
+        raise user_error("tokenizer.ggml.merges must be an array of strings", file=file)
     vocab: dict[str, int] = {}
     for idx, tok in enumerate(tokens):
         vocab.setdefault(tok, idx)
-    merges = []
+    merges: list[tuple[str, str]] = []
     for m in merges_raw:
+        if not isinstance(m, str):
+            raise user_error(f"malformed merge {m!r} in tokenizer.ggml.merges", file=file)
         left, sep, right = m.partition(" ")
         if not sep:
             raise user_error(f"malformed merge {m!r} in tokenizer.ggml.merges", file=file)
@@ -162,6 +167,8 @@ def tokenizer_from_gguf_metadata(metadata: dict, file: str) -> Tokenizer:
     tok.pre_tokenizer = make_pre()
     tok.decoder = decoders.ByteLevel()
     types = metadata.get("tokenizer.ggml.token_type")
+    if types is not None and not isinstance(types, (list, np.ndarray)):
+        raise user_error("tokenizer.ggml.token_type must be an array of integers", file=file)
     if types is not None:
         specials = [
             AddedToken(tokens[i], special=True, normalized=False)

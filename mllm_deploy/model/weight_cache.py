@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from mllm_deploy.model.spec import F32Array
 from mllm_deploy.paths import cache_dir
 
 MANIFEST = "manifest.json"
@@ -39,14 +40,14 @@ def _file_name(tensor: str) -> str:
     return tensor.replace("/", "_") + ".npy"
 
 
-def load_entry(key: str) -> dict[str, np.ndarray] | None:
+def load_entry(key: str) -> dict[str, F32Array] | None:
     """The cached arrays (read-only memmaps) of `key`, or None if absent or damaged."""
     entry = weights_cache_root() / key
     if not entry.is_dir():
         return None
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, F32Array] = {}
         for name, meta in manifest["arrays"].items():
             path = entry / _file_name(name)
             if path.stat().st_size != meta["file_bytes"]:
@@ -65,7 +66,7 @@ def drop_entry(key: str) -> None:
     shutil.rmtree(weights_cache_root() / key, ignore_errors=True)
 
 
-def store_entry(key: str, names: Iterable[str], produce: Callable[[str], np.ndarray], info: dict) -> None:
+def store_entry(key: str, names: Iterable[str], produce: Callable[[str], F32Array], info: Mapping[str, object]) -> None:
     """Write `produce(name)` for every name into a new entry, atomically. `info` goes in the manifest."""
     root = weights_cache_root()
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))

@@ -86,6 +86,30 @@ def test_bad_version(good_gguf, tmp_path):
     assert one(refused(tmp_path / "v7.gguf")).message == "unsupported GGUF version 7; supported: 2, 3"
 
 
+def _header_only_gguf(path, add_metadata) -> None:
+    """A llama GGUF with head count, width, one tensor and whatever `add_metadata(writer)` adds."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(4)
+    writer.add_embedding_length(64)
+    add_metadata(writer)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+
+
+def test_zero_alignment_is_refused_not_divided_by(tmp_path):
+    _header_only_gguf(tmp_path / "a0.gguf", lambda w: w.add_uint32("general.alignment", 0))
+    d = one(refused(tmp_path / "a0.gguf"))
+    assert d.message.startswith("corrupt GGUF file: general.alignment is 0, not a positive integer")
+
+
+def test_per_layer_kv_head_counts_are_refused(tmp_path):
+    _header_only_gguf(tmp_path / "kv.gguf", lambda w: w.add_array("llama.attention.head_count_kv", [4, 4]))
+    d = one(refused(tmp_path / "kv.gguf"))
+    assert d.message == (
+        "metadata key 'llama.attention.head_count_kv' must be a number (per-layer values are not supported)"
+    )
+
+
 def test_missing_tensor(tmp_path):
     path = tm.write_tiny_gguf(tmp_path, skip_tensors=("blk.1.ffn_up.weight",))
     d = one(refused(path))

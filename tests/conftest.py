@@ -8,6 +8,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from goldens import UPDATE_OPTION
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        UPDATE_OPTION,
+        action="store_true",
+        default=False,
+        help="write golden files (tests/golden/, tests/__snapshots__/) from this run's output instead of "
+        "failing on a missing or different one; review `git diff` before committing",
+    )
+
+
+@pytest.fixture(scope="session")
+def update_goldens(request: pytest.FixtureRequest) -> bool:
+    """True under `pytest --update-goldens`: the one way a golden is written (tests/goldens.py)."""
+    return bool(request.config.getoption(UPDATE_OPTION))
 
 
 @pytest.fixture(scope="session")

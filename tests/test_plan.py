@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from collections import Counter
 
 import pytest
+from goldens import changed_message, golden_bytes, golden_text
 from plan_fixtures import GOLDEN, REPO, capabilities, loaded_from
 
 from mllm_deploy.model import read_spec
@@ -16,8 +16,6 @@ from mllm_deploy.plan.passes import topological_order
 from mllm_deploy.plan.render import render_plan
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
-
-UPDATE = os.environ.get("MLLM_DEPLOY_UPDATE_GOLDEN") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +90,7 @@ def test_shadow_insertion(tmp_path, spec):
     assert ("c0.L13.gate_up", "c0.L13.down.shadow") in edges  # same input as the NPU linear
     assert ("c0.L13.down.shadow", "c0.L14.attn_norm") in edges  # correction added before use
     more = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.5\n"), spec, prompt_tokens=256)
-    kinds = [l.split(".")[1] for l in more.shadow.linears]
+    kinds = [linear.split(".")[1] for linear in more.shadow.linears]
     assert kinds.count("down") == 30 and kinds.count("qkv") == 30  # then qkv
     assert kinds.count("gate_up") == kinds.count("o_proj") == 0
     chosen = ((29, "down"), (0, "qkv"), (7, "gate_up"))
@@ -144,22 +142,16 @@ GOLDEN_CASES = [
 
 
 @pytest.mark.parametrize(("name", "path", "tokens"), GOLDEN_CASES, ids=[c[0] for c in GOLDEN_CASES])
-def test_golden_plan_text_and_json(spec, name, path, tokens):
+def test_golden_plan_text_and_json(spec, name, path, tokens, update_goldens):
     loaded = load_profile(path)
     plan = _plan(loaded, spec, prompt_tokens=tokens)
     text = render_plan(plan)
     data = json.loads(plan_to_json(plan))
-    text_file = GOLDEN / f"plan_{name}.txt"
-    json_file = GOLDEN / f"plan_{name}.json.gz"
-    if UPDATE:
-        text_file.write_text(text)
-        json_file.write_bytes(gzip.compress(json.dumps(data, indent=1, sort_keys=True).encode(), mtime=0))
-    assert text == text_file.read_text(), "plan text changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
-    golden = json.loads(gzip.decompress(json_file.read_bytes()))
+    json_bytes = gzip.compress(json.dumps(data, indent=1, sort_keys=True).encode(), mtime=0)
+    assert text == golden_text(GOLDEN / f"plan_{name}.txt", text, update_goldens), changed_message("plan text")
+    golden = json.loads(gzip.decompress(golden_bytes(GOLDEN / f"plan_{name}.json.gz", json_bytes, update_goldens)))
     for key in golden:
-        assert data[key] == golden[key], (
-            f"plan JSON key {key!r} changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
-        )
+        assert data[key] == golden[key], changed_message(f"plan JSON key {key!r}")
     assert set(data) == set(golden)
     assert {"subgraphs", "edges", "memory", "estimate"} <= set(data)
     assert {"id", "layer", "kind", "processor", "inputs", "outputs"} <= set(data["subgraphs"][0])

@@ -11,8 +11,8 @@ import asyncio
 import time
 
 import pytest
-from test_tui_screens import check_golden, masked
 from textual.widgets import Input
+from tui_snapshots import check_golden, masked
 
 from mllm_deploy.events import ChunkDone
 from mllm_deploy.runtime.session import load_model
@@ -67,7 +67,7 @@ def views(app, role: str) -> list[MessageView]:
     return [v for v in app.transcript.query(MessageView) if v.role == role]
 
 
-def test_question_streams_answer_into_one_message_and_keeps_context():
+def test_question_streams_answer_into_one_message_and_keeps_context(update_goldens):
     async def scenario():
         app = make_app()
         async with app.run_test(size=(80, 24)) as pilot:
@@ -85,7 +85,7 @@ def test_question_streams_answer_into_one_message_and_keeps_context():
             screen = screen_text(app)
             assert "Assistant: The capital of France is Paris." in screen
             assert "last turn: TTFT " in screen and " · ctx 44/4,096" in screen
-            check_golden("chat_answer_80x24", masked(app))
+            check_golden("chat_answer_80x24", masked(app), update_goldens)
             # second turn: only the new tokens are prefilled, the rest comes from the KV cache
             await ask(pilot, "And of Germany?")
             assert "Berlin" in views(app, "assistant")[1].text

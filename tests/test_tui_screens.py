@@ -1,18 +1,17 @@
 """The `up` app's screens without running the model: failures as notifications, the plan view,
 help, the command palette, saved sessions, and text snapshots (volatile numbers masked).
 
-Goldens live in tests/__snapshots__/tui/; regenerate with MLLM_DEPLOY_UPDATE_GOLDEN=1.
+Goldens live in tests/__snapshots__/tui/; a missing one fails; write them with
+`pytest --update-goldens` (tests/tui_snapshots.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import threading
-from pathlib import Path
 
 import pytest
+from tui_snapshots import check_golden, masked
 
 from mllm_deploy.errors import Diagnostic, UserError
 from mllm_deploy.tui.app import DeployApp
@@ -23,38 +22,6 @@ from mllm_deploy.tui.sessions import SavedSession, load_session
 from mllm_deploy.tui.widgets.transcript import MessageView
 
 FLOAT = ["device.npu_backend=none"]
-GOLDEN_DIR = Path(__file__).parent / "__snapshots__" / "tui"
-UPDATE = os.environ.get("MLLM_DEPLOY_UPDATE_GOLDEN") == "1"
-VOLATILE_GLYPHS = re.compile(r"[▁▂▃▄▅▆▇█▏▎▍▌▋▊▉░▒▓]")
-
-
-def masked(app: DeployApp) -> str:
-    """The screen with what varies from run to run removed: numbers, bar/sparkline/lane glyphs,
-    the profile file's path, and runs of spaces (bar widths change alignment)."""
-    text = screen_text(app)
-    path = app.deployment.loaded.display_path
-    if path:
-        text = text.replace(path, "<profile>")
-    text = re.sub(r"\d[\d.,]*\s*(ms|s)\b", "#", VOLATILE_GLYPHS.sub("", text))  # 840 ms / 1.2 s: unit varies
-    text = re.sub(r"\d[\d.,]*", "#", text)
-    return "\n".join(re.sub(r" {2,}", " ", line).rstrip() for line in text.splitlines()) + "\n"
-
-
-def _comparable(text: str) -> str:
-    """No whitespace; and a notification toast may cover the end of the RSS figure's unit
-    (how much depends on the figure's width), so `RSS # MB` / `RSS # M` compare equal."""
-    return re.sub(r"RSS#M?B?", "RSS#", "".join(text.split()))
-
-
-def check_golden(name: str, text: str) -> None:
-    """Compare with the committed golden with all whitespace removed: a number's width moves
-    where a long line wraps and how much padding a lane gets."""
-    path = GOLDEN_DIR / f"{name}.txt"
-    if UPDATE or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    expected = _comparable(path.read_text(encoding="utf-8"))
-    assert _comparable(text) == expected, f"{name} screen changed; rerun with MLLM_DEPLOY_UPDATE_GOLDEN=1 if intended"
 
 
 class HeldLoader:
@@ -112,7 +79,7 @@ def texts(app, role: str) -> list[str]:
     return [v.text for v in app.transcript.query(MessageView) if v.role == role]
 
 
-def test_model_failure_is_a_notification_not_a_crash(deployment):
+def test_model_failure_is_a_notification_not_a_crash(deployment, update_goldens):
     def broken_loader(loaded_profile):
         raise RuntimeError("weights are corrupt")
 
@@ -135,12 +102,12 @@ def test_model_failure_is_a_notification_not_a_crash(deployment):
             == "Unknown command: error: unknown command /frobnicate\n    hint: type /help for the list"
         )
         assert app.is_running
-        check_golden("model_failed_80x24", masked(app))
+        check_golden("model_failed_80x24", masked(app), update_goldens)
 
     run(app, scenario)
 
 
-def test_loading_state_and_plan_view(deployment):
+def test_loading_state_and_plan_view(deployment, update_goldens):
     app = DeployApp(deployment, model_loader=HeldLoader())
 
     async def scenario(pilot):
@@ -149,7 +116,7 @@ def test_loading_state_and_plan_view(deployment):
         assert "loading builtin:smollm2-135m-instruct (weights, tokenizer, chat template)…" in screen
         assert "loading model… " in screen
         assert "NPU idle · none (float32 on the CPU): no NPU executor" in screen
-        check_golden("loading_80x24", masked(app))
+        check_golden("loading_80x24", masked(app), update_goldens)
         await pilot.press("f2")
         await wait_until(pilot, lambda: on_plan_screen(app))
         await pilot.pause()
@@ -158,7 +125,7 @@ def test_loading_state_and_plan_view(deployment):
         assert app.is_running
         assert "overrides   device.npu_backend=none" in plan
         assert "L0    CPU     CPU     CPU" in plan
-        check_golden("plan_80x24", masked(app))
+        check_golden("plan_80x24", masked(app), update_goldens)
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, PlanScreen))
 
@@ -180,7 +147,7 @@ def test_plan_view_lists_layers_and_memory(deployment):
     run(app, scenario, size=(120, 40))
 
 
-def test_help_and_command_palette(deployment):
+def test_help_and_command_palette(deployment, update_goldens):
     app = DeployApp(deployment, model_loader=HeldLoader())
 
     async def scenario(pilot):
@@ -189,7 +156,7 @@ def test_help_and_command_palette(deployment):
         await pilot.pause()
         [help_text] = [t for t in texts(app, "note") if t.startswith("Commands:")]
         assert "/set KEY=VALUE" in help_text and "Ctrl+Q" in help_text
-        check_golden("help_80x24", masked(app))
+        check_golden("help_80x24", masked(app), update_goldens)
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"plan view")

@@ -8,7 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import tiny_models
 from goldens import UPDATE_OPTION
+
+from mllm_deploy.model import LlamaWeights, ModelSpec, load_weights, read_spec
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,3 +64,41 @@ def module_private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """MLLM_DEPLOY_CACHE for this test alone: `tmp_path/cache` (not created; the code under test
+    creates what it needs). Returns the directory."""
+    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def smollm_spec() -> ModelSpec:
+    """The default model's spec (builtin:smollm2-135m-instruct): metadata only, no weights."""
+    return read_spec("builtin:smollm2-135m-instruct")
+
+
+# Tiny random models (tests/tiny_models.py), written once per test module that asks for one.
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """The default tiny GGUF (tiny_models.TINY) with an untied output head: with a tied head the
+    tiny random model mostly repeats its last token."""
+    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def smallest_gguf(tmp_path_factory) -> Path:
+    """tiny_models.SMALLEST as a GGUF with a tied head: what the build, bundle and eval tests compile."""
+    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=tiny_models.SMALLEST)
+
+
+@pytest.fixture(scope="module")
+def tiny_three_layers(tmp_path_factory) -> tuple[Path, ModelSpec, LlamaWeights]:
+    """(path, spec, float32 weights) of tiny_models.THREE_LAYERS, untied: the DAG prefill's model."""
+    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False, cfg=tiny_models.THREE_LAYERS)
+    spec = read_spec(str(path))
+    return path, spec, load_weights(spec, use_cache=False)

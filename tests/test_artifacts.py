@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny_models
 from plan_fixtures import pinned_host
 
 from mllm_deploy.compile import artifacts as art
@@ -17,7 +16,6 @@ from mllm_deploy.model import read_spec
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 
-CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
 BASE = [
     "prefill.chunk_size=8",
     "prefill.max_context=128",
@@ -26,17 +24,6 @@ BASE = [
     "outliers.scale_percentile=99.0",
     "device.npu_backend=ort-cpu",
 ]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=CFG)
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def resolved_for(model, *settings, profile=None):
@@ -53,11 +40,11 @@ def build(resolved, messages=None, force=False):
     )
 
 
-def test_hit_reuses_the_entry_and_lockfile_records_the_build(model, cache):
-    first = build(resolved_for(model))
+def test_hit_reuses_the_entry_and_lockfile_records_the_build(smallest_gguf, private_cache):
+    first = build(resolved_for(smallest_gguf))
     stamp = (first.root / "lock.json").stat().st_mtime_ns
     messages = []
-    again = build(resolved_for(model), messages)
+    again = build(resolved_for(smallest_gguf), messages)
     assert again.root == first.root and (again.root / "lock.json").stat().st_mtime_ns == stamp
     assert not any("compiled" in m for m in messages)
     lock = json.loads((first.root / "lock.json").read_text())
@@ -68,9 +55,9 @@ def test_hit_reuses_the_entry_and_lockfile_records_the_build(model, cache):
         "onnxruntime-qnn",
         "mllm-deploy",
     }
-    assert sorted(p.name for p in (cache / "artifacts").iterdir()) == [first.root.name]  # no temp leftovers
-    assert find_artifacts(resolved_for(model)).root == first.root
-    assert calibrated_shadow_inputs(resolved_for(model)) == tuple(first.calibration.shadow_inputs)
+    assert sorted(p.name for p in (private_cache / "artifacts").iterdir()) == [first.root.name]  # no temp leftovers
+    assert find_artifacts(resolved_for(smallest_gguf)).root == first.root
+    assert calibrated_shadow_inputs(resolved_for(smallest_gguf)) == tuple(first.calibration.shadow_inputs)
 
 
 @pytest.mark.parametrize(
@@ -87,25 +74,26 @@ def test_hit_reuses_the_entry_and_lockfile_records_the_build(model, cache):
         "calibration.tokens_per_sample=24",
     ],
 )
-def test_every_relevant_change_is_a_different_entry(model, cache, change):
-    base = art.entry_key(art.expected_lock(resolved_for(model)))
-    assert art.entry_key(art.expected_lock(resolved_for(model, change))) != base
+def test_every_relevant_change_is_a_different_entry(smallest_gguf, private_cache, change):
+    base = art.entry_key(art.expected_lock(resolved_for(smallest_gguf)))
+    assert art.entry_key(art.expected_lock(resolved_for(smallest_gguf, change))) != base
 
 
-def test_irrelevant_changes_share_the_entry_but_library_versions_do_not(model, cache, monkeypatch):
-    base = art.entry_key(art.expected_lock(resolved_for(model)))
+def test_irrelevant_changes_share_the_entry_but_library_versions_do_not(smallest_gguf, private_cache, monkeypatch):
+    base = art.entry_key(art.expected_lock(resolved_for(smallest_gguf)))
     assert (
-        art.entry_key(art.expected_lock(resolved_for(model, "decode.temperature=0.5", "device.npu_threads=1"))) == base
+        art.entry_key(art.expected_lock(resolved_for(smallest_gguf, "decode.temperature=0.5", "device.npu_threads=1")))
+        == base
     )
     monkeypatch.setattr(
         art, "library_versions", lambda: {"mllm-deploy": "9", "onnx": "1", "onnxruntime": "1", "onnxruntime-qnn": "1"}
     )
-    assert art.entry_key(art.expected_lock(resolved_for(model))) != base
+    assert art.entry_key(art.expected_lock(resolved_for(smallest_gguf))) != base
 
 
 @pytest.mark.parametrize("damage", ["truncate graph", "flip byte", "delete shadow", "delete manifest", "edit lock"])
-def test_damaged_entry_is_rejected_with_a_message_and_rebuilt(model, cache, damage):
-    entry = build(resolved_for(model, "outliers.prune_fraction=0.0")).root
+def test_damaged_entry_is_rejected_with_a_message_and_rebuilt(smallest_gguf, private_cache, damage):
+    entry = build(resolved_for(smallest_gguf, "outliers.prune_fraction=0.0")).root
     graph = entry / "graphs" / "layer1_down.onnx"
     if damage == "truncate graph":
         graph.write_bytes(graph.read_bytes()[:100])
@@ -122,15 +110,16 @@ def test_damaged_entry_is_rejected_with_a_message_and_rebuilt(model, cache, dama
         lock["chunk_size"] = 999
         (entry / "lock.json").write_text(json.dumps(lock))
     with pytest.raises(art.EntryProblem):
-        art.open_entry(entry, art.expected_lock(resolved_for(model, "outliers.prune_fraction=0.0")))
+        art.open_entry(entry, art.expected_lock(resolved_for(smallest_gguf, "outliers.prune_fraction=0.0")))
     messages = []
-    rebuilt = build(resolved_for(model, "outliers.prune_fraction=0.0"), messages)
+    rebuilt = build(resolved_for(smallest_gguf, "outliers.prune_fraction=0.0"), messages)
     assert any("rejected" in m and "recompiling" in m for m in messages), messages
-    art.open_entry(rebuilt.root, art.expected_lock(resolved_for(model, "outliers.prune_fraction=0.0")))  # verifies
+    verified = art.expected_lock(resolved_for(smallest_gguf, "outliers.prune_fraction=0.0"))
+    art.open_entry(rebuilt.root, verified)  # verifies
 
 
-def test_half_written_entry_is_invisible(model, cache):
-    resolved = resolved_for(model)
+def test_half_written_entry_is_invisible(smallest_gguf, private_cache):
+    resolved = resolved_for(smallest_gguf)
     key = art.entry_key(art.expected_lock(resolved))
     partial = art.artifacts_root() / f".{key}.interrupted"  # what a killed build leaves: a temp dir
     (partial / "graphs").mkdir(parents=True)
@@ -140,15 +129,15 @@ def test_half_written_entry_is_invisible(model, cache):
     assert entry.root.name == key
 
 
-def test_bundle_round_trip(model, cache, tmp_path):
-    resolved = resolved_for(model)
+def test_bundle_round_trip(smallest_gguf, private_cache, tmp_path):
+    resolved = resolved_for(smallest_gguf)
     entry = build(resolved)
     out = write_bundle(resolved, entry, tmp_path / "bundle")
     assert is_bundle(out) and not is_bundle(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["artifacts", "bundle.json", "model", "profile.toml"]
     loaded = load_profile(bundle_profile_path(out))
     assert load_profile(out).path == loaded.path == out / "profile.toml"  # the bundle dir stands for its profile
-    assert loaded.profile.model.source == f"model/{model.name}"
+    assert loaded.profile.model.source == f"model/{smallest_gguf.name}"
     assert loaded.profile.prefill.chunk_size == 8 and loaded.profile.calibration.samples == 1
     spec = read_spec(loaded.profile.model.source, loaded.base_dir)
     in_bundle = bundle_artifacts(resolve(loaded, pinned_host(), spec))
@@ -180,7 +169,9 @@ def test_lockfile_for_a_snapdragon_target_records_its_htp_arch_and_soc():
     assert (lock.htp_arch, lock.soc_model, lock.backend, lock.target) == (75, 57, "qnn-htp", "sd8gen3")
 
 
-def test_a_graph_refused_by_the_audit_is_a_located_refusal_and_caches_nothing(model, cache, monkeypatch):
+def test_a_graph_refused_by_the_audit_is_a_located_refusal_and_caches_nothing(
+    smallest_gguf, private_cache, monkeypatch
+):
     from mllm_deploy.compile import build as build_module
     from mllm_deploy.compile.audit import GraphAuditError
     from mllm_deploy.errors import ExitCode
@@ -190,22 +181,24 @@ def test_a_graph_refused_by_the_audit_is_a_located_refusal_and_caches_nothing(mo
 
     monkeypatch.setattr(build_module, "audit_graph", refuse)
     with pytest.raises(UserError) as err:
-        build(resolved_for(model))
+        build(resolved_for(smallest_gguf))
     assert err.value.exit_code == ExitCode.CANNOT_RUN
     (diag,) = err.value.diagnostics
     assert "layer0_qkv.onnx was refused by the audit: MatMul 'mm' runs in float" in diag.message
     assert diag.key == "quantization" and "weights=int8-per-channel, activations=uint8" in str(diag.value)
     assert "nothing was cached" in diag.hint
-    assert list((cache / "artifacts").iterdir()) == []  # no entry, no temp leftovers
+    assert list((private_cache / "artifacts").iterdir()) == []  # no entry, no temp leftovers
 
 
-def test_a_new_calibration_generator_rebuilds_samples_statistics_and_artifacts(model, cache, monkeypatch):
+def test_a_new_calibration_generator_rebuilds_samples_statistics_and_artifacts(
+    smallest_gguf, private_cache, monkeypatch
+):
     """Self-generated samples are cached apart from the artifacts; a new GENERATION_VERSION must
     not reuse the text an earlier generator wrote (that once made two caches' scales differ)."""
     from mllm_deploy.compile import build as build_module
     from mllm_deploy.compile import calibrate
 
-    lock = art.expected_lock(resolved_for(model))
+    lock = art.expected_lock(resolved_for(smallest_gguf))
     calls = []
 
     def produce(text):
@@ -218,7 +211,7 @@ def test_a_new_calibration_generator_rebuilds_samples_statistics_and_artifacts(m
     assert build_module._cached_samples(lock, produce(3)) == [[1, 2, 3]]
     assert build_module._cached_samples(lock, produce(4)) == [[1, 2, 3]]  # cached
     monkeypatch.setattr(calibrate, "GENERATION_VERSION", calibrate.GENERATION_VERSION + 1)
-    newer = art.expected_lock(resolved_for(model))
+    newer = art.expected_lock(resolved_for(smallest_gguf))
     assert art.entry_key(newer) != art.entry_key(lock) and art.stats_key(newer) != art.stats_key(lock)
     assert build_module._cached_samples(newer, produce(5)) == [[1, 2, 5]]
     assert calls == [3, 5]

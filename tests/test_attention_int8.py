@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dag_fixtures import CHUNK, IDS, float_reference, make_prefill, run_all
 from npu_doubles import FloatKernels
-from test_dag_prefill import CHUNK, IDS, float_reference, make_prefill, run_all, tiny  # noqa: F401  (fixture)
 
 from mllm_deploy.forward.kv_cache import KVCache, KVScales
 from mllm_deploy.forward.layers import causal_attention
@@ -114,9 +114,11 @@ def _int8_scales(spec, k_absmax=4.0, v_absmax=4.0):
     return KVScales.from_absmax(np.full(shape, k_absmax, np.float32), np.full(shape, v_absmax, np.float32))
 
 
-def test_dag_prefill_and_float_engine_use_it_on_int8_caches(tiny):  # noqa: F811
-    _, spec, weights = tiny
-    prefill, engine = make_prefill(tiny, FloatKernels(weights, CHUNK), "out-of-order", 2, "outliers.prune_fraction=1.0")
+def test_dag_prefill_and_float_engine_use_it_on_int8_caches(tiny_three_layers):
+    _, spec, weights = tiny_three_layers
+    prefill, engine = make_prefill(
+        tiny_three_layers, FloatKernels(weights, CHUNK), "out-of-order", 2, "outliers.prune_fraction=1.0"
+    )
     try:
         scales = _int8_scales(spec)
         float_attention = run_all(prefill, engine.new_cache(256, scales=scales), IDS)[1]

@@ -24,11 +24,6 @@ SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging
 pytestmark = pytest.mark.usefixtures("module_private_cache")  # sha256 cache out of the user's dir
 
 
-@pytest.fixture(scope="module")
-def smollm_spec():
-    return read_spec("builtin:smollm2-135m-instruct")
-
-
 def test_smollm2_template_renders_a_chatml_user_turn(smollm_spec):
     template = choose_template(smollm_spec, "auto", None)
     assert template == smollm_spec.chat_template

@@ -4,86 +4,33 @@ and the executors serialise the NPU lane while CPU work overlaps it."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
 import pytest
 import tiny_models
+from dag_fixtures import CHUNK, IDS, float_reference, make_prefill, run_all
 from npu_doubles import FloatKernels, OrtInt8Kernels
-from plan_fixtures import pinned_host
 
 from mllm_deploy.events import SubgraphFinished, SubgraphStarted
 from mllm_deploy.forward.float_engine import FloatEngine
-from mllm_deploy.model import load_weights, read_spec
-from mllm_deploy.plan import build_plan
-from mllm_deploy.profile import load_profile
-from mllm_deploy.resolve import resolve
-from mllm_deploy.runtime.dag_prefill import DagPrefill
 
-CHUNK = 8
-CFG = tiny_models.TinyConfig(n_layers=3, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False, cfg=CFG)
-    spec = read_spec(str(path))
-    return path, spec, load_weights(spec, use_cache=False)
-
-
-def plan_factory(path, spec, *settings):
-    loaded = load_profile(
-        None,
-        [
-            f"model.source={path}",
-            "device.npu_backend=ort-cpu",
-            f"prefill.chunk_size={CHUNK}",
-            "prefill.max_context=256",
-            *settings,
-        ],
-    )
-    resolved = resolve(loaded, pinned_host(), spec)
-    return lambda n_chunks: build_plan(resolved, prompt_tokens=n_chunks * CHUNK)
-
-
-def make_prefill(tiny, kernels, policy="out-of-order", cpu_threads=1, *settings):
-    path, spec, weights = tiny
-    engine = FloatEngine(weights)
-    return DagPrefill(
-        weights,
-        engine.rope,
-        kernels,
-        plan_factory(path, spec, *settings),
-        chunk_tokens=CHUNK,
-        policy=policy,
-        cpu_threads=cpu_threads,
-    ), engine
-
-
-def run_all(prefill, cache, ids, cancel=None):
-    out = list(prefill.run(cache, ids, cancel=cancel))
-    return out, out[-1][1] if out else None
-
-
-IDS = [int(i) for i in np.random.default_rng(3).integers(3, 300, size=29)]  # 4 chunks, last has 5 real rows
-
-
-def float_reference(engine, ids, chunk=CHUNK):
-    cache = engine.new_cache(256)
-    result = engine.prefill(cache, ids, chunk_size=chunk, pad_last_chunk=True)
-    return result.logits, cache
+CFG = tiny_models.THREE_LAYERS
 
 
 @pytest.mark.parametrize("policy", ["sequential", "out-of-order"])
-def test_float_kernels_give_exactly_the_float_engine(tiny, policy):
-    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), policy, 1, "outliers.prune_fraction=1.0")
+def test_float_kernels_give_exactly_the_float_engine(tiny_three_layers, policy):
+    prefill, engine = make_prefill(
+        tiny_three_layers, FloatKernels(tiny_three_layers[2], CHUNK), policy, 1, "outliers.prune_fraction=1.0"
+    )
     try:
         ref_logits, ref_cache = float_reference(engine, IDS)
         cache = engine.new_cache(256)
         chunks, logits = run_all(prefill, cache, IDS)
         assert [c.index for c, _ in chunks] == [0, 1, 2, 3]
         assert [c.tokens for c, _ in chunks] == [8, 8, 8, 5]
-        assert all(lg is None for _, lg in chunks[:-1]) and logits.shape == (1, CFG_VOCAB(tiny))
+        assert all(lg is None for _, lg in chunks[:-1]) and logits.shape == (1, CFG_VOCAB(tiny_three_layers))
         np.testing.assert_array_equal(logits, ref_logits)
         assert cache.token_ids == IDS
         np.testing.assert_array_equal(cache.k[:, :, : len(IDS)], ref_cache.k[:, :, : len(IDS)])
@@ -92,22 +39,22 @@ def test_float_kernels_give_exactly_the_float_engine(tiny, policy):
         prefill.close()
 
 
-def CFG_VOCAB(tiny):
-    return tiny[1].vocab
+def CFG_VOCAB(tiny_three_layers):
+    return tiny_three_layers[1].vocab
 
 
-def test_both_policies_give_identical_logits_with_int8_kernels(tiny):
-    kernels = OrtInt8Kernels(tiny[2], CHUNK, IDS, npu_threads=1)
+def test_both_policies_give_identical_logits_with_int8_kernels(tiny_three_layers):
+    kernels = OrtInt8Kernels(tiny_three_layers[2], CHUNK, IDS, npu_threads=1)
     results = {}
     for policy in ("sequential", "out-of-order"):
-        prefill, engine = make_prefill(tiny, kernels, policy, 1, "outliers.prune_fraction=1.0")
+        prefill, engine = make_prefill(tiny_three_layers, kernels, policy, 1, "outliers.prune_fraction=1.0")
         try:
             cache = engine.new_cache(256)
             results[policy] = run_all(prefill, cache, IDS)[1]
         finally:
             prefill.close()
     np.testing.assert_array_equal(results["sequential"], results["out-of-order"])
-    ref = float_reference(FloatEngine(tiny[2]), IDS)[0]
+    ref = float_reference(FloatEngine(tiny_three_layers[2]), IDS)[0]
     cos = float(
         np.dot(ref[0], results["sequential"][0]) / np.linalg.norm(ref[0]) / np.linalg.norm(results["sequential"][0])
     )
@@ -115,12 +62,12 @@ def test_both_policies_give_identical_logits_with_int8_kernels(tiny):
     assert not np.array_equal(ref, results["sequential"])  # it really ran the integer graphs
 
 
-def test_shadow_corrections_are_added_before_use(tiny):
-    path, spec, weights = tiny
+def test_shadow_corrections_are_added_before_use(tiny_three_layers):
+    weights = tiny_three_layers[2]
     clamp = 0.05  # small enough that many inputs are "outliers"
     # prune nothing: every layer gets shadow subgraphs in the plan
     kernels = FloatKernels(weights, CHUNK, shadow_clamp=clamp, shadow_layers=range(CFG.n_layers))
-    prefill, engine = make_prefill(tiny, kernels, "out-of-order", 2, "outliers.prune_fraction=0.0")
+    prefill, engine = make_prefill(tiny_three_layers, kernels, "out-of-order", 2, "outliers.prune_fraction=0.0")
     try:
         plan = prefill.plan_for(4)
         assert sum(s.kind == "shadow" for s in plan.subgraphs) == 4 * CFG.n_layers * 4
@@ -130,7 +77,7 @@ def test_shadow_corrections_are_added_before_use(tiny):
         # without the corrections the clamp would change the result a lot
         kernels_clip = FloatKernels(weights, CHUNK, shadow_clamp=clamp, shadow_layers=range(CFG.n_layers))
         kernels_clip.shadow = lambda *a: None
-        clipped, _ = make_prefill(tiny, kernels_clip, "out-of-order", 2, "outliers.prune_fraction=0.0")
+        clipped, _ = make_prefill(tiny_three_layers, kernels_clip, "out-of-order", 2, "outliers.prune_fraction=0.0")
         try:
             bad = run_all(clipped, engine.new_cache(256), IDS)[1]
         finally:
@@ -140,8 +87,10 @@ def test_shadow_corrections_are_added_before_use(tiny):
         prefill.close()
 
 
-def test_padding_rows_never_reach_the_cache(tiny):
-    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0")
+def test_padding_rows_never_reach_the_cache(tiny_three_layers):
+    prefill, engine = make_prefill(
+        tiny_three_layers, FloatKernels(tiny_three_layers[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0"
+    )
     try:
         cache = engine.new_cache(256)
         cache.k[:] = 7.0  # sentinel: rows beyond the prompt must keep it
@@ -153,8 +102,10 @@ def test_padding_rows_never_reach_the_cache(tiny):
         prefill.close()
 
 
-def test_second_turn_prefills_on_top_of_the_cache(tiny):
-    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0")
+def test_second_turn_prefills_on_top_of_the_cache(tiny_three_layers):
+    prefill, engine = make_prefill(
+        tiny_three_layers, FloatKernels(tiny_three_layers[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0"
+    )
     try:
         first, second = IDS[:13], IDS[13:]
         cache = engine.new_cache(256)
@@ -170,8 +121,10 @@ def test_second_turn_prefills_on_top_of_the_cache(tiny):
         prefill.close()
 
 
-def test_cancel_commits_only_whole_chunks_in_order(tiny):
-    prefill, engine = make_prefill(tiny, FloatKernels(tiny[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0")
+def test_cancel_commits_only_whole_chunks_in_order(tiny_three_layers):
+    prefill, engine = make_prefill(
+        tiny_three_layers, FloatKernels(tiny_three_layers[2], CHUNK), "out-of-order", 1, "outliers.prune_fraction=1.0"
+    )
     try:
         cancel = threading.Event()
         cache = engine.new_cache(256)
@@ -197,24 +150,24 @@ def test_cancel_commits_only_whole_chunks_in_order(tiny):
         prefill.close()
 
 
-def test_npu_lane_is_serialised_and_cpu_overlaps_it(tiny):
-    path, spec, weights = tiny
+def test_npu_lane_is_serialised_and_cpu_overlaps_it(tiny_three_layers):
+    weights = tiny_three_layers[2]
     kernels = OrtInt8Kernels(weights, CHUNK, IDS, npu_threads=1)
     # whether a given run overlaps depends on the OS scheduler: on a loaded 2-core CI machine one
     # run can happen to alternate; the claim is that overlap happens, so up to three runs may show it
     overlaps = []
     for _attempt in range(3):
-        overlap = _check_one_overlapping_run(tiny, kernels)
+        overlap = _check_one_overlapping_run(tiny_three_layers, kernels)
         overlaps.append(overlap)
         if overlap > 0.0:
             break
     assert overlaps[-1] > 0.0, overlaps  # CPU work really ran while the NPU was busy
 
 
-def _check_one_overlapping_run(tiny, kernels) -> float:
+def _check_one_overlapping_run(tiny_three_layers, kernels) -> float:
     """One 15-chunk prefill: asserts the NPU lane is serialised and busy time is the sum of the
     measured spans; returns the measured CPU/NPU overlap in seconds."""
-    prefill, engine = make_prefill(tiny, kernels, "out-of-order", 2, "outliers.prune_fraction=1.0")
+    prefill, engine = make_prefill(tiny_three_layers, kernels, "out-of-order", 2, "outliers.prune_fraction=1.0")
     events = []
     prefill.on_event = events.append
     try:
@@ -228,7 +181,7 @@ def _check_one_overlapping_run(tiny, kernels) -> float:
     assert len(npu) == 15 * CFG.n_layers * 4 and all(
         e.kind in ("qkv", "o_proj", "gate_up", "down") for e in spans if e.processor == "npu"
     )
-    for a, b in zip(npu, npu[1:]):
+    for a, b in itertools.pairwise(npu):
         assert a[1] <= b[0]  # one NPU subgraph at a time, measured
     overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in npu for b0, b1 in cpu)
     # busy time is the measured sum of the spans, per processor
@@ -238,8 +191,8 @@ def _check_one_overlapping_run(tiny, kernels) -> float:
     return overlap
 
 
-def test_a_failing_kernel_raises_and_leaves_whole_chunks(tiny):
-    kernels = FloatKernels(tiny[2], CHUNK)
+def test_a_failing_kernel_raises_and_leaves_whole_chunks(tiny_three_layers):
+    kernels = FloatKernels(tiny_three_layers[2], CHUNK)
     original = kernels.run_graph
 
     def broken(layer, kind, x):
@@ -248,7 +201,7 @@ def test_a_failing_kernel_raises_and_leaves_whole_chunks(tiny):
         return original(layer, kind, x)
 
     kernels.run_graph = broken
-    prefill, engine = make_prefill(tiny, kernels, "sequential", 1, "outliers.prune_fraction=1.0")
+    prefill, engine = make_prefill(tiny_three_layers, kernels, "sequential", 1, "outliers.prune_fraction=1.0")
     try:
         cache = engine.new_cache(256)
         with pytest.raises(RuntimeError, match="kernel exploded"):

@@ -22,14 +22,7 @@ from mllm_deploy.errors import ExitCode, UserError
 
 CATALOG_IDS = ["sd8gen2", "sd8gen3", "sd8elite", "x-elite", "qcs6490"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_probe_cache(tmp_path_factory):
-    """One probe of this machine for the whole module, in a private cache dir."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_private_cache")  # one probe of this machine per module, cached there
 
 
 def test_catalog_ships_exactly_the_expected_files():

@@ -7,21 +7,13 @@ import json
 import math
 
 import pytest
-import tiny_models
 
 from mllm_deploy import cli
 
-CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=CFG)
-
 
 @pytest.fixture
-def main(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
+def main(private_cache):
+    """The CLI's main, run with a cache of the test's own."""
     return cli.main
 
 
@@ -39,10 +31,11 @@ def sets(model, *extra):
     return [a for s in base for a in ("--set", s)]
 
 
-def test_eval_json_reports_both_perplexities(main, model, tmp_path, capsys):
+def test_eval_json_reports_both_perplexities(main, smallest_gguf, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("The capital of France is Paris. The quick brown fox jumps over the lazy dog. " * 4)
-    assert main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model)]) == 0
+    evaluate = ["eval", "--text", str(text), "--max-tokens", "40", "--json"]
+    assert main([*evaluate, *sets(smallest_gguf)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert {"perplexity", "baseline_perplexity", "tokens", "outlier_fraction", "backend"} <= set(report)
     assert report["tokens"] == 40 and report["backend"].startswith("ort-cpu emulation")
@@ -52,33 +45,27 @@ def test_eval_json_reports_both_perplexities(main, model, tmp_path, capsys):
     assert 0 <= report["outlier_fraction"] < 0.05
     assert report["kv_cache"] == "int8"  # the default: the prefill reads the KV cache back from int8
     assert 0 <= report["kv_saturated_fraction"] < 0.05
-    assert (
-        main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "decode.kv_cache=float32")])
-        == 0
-    )
+    assert main([*evaluate, *sets(smallest_gguf, "decode.kv_cache=float32")]) == 0
     float_kv = json.loads(capsys.readouterr().out)
     assert float_kv["kv_cache"] == "float32" and float_kv["perplexity"] != report["perplexity"]
     assert float_kv["kv_saturated_fraction"] == 0.0
     assert abs(math.log(float_kv["perplexity"]) / math.log(report["perplexity"]) - 1) < 0.02
-    assert (
-        main(["eval", "--text", str(text), "--max-tokens", "40", "--json", *sets(model, "device.npu_backend=none")])
-        == 0
-    )
+    assert main([*evaluate, *sets(smallest_gguf, "device.npu_backend=none")]) == 0
     float_only = json.loads(capsys.readouterr().out)
     assert float_only["perplexity"] == float_only["baseline_perplexity"] == pytest.approx(report["baseline_perplexity"])
     assert float_only["outlier_fraction"] == 0.0 and float_only["backend"].startswith("none")
 
 
-def test_eval_missing_text_is_exit_2_without_traceback(main, model, capsys):
-    assert main(["eval", "--text", "/nonexistent/news.txt", *sets(model)]) == 2
+def test_eval_missing_text_is_exit_2_without_traceback(main, smallest_gguf, capsys):
+    assert main(["eval", "--text", "/nonexistent/news.txt", *sets(smallest_gguf)]) == 2
     err = capsys.readouterr().err
     assert "text file not found" in err and "/nonexistent/news.txt" in err and "Traceback" not in err
 
 
-def test_build_prints_the_calibration_and_writes_a_bundle(main, model, tmp_path, capsys):
-    assert main(["build", *sets(model), "--out", str(tmp_path / "b")]) == 0
+def test_build_prints_the_calibration_and_writes_a_bundle(main, smallest_gguf, tmp_path, capsys):
+    assert main(["build", *sets(smallest_gguf), "--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "shadow outlier execution on" in out and "bundle:" in out and "graphs: 8" in out
     assert (tmp_path / "b" / "bundle.json").is_file()
-    assert main(["build", *sets(model, "calibration.source=missing/*.txt")]) == 2
+    assert main(["build", *sets(smallest_gguf, "calibration.source=missing/*.txt")]) == 2
     assert "calibration.source" in capsys.readouterr().err

@@ -11,13 +11,7 @@ from mllm_deploy.model import registry
 
 SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Keep the sha256 verification cache out of the user's cache dir."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_private_cache")  # sha256 cache out of the user's dir
 
 
 @pytest.fixture

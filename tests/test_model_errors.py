@@ -16,10 +16,7 @@ import tiny_models as tm
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,7 @@ import tiny_models as tm
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.model.gguf_source import gguf_tensor
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +133,7 @@ def test_gguf_and_hf_give_the_same_attention_scores(tiny_dir):
     x = np.random.default_rng(5).standard_normal((7, 64)).astype(np.float64)  # [tokens, hidden]
     gw = load_weights(read_spec(str(tm.write_tiny_gguf(tiny_dir))))
     hw = load_weights(read_spec(str(tm.write_tiny_hf(tiny_dir / "hf-scores"))))
-    for layer_g, layer_h in zip(gw.layers, hw.layers):
+    for layer_g, layer_h in zip(gw.layers, hw.layers, strict=True):
         for head in range(4):
             rows = slice(16 * head, 16 * head + 16)
             kv_rows = slice(16 * (head // 2), 16 * (head // 2) + 16)  # GQA: 2 query heads per KV head

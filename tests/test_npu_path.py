@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny_models
 from plan_fixtures import pinned_host
 
 from mllm_deploy.compile.build import compile_artifacts
 from mllm_deploy.forward.float_engine import FloatEngine
-from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
 
 CHUNK = 16
-CFG = tiny_models.TinyConfig(n_layers=3, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
 BASE = [
     f"prefill.chunk_size={CHUNK}",
     "prefill.max_context=256",
@@ -30,13 +27,9 @@ IDS = [int(i) for i in np.random.default_rng(3).integers(3, 300, size=37)]  # 3 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
-    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False, cfg=CFG)
-    spec = read_spec(str(path))
-    yield path, spec, load_weights(spec, use_cache=False)
-    mp.undo()
+def env(module_private_cache, tiny_three_layers):
+    """(path, spec, weights) of the three-layer tiny model; artifacts go to the module's own cache."""
+    return tiny_three_layers
 
 
 def resolved_for(env, *settings, backend="ort-cpu"):
@@ -57,13 +50,13 @@ def shadow_path(env):
 
 
 def test_kernels_contract_shapes_and_shadowed_gate_up(env, shadow_path):
-    resolved, artifacts, kernels = shadow_path
+    _, artifacts, kernels = shadow_path
     spec = env[1]
     assert kernels.chunk_tokens == CHUNK and kernels.backend_label.startswith("ort-cpu emulation")
     cal = artifacts.calibration
     by_damage = sorted(cal.inputs, key=lambda i: -i.pruning_damage)
     assert kernels.shadowed == cal.shadowed == {(i.layer, i.kind) for i in by_damage[:8]}  # 12 - round(0.34 * 12)
-    assert set(kernels.latencies_ms()) == {(l, k) for l in range(3) for k in ("qkv", "o_proj", "gate_up", "down")}
+    assert set(kernels.latencies_ms()) == {(n, k) for n in range(3) for k in ("qkv", "o_proj", "gate_up", "down")}
     assert all(ms > 0 for ms in kernels.latencies_ms().values())
     x = np.random.default_rng(0).standard_normal((CHUNK, spec.hidden)).astype(np.float32) * 3
     shadowed_layer = next(layer for layer, kind in sorted(kernels.shadowed) if kind == "gate_up")

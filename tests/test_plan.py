@@ -10,7 +10,6 @@ import pytest
 from goldens import changed_message, golden_bytes, golden_text
 from plan_fixtures import GOLDEN, REPO, capabilities, loaded_from
 
-from mllm_deploy.model import read_spec
 from mllm_deploy.plan import build_plan, plan_to_json
 from mllm_deploy.plan.passes import topological_order
 from mllm_deploy.plan.render import render_plan
@@ -18,18 +17,13 @@ from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
 
 
-@pytest.fixture(scope="module")
-def spec():
-    return read_spec("builtin:smollm2-135m-instruct")
+def _plan(loaded, model_spec, **kw):
+    return build_plan(resolve(loaded, capabilities(loaded.profile.device.target), model_spec), **kw)
 
 
-def _plan(loaded, spec, **kw):
-    return build_plan(resolve(loaded, capabilities(loaded.profile.device.target), spec), **kw)
-
-
-def test_passes_run_in_order_and_dump(tmp_path, spec):
+def test_passes_run_in_order_and_dump(tmp_path, smollm_spec):
     dump = tmp_path / "dump"
-    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=300, dump_dir=dump)
+    plan = _plan(loaded_from(tmp_path, ""), smollm_spec, prompt_tokens=300, dump_dir=dump)
     assert plan.passes == ["chunk", "place", "insert_shadow", "schedule"]
     files = sorted(p.name for p in dump.iterdir())
     assert files == ["01-chunk.json", "02-place.json", "03-insert_shadow.json", "04-schedule.json"]
@@ -37,15 +31,15 @@ def test_passes_run_in_order_and_dump(tmp_path, spec):
     assert {s["processor"] for s in after_chunk["subgraphs"]} == {"cpu"}  # placement comes later
 
 
-def test_chunking_and_padding(tmp_path, spec):
-    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=300)
+def test_chunking_and_padding(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, ""), smollm_spec, prompt_tokens=300)
     assert (plan.n_chunks, plan.padded_tokens, plan.chunk_size) == (2, 212, 256)
     per_chunk = Counter(s.chunk for s in plan.subgraphs if s.kind != "shadow")
     assert per_chunk == {0: 1 + 30 * 7, 1: 1 + 30 * 7 + 2}  # embed + 7 per layer (+ final norm, head)
 
 
-def test_chunk_sharing_one_graph_per_layer_and_linear(tmp_path, spec):
-    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=1024)
+def test_chunk_sharing_one_graph_per_layer_and_linear(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, ""), smollm_spec, prompt_tokens=1024)
     assert len(plan.graphs) == 30 * 4
     assert {g.used_by_chunks for g in plan.graphs} == {4}
     qkv = next(g for g in plan.graphs if g.id == "L0.qkv")
@@ -54,8 +48,8 @@ def test_chunk_sharing_one_graph_per_layer_and_linear(tmp_path, spec):
     assert [s.chunk for s in runs] == [0, 1, 2, 3]
 
 
-def test_placement_shapes_and_dtypes(tmp_path, spec):
-    plan = _plan(loaded_from(tmp_path, '[quantization]\nactivations = "uint16"\n'), spec, prompt_tokens=256)
+def test_placement_shapes_and_dtypes(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, '[quantization]\nactivations = "uint16"\n'), smollm_spec, prompt_tokens=256)
     by_id = {s.id: s for s in plan.subgraphs}
     down = by_id["c0.L5.down"]
     assert down.processor == "npu" and down.graph == "L5.down"
@@ -66,8 +60,8 @@ def test_placement_shapes_and_dtypes(tmp_path, spec):
     assert by_id["c0.L30.lm_head"].outputs[0].shape == (1, 49152)
 
 
-def test_dag_dependencies_across_chunks_and_layers(tmp_path, spec):
-    plan = _plan(loaded_from(tmp_path, '[outliers]\npolicy = "none"\n'), spec, prompt_tokens=512)
+def test_dag_dependencies_across_chunks_and_layers(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, '[outliers]\npolicy = "none"\n'), smollm_spec, prompt_tokens=512)
     edges = set(plan.edges)
     assert ("c1.L3.qkv", "c1.L3.attention") in edges
     assert ("c0.L3.attention", "c1.L3.attention") in edges  # K/V of the earlier chunk
@@ -78,8 +72,8 @@ def test_dag_dependencies_across_chunks_and_layers(tmp_path, spec):
     assert plan.shadow.layers == [] and not any(s.kind == "shadow" for s in plan.subgraphs)
 
 
-def test_shadow_insertion(tmp_path, spec):
-    plan = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), spec, prompt_tokens=256)
+def test_shadow_insertion(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"), smollm_spec, prompt_tokens=256)
     # 10% of 120 linear inputs; before calibration: down projections, spread over the layers
     assert plan.shadow.layers == [1, 3, 6, 8, 11, 13, 16, 18, 21, 23, 26, 28] and plan.shadow.source == "provisional"
     assert plan.shadow.linears[:2] == ["L1.down", "L3.down"] and len(plan.shadow.linears) == 12
@@ -89,14 +83,14 @@ def test_shadow_insertion(tmp_path, spec):
     edges = set(plan.edges)
     assert ("c0.L13.gate_up", "c0.L13.down.shadow") in edges  # same input as the NPU linear
     assert ("c0.L13.down.shadow", "c0.L14.attn_norm") in edges  # correction added before use
-    more = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.5\n"), spec, prompt_tokens=256)
+    more = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.5\n"), smollm_spec, prompt_tokens=256)
     kinds = [linear.split(".")[1] for linear in more.shadow.linears]
     assert kinds.count("down") == 30 and kinds.count("qkv") == 30  # then qkv
     assert kinds.count("gate_up") == kinds.count("o_proj") == 0
     chosen = ((29, "down"), (0, "qkv"), (7, "gate_up"))
     calibrated = _plan(
         loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.9\n"),
-        spec,
+        smollm_spec,
         prompt_tokens=256,
         calibrated_shadow_inputs=chosen,
     )
@@ -109,9 +103,9 @@ def test_shadow_insertion(tmp_path, spec):
     ]
 
 
-def test_shadow_of_a_linear_waits_for_the_shadow_of_its_input(tmp_path, spec):
+def test_shadow_of_a_linear_waits_for_the_shadow_of_its_input(tmp_path, smollm_spec):
     # down's input h = silu(gate)*up is final only after gate_up's correction is added
-    plan = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.0\n"), spec, prompt_tokens=256)
+    plan = _plan(loaded_from(tmp_path, "[outliers]\nprune_fraction = 0.0\n"), smollm_spec, prompt_tokens=256)
     edges = set(plan.edges)
     assert ("c0.L4.gate_up.shadow", "c0.L4.down.shadow") in edges
     assert ("c0.L4.gate_up.shadow", "c0.L4.down") in edges
@@ -120,14 +114,14 @@ def test_shadow_of_a_linear_waits_for_the_shadow_of_its_input(tmp_path, spec):
     assert topological_order([s.id for s in plan.subgraphs], plan.edges)  # still acyclic
 
 
-def test_float_baseline_plan_is_all_cpu(tmp_path, spec):
-    plan = _plan(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), spec, prompt_tokens=256)
+def test_float_baseline_plan_is_all_cpu(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), smollm_spec, prompt_tokens=256)
     assert plan.graphs == [] and {s.processor for s in plan.subgraphs} == {"cpu"}
     assert plan.estimate.sequential_ms == plan.estimate.cpu_ms
 
 
-def test_estimate_overlap_is_busier_processor(tmp_path, spec):
-    plan = _plan(loaded_from(tmp_path, ""), spec, prompt_tokens=1024)
+def test_estimate_overlap_is_busier_processor(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, ""), smollm_spec, prompt_tokens=1024)
     e = plan.estimate
     assert e.overlapped_ms == pytest.approx(max(e.npu_ms, e.cpu_ms), abs=1e-2)
     assert e.sequential_ms == pytest.approx(e.npu_ms + e.cpu_ms, abs=1e-2)
@@ -142,9 +136,9 @@ GOLDEN_CASES = [
 
 
 @pytest.mark.parametrize(("name", "path", "tokens"), GOLDEN_CASES, ids=[c[0] for c in GOLDEN_CASES])
-def test_golden_plan_text_and_json(spec, name, path, tokens, update_goldens):
+def test_golden_plan_text_and_json(smollm_spec, name, path, tokens, update_goldens):
     loaded = load_profile(path)
-    plan = _plan(loaded, spec, prompt_tokens=tokens)
+    plan = _plan(loaded, smollm_spec, prompt_tokens=tokens)
     text = render_plan(plan)
     data = json.loads(plan_to_json(plan))
     json_bytes = gzip.compress(json.dumps(data, indent=1, sort_keys=True).encode(), mtime=0)

@@ -6,15 +6,9 @@ import pytest
 from plan_fixtures import capabilities, loaded_from
 
 from mllm_deploy.errors import ExitCode, UserError
-from mllm_deploy.model import read_spec
 from mllm_deploy.resolve import resolve
 
 GIB = 1024**3
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return read_spec("builtin:smollm2-135m-instruct")
 
 
 def _caps(target: str, npu: dict | None = None, **top):
@@ -163,7 +157,7 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize("case", REFUSALS, ids=[c[0] for c in REFUSALS])
-def test_each_refusal_names_key_line_value_and_limit(tmp_path, spec, case):
+def test_each_refusal_names_key_line_value_and_limit(tmp_path, smollm_spec, case):
     _, text, target, npu, top, key, line, message, allowed = case
     loaded = loaded_from(
         tmp_path,
@@ -173,7 +167,7 @@ def test_each_refusal_names_key_line_value_and_limit(tmp_path, spec, case):
     )
     shift = 0 if "[device]" in text else 2
     with pytest.raises(UserError) as info:
-        resolve(loaded, _caps(target, npu, **top), spec)
+        resolve(loaded, _caps(target, npu, **top), smollm_spec)
     err = info.value
     assert err.exit_code == ExitCode.CANNOT_RUN
     assert len(err.diagnostics) == 1, [d.render() for d in err.diagnostics]
@@ -186,20 +180,20 @@ def test_each_refusal_names_key_line_value_and_limit(tmp_path, spec, case):
     assert diag.render().startswith(f"{loaded.path}:{diag.line}:1: error: {key}: ")
 
 
-def test_all_refusals_reported_at_once(tmp_path, spec):
+def test_all_refusals_reported_at_once(tmp_path, smollm_spec):
     text = (
         '[device]\ntarget = "sd8gen3"\ncpu_threads = 12\n[prefill]\nchunk_size = 100\n[placement]\nattention = "npu"\n'
     )
     with pytest.raises(UserError) as info:
-        resolve(loaded_from(tmp_path, text), capabilities("sd8gen3"), spec)
+        resolve(loaded_from(tmp_path, text), capabilities("sd8gen3"), smollm_spec)
     keys = sorted(d.key for d in info.value.diagnostics)
     assert keys == ["device.cpu_threads", "placement.attention", "prefill.chunk_size"]
 
 
-def test_override_refusal_points_at_the_set(tmp_path, spec):
+def test_override_refusal_points_at_the_set(tmp_path, smollm_spec):
     loaded = loaded_from(tmp_path, "", overrides=["prefill.max_context=9000"])
     with pytest.raises(UserError) as info:
-        resolve(loaded, capabilities("host"), spec)
+        resolve(loaded, capabilities("host"), smollm_spec)
     assert info.value.diagnostics[0].file == "--set prefill.max_context=9000"
 
 
@@ -210,19 +204,21 @@ def test_override_refusal_points_at_the_set(tmp_path, spec):
         ('[calibration]\nsource = "texts/*.txt"\n', "calibration.source", "no text files match"),
     ],
 )
-def test_missing_files_are_invalid_input(tmp_path, spec, text, key, message):
+def test_missing_files_are_invalid_input(tmp_path, smollm_spec, text, key, message):
     with pytest.raises(UserError) as info:
-        resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+        resolve(loaded_from(tmp_path, text), capabilities("host"), smollm_spec)
     assert info.value.exit_code == ExitCode.INVALID
     assert info.value.diagnostics[0].key == key
     assert message in info.value.diagnostics[0].message
     assert info.value.diagnostics[0].line == 2
 
 
-def test_calibration_glob_that_matches_is_accepted(tmp_path, spec):
+def test_calibration_glob_that_matches_is_accepted(tmp_path, smollm_spec):
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("some text")
-    resolved = resolve(loaded_from(tmp_path, '[calibration]\nsource = "texts/*.txt"\n'), capabilities("host"), spec)
+    resolved = resolve(
+        loaded_from(tmp_path, '[calibration]\nsource = "texts/*.txt"\n'), capabilities("host"), smollm_spec
+    )
     assert resolved.backend == "ort-cpu"
 
 
@@ -235,20 +231,20 @@ def test_calibration_glob_that_matches_is_accepted(tmp_path, spec):
         ("[device]\nnpu_threads = 2\ncpu_threads = 2\n", "host", "ort-cpu", "ort-cpu emulation (AMX INT8)", (2, 2)),
     ],
 )
-def test_backend_label_and_threads(tmp_path, spec, text, target, backend, label, threads):
+def test_backend_label_and_threads(tmp_path, smollm_spec, text, target, backend, label, threads):
     body = text if "[device]" in text else "[device]\n" + text
     body = body.replace("[device]\n", f'[device]\ntarget = "{target}"\n')
-    resolved = resolve(loaded_from(tmp_path, body), capabilities(target), spec)
+    resolved = resolve(loaded_from(tmp_path, body), capabilities(target), smollm_spec)
     assert (resolved.backend, resolved.backend_label) == (backend, label)
     assert (resolved.cpu_threads, resolved.npu_threads) == threads
 
 
-def test_qnn_on_a_target_without_an_htp_arch_is_refused_not_defaulted(tmp_path, spec):
+def test_qnn_on_a_target_without_an_htp_arch_is_refused_not_defaulted(tmp_path, smollm_spec):
     """The host's QNN simulator emulates no particular HTP: qnn-htp needs a target that names one
     (it used to compile for v75 silently)."""
     text = '[device]\nnpu_backend = "qnn-htp"\n'
     with pytest.raises(UserError) as info:
-        resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+        resolve(loaded_from(tmp_path, text), capabilities("host"), smollm_spec)
     assert info.value.exit_code == ExitCode.CANNOT_RUN
     (diag,) = info.value.diagnostics
     assert (diag.key, diag.line, diag.value) == ("device.npu_backend", 2, "qnn-htp")
@@ -256,23 +252,25 @@ def test_qnn_on_a_target_without_an_htp_arch_is_refused_not_defaulted(tmp_path, 
     assert "catalog" in diag.hint
 
 
-def test_oversubscription_warns_but_runs(tmp_path, spec):
+def test_oversubscription_warns_but_runs(tmp_path, smollm_spec):
     text = '[device]\nnpu_backend = "ort-cpu"\nnpu_threads = 2\ncpu_threads = 2\n'
-    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), smollm_spec)
     assert any("compete for cores" in w.message for w in resolved.warnings)
 
 
-def test_int8_attention_is_ignored_with_a_warning_on_the_float_baseline(tmp_path, spec):
+def test_int8_attention_is_ignored_with_a_warning_on_the_float_baseline(tmp_path, smollm_spec):
     text = '[device]\nnpu_backend = "none"\n[prefill]\nattention = "int8"\n'
-    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), spec)
+    resolved = resolve(loaded_from(tmp_path, text), capabilities("host"), smollm_spec)
     assert [(w.key, w.line) for w in resolved.warnings if "float baseline attends in float32" in w.message] == [
         ("prefill.attention", 4)
     ]
-    assert not resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), spec).warnings
+    assert not resolve(
+        loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), smollm_spec
+    ).warnings
 
 
-def test_memory_budget_of_default_profile(tmp_path, spec):
-    resolved = resolve(loaded_from(tmp_path, ""), capabilities("host"), spec)
+def test_memory_budget_of_default_profile(tmp_path, smollm_spec):
+    resolved = resolve(loaded_from(tmp_path, ""), capabilities("host"), smollm_spec)
     m = resolved.memory
     linear_params = 30 * (576 * 576 * 2 + 2 * 192 * 576 + 3 * 1536 * 576)
     assert m.npu_weight_bytes == linear_params + 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) * 4
@@ -281,12 +279,12 @@ def test_memory_budget_of_default_profile(tmp_path, spec):
     # decode graphs, blocks of 64 (+ a float32 scale each): the layers' linears and the output head
     blocks = 30 * (960 * 9 + 576 * 9 + 2 * 1536 * 9 + 576 * 24) + 49152 * 9
     assert m.decode_weight_bytes == blocks * (64 + 4)
-    q8_0 = resolve(loaded_from(tmp_path, "[decode]\nweight_block = 32\n"), capabilities("host"), spec)
+    q8_0 = resolve(loaded_from(tmp_path, "[decode]\nweight_block = 32\n"), capabilities("host"), smollm_spec)
     assert q8_0.memory.decode_weight_bytes == 2 * blocks * (32 + 4)
     assert q8_0.memory.cpu_weight_bytes - m.cpu_weight_bytes == q8_0.memory.decode_weight_bytes - m.decode_weight_bytes
-    float_kv = resolve(loaded_from(tmp_path, '[decode]\nkv_cache = "float32"\n'), capabilities("host"), spec)
+    float_kv = resolve(loaded_from(tmp_path, '[decode]\nkv_cache = "float32"\n'), capabilities("host"), smollm_spec)
     assert float_kv.memory.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
-    float_run = resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), spec)
+    float_run = resolve(loaded_from(tmp_path, '[device]\nnpu_backend = "none"\n'), capabilities("host"), smollm_spec)
     assert float_run.memory.npu_bytes == 0 and float_run.memory.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4
     assert float_run.memory.decode_weight_bytes == 0  # float32 decode from the float linears
     # the float baseline keeps float32 linears on the CPU instead of the 8-bit decode graphs
@@ -301,22 +299,22 @@ def test_memory_budget_of_default_profile(tmp_path, spec):
         ("host", "norms", "no float16"),  # the emulated NPU has no float16 either
     ],
 )
-def test_placements_no_backend_implements_are_refused(tmp_path, spec, target, key, words):
+def test_placements_no_backend_implements_are_refused(tmp_path, smollm_spec, target, key, words):
     """`plan` used to count an lm_head graph the compiler never built (its matmul ran on the NPU
     executor as CPU work): a placement nothing implements is a located refusal."""
     text = f'[device]\ntarget = "{target}"\n[placement]\n{key} = "npu"\n'
     with pytest.raises(UserError) as info:
-        resolve(loaded_from(tmp_path, text), capabilities(target), spec)
+        resolve(loaded_from(tmp_path, text), capabilities(target), smollm_spec)
     assert info.value.exit_code == ExitCode.CANNOT_RUN
     diags = [d for d in info.value.diagnostics if d.key == f"placement.{key}"]
     assert len(diags) == 1 and diags[0].line == 4 and words in diags[0].message and diags[0].allowed == "cpu"
 
 
-def test_norms_on_an_fp16_npu_are_refused_because_no_backend_builds_them(tmp_path, spec):
+def test_norms_on_an_fp16_npu_are_refused_because_no_backend_builds_them(tmp_path, smollm_spec):
     caps = capabilities("sd8elite")
     assert caps.npu is not None and caps.npu.supports_fp16
     text = '[device]\ntarget = "sd8elite"\n[placement]\nnorms = "npu"\n'
     with pytest.raises(UserError) as info:
-        resolve(loaded_from(tmp_path, text), caps, spec)
+        resolve(loaded_from(tmp_path, text), caps, smollm_spec)
     (diag,) = [d for d in info.value.diagnostics if d.key == "placement.norms"]
     assert "builds no norm graphs" in diag.message and diag.line == 4

@@ -41,6 +41,11 @@ class TinyConfig:
 
 
 TINY = TinyConfig()
+# hidden 32, two query heads sharing one KV head, context 128: the NPU build (calibrate, compile,
+# audit) and eval run on it in seconds
+SMALLEST = TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
+# three layers: the DAG prefill and the NPU path interleave layers of several chunks
+THREE_LAYERS = TinyConfig(n_layers=3)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 BOS_ID, EOS_ID = 1, 2
 TINY_VOCAB_TARGET = 384

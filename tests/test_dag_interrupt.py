@@ -11,9 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-import tiny_models
-
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {tests!r})
@@ -70,11 +67,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False)
-
-
 def start(mode: str, tiny, tmp_path) -> subprocess.Popen:
     tests = str(Path(__file__).parent)
     script = tmp_path / "child.py"
@@ -89,27 +81,27 @@ def result(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, dict
     return proc.returncode, "\n".join(lines[:-1]), json.loads(lines[-1])
 
 
-def test_ctrl_c_during_dag_prefill_keeps_whole_chunks(tiny, tmp_path):
-    code, text, info = result(start("prefill", tiny, tmp_path))
+def test_ctrl_c_during_dag_prefill_keeps_whole_chunks(tiny_gguf, tmp_path):
+    code, text, info = result(start("prefill", tiny_gguf, tmp_path))
     assert code == 130 and info["finish"] == "cancelled"
     assert info["generated"] == 0 and text == ""
     assert 0 <= info["cache"] < 80 and info["cache"] % 8 == 0 and info["prefilled"] == info["cache"]
     assert info["cache_ids_ok"]
 
 
-def test_ctrl_c_during_decode_returns_the_tokens_so_far(tiny, tmp_path):
-    code, text, info = result(start("decode-self", tiny, tmp_path))
+def test_ctrl_c_during_decode_returns_the_tokens_so_far(tiny_gguf, tmp_path):
+    code, text, info = result(start("decode-self", tiny_gguf, tmp_path))
     assert code == 130 and info["finish"] == "cancelled"
     assert info["generated"] == 3 and text.count("<") == 3
     assert info["prefilled"] == 80 and info["cache"] == 80 + 2  # the last token is never fed back
     assert info["cache_ids_ok"]
 
 
-def test_sigint_from_outside_stops_a_long_generation(tiny, tmp_path):
-    proc = start("decode-wait", tiny, tmp_path)
+def test_sigint_from_outside_stops_a_long_generation(tiny_gguf, tmp_path):
+    proc = start("decode-wait", tiny_gguf, tmp_path)
     first = proc.stdout.read(1)  # the first token's text has started streaming
     assert first == "<"
     proc.send_signal(signal.SIGINT)
-    code, text, info = result(proc)
+    code, _, info = result(proc)
     assert code == 130 and info["finish"] == "cancelled" and 1 <= info["generated"] < 100000
     assert info["cache"] == 80 + info["generated"] - 1 and info["cache_ids_ok"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import tiny_models
 
 from mllm_deploy.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
 from mllm_deploy.forward.float_engine import FloatEngine
@@ -16,10 +15,8 @@ from mllm_deploy.runtime.sampling import SamplingSettings
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    # Untied: with a tied head the tiny random model mostly repeats its last token.
-    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False)
-    spec = read_spec(str(path))
+def tiny(tiny_gguf):
+    spec = read_spec(str(tiny_gguf))
     return FloatEngine(load_weights(spec, use_cache=False)), load_tokenizer(spec)
 
 
@@ -61,7 +58,7 @@ def test_length_finish_and_event_order(tiny):
 def test_eos_finish_hides_the_eos_token(tiny):
     first = run(tiny, max_new_tokens=20)[0].token_ids
     at = next(i for i in range(2, 20) if first[i] not in first[:i])
-    done, events, _ = run(tiny, eos_ids=(first[at],), max_new_tokens=30)
+    done, _, _ = run(tiny, eos_ids=(first[at],), max_new_tokens=30)
     assert done.finish_reason == "eos"
     assert done.token_ids == first[: at + 1] and done.generated_tokens == at + 1
     assert done.text == tiny[1].decode(first[:at])
@@ -120,7 +117,7 @@ def test_seed_reproducible_sampling(tiny):
 
 
 def test_second_prompt_reuses_the_cached_prefix(tiny):
-    engine, tokenizer = tiny
+    _, tokenizer = tiny
     first, _, cache = run(tiny, max_new_tokens=5)
     ids = tokenizer.encode(PROMPT) + first.token_ids + tokenizer.encode(" and Berlin")
     second, _, _ = run(tiny, ids, cache=cache, max_new_tokens=5)
@@ -131,7 +128,7 @@ def test_second_prompt_reuses_the_cached_prefix(tiny):
 
 
 def test_identical_prompt_reprefills_only_its_last_token(tiny):
-    engine, tokenizer = tiny
+    _, tokenizer = tiny
     ids = tokenizer.encode(PROMPT)
     first, _, cache = run(tiny, ids, max_new_tokens=3)
     again, _, _ = run(tiny, ids, cache=cache, max_new_tokens=3)

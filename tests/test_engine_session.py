@@ -4,7 +4,6 @@ profile updates, and the model-context check."""
 from __future__ import annotations
 
 import pytest
-import tiny_models
 
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.events import GenerationDone, PrefillDone
@@ -42,11 +41,6 @@ def test_second_turn_prefills_only_new_tokens(real_model):
     assert again.reused_tokens == 0 and again.text == second.text
     session.reset()
     assert session.cache.length == 0 and session.messages == []
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    return tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False)
 
 
 def tiny_session(path, *settings):

@@ -10,12 +10,12 @@ import tiny_models
 from mllm_deploy.profile import load_profile
 from mllm_deploy.runtime.session import load_model
 
-CFG = tiny_models.TinyConfig(n_layers=2, hidden=32, ffn=64, n_heads=2, n_kv_heads=1, context=128)
+CFG = tiny_models.SMALLEST
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=True, cfg=CFG)
+def engines(smallest_gguf, tmp_path_factory):
+    path = smallest_gguf
     mp = pytest.MonkeyPatch()
     mp.setenv("MLLM_DEPLOY_CACHE", str(tmp_path_factory.mktemp("cache")))
     base = [
@@ -53,7 +53,7 @@ def test_int8_kv_cache_decodes_close_to_float32(engines):
         for _ in engine.prefill_chunks(cache, prompt, chunk_size=8):
             pass
         logits[kv] = [engine.decode_step(cache, t) for t in (5, 9, 11)]
-    for a, b in zip(logits["int8"], logits["float32"]):
+    for a, b in zip(logits["int8"], logits["float32"], strict=True):
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
         assert not np.array_equal(a, b)  # really two storages
 

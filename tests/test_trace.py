@@ -3,11 +3,11 @@ DagEngine driving generate() like the float engine."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
-import tiny_models
 from npu_doubles import FloatKernels, OrtInt8Kernels
 from plan_fixtures import pinned_host
 
@@ -34,10 +34,9 @@ class _Detok:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tiny_models.write_tiny_gguf(tmp_path_factory.mktemp("tiny"), tied=False)
-    spec = read_spec(str(path))
-    return path, spec, load_weights(spec, use_cache=False)
+def tiny(tiny_gguf):
+    spec = read_spec(str(tiny_gguf))
+    return tiny_gguf, spec, load_weights(spec, use_cache=False)
 
 
 def engine_for(tiny, kernels, cpu_threads=1):
@@ -113,14 +112,14 @@ def test_trace_json_has_an_npu_lane_and_a_cpu_lane(tiny, tmp_path):
     slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     npu = sorted((e["ts"], e["ts"] + e["dur"]) for e in slices if e["tid"] == 1)
     assert len(npu) == 3 * 2 * 4  # chunks x layers x linears
-    assert all(a[1] <= b[0] + 1e-3 for a, b in zip(npu, npu[1:]))
+    assert all(a[1] <= b[0] + 1e-3 for a, b in itertools.pairwise(npu))
     assert {e["args"]["kind"] for e in slices if e["tid"] == 1} == {"qkv", "o_proj", "gate_up", "down"}
     cpu = [e for e in slices if e["tid"] >= 2]
     assert {"attention", "attn_norm", "embed", "lm_head"} <= {e["args"].get("kind") for e in cpu}
     assert sum(e["name"].startswith("decode ") for e in cpu) == 4  # tokens 2..5
     for tid in {e["tid"] for e in cpu}:  # no lane holds overlapping slices
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in cpu if e["tid"] == tid)
-        assert all(a[1] <= b[0] + 1e-3 for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] + 1e-3 for a, b in itertools.pairwise(spans))
     assert min(e["ts"] for e in slices) == 0.0
     instants = [e["name"] for e in trace["traceEvents"] if e["ph"] == "i"]
     assert instants.count("first token") == 1 and "chunk 3/3 committed" in instants

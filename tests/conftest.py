@@ -74,6 +74,13 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """MLLM_DEPLOY_DATA (saved sessions, input history) for this test alone: `tmp_path`."""
+    monkeypatch.setenv("MLLM_DEPLOY_DATA", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture(scope="module")
 def smollm_spec() -> ModelSpec:
     """The default model's spec (builtin:smollm2-135m-instruct): metadata only, no weights."""

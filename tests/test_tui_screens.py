@@ -40,10 +40,7 @@ def deployment():
     return prepare_deployment(None, FLOAT)
 
 
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLLM_DEPLOY_DATA", str(tmp_path))
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("data_dir")  # saved sessions and input history stay in tmp_path
 
 
 def run(app: DeployApp, scenario, size=(80, 24)):

@@ -25,12 +25,6 @@ def deployment():
     return prepare_deployment(None, FLOAT)
 
 
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLLM_DEPLOY_DATA", str(tmp_path))
-    return tmp_path
-
-
 def test_core_modules_do_not_import_textual():
     code = (
         "import sys\n"

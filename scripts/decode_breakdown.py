@@ -20,10 +20,10 @@ from threadpoolctl import threadpool_limits
 
 from mllm_deploy.bench.prompt_text import prompt_ids
 from mllm_deploy.compile.decode_cache import cached_decode_graphs
+from mllm_deploy.interface.engines import open_engine
 from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve_profile
-from mllm_deploy.runtime.dag_engine import open_npu_engine
 
 
 def read_bandwidth_gb_s(threads: int, megabytes: int = 200, repeat: int = 3) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     weights = load_weights(resolved.spec)
     tokenizer = load_tokenizer(resolved.spec)
     with threadpool_limits(limits=resolved.cpu_threads, user_api="blas"):
-        engine = open_npu_engine(resolved, weights)
+        engine = open_engine(resolved, weights)
         cache = engine.new_cache(args.context + args.tokens + 1)
         logits = None
         for _, logits in engine.prefill_chunks(

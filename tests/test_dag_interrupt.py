@@ -18,12 +18,13 @@ CHILD = textwrap.dedent("""
     from mllm_deploy.plan import build_plan
     from mllm_deploy.profile import load_profile
     from mllm_deploy.resolve import resolve
-    from mllm_deploy.runtime.dag_engine import DagEngine, with_subgraph_events
+    from mllm_deploy.runtime.dag_engine import DagEngine
+    from mllm_deploy.runtime.engine import with_subgraph_events
     from mllm_deploy.runtime.dag_prefill import DagPrefill
     from mllm_deploy.events import SubgraphFinished, TokenEmitted
     from mllm_deploy.forward.float_engine import FloatEngine
     from mllm_deploy.runtime.generate import GenerationRequest, generate
-    from mllm_deploy.cli.run_cmd import run_turn
+    from mllm_deploy.interface.turns import run_turn
     from npu_doubles import FloatKernels
     from plan_fixtures import pinned_host
 

@@ -138,7 +138,7 @@ def test_embedding_rows_read_from_a_memory_mapped_table(tmp_path):
 
 def test_int8_decode_follows_the_cache_when_it_grows(tiny, tmp_path, monkeypatch):
     """Decoding across the cache's growth steps rebinds the graph to the new buffers."""
-    from mllm_deploy.runtime import kv_cache
+    from mllm_deploy.forward import kv_cache
 
     monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
     monkeypatch.setattr(kv_cache, "GROWTH", 8)
@@ -164,7 +164,7 @@ def test_int8_decoder_does_not_keep_old_cache_buffers_alive(tiny, tmp_path, monk
     import gc
     import weakref
 
-    from mllm_deploy.runtime import kv_cache
+    from mllm_deploy.forward import kv_cache
 
     monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(tmp_path))
     monkeypatch.setattr(kv_cache, "GROWTH", 8)
@@ -273,10 +273,9 @@ def test_each_weight_block_has_its_own_cached_graphs_and_follows_the_float_engin
 def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, monkeypatch):
     from plan_fixtures import pinned_host
 
-    from mllm_deploy.compile import build
+    from mllm_deploy.interface import engines
     from mllm_deploy.profile import load_profile
     from mllm_deploy.resolve import resolve
-    from mllm_deploy.runtime import dag_engine, decode_fast, npu_kernels
 
     spec, weights = tiny
     asked = []
@@ -288,15 +287,14 @@ def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, mo
         asked.append(block)
         raise Stop
 
-    monkeypatch.setattr(build, "compile_artifacts", lambda resolved: None)
-    monkeypatch.setattr(npu_kernels, "load_npu_kernels", lambda resolved, artifacts: None)
-    monkeypatch.setattr(decode_fast, "cached_decode_graphs", recording)
+    monkeypatch.setattr(engines, "obtain_artifacts", lambda resolved, log=None: None)
+    monkeypatch.setattr(engines, "cached_decode_graphs", recording)
     for setting, expected in (([], 64), (["decode.weight_block=32"], 32)):
         loaded = load_profile(
             None, [f"model.source={spec.path}", "device.npu_backend=ort-cpu", "prefill.max_context=256", *setting]
         )
         with pytest.raises(Stop):
-            dag_engine.open_npu_engine(resolve(loaded, pinned_host(), spec), weights)
+            engines.open_engine(resolve(loaded, pinned_host(), spec), weights)
         assert asked[-1] == expected
 
 

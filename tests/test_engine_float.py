@@ -263,7 +263,7 @@ def test_causal_attention_masks_future_within_chunk():
 
 
 def test_kv_cache_grows_in_steps_keeping_what_it_holds(monkeypatch):
-    from mllm_deploy.runtime import kv_cache
+    from mllm_deploy.forward import kv_cache
 
     monkeypatch.setattr(kv_cache, "GROWTH", 8)
     cache = kv_cache.KVCache(n_layers=2, capacity=20, n_kv_heads=1, head_dim=4)
@@ -284,7 +284,7 @@ def test_kv_cache_grows_in_steps_keeping_what_it_holds(monkeypatch):
 
 
 def test_int8_kv_cache_stores_within_half_a_step_and_saturates(monkeypatch):
-    from mllm_deploy.runtime import kv_cache
+    from mllm_deploy.forward import kv_cache
 
     monkeypatch.setattr(kv_cache, "GROWTH", 4)
     rng = np.random.default_rng(0)
@@ -313,7 +313,7 @@ def test_int8_kv_cache_stores_within_half_a_step_and_saturates(monkeypatch):
 def test_attention_window_gives_the_chunk_its_own_rows_exactly():
     """Prefill over an int8 cache: earlier positions come back dequantized, the chunk that has
     just been stored attends its own keys/values at full precision (a float32 cache is a view)."""
-    from mllm_deploy.runtime import kv_cache
+    from mllm_deploy.forward import kv_cache
 
     rng = np.random.default_rng(1)
     scales = kv_cache.KVScales.from_absmax(np.full((1, 2, 4), 2.0, np.float32), np.full((1, 2, 4), 2.0, np.float32))

@@ -7,9 +7,9 @@ import pytest
 
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.events import GenerationDone, PrefillDone
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.interface.session import ChatSession, fit_to_context, load_model
 from mllm_deploy.profile import load_profile
-from mllm_deploy.runtime.availability import require_runnable_backend
-from mllm_deploy.runtime.session import ChatSession, fit_to_context, load_model
 
 
 def finish(events) -> GenerationDone:
@@ -21,7 +21,7 @@ def finish(events) -> GenerationDone:
 @pytest.fixture(scope="module")
 def real_model():
     loaded = load_profile(None, ["device.npu_backend=none", "decode.temperature=0"])
-    return load_model(loaded), loaded
+    return load_model(Deployment.of(loaded)), loaded
 
 
 def test_second_turn_prefills_only_new_tokens(real_model):
@@ -45,7 +45,7 @@ def test_second_turn_prefills_only_new_tokens(real_model):
 
 def tiny_session(path, *settings):
     loaded = load_profile(None, [f"model.source={path}", "device.npu_backend=none", *settings])
-    return ChatSession(load_model(loaded), loaded)
+    return ChatSession(load_model(Deployment.of(loaded)), loaded)
 
 
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 8
@@ -90,7 +90,7 @@ def test_max_context_beyond_the_model_is_refused(tiny_gguf):
 
 
 def test_float_backend_is_what_runs_for_none():
-    assert require_runnable_backend(load_profile(None, ["device.npu_backend=none"])) == "none"
+    assert Deployment.of(load_profile(None, ["device.npu_backend=none"])).backend == "none"
 
 
 def test_update_profile_keeps_cache_unless_context_changes(tiny_gguf):

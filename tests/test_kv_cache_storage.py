@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tiny_models
 
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.interface.session import load_model
 from mllm_deploy.profile import load_profile
-from mllm_deploy.runtime.session import load_model
 
 CFG = tiny_models.SMALLEST
 
@@ -28,9 +29,9 @@ def engines(smallest_gguf, tmp_path_factory):
     ]
     try:
         engines = {
-            kv: load_model(load_profile(None, [*base, f"decode.kv_cache={kv}"])).engine for kv in ("int8", "float32")
+            kv: load_model(Deployment.of(load_profile(None, [*base, f"decode.kv_cache={kv}"]))).engine for kv in ("int8", "float32")
         }
-        engines["int8 attention"] = load_model(load_profile(None, [*base, "prefill.attention=int8"])).engine
+        engines["int8 attention"] = load_model(Deployment.of(load_profile(None, [*base, "prefill.attention=int8"]))).engine
         yield engines
     finally:
         mp.undo()

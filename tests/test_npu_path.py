@@ -35,7 +35,10 @@ def env(module_private_cache, tiny_three_layers):
 def resolved_for(env, *settings, backend="ort-cpu"):
     path, spec, _ = env
     loaded = load_profile(None, [f"model.source={path}", f"device.npu_backend={backend}", *BASE, *settings])
-    return resolve(loaded, pinned_host(), spec)
+    caps = pinned_host()
+    if backend == "qnn-htp":  # qnn-htp compiles for a named HTP: the simulator here plays a v75
+        caps = caps.model_copy(update={"npu": caps.npu.model_copy(update={"htp_arch": "v75"})})
+    return resolve(loaded, caps, spec)
 
 
 def prefill_logits(engine, ids=IDS):

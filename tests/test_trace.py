@@ -17,8 +17,9 @@ from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.plan import build_plan
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
-from mllm_deploy.runtime.dag_engine import DagEngine, with_subgraph_events
+from mllm_deploy.runtime.dag_engine import DagEngine
 from mllm_deploy.runtime.dag_prefill import DagPrefill
+from mllm_deploy.runtime.engine import with_subgraph_events
 from mllm_deploy.runtime.generate import GenerationRequest, generate
 from mllm_deploy.runtime.trace import TraceRecorder
 

@@ -15,10 +15,10 @@ from textual.widgets import Input
 from tui_snapshots import check_golden, masked
 
 from mllm_deploy.events import ChunkDone
-from mllm_deploy.runtime.session import load_model
+from mllm_deploy.interface.deployment import load_deployment
+from mllm_deploy.interface.session import load_model
 from mllm_deploy.tui.app import DeployApp
 from mllm_deploy.tui.capture import screen_text
-from mllm_deploy.tui.deployment import prepare_deployment
 from mllm_deploy.tui.messages import EngineEvent
 from mllm_deploy.tui.widgets.transcript import MessageView
 
@@ -29,15 +29,15 @@ QUESTION = "What is the capital of France?"
 _MODELS: dict[str, object] = {}
 
 
-def shared_model(loaded_profile):
-    key = loaded_profile.profile.model.source
+def shared_model(deployment):
+    key = deployment.profile.model.source
     if key not in _MODELS:
-        _MODELS[key] = load_model(loaded_profile)
+        _MODELS[key] = load_model(deployment)
     return _MODELS[key]
 
 
 def make_app(*overrides: str) -> DeployApp:
-    return DeployApp(prepare_deployment(None, [*FLOAT, *overrides]), model_loader=shared_model)
+    return DeployApp(load_deployment(None, [*FLOAT, *overrides]), model_loader=shared_model)
 
 
 async def wait_until(pilot, condition, timeout: float = 180.0) -> None:
@@ -222,7 +222,7 @@ def test_npu_path_lanes_come_from_measured_subgraph_events(shared_npu_cache):
     from conftest import cache_env
 
     with cache_env(shared_npu_cache):
-        deployment = prepare_deployment(None, ["decode.max_new_tokens=12"])
+        deployment = load_deployment(None, ["decode.max_new_tokens=12"])
         assert deployment.resolved.uses_npu and deployment.resolved.backend == "ort-cpu"
         npu_path_lanes_scenario(deployment)
 

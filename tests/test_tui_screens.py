@@ -14,9 +14,9 @@ import pytest
 from tui_snapshots import check_golden, masked
 
 from mllm_deploy.errors import Diagnostic, UserError
+from mllm_deploy.interface.deployment import load_deployment
 from mllm_deploy.tui.app import DeployApp
 from mllm_deploy.tui.capture import screen_text
-from mllm_deploy.tui.deployment import prepare_deployment
 from mllm_deploy.tui.screens.plan_screen import PlanScreen
 from mllm_deploy.tui.sessions import SavedSession, load_session
 from mllm_deploy.tui.widgets.transcript import MessageView
@@ -37,7 +37,7 @@ class HeldLoader:
 
 @pytest.fixture(scope="module")
 def deployment():
-    return prepare_deployment(None, FLOAT)
+    return load_deployment(None, FLOAT)
 
 
 pytestmark = pytest.mark.usefixtures("data_dir")  # saved sessions and input history stay in tmp_path
@@ -197,6 +197,26 @@ def test_save_and_open_sessions(deployment, data_dir):
     run(app, scenario)
 
 
+class StubEngine:
+    """The parts of runtime.engine.Engine the app uses outside a turn."""
+
+    def executor_slots(self) -> dict[str, int]:
+        return {"cpu": 1}
+
+    def route_subgraph_events(self, sink):
+        return lambda: None
+
+    def close(self) -> None:
+        pass
+
+
+class StubModel:
+    """Stands in for a LoadedModel where no turn runs."""
+
+    def __init__(self) -> None:
+        self.engine = StubEngine()
+
+
 class StubSession:
     """Stands in for ChatSession where no turn runs: messages, reset, profile updates."""
 
@@ -215,7 +235,7 @@ def test_set_rebuilds_only_what_must_change(deployment):
 
     def counting_loader(loaded_profile):
         loads.append(loaded_profile.overrides)
-        return object()
+        return StubModel()
 
     app = DeployApp(deployment, model_loader=counting_loader, session_factory=StubSession)
 
@@ -257,7 +277,7 @@ class FailingSession(StubSession):
 
 
 def test_a_failing_turn_is_a_notification(deployment):
-    app = DeployApp(deployment, model_loader=lambda loaded: object(), session_factory=FailingSession)
+    app = DeployApp(deployment, model_loader=lambda loaded: StubModel(), session_factory=FailingSession)
 
     async def scenario(pilot):
         await wait_until(pilot, lambda: app.session is not None)

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.interface.deployment import load_deployment
 from mllm_deploy.tui.commands import COMMANDS, KEY_BINDINGS, chat_text, help_text, parse_command
-from mllm_deploy.tui.deployment import prepare_deployment
 from mllm_deploy.tui.formatting import bar, document_message, lane, sparkline
 from mllm_deploy.tui.plan_text import placement_grid, profile_section, summary_section
 from mllm_deploy.tui.reconfigure import rebuild_needed, reconfigure
@@ -22,7 +22,7 @@ FLOAT = ("device.npu_backend=none",)
 
 @pytest.fixture(scope="module")
 def deployment():
-    return prepare_deployment(None, FLOAT)
+    return load_deployment(None, FLOAT)
 
 
 def test_core_modules_do_not_import_textual():
@@ -30,8 +30,8 @@ def test_core_modules_do_not_import_textual():
         "import sys\n"
         "import mllm_deploy.cli, mllm_deploy.cli.up_cmd\n"
         "from mllm_deploy.cli import build_parser; build_parser()\n"
-        "import mllm_deploy.runtime.session, mllm_deploy.runtime.telemetry, mllm_deploy.plan, mllm_deploy.resolve\n"
-        "import mllm_deploy.tui, mllm_deploy.tui.deployment, mllm_deploy.tui.reconfigure, mllm_deploy.tui.sessions\n"
+        "import mllm_deploy.interface.session, mllm_deploy.runtime.telemetry, mllm_deploy.plan, mllm_deploy.resolve\n"
+        "import mllm_deploy.tui, mllm_deploy.tui.reconfigure, mllm_deploy.tui.sessions\n"
         "import mllm_deploy.tui.commands, mllm_deploy.tui.formatting, mllm_deploy.tui.plan_text\n"
         "print(sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.')))\n"
     )

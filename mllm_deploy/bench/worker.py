@@ -18,7 +18,20 @@ import statistics
 import sys
 import time
 
+from threadpoolctl import threadpool_limits
+
+from mllm_deploy.bench.prompt_text import prompt_ids
+from mllm_deploy.errors import UserError
+from mllm_deploy.events import GenerationDone, PrefillDone
+from mllm_deploy.interface.deployment import Deployment, load_deployment
+from mllm_deploy.interface.engines import open_engine
+from mllm_deploy.model import load_tokenizer, load_weights
+from mllm_deploy.profile import profile_hash
+from mllm_deploy.runtime.dag_engine import DagEngine
+from mllm_deploy.runtime.engine import Engine, with_subgraph_events
+from mllm_deploy.runtime.generate import GenerationRequest, generate
 from mllm_deploy.runtime.report import peak_rss_mb
+from mllm_deploy.runtime.trace import TraceRecorder
 
 
 def _cpu_seconds() -> float:
@@ -49,70 +62,40 @@ def host_record() -> dict:
 class _Rig:
     """The loaded model of one configuration and what it really runs."""
 
-    def __init__(self, loaded):
-        from threadpoolctl import threadpool_limits
-
-        from mllm_deploy.model import load_tokenizer, load_weights
-        from mllm_deploy.resolve import resolve_profile
-
-        self.resolved = resolve_profile(loaded)
+    def __init__(self, deployment: Deployment):
+        self.resolved = deployment.resolved
         spec = self.resolved.spec
         self.tokenizer = load_tokenizer(spec)
         weights = load_weights(spec)
         self.blas_limit = threadpool_limits(limits=self.resolved.cpu_threads, user_api="blas")
-        if self.resolved.backend == "none":
-            from mllm_deploy.forward.float_engine import FloatEngine
-
-            self.engine = FloatEngine(weights)
-            self.engine.warm_up()
-            self.backend = {
-                "npu": "none",
-                "prefill": "cpu-float32-numpy",
-                "attention": "float32",
-                "decode": "cpu-float32-numpy",
-            }
-            self.slots = {"cpu": 1}
-        else:
-            from mllm_deploy.runtime.dag_engine import open_npu_engine
-
-            self.engine = open_npu_engine(self.resolved, weights)
-            self.backend = {
-                "npu": self.engine.npu_label,
-                "prefill": f"dag {self.engine.prefill.policy}",
-                "attention": self.engine.attention_name,
-                "decode": self.engine.decode_name,
-            }
-            self.slots = {p: ex.threads for p, ex in self.engine.prefill.executors.items()}
+        self.engine: Engine = open_engine(self.resolved, weights)
+        self.backend = self.engine.describe()
+        self.slots = self.engine.executor_slots()
 
 
-def measure_once(rig: _Rig, ids: list[int], gen_tokens: int, recorder=None) -> dict:
-    from mllm_deploy.events import GenerationDone
-    from mllm_deploy.runtime.generate import GenerationRequest, generate
-
+def measure_once(rig: _Rig, ids: list[int], gen_tokens: int, recorder: TraceRecorder | None = None) -> dict:
     engine = rig.engine
     cache = engine.new_cache(len(ids) + gen_tokens + 1)
+    static = engine.static_chunk_tokens
     request = GenerationRequest(
         max_new_tokens=gen_tokens,
-        chunk_size=rig.resolved.profile.prefill.chunk_size,
-        pad_last_chunk=rig.resolved.backend != "none",
+        chunk_size=static or rig.resolved.profile.prefill.chunk_size,
+        pad_last_chunk=static is not None,
     )
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    events = generate(engine, cache, ids, request, rig.tokenizer.stream())
-    if hasattr(engine, "drain_events"):
-        from mllm_deploy.runtime.dag_engine import with_subgraph_events
-
-        events = with_subgraph_events(events, engine)
+    events = with_subgraph_events(generate(engine, cache, ids, request, rig.tokenizer.stream()), engine)
     done = None
     prefill_cpu = prefill_wall = None
     for event in events:
         if recorder is not None:
             recorder.observe(event)
-        if type(event).__name__ == "PrefillDone":
+        if isinstance(event, PrefillDone):
             prefill_wall, prefill_cpu = time.perf_counter() - wall0, _cpu_seconds() - cpu0
         if isinstance(event, GenerationDone):
             done = event
+    assert done is not None and done.metrics is not None  # generate() always ends with a measured GenerationDone
     m = done.metrics
-    if hasattr(engine, "drain_events"):  # DagEngine: busy time summed from its subgraph spans
+    if isinstance(engine, DagEngine):  # busy time summed from its subgraph spans
         busy = dict(engine.prefill.last.busy_seconds)
         span = engine.prefill.last.seconds
     else:  # the float engine computes synchronously: the CPU executor is busy all of prefill
@@ -131,14 +114,10 @@ def _spread(values: list[float]) -> dict:
 
 
 def run_request(request: dict) -> list[dict]:
-    from mllm_deploy.bench.prompt_text import prompt_ids
-    from mllm_deploy.profile import load_profile, profile_hash
-    from mllm_deploy.runtime.trace import TraceRecorder
-
-    loaded = load_profile(request.get("profile"), request.get("overrides", []))
+    deployment = load_deployment(request.get("profile"), request.get("overrides", []))
     host = host_record()
     load_started = time.perf_counter()
-    rig = _Rig(loaded)
+    rig = _Rig(deployment)
     load_s = time.perf_counter() - load_started
     rows = []
     for n_tokens in request["prompt_tokens"]:
@@ -194,8 +173,6 @@ def _trace_path(base: str, n_tokens: int, n_lengths: int) -> str:
 
 def main() -> int:
     request = json.loads(sys.stdin.read())
-    from mllm_deploy.errors import UserError
-
     try:
         rows = run_request(request)
     except UserError as err:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from mllm_deploy.cli.common import add_profile_args, load_profile_from_args, print_diagnostics
 from mllm_deploy.errors import ExitCode
+from mllm_deploy.interface.deployment import Deployment
 
 
 def register(subparsers) -> None:
@@ -25,28 +27,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from mllm_deploy.compile.build import compile_artifacts
-    from mllm_deploy.compile.bundle import write_bundle
-    from mllm_deploy.compile.calibration import render_calibration
-    from mllm_deploy.resolve import resolve_profile
+    # deferred on purpose: building brings onnxruntime and the calibration engine
+    from mllm_deploy.interface.build import build_deployment  # noqa: PLC0415
 
     started = time.perf_counter()
     loaded = load_profile_from_args(args)
-    resolved = resolve_profile(loaded)
-    print_diagnostics(w for w in resolved.warnings if w not in loaded.warnings)
-    artifacts = compile_artifacts(resolved, force=args.force)
-    lock = artifacts.lock
-    print(f"artifacts: {artifacts.root}")
-    print(f"backend: {resolved.backend_label}; chunk {lock.chunk_size}; target {lock.target}"
-          + (f" (htp v{lock.htp_arch}, soc {lock.soc_model})" if lock.htp_arch else ""))  # fmt: skip
-    print(render_calibration(artifacts.calibration), end="")
-    lat = artifacts.latencies_ms
-    print(f"graphs: {len(lat)}, profiled latency sum {sum(lat.values()):.1f} ms per chunk "
-          f"(measured at build; noisy on a shared machine)")  # fmt: skip
-    if args.out is not None:
-        out = write_bundle(resolved, artifacts, args.out)
-        print(f"bundle: {out}")
+    deployment = Deployment.of(loaded, args.profile, args.overrides)
+    print_diagnostics(w for w in deployment.resolved.warnings if w not in loaded.warnings)
+    built = build_deployment(deployment, force=args.force, out=args.out)
+    print(built.report, end="")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return ExitCode.OK

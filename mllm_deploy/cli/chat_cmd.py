@@ -16,11 +16,13 @@ import sys
 from mllm_deploy.cli.common import (
     add_generation_args,
     add_profile_args,
-    load_for_generation,
+    deployment_for_generation,
     open_chat_session,
     print_diagnostics,
 )
 from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.interface.turns import run_turn
+from mllm_deploy.runtime.report import metrics_line
 
 HELP_TEXT = "commands: /reset (new conversation), /quit (leave), /help"
 
@@ -37,12 +39,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.cli.run_cmd import run_turn
-    from mllm_deploy.runtime.report import metrics_line
-
-    loaded, backend = load_for_generation(args)
+    deployment = deployment_for_generation(args)
+    backend = deployment.backend
     interactive = sys.stdin.isatty()
-    session = open_chat_session(loaded)
+    session = open_chat_session(deployment)
     if interactive:
         print(f"{session.model.spec.name} ({backend}); {HELP_TEXT}", file=sys.stderr)
     first_turn = True

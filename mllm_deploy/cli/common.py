@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from mllm_deploy.errors import Diagnostic
+from mllm_deploy.errors import Diagnostic, user_error
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.profile import LoadedProfile, load_profile
+
+if TYPE_CHECKING:
+    from mllm_deploy.interface.session import ChatSession
 
 
 def add_profile_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
@@ -28,10 +34,8 @@ def add_profile_args(parser: argparse.ArgumentParser, *, optional: bool = False)
     )
 
 
-def load_profile_from_args(args: argparse.Namespace):
+def load_profile_from_args(args: argparse.Namespace) -> LoadedProfile:
     """The profile named by the arguments, with `--set` overrides; raises UserError."""
-    from mllm_deploy.profile import load_profile
-
     loaded = load_profile(args.profile, args.overrides)
     print_diagnostics(loaded.warnings)
     return loaded
@@ -42,23 +46,20 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
 
 
-def load_for_generation(args: argparse.Namespace):
-    """(loaded profile, backend label) for `run`/`chat`: checks `--max-new-tokens`, loads the
-    profile and refuses a backend this host cannot run; raises UserError."""
-    from mllm_deploy.errors import user_error
-    from mllm_deploy.runtime.availability import require_runnable_backend
-
+def deployment_for_generation(args: argparse.Namespace) -> Deployment:
+    """The deployment `run`/`chat` generate with: checks `--max-new-tokens`, loads the profile and
+    resolves it (once), refusing what this host cannot run; raises UserError."""
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise user_error("--max-new-tokens must be at least 1", value=args.max_new_tokens)
-    loaded = load_profile_from_args(args)
-    return loaded, require_runnable_backend(loaded)
+    return Deployment.of(load_profile_from_args(args), args.profile, args.overrides)
 
 
-def open_chat_session(loaded):
-    """A ChatSession on the profile's model (loads weights, compiles or reuses artifacts)."""
-    from mllm_deploy.runtime.session import ChatSession, load_model
+def open_chat_session(deployment: Deployment) -> ChatSession:
+    """A ChatSession on the deployment's model (loads weights; obtains or reuses artifacts)."""
+    # deferred on purpose: the engines bring onnxruntime, which only generating commands need
+    from mllm_deploy.interface.session import ChatSession, load_model  # noqa: PLC0415
 
-    return ChatSession(load_model(loaded), loaded)
+    return ChatSession(load_model(deployment), deployment.loaded)
 
 
 def print_diagnostics(diagnostics: Iterable[Diagnostic]) -> None:

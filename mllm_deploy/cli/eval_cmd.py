@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
 from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.interface.deployment import Deployment
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.eval.report import evaluate_profile
+    # deferred on purpose: evaluation brings onnxruntime and the engines
+    from mllm_deploy.eval.report import evaluate_profile  # noqa: PLC0415
 
     if args.max_tokens < 2:
         raise user_error("--max-tokens must be at least 2", value=args.max_tokens)
@@ -38,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
         raise user_error("text file not found", file=args.text) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise user_error(f"cannot read the text file: {exc}", file=args.text) from None
-    loaded = load_profile_from_args(args)
-    report = evaluate_profile(loaded, text, max_tokens=args.max_tokens)
+    deployment = Deployment.of(load_profile_from_args(args), args.profile, args.overrides)
+    report = evaluate_profile(deployment, text, max_tokens=args.max_tokens)
     if args.json:
         print(json.dumps(report))
     else:

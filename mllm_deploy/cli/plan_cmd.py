@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 from mllm_deploy.cli.common import add_profile_args, load_profile_from_args, print_diagnostics
-from mllm_deploy.errors import ExitCode
+from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.plan import plan_to_json
+from mllm_deploy.plan.render import render_plan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,33 +37,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.compile.build import find_artifacts
-    from mllm_deploy.compile.calibration import render_calibration
-    from mllm_deploy.errors import user_error
-    from mllm_deploy.plan import build_plan, plan_to_json
-    from mllm_deploy.plan.render import render_plan
-    from mllm_deploy.resolve import resolve_profile
-
     loaded = load_profile_from_args(args)
-    resolved = resolve_profile(loaded)
+    deployment = Deployment.of(loaded, args.profile, args.overrides)
+    resolved = deployment.resolved
     print_diagnostics(w for w in resolved.warnings if w not in loaded.warnings)
     limit = resolved.profile.prefill.max_context
     if args.prompt_tokens is not None and not 1 <= args.prompt_tokens <= limit:
         raise user_error(
             "--prompt-tokens out of range", value=args.prompt_tokens, allowed=f"1 to prefill.max_context ({limit})"
         )
-    # once `build` has calibrated this profile, the plan shows the shadowed inputs it measured
-    artifacts = find_artifacts(resolved) if resolved.backend != "none" else None
-    calibrated = tuple(artifacts.calibration.shadow_inputs) if artifacts is not None else None
-    plan = build_plan(
-        resolved, prompt_tokens=args.prompt_tokens, calibrated_shadow_inputs=calibrated, dump_dir=args.dump_dir
-    )
+    # deferred on purpose: finding built artifacts brings the compiler's modules (onnx)
+    from mllm_deploy.interface.build import deployment_plan  # noqa: PLC0415
+
+    view = deployment_plan(deployment, prompt_tokens=args.prompt_tokens, dump_dir=args.dump_dir)
+    plan = view.plan
     if args.json:
         sys.stdout.write(plan_to_json(plan))
         return ExitCode.OK
     sys.stdout.write(render_plan(plan))
-    if artifacts is not None:
-        sys.stdout.write("\n" + render_calibration(artifacts.calibration))
+    if view.calibration_report is not None:
+        sys.stdout.write("\n" + view.calibration_report)
     else:
         sys.stdout.write(
             "\nnot built yet: shadowed inputs are provisional until `mllm-deploy build` calibrates\n"

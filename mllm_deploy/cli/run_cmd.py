@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
-from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mllm_deploy.cli.common import add_generation_args, add_profile_args, load_for_generation, open_chat_session
+from mllm_deploy.cli.common import add_generation_args, add_profile_args, deployment_for_generation, open_chat_session
 from mllm_deploy.errors import ExitCode, UserError, user_error
-from mllm_deploy.events import GenerationDone, TokenEmitted
+from mllm_deploy.interface.turns import run_turn
+from mllm_deploy.runtime.report import metrics_line, result_record
+from mllm_deploy.runtime.trace import TraceRecorder
+
+if TYPE_CHECKING:
+    from mllm_deploy.interface.session import ChatSession
 
 BATCH_KEYS = {"prompt", "raw", "max_new_tokens", "system", "messages", "id"}
 
@@ -47,12 +51,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded, backend = load_for_generation(args)
+    deployment = deployment_for_generation(args)
+    backend = deployment.backend
     if args.batch:
         lines = _read_text(args.batch, "batch file").splitlines()
     else:
         prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
-    session = open_chat_session(loaded)
+    session = open_chat_session(deployment)
     if args.batch:
         return run_batch(session, lines, backend=backend, raw_default=args.raw, max_new_default=args.max_new_tokens)
     if args.raw:
@@ -65,15 +70,11 @@ def run(args: argparse.Namespace) -> int:
     trace_path = str(recorder.write(args.trace)) if recorder else None
     load_s = session.model.load_seconds
     if args.json:
-        from mllm_deploy.runtime.report import result_record
-
         record = result_record(done, load_s=load_s, backend=backend)
         if trace_path:
             record["trace"] = trace_path
         print(json.dumps(record, ensure_ascii=False))
     else:
-        from mllm_deploy.runtime.report import metrics_line
-
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(metrics_line(done, load_s=load_s, backend=backend), file=sys.stderr)
@@ -96,36 +97,13 @@ def _read_text(name: str, what: str) -> str:
         raise user_error(f"cannot read the {what}: {exc}", file=name) from None
 
 
-def _trace_recorder(session):
-    from mllm_deploy.runtime.trace import TraceRecorder
-
-    return TraceRecorder(getattr(session.model.engine, "npu_label", None))
-
-
-def run_turn(
-    turn: Callable[[threading.Event], Iterable], on_text: Callable[[str], None] | None, on_event: Callable | None = None
-) -> GenerationDone:
-    """Drive one generation with Ctrl-C mapped to cancel; stream text to `on_text`; every event
-    also goes to `on_event` (e.g. a trace recorder)."""
-    from mllm_deploy.runtime.interrupt import sigint_cancels
-
-    cancel = threading.Event()
-    done = None
-    with sigint_cancels(cancel):
-        for event in turn(cancel):
-            if on_event is not None:
-                on_event(event)
-            if isinstance(event, TokenEmitted) and on_text is not None and event.text:
-                on_text(event.text)
-            elif isinstance(event, GenerationDone):
-                done = event
-    return done
+def _trace_recorder(session: ChatSession) -> TraceRecorder:
+    npu = session.model.engine.describe()["npu"]
+    return TraceRecorder(None if npu == "none" else npu)
 
 
 def run_batch(session, lines: list[str], *, backend: str, raw_default: bool, max_new_default: int | None) -> int:
     """Run every request line; bad lines give an error object (and exit 2 at the end)."""
-    from mllm_deploy.runtime.report import result_record
-
     failed = False
     for number, line in enumerate(lines, start=1):
         if not line.strip():

@@ -30,13 +30,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.tui.deployment import prepare_deployment
+    from mllm_deploy.interface.deployment import load_deployment
     from mllm_deploy.tui.sessions import load_session
 
     saved = load_session(args.resume) if args.resume else None
     profile_arg = args.profile if args.profile is not None or saved is None else saved.profile
     overrides = [*(saved.overrides if saved else []), *args.overrides]
-    deployment = prepare_deployment(profile_arg, overrides)
+    deployment = load_deployment(profile_arg, overrides)
     print_diagnostics({d.render(): d for d in deployment.loaded.warnings + deployment.resolved.warnings}.values())
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise user_error(

@@ -352,9 +352,7 @@ def _run_pass(
     stage: str,
     on_cache: Callable | None = None,
 ) -> None:
-    recording = FloatEngine.__new__(FloatEngine)  # same weights and tables, recording linears
-    recording.__dict__.update(engine.__dict__)
-    recording.block_linears = [_Recorder(engine, layer, sink) for layer in range(engine.spec.n_layers)]
+    recording = engine.with_linears([_Recorder(engine, layer, sink) for layer in range(engine.spec.n_layers)])
     for i, ids in enumerate(samples):
         if progress:
             progress(stage, i, len(samples))
@@ -401,9 +399,7 @@ def _grid_damage(
     n_layers = engine.spec.n_layers
     total = {key: 0.0 for key in max_abs}
     tokens = 0
-    probe = FloatEngine.__new__(FloatEngine)  # same weights and tables, one layer's linears swapped
-    probe.__dict__.update(engine.__dict__)
-    probe.block_linears = list(engine.block_linears)
+    probe = engine.with_linears(engine.block_linears)  # one layer's linears are swapped below
     for i, ids in enumerate(samples):
         if progress:
             progress(stage, i, len(samples))

@@ -5,32 +5,28 @@ from __future__ import annotations
 import sys
 import time
 
+from threadpoolctl import threadpool_limits
+
 from mllm_deploy.errors import user_error
 from mllm_deploy.eval.perplexity import perplexity, token_nll
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.interface.engines import open_eval_engine
+from mllm_deploy.model import load_tokenizer, load_weights
+from mllm_deploy.resolve import Resolved
 
 
-def evaluate_profile(loaded, text: str, *, max_tokens: int = 4096, progress=True) -> dict:
+def evaluate_profile(deployment: Deployment, text: str, *, max_tokens: int = 4096, progress: bool = True) -> dict:
     """See `_evaluate`; numpy's BLAS runs on `cpu_threads` threads meanwhile (no oversubscription)."""
-    from threadpoolctl import threadpool_limits
-
-    from mllm_deploy.resolve import resolve_profile
-
-    with threadpool_limits(limits=max(1, resolve_profile(loaded).cpu_threads), user_api="blas"):
-        return _evaluate(loaded, text, max_tokens=max_tokens, progress=progress)
+    with threadpool_limits(limits=max(1, deployment.resolved.cpu_threads), user_api="blas"):
+        return _evaluate(deployment.resolved, text, max_tokens=max_tokens, progress=progress)
 
 
-def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
+def _evaluate(resolved: Resolved, text: str, *, max_tokens: int, progress: bool) -> dict:
     """{perplexity, baseline_perplexity, tokens, outlier_fraction, backend, ...} on `text`'s first
     `max_tokens` tokens (at most prefill.max_context). The NPU path prefills with the profile's
     INT8 graphs + shadow outliers (sequentially) over the profile's KV cache (int8 by default);
     the baseline is the float32 engine."""
-    from mllm_deploy.forward.float_engine import FloatEngine
-    from mllm_deploy.model import load_tokenizer, load_weights
-    from mllm_deploy.resolve import resolve_profile
-    from mllm_deploy.runtime.dag_engine import profile_chunk_attention, profile_kv_scales
-    from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
-
-    resolved = resolve_profile(loaded)
     spec = resolved.spec
     ids = load_tokenizer(spec).encode(text, allow_special=False)
     limit = min(max_tokens, resolved.profile.prefill.max_context)
@@ -47,14 +43,8 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
     if resolved.backend == "none":
         return {**report, "perplexity": baseline, "outlier_fraction": 0.0, "backend": "none (float32 on the CPU)",
                 "seconds": base_s, "baseline_seconds": base_s}  # fmt: skip
-    from mllm_deploy.compile.build import compile_artifacts
-    from mllm_deploy.compile.bundle import bundle_artifacts
-
-    artifacts = bundle_artifacts(resolved) or compile_artifacts(resolved)
-    kernels = load_npu_kernels(resolved, artifacts)
-    kv_scales = profile_kv_scales(resolved, artifacts)
-    attention = profile_chunk_attention(resolved, kv_scales)
-    engine = NpuPrefillEngine(float_engine, kernels, kv_scales=kv_scales, chunk_attention=attention)
+    engine = open_eval_engine(resolved, float_engine)
+    kernels = engine.kernels
     cache = engine.new_cache(len(ids))
     started = time.perf_counter()
     ppl = perplexity(token_nll(engine, ids, chunk, show and (lambda d, n: show("NPU path", d, n)), cache=cache))
@@ -66,7 +56,7 @@ def _evaluate(loaded, text: str, *, max_tokens: int, progress) -> dict:
         "backend": kernels.backend_label,
         "policy": resolved.profile.outliers.policy,
         "kv_cache": resolved.profile.decode.kv_cache,
-        "attention": "int8" if attention is not None else "float32",
+        "attention": "int8" if engine.npu_engine.chunk_attention is not None else "float32",
         # share of the prompt's K/V values beyond the int8 cache's calibrated range (0 for float32)
         "kv_saturated_fraction": cache.saturated_values / cache.stored_values if cache.stored_values else 0.0,
         "shadowed_linears": len(kernels.shadowed),

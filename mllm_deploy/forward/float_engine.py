@@ -5,6 +5,7 @@ The engine is stateless apart from its weights; a conversation's state is its `K
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 
 LogitRows = Literal["last", "all", "none"]
 PAD_TOKEN_ID = 0  # fills padded chunk rows; its results are discarded
+FLOAT_ENGINE_NAME = "cpu-float32-numpy"  # what runs for npu_backend = "none"
 
 
 @dataclass
@@ -65,6 +67,36 @@ class FloatEngine:
         self.rope = RopeTables(spec.head_dim, spec.rope_theta, spec.rope_style, n_positions=1024)
         self.block_linears: list[BlockLinears] = [FloatBlockLinears(layer) for layer in weights.layers]
         self.chunk_attention = None  # Int8ChunkAttention: attend int8 caches in integer kernels (NPU path)
+        self.cancel: threading.Event | None = None  # not checked inside a chunk: the float engine has no subgraphs
+
+    # -- the runtime's Engine interface (runtime.engine) -------------------------------------
+
+    static_chunk_tokens: int | None = None  # any chunk size works in float
+
+    def drain_events(self) -> list[object]:
+        return []  # no subgraphs, no subgraph events
+
+    def describe(self) -> dict[str, str]:
+        return {"npu": "none", "prefill": FLOAT_ENGINE_NAME, "attention": "float32", "decode": FLOAT_ENGINE_NAME}
+
+    def executor_slots(self) -> dict[str, int]:
+        return {"cpu": 1}  # computes synchronously on the calling thread (numpy's BLAS threads inside)
+
+    def route_subgraph_events(self, sink: Callable[[object], None]) -> Callable[[], None]:
+        return lambda: None  # no subgraphs: nothing to route
+
+    def close(self) -> None:
+        pass  # no threads of its own
+
+    def with_linears(self, block_linears: Sequence[BlockLinears], chunk_attention: object | None = None) -> FloatEngine:
+        """An engine over the same weights and RoPE tables whose blocks run `block_linears` (one per
+        layer: NPU graphs, recording or probing linears) and, when given, int8 `chunk_attention`."""
+        if len(block_linears) != self.spec.n_layers:
+            raise ValueError(f"{len(block_linears)} block linears for {self.spec.n_layers} layers")
+        engine = copy.copy(self)  # shares weights and rope; the two attributes below are its own
+        engine.block_linears = list(block_linears)
+        engine.chunk_attention = chunk_attention if chunk_attention is not None else self.chunk_attention
+        return engine
 
     def warm_up(self) -> None:
         """Make the weights resident (they may be memory-mapped from the weight cache) and start

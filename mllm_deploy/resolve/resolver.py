@@ -276,7 +276,7 @@ def _check_context(c: _Checks, profile: Profile, caps: Capabilities, spec: Model
             prefill.max_context,
             f"<= {spec.context}",
         )
-    if prefill.chunk_size > prefill.max_context:
+    if backend != "none" and prefill.chunk_size > prefill.max_context:  # the float path clamps its chunks
         c.refuse(
             "prefill.chunk_size",
             "a chunk cannot hold more tokens than the context",

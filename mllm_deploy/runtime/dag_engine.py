@@ -1,21 +1,29 @@
 """The NPU path as `generate()` drives it: DAG prefill on the executors, INT8 decode on the CPU.
 
-`DagEngine` has the float engine's generation surface (`new_cache`, `prefill_chunks`,
-`decode_step`), so `generate()`, sessions and prefix reuse work unchanged. Subgraph events
-(SubgraphStarted/Finished) collect in `pending_events`; `with_subgraph_events` interleaves them
-into a turn's event stream for front ends.
+`DagEngine` implements `runtime.engine.Engine`, like the float engine, so `generate()`, sessions
+and prefix reuse work unchanged. Subgraph events (SubgraphStarted/Finished) collect in
+`pending_events`; `runtime.engine.with_subgraph_events` interleaves them into a turn's event
+stream for front ends. Artifacts come from the caller (a bundle or a build): nothing compiles here.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.compile.artifacts import Artifacts
+from mllm_deploy.forward.float_engine import FLOAT_ENGINE_NAME, FloatEngine
 from mllm_deploy.forward.kv_cache import KVCache, KVScales
+from mllm_deploy.model.spec import LlamaWeights
+from mllm_deploy.plan import build_plan
+from mllm_deploy.resolve import Resolved
+from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention
 from mllm_deploy.runtime.dag_prefill import DagPrefill
+from mllm_deploy.runtime.decode_fast import Int8Decoder
+from mllm_deploy.runtime.npu_kernels import load_npu_kernels
 from mllm_deploy.runtime.scheduler import LatencyModel
 
 
@@ -50,7 +58,34 @@ class DagEngine:
     def decode_name(self) -> str:
         """What decodes, and over which KV cache storage (reports and the bench's `backend`)."""
         kv = "kv-int8" if self.kv_scales is not None else "kv-float32"
-        return f"{self.decoder.name if self.decoder is not None else 'cpu-float32-numpy'} {kv}"
+        return f"{self.decoder.name if self.decoder is not None else FLOAT_ENGINE_NAME} {kv}"
+
+    @property
+    def static_chunk_tokens(self) -> int:
+        """The NPU graphs' static chunk: every prefill chunk is padded to it."""
+        return self.prefill.chunk_tokens
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "npu": self.npu_label,
+            "prefill": f"dag {self.prefill.policy}",
+            "attention": self.attention_name,
+            "decode": self.decode_name,
+        }
+
+    def route_subgraph_events(self, sink: Callable[[object], None]) -> Callable[[], None]:
+        """Send subgraph events to `sink` as they happen (on the prefill's dispatch thread) instead
+        of collecting them for `drain_events`; returns the function that undoes it."""
+        previous = self.prefill.on_event
+        self.prefill.on_event = sink
+
+        def restore() -> None:
+            self.prefill.on_event = previous
+
+        return restore
+
+    def executor_slots(self) -> dict[str, int]:
+        return {name: executor.threads for name, executor in self.prefill.executors.items()}
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.float_engine.new_cache(capacity, scales=self.kv_scales)
@@ -92,15 +127,6 @@ class DagEngine:
         self.prefill.close()
 
 
-def with_subgraph_events(events: Iterator, engine) -> Iterator:
-    """`events` with the engine's pending subgraph events placed before each event."""
-    drain = getattr(engine, "drain_events", None)
-    for event in events:
-        if drain is not None:
-            yield from drain()
-        yield event
-
-
 def check_shadow_agreement(plan, shadowed: frozenset) -> None:
     """Every linear the kernels correct needs a shadow subgraph in the plan (else its correction
     would be skipped). A planned shadow the kernels do not need is a no-op (`shadow` -> None)."""
@@ -129,8 +155,6 @@ def build_dag_engine(
     """A DagEngine for `resolved` (the profile checked against device and model). `shadow_inputs`:
     the calibrated (layer, kind) shadowed inputs for the plan (default: those the kernels correct);
     `kv_scales`: an int8 KV cache's steps (None: float32)."""
-    from mllm_deploy.plan import build_plan
-
     profile = resolved.profile
     chunk = profile.prefill.chunk_size
     if shadow_inputs is None and kernels is not None:
@@ -175,8 +199,6 @@ def profile_chunk_attention(resolved, kv_scales: KVScales | None):
     """Int8ChunkAttention for `prefill.attention = "int8"` over an int8 KV cache, else None (float32)."""
     if resolved.profile.prefill.attention != "int8" or kv_scales is None or resolved.backend == "none":
         return None
-    from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention
-
     return Int8ChunkAttention(resolved.spec)
 
 
@@ -188,26 +210,33 @@ def profile_kv_scales(resolved, artifacts) -> KVScales | None:
     return KVScales.from_absmax(np.array(kv.keys, np.float32), np.array(kv.values, np.float32))
 
 
-def open_npu_engine(resolved, weights, *, decode_threads: int | None = None) -> DagEngine:
-    """The NPU path of a resolved profile: compiled artifacts (built now if not cached) on the NPU
-    backend, DAG prefill, INT8 decode. The float32 linear weights are not touched (only the rows
+def open_npu_engine(
+    resolved: Resolved,
+    weights: LlamaWeights,
+    artifacts: Artifacts,
+    decode_graphs: Path,
+    *,
+    decode_threads: int | None = None,
+) -> DagEngine:
+    """The NPU path of a resolved profile over artifacts the caller obtained (a bundle's, or a
+    build's: the runtime never compiles): the graphs on the NPU backend, DAG prefill, INT8 decode
+    with the graphs in `decode_graphs`. The float32 linear weights are not touched (only the rows
     of the embedding that prompts use), so they stay on disk behind the memory map.
 
     Decode runs on `resolved.decode_threads` (both processors' threads, capped at the cores), over
-    an int8 KV cache with the calibrated steps unless `decode.kv_cache = "float32"`, with 8-bit
-    weight blocks of `decode.weight_block` values."""
-    from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts
-    from mllm_deploy.runtime.decode_fast import Int8Decoder, cached_decode_graphs
-    from mllm_deploy.runtime.npu_kernels import load_npu_kernels
-
+    an int8 KV cache with the calibrated steps unless `decode.kv_cache = "float32"`."""
     limit_malloc_retention()
-    artifacts = compile_artifacts(resolved)
     kernels = load_npu_kernels(resolved, artifacts)
     float_engine = FloatEngine(weights)  # no warm_up(): it would page in every float weight
-    graphs = cached_decode_graphs(resolved.spec, lambda: weights, resolved.profile.decode.weight_block)
     threads = decode_threads or resolved.decode_threads
-    decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, graphs, threads)
-    engine = build_dag_engine(resolved, float_engine, kernels, decoder, shadow_inputs=calibrated_shadow_inputs(resolved),
-                              kv_scales=profile_kv_scales(resolved, artifacts))  # fmt: skip
+    decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, decode_graphs, threads)
+    engine = build_dag_engine(
+        resolved,
+        float_engine,
+        kernels,
+        decoder,
+        shadow_inputs=tuple(artifacts.calibration.shadow_inputs),
+        kv_scales=profile_kv_scales(resolved, artifacts),
+    )
     engine.warm_up()
     return engine

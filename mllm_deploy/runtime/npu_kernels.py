@@ -33,6 +33,7 @@ from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.forward.layers import silu_mul_
+from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.runtime.shadow import Correction, ShadowLinear, ShadowStats
 
 _INPUT = {"qkv": "x_norm", "o_proj": "attn_out", "gate_up": "x_norm", "down": "h"}
@@ -177,22 +178,21 @@ class NpuBlockLinears:
 
 class NpuPrefillEngine:
     """Prefill with NPU linears (static chunks of `chunk_tokens`, last one padded); decode and
-    everything else on the float engine. Duck-types FloatEngine for `generate` and eval."""
+    everything else on the float engine: what `eval` measures (new_cache, prefill, decode_step)."""
 
     def __init__(self, float_engine, kernels: NpuLayerKernels, kv_scales=None, chunk_attention=None):
-        from mllm_deploy.forward.float_engine import FloatEngine
-
         self.float_engine = float_engine
         self.kernels = kernels
         self.kv_scales = kv_scales  # KVScales of an int8 KV cache, or None: float32
-        self.npu_engine = FloatEngine.__new__(FloatEngine)  # same weights and tables, NPU linears
-        self.npu_engine.__dict__.update(float_engine.__dict__)
-        self.npu_engine.block_linears = [NpuBlockLinears(kernels, i) for i in range(float_engine.spec.n_layers)]
-        self.npu_engine.chunk_attention = chunk_attention  # Int8ChunkAttention, or None: float32 attention
+        # same weights and tables, NPU linears; Int8ChunkAttention, or None: float32 attention
+        self.npu_engine = float_engine.with_linears(
+            [NpuBlockLinears(kernels, i) for i in range(float_engine.spec.n_layers)], chunk_attention
+        )
         self.backend_label = kernels.backend_label
 
-    def __getattr__(self, name):  # spec, weights, rope, logits, ...
-        return getattr(self.float_engine, name)
+    @property
+    def spec(self) -> ModelSpec:
+        return self.float_engine.spec
 
     def new_cache(self, capacity: int):
         return self.float_engine.new_cache(capacity, scales=self.kv_scales)
@@ -210,21 +210,3 @@ class NpuPrefillEngine:
 
     def decode_step(self, cache, token_id: int) -> np.ndarray:
         return self.float_engine.decode_step(cache, token_id)
-
-
-def open_npu_prefill(loaded_profile, float_engine, *, log=None):
-    """The engine `generate`/eval should use for this profile: `float_engine` itself for
-    `npu_backend = "none"`, else an NpuPrefillEngine over the profile's compiled artifacts
-    (built now, with progress on stderr, when the cache has none; a bundle's own artifacts when
-    the profile comes from a bundle, which are never rebuilt)."""
-    from mllm_deploy.compile.build import compile_artifacts, stderr_log
-    from mllm_deploy.compile.bundle import bundle_artifacts
-    from mllm_deploy.resolve import resolve_profile
-
-    resolved = resolve_profile(loaded_profile)
-    if resolved.backend == "none":
-        return float_engine
-    artifacts = bundle_artifacts(resolved)
-    if artifacts is None:
-        artifacts = compile_artifacts(resolved, log=log or stderr_log)
-    return NpuPrefillEngine(float_engine, load_npu_kernels(resolved, artifacts))

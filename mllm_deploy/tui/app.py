@@ -18,6 +18,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input
 
 from mllm_deploy.errors import UserError
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.interface.session import ChatSession, LoadedModel, load_model
+from mllm_deploy.profile import LoadedProfile
 from mllm_deploy.runtime.telemetry import (
     PrefillProgress,
     ProcessSampler,
@@ -26,7 +29,6 @@ from mllm_deploy.runtime.telemetry import (
 )
 from mllm_deploy.tui.command_handlers import CommandHandlers
 from mllm_deploy.tui.commands import chat_text, parse_command
-from mllm_deploy.tui.deployment import Deployment
 from mllm_deploy.tui.formatting import prefill_line, seconds
 from mllm_deploy.tui.messages import ModelFailed, ModelReady, WorkKind
 from mllm_deploy.tui.session_adapter import close_engine, executor_slots
@@ -40,15 +42,11 @@ from mllm_deploy.tui.widgets.telemetry_panel import TelemetryPanel
 from mllm_deploy.tui.widgets.transcript import MessageView, Transcript
 
 
-def default_model_loader(loaded_profile):
-    from mllm_deploy.runtime.session import load_model
-
-    return load_model(loaded_profile)
+def default_model_loader(deployment: Deployment) -> LoadedModel:
+    return load_model(deployment)
 
 
-def default_session_factory(model, loaded_profile):
-    from mllm_deploy.runtime.session import ChatSession
-
+def default_session_factory(model: LoadedModel, loaded_profile: LoadedProfile) -> ChatSession:
     return ChatSession(model, loaded_profile)
 
 
@@ -173,7 +171,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
     @work(thread=True, group="model", exclusive=True)
     def load_model_worker(self, deployment: Deployment, reason: str) -> None:
         try:
-            model = self.model_loader(deployment.loaded)
+            model = self.model_loader(deployment)
             session = self.session_factory(model, deployment.loaded)
         except UserError as err:
             self.post_message(ModelFailed(str(err)))
@@ -192,7 +190,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
     def on_model_ready(self, message: ModelReady) -> None:
         self.model, self.session = message.model, message.session
         self.tracker = UtilizationTracker(
-            slots=executor_slots(self.model, self.deployment.resolved), keep_seconds=TRACKER_KEEP_SECONDS
+            slots=executor_slots(self.model), keep_seconds=TRACKER_KEEP_SECONDS
         )
         if self.restore_messages is not None:
             self.session.messages = list(self.restore_messages)

@@ -5,8 +5,9 @@ No textual here (the plan screen shows these strings).
 
 from __future__ import annotations
 
+from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.plan.render import render_plan
-from mllm_deploy.tui.deployment import Deployment, profile_values
+from mllm_deploy.tui.profile_values import profile_values
 
 GRID_COLUMNS = (
     ("attn_norm", "a_norm"),

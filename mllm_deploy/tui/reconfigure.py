@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mllm_deploy.errors import Diagnostic, UserError
-from mllm_deploy.tui.deployment import Deployment, prepare_deployment, profile_values
+from mllm_deploy.interface.deployment import Deployment, load_deployment
+from mllm_deploy.tui.profile_values import profile_values
 
 Rebuild = Literal["nothing", "cache", "model"]
 
@@ -76,7 +77,7 @@ def reconfigure(current: Deployment, assignment: str) -> Reconfiguration:
         raise UserError(
             [Diagnostic(message="expected KEY=VALUE, e.g. /set decode.temperature=0.7", value=assignment or None)]
         )
-    new = prepare_deployment(current.profile_arg, (*current.overrides, assignment))
+    new = load_deployment(current.profile_arg, (*current.overrides, assignment))
     before, after = profile_values(current), profile_values(new)
     changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     rebuild = rebuild_needed(list(changed), uses_npu=current.resolved.uses_npu or new.resolved.uses_npu)

@@ -1,7 +1,7 @@
-"""What the UI needs from a chat session that the runtime does not offer (yet). No textual here.
+"""What the UI needs from a chat session beyond a turn, through the engine's interface. No textual here.
 
 - `switch_profile`: apply a re-validated profile (decode.*, system prompt, ...) to a live
-  session without dropping its KV cache (`ChatSession.update_profile` when present).
+  session without dropping its KV cache (`ChatSession.update_profile`).
 - `prefill_context`: put a document into the KV cache without a reply: one turn of
   `reply_to` with a single generated token (no decode step runs) whose text is ignored.
 - `SubgraphRelay` / `relay_subgraph_events`: the NPU path's SubgraphStarted/Finished events
@@ -16,17 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-
-def switch_profile(session, loaded_profile) -> None:
-    update = getattr(session, "update_profile", None)
-    if callable(update):
-        update(loaded_profile)
-        return
-    session.profile = loaded_profile.profile
-    session._locate = loaded_profile.where
+from mllm_deploy.interface.session import ChatSession, LoadedModel
+from mllm_deploy.profile import LoadedProfile
 
 
-def prefill_context(session, context_message: str, cancel: threading.Event) -> Iterator[object]:
+def switch_profile(session: ChatSession, loaded_profile: LoadedProfile) -> None:
+    session.update_profile(loaded_profile)
+
+
+def prefill_context(session: ChatSession, context_message: str, cancel: threading.Event) -> Iterator[object]:
     """Events of prefilling the conversation so far plus a user message holding `context_message`."""
     conversation = [*session.messages, {"role": "user", "content": context_message}]
     return session.reply_to(conversation, cancel=cancel, max_new_tokens=1)
@@ -54,33 +52,27 @@ class SubgraphRelay:
         self._last = time.perf_counter()
 
 
-def relay_subgraph_events(session, relay: SubgraphRelay) -> Callable[[], None]:
+def relay_subgraph_events(session: ChatSession, relay: SubgraphRelay) -> Callable[[], None]:
     """Route the engine's subgraph events to `relay` live; returns the function that undoes it.
 
     Without an NPU path (the float engine) there is nothing to route and nothing changes."""
-    prefill = getattr(getattr(session.model, "engine", None), "prefill", None)
-    if prefill is None or not hasattr(prefill, "on_event"):
-        return lambda: None
-    previous = prefill.on_event
-    prefill.on_event = relay
+    undo = session.model.engine.route_subgraph_events(relay)
 
     def restore() -> None:
         relay.flush()
-        prefill.on_event = previous
+        undo()
 
     return restore
 
 
-def executor_slots(model, resolved) -> dict[str, int]:
-    """Subgraphs each processor runs at once: the engine's executors when it has them."""
-    executors = getattr(getattr(getattr(model, "engine", None), "prefill", None), "executors", None)
-    if isinstance(executors, dict) and executors:
-        return {name: max(1, int(getattr(ex, "threads", 1))) for name, ex in executors.items()}
-    return {"npu": 1, "cpu": 1}  # the float engine: one synchronous executor
+def executor_slots(model: LoadedModel) -> dict[str, int]:
+    """Subgraphs each processor runs at once (both lanes shown; the float engine runs one
+    synchronous CPU executor)."""
+    return {"npu": 1, "cpu": 1} | {name: max(1, n) for name, n in model.engine.executor_slots().items()}
 
 
-def close_engine(model) -> None:
-    """Stop an engine's executor threads (the NPU path) before its model is dropped."""
-    close = getattr(getattr(model, "engine", None), "close", None)
-    if callable(close):
-        close()
+def close_engine(model: LoadedModel | None) -> None:
+    """Stop an engine's executor threads (the NPU path) before its model is dropped (None: no
+    model was loaded)."""
+    if model is not None:
+        model.engine.close()

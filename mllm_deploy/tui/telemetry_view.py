@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.runtime.telemetry import ProcessSample, UtilizationTracker
-from mllm_deploy.tui.deployment import Deployment
 from mllm_deploy.tui.formatting import process_line
 
 BUSY_WINDOW_SECONDS = 1.0  # utilization % = busy fraction over the last second

@@ -9,7 +9,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
-from mllm_deploy.tui.deployment import Deployment
+from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.tui.plan_text import plan_view_text
 
 

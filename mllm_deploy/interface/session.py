@@ -1,7 +1,7 @@
 """A loaded model and conversations over it, keeping the KV cache between turns.
 
-    model = load_model(loaded_profile)            # once: weights, tokenizer, template, engine
-    session = ChatSession(model, loaded_profile)  # one conversation (one KV cache)
+    model = load_model(deployment)                 # once: weights, tokenizer, template, engine
+    session = ChatSession(model, deployment.loaded)  # one conversation (one KV cache)
     for event in session.send("Hello"):            # ChunkDone*, PrefillDone, TokenEmitted*, GenerationDone
         ...
 
@@ -14,14 +14,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
 from mllm_deploy.events import GenerationDone
-from mllm_deploy.forward.float_engine import FloatEngine
-from mllm_deploy.model import load_tokenizer, load_weights, read_spec
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.interface.engines import open_engine
+from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.model.chat_template import choose_template_with_origin, render_chat, special_token_text
 from mllm_deploy.model.spec import ModelSpec
+from mllm_deploy.runtime.engine import Engine, with_subgraph_events
 from mllm_deploy.runtime.generate import Event, GenerationRequest, generate
 from mllm_deploy.runtime.sampling import SamplingSettings
 
@@ -30,7 +32,7 @@ from mllm_deploy.runtime.sampling import SamplingSettings
 class LoadedModel:
     spec: ModelSpec
     tokenizer: object  # mllm_deploy.model.tokenizer.ModelTokenizer
-    engine: FloatEngine
+    engine: Engine
     chat_template: str
     chat_template_origin: str
     load_seconds: float
@@ -46,37 +48,17 @@ class LoadedModel:
         )
 
 
-def load_model(loaded_profile) -> LoadedModel:
-    """Read the profile's model (spec, float32 weights, tokenizer, chat template) into an engine."""
+def load_model(deployment: Deployment) -> LoadedModel:
+    """Read the deployment's model (spec, float32 weights, tokenizer, chat template) and open its
+    engine (obtaining the NPU artifacts first on the NPU path)."""
     started = time.perf_counter()
-    profile = loaded_profile.profile
-    spec = read_spec(profile.model.source, loaded_profile.base_dir)
-    if profile.prefill.max_context > spec.context:
-        raise UserError([Diagnostic(
-            message=f"longer than the context length of the model {spec.name!r}",
-            value=profile.prefill.max_context,
-            allowed=f"at most {spec.context}",
-            **loaded_profile.where("prefill.max_context"),
-        )])  # fmt: skip
-    template, origin = choose_template_with_origin(spec, profile.model.chat_template, loaded_profile.base_dir)
+    loaded_profile, spec = deployment.loaded, deployment.resolved.spec
+    template, origin = choose_template_with_origin(
+        spec, loaded_profile.profile.model.chat_template, loaded_profile.base_dir
+    )
     tokenizer = load_tokenizer(spec)
-    engine = _open_engine(loaded_profile, load_weights(spec))
+    engine = open_engine(deployment.resolved, load_weights(spec))
     return LoadedModel(spec, tokenizer, engine, template, origin, time.perf_counter() - started)
-
-
-def _open_engine(loaded_profile, weights):
-    """The float engine for `npu_backend = "none"`, else the NPU path (DAG prefill + INT8 decode)."""
-    if loaded_profile.profile.device.npu_backend != "none":
-        from mllm_deploy.resolve import resolve_profile
-
-        resolved = resolve_profile(loaded_profile)
-        if resolved.backend != "none":
-            from mllm_deploy.runtime.dag_engine import open_npu_engine
-
-            return open_npu_engine(resolved, weights)
-    engine = FloatEngine(weights)
-    engine.warm_up()
-    return engine
 
 
 def fit_to_context(
@@ -179,14 +161,8 @@ class ChatSession:
             truncated_tokens=dropped,
         )
         engine = self.model.engine
-        if hasattr(engine, "drain_events"):  # the NPU path: static chunks, subgraph events, cancel inside prefill
-            from dataclasses import replace
-
-            from mllm_deploy.runtime.dag_engine import with_subgraph_events
-
-            engine.cancel = cancel
-            request = replace(request, chunk_size=engine.prefill.chunk_tokens, pad_last_chunk=True)
-            return with_subgraph_events(
-                generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel), engine
-            )
-        return generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel)
+        engine.cancel = cancel  # the NPU path also stops between subgraphs inside a prefill
+        if engine.static_chunk_tokens is not None:  # static-shape graphs: every chunk padded to their size
+            request = replace(request, chunk_size=engine.static_chunk_tokens, pad_last_chunk=True)
+        events = generate(engine, self.cache, ids, request, self.model.tokenizer.stream(), cancel)
+        return with_subgraph_events(events, engine)

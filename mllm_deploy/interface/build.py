@@ -1,0 +1,68 @@
+"""Build a deployment's artifacts (and optionally a bundle), and the plan as `plan` shows it.
+
+built = build_deployment(deployment, force=False, out=Path("bundle/"))
+print(built.report)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mllm_deploy.compile.artifacts import Artifacts
+from mllm_deploy.compile.build import compile_artifacts, find_artifacts
+from mllm_deploy.compile.bundle import write_bundle
+from mllm_deploy.compile.calibration import render_calibration
+from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.plan import Plan, build_plan
+
+
+@dataclass(frozen=True)
+class Built:
+    """What `build` produced: the verified artifacts, the bundle if one was written, a report."""
+
+    artifacts: Artifacts
+    bundle: Path | None
+    report: str
+
+
+def build_deployment(deployment: Deployment, *, force: bool = False, out: Path | None = None) -> Built:
+    """Calibrate, compile, audit and profile the deployment's NPU graphs (or reuse the verified
+    cache entry; `force` rebuilds it), then write a bundle to `out` when given."""
+    resolved = deployment.resolved
+    artifacts = compile_artifacts(resolved, force=force)
+    lock = artifacts.lock
+    latencies = artifacts.latencies_ms
+    htp = f" (htp v{lock.htp_arch}, soc {lock.soc_model})" if lock.htp_arch else ""
+    lines = [
+        f"artifacts: {artifacts.root}",
+        f"backend: {resolved.backend_label}; chunk {lock.chunk_size}; target {lock.target}{htp}",
+        render_calibration(artifacts.calibration).rstrip("\n"),
+        f"graphs: {len(latencies)}, profiled latency sum {sum(latencies.values()):.1f} ms per chunk "
+        "(measured at build; noisy on a shared machine)",
+    ]
+    bundle = write_bundle(resolved, artifacts, out) if out is not None else None
+    if bundle is not None:
+        lines.append(f"bundle: {bundle}")
+    return Built(artifacts, bundle, "\n".join(lines) + "\n")
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """What `plan` shows: the plan, and the calibration report once `build` has calibrated."""
+
+    plan: Plan
+    calibration_report: str | None  # None: not built yet (shadowed inputs are provisional)
+
+
+def deployment_plan(
+    deployment: Deployment, *, prompt_tokens: int | None = None, dump_dir: Path | None = None
+) -> PlanView:
+    """The plan `plan` prints: once `build` has calibrated this profile, it shows the shadowed
+    inputs it measured (else the provisional ones); nothing is built here."""
+    resolved = deployment.resolved
+    artifacts = find_artifacts(resolved)
+    calibrated = tuple(artifacts.calibration.shadow_inputs) if artifacts is not None else None
+    plan = build_plan(resolved, prompt_tokens=prompt_tokens, calibrated_shadow_inputs=calibrated, dump_dir=dump_dir)
+    report = render_calibration(artifacts.calibration) if artifacts is not None else None
+    return PlanView(plan, report)

@@ -1,0 +1,56 @@
+"""Obtain what an engine needs (artifacts from a bundle or a build, decode graphs), then open it.
+
+This is the one place the pipeline's build side meets its run side: the runtime never compiles.
+
+    engine = open_engine(deployment.resolved, weights)   # float32, or the NPU path
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mllm_deploy.compile.artifacts import Artifacts
+from mllm_deploy.compile.build import Log, compile_artifacts, stderr_log
+from mllm_deploy.compile.bundle import bundle_artifacts
+from mllm_deploy.compile.decode_cache import cached_decode_graphs
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.model.spec import LlamaWeights
+from mllm_deploy.resolve import Resolved
+from mllm_deploy.runtime.dag_engine import open_npu_engine, profile_chunk_attention, profile_kv_scales
+from mllm_deploy.runtime.engine import Engine
+from mllm_deploy.runtime.npu_kernels import NpuPrefillEngine, load_npu_kernels
+
+
+def obtain_artifacts(resolved: Resolved, *, log: Log = stderr_log) -> Artifacts:
+    """The NPU artifacts of `resolved`: a bundle's own when the profile comes from a bundle (never
+    rebuilt: a bundle that does not fit is refused), else the verified cache entry, built now
+    (with progress on stderr) when there is none."""
+    return bundle_artifacts(resolved) or compile_artifacts(resolved, log=log)
+
+
+def obtain_decode_graphs(resolved: Resolved, weights: LlamaWeights) -> Path:
+    """The directory of the CPU decode graphs for the profile's `decode.weight_block`, built from
+    the float weights the first time and cached."""
+    return cached_decode_graphs(resolved.spec, lambda: weights, resolved.profile.decode.weight_block)
+
+
+def open_engine(resolved: Resolved, weights: LlamaWeights, *, log: Log = stderr_log) -> Engine:
+    """The float engine for `npu_backend = "none"`, else the NPU path (DAG prefill + INT8 decode);
+    warmed up either way."""
+    if resolved.backend == "none":
+        engine = FloatEngine(weights)
+        engine.warm_up()
+        return engine
+    artifacts = obtain_artifacts(resolved, log=log)
+    return open_npu_engine(resolved, weights, artifacts, obtain_decode_graphs(resolved, weights))
+
+
+def open_eval_engine(resolved: Resolved, float_engine: FloatEngine) -> NpuPrefillEngine:
+    """What `eval` measures on the NPU path: the profile's INT8 graphs and shadow corrections run
+    one after the other (no scheduler) over the profile's KV cache and attention."""
+    artifacts = obtain_artifacts(resolved)
+    kv_scales = profile_kv_scales(resolved, artifacts)
+    attention = profile_chunk_attention(resolved, kv_scales)
+    return NpuPrefillEngine(
+        float_engine, load_npu_kernels(resolved, artifacts), kv_scales=kv_scales, chunk_attention=attention
+    )

@@ -29,7 +29,8 @@ from threadpoolctl import threadpool_limits
 
 from mllm_deploy.backends.ort_cpu import OrtCpuBackend
 from mllm_deploy.compile.audit import integer_kernel_report
-from mllm_deploy.compile.graphs import GRAPH_KINDS, build_layer_graphs, max_abs_layer_act_quant
+from mllm_deploy.compile.graphs import build_layer_graphs, max_abs_layer_act_quant
+from mllm_deploy.model.linears import GRAPH_KINDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the float reference graphs are a test double
 from float_graphs import float_layer_graphs

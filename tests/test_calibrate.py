@@ -13,8 +13,8 @@ from mllm_deploy.compile.calibration import (
     choose_hot_channels,
     derive_calibration,
 )
-from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.errors import UserError
+from mllm_deploy.model.linears import GRAPH_KINDS
 
 
 @pytest.mark.parametrize("percentile", [99.99, 99.0, 90.0])

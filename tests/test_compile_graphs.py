@@ -10,13 +10,13 @@ from onnx import TensorProto, helper, numpy_helper
 from mllm_deploy.compile import graphs
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
 from mllm_deploy.compile.graphs import (
-    GRAPH_KINDS,
     build_layer_graphs,
     build_layer_models,
     max_abs_layer_act_quant,
     quantize_layer_weights,
     save_model_atomic,
 )
+from mllm_deploy.model.linears import GRAPH_KINDS
 from mllm_deploy.model.spec import LayerWeights
 
 HIDDEN, FFN, Q_DIM, KV_DIM, CHUNK = 64, 128, 64, 32, 16

@@ -35,11 +35,15 @@ def news_text() -> str:
 
 def evaluate(root, *settings):
     from mllm_deploy.eval.report import evaluate_profile
+    from mllm_deploy.interface.deployment import Deployment
     from mllm_deploy.profile import load_profile
 
     with cache_env(root):
         return evaluate_profile(
-            load_profile(None, [*PROPOSED, *settings]), news_text(), max_tokens=EVAL_TOKENS, progress=False
+            Deployment.of(load_profile(None, [*PROPOSED, *settings])),
+            news_text(),
+            max_tokens=EVAL_TOKENS,
+            progress=False,
         )
 
 

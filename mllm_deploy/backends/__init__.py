@@ -1,2 +1,2 @@
-"""What plays the NPU: `qnn-htp` (onnxruntime-qnn), `ort-cpu` (onnxruntime CPU integer kernels),
-and the float32 numpy reference. All share the small interface in `base`."""
+"""What plays the NPU: `qnn-htp` (onnxruntime-qnn) and `ort-cpu` (onnxruntime CPU integer kernels),
+behind the `NpuBackend` protocol in `base`, declared once in `registry` (what each supports)."""

@@ -42,9 +42,10 @@ from mllm_deploy.compile.artifacts import (
 )  # fmt: skip
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
-from mllm_deploy.compile.graphs import GRAPH_KINDS, LayerActQuant, build_layer_graphs
+from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
+from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, LINEAR_GROUPS
 from mllm_deploy.paths import atomic_write_text
 
 Log = Callable[[str], None]
@@ -72,20 +73,18 @@ def layer_act_quant(cal: CalibrationResult, layer: int, quantize_outputs: bool =
     perplexity)."""
     dtype = cal.activations
     grid = lambda clamp: activation_quant_symmetric(clamp, dtype)
-    names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     return LayerActQuant(
         attn_in=grid(cal.input(layer, "qkv").clamp),
         attn_out=grid(cal.input(layer, "o_proj").clamp),
         mlp_in=grid(cal.input(layer, "gate_up").clamp),
         down_in=grid(cal.input(layer, "down").clamp),
-        outputs={name: grid(cal.output_clamps[f"{layer}/{name}"]) if quantize_outputs else None for name in names},
+        outputs={name: grid(cal.output_clamps[f"{layer}/{name}"]) if quantize_outputs else None for group in LINEAR_GROUPS for name in group.linears},
     )
 
 
 def shadow_weight_t(layer_weights, kind: str) -> np.ndarray:
     """float32 W^T [in, out_total] of the linears reading one graph input, outputs in graph order."""
-    w = layer_weights
-    mats = {"qkv": (w.wq, w.wk, w.wv), "o_proj": (w.wo,), "gate_up": (w.w_gate, w.w_up), "down": (w.w_down,)}[kind]
+    mats = LINEAR_GROUP[kind].weight_arrays(layer_weights)
     return np.ascontiguousarray(np.concatenate(mats, axis=0).T, dtype=np.float32)
 
 

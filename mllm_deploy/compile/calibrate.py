@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from mllm_deploy.compile.calibration import ActivationStats, InputStats, KVAbsMax
-from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import user_error
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
+from mllm_deploy.model.linears import GRAPH_KINDS
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mllm_deploy.compile.graphs import GRAPH_KINDS
+from mllm_deploy.model.linears import GRAPH_KINDS
 
 STATS_SCHEMA_VERSION = 3
 HOT_OUTLIER_SHARE = 0.8

@@ -35,7 +35,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -49,10 +48,8 @@ from mllm_deploy.compile.quantize import (
     activation_quant_symmetric,
     quantize_weight,
 )
+from mllm_deploy.model.linears import LINEAR_GROUP, GraphKind
 from mllm_deploy.model.spec import LayerWeights
-
-GraphKind = Literal["qkv", "o_proj", "gate_up", "down"]
-GRAPH_KINDS: tuple[GraphKind, ...] = ("qkv", "o_proj", "gate_up", "down")
 
 # Opset 21 is the first with uint16/int16 QuantizeLinear/DequantizeLinear in the default
 # domain; onnxruntime 1.32 CPU and onnxruntime-qnn 2.7 both accept it (checked by the tests).
@@ -282,18 +279,18 @@ def build_layer_models(
     return {
         "qkv": build_linear_group_model(
             f"{prefix}_qkv",
-            "x_norm",
+            LINEAR_GROUP["qkv"].graph_input,
             chunk_tokens,
             act.attn_in,
             [lin("attn_q", layer.bq), lin("attn_k", layer.bk), lin("attn_v", layer.bv)],
             ["q", "k", "v"],
         ),
         "o_proj": build_linear_group_model(
-            f"{prefix}_o_proj", "attn_out", chunk_tokens, act.attn_out, [lin("attn_output")], ["attn_proj"]
+            f"{prefix}_o_proj", LINEAR_GROUP["o_proj"].graph_input, chunk_tokens, act.attn_out, [lin("attn_output")], ["attn_proj"]
         ),
         "gate_up": build_linear_group_model(
             f"{prefix}_gate_up",
-            "x_norm",
+            LINEAR_GROUP["gate_up"].graph_input,
             chunk_tokens,
             act.mlp_in,
             [lin("ffn_gate"), lin("ffn_up")],
@@ -301,7 +298,7 @@ def build_layer_models(
             swiglu=not split_gate_up,
         ),
         "down": build_linear_group_model(
-            f"{prefix}_down", "h", chunk_tokens, act.down_in, [lin("ffn_down")], ["mlp_out"]
+            f"{prefix}_down", LINEAR_GROUP["down"].graph_input, chunk_tokens, act.down_in, [lin("ffn_down")], ["mlp_out"]
         ),
     }
 

@@ -1,4 +1,4 @@
-"""`evaluate_profile(loaded, text) -> dict`: the profile's perplexity beside the float baseline."""
+"""`evaluate_profile(deployment, text) -> dict`: the profile's perplexity beside the float baseline."""
 
 from __future__ import annotations
 

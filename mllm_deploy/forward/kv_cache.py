@@ -1,4 +1,4 @@
-"""float32 key/value cache of one conversation, grown on demand.
+"""Key/value cache of one conversation (float32, or int8 with calibrated per-channel steps), grown on demand.
 
 Prefill writes a chunk's keys and values layer by layer, then commits the chunk's real
 tokens with `advance`; decode does the same one token at a time. Padding of a chunk is

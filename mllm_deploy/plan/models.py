@@ -22,7 +22,6 @@ SubgraphKind = Literal[
     "final_norm",  # residual add + final RMSNorm (last real token)
     "lm_head",  # output projection to vocabulary logits
 ]
-LINEAR_KINDS: tuple[str, ...] = ("qkv", "o_proj", "gate_up", "down")
 
 
 class _Frozen(BaseModel):

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mllm_deploy.device.models import Capabilities
+from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, group_shapes
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.plan.models import LINEAR_KINDS, Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, TensorSpec
+from mllm_deploy.plan.models import Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, TensorSpec
 from mllm_deploy.profile.models import Profile
 from mllm_deploy.resolve.memory import shadowed_input_count
 
@@ -158,30 +159,20 @@ def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
     One static graph per layer and linear kind is shared by every chunk.
     """
     profile, spec = inp.profile, inp.spec
-    on_npu = set(LINEAR_KINDS) if inp.backend != "none" else set()
+    on_npu = set(GRAPH_KINDS) if inp.backend != "none" else set()
     if inp.backend != "none":
         if profile.placement.norms == "npu":
             on_npu |= {"attn_norm", "ffn_norm", "final_norm"}
         if profile.placement.lm_head == "npu":
             on_npu.add("lm_head")
     per_channel = profile.quantization.weights == "int8-per-channel"
-    shapes = spec.linear_shapes()
-    linear_members = {
-        "qkv": ("attn_q", "attn_k", "attn_v"),
-        "o_proj": ("attn_output",),
-        "gate_up": ("ffn_gate", "ffn_up"),
-        "down": ("ffn_down",),
-        "lm_head": (),
-    }
 
     def weight_bytes(kind: str) -> int:
         if kind == "lm_head":
             return spec.vocab * spec.hidden + (spec.vocab if per_channel else 1) * 4
-        total = 0
-        for name in linear_members.get(kind, ()):
-            out, inn = shapes[name]
-            total += out * inn + (out if per_channel else 1) * 4
-        return total
+        if kind not in LINEAR_GROUP:
+            return 0  # norms: no weight matrix
+        return sum(out * inn + (out if per_channel else 1) * 4 for out, inn in group_shapes(spec, kind).values())
 
     graphs: dict[str, GraphSpec] = {}
     placed = []
@@ -207,7 +198,7 @@ def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
         note = [
             TensorSpec(name=f"{t.name}_q", shape=t.shape, dtype=_act_dtype(profile))
             for t in sg.inputs
-            if sg.kind in LINEAR_KINDS
+            if sg.kind in LINEAR_GROUP
         ]
         placed.append(sg.model_copy(update={"processor": "npu", "graph": gid, "inputs": inputs + note}))
     return plan.model_copy(
@@ -222,7 +213,7 @@ default keeps down x30, qkv x25, gate_up x5, o_proj x0)."""
 
 
 def _kind_order(kind: str) -> int:
-    return LINEAR_KINDS.index(kind)
+    return GRAPH_KINDS.index(kind)
 
 
 def choose_shadow_inputs(
@@ -274,7 +265,7 @@ def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
     # (its `shadow -> consumer` edge is in `producers`) and this shadow waits for it too: its
     # input (e.g. down's h = silu(gate)*up) is only final once that correction is added
     for sg in plan.subgraphs:
-        if sg.processor != "npu" or sg.kind not in LINEAR_KINDS or (sg.layer, sg.kind) not in wanted:
+        if sg.processor != "npu" or sg.kind not in LINEAR_GROUP or (sg.layer, sg.kind) not in wanted:
             continue
         x = sg.inputs[0]  # [chunk, in]
         sid = f"{sg.id}.shadow"

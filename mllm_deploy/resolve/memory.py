@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from mllm_deploy.model.linears import LINEAR_GROUPS
 from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.profile.models import Profile
 
@@ -65,7 +66,7 @@ def linear_params_per_layer(spec: ModelSpec) -> int:
     return sum(out * inp for out, inp in spec.linear_shapes().values())
 
 
-LINEAR_INPUTS_PER_LAYER = 4  # the inputs of the qkv, o_proj, gate_up and down graphs
+LINEAR_INPUTS_PER_LAYER = len(LINEAR_GROUPS)  # one input per graph kind (qkv, o_proj, gate_up, down)
 
 
 def shadowed_input_count(profile: Profile, spec: ModelSpec) -> int:

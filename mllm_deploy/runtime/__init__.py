@@ -1,21 +1,11 @@
-"""Runtime: executes a model over a KV cache and streams plain events.
+"""Runtime: runs an opened engine over KV caches and streams plain events (`mllm_deploy.events`).
 
-Float path (``device.npu_backend = "none"``):
+Two engines implement `engine.Engine`: the float32 engine (`forward.FloatEngine`, the baseline)
+and the NPU path (`dag_engine.DagEngine`: the plan's subgraph DAG on the NPU and CPU executors,
+`dag_prefill` + `scheduler` + `executors`, INT8 graphs and shadow corrections from `npu_kernels`
+and `shadow`, INT8 decode in `decode_fast`). `generate` turns an engine into one turn's events;
+`sampling` and `stop_strings` decide tokens; `telemetry`, `trace` and `report` measure and render.
 
-    load_model(loaded_profile) -> LoadedModel                      session.py
-    ChatSession(model, loaded_profile)                             session.py
-        .send(text) / .reply_to(messages, system=) / .complete(raw_text)  -> Iterator[Event]
-        .reset()
-    FloatEngine(weights)                                           float_engine.py
-        .new_cache(capacity) -> KVCache
-        .prefill(cache, ids, chunk_size=, pad_last_chunk=, logit_rows=, cancel=) -> PrefillResult
-        .prefill_chunks(...) -> Iterator[(ChunkDone, logits | None)]
-        .decode_step(cache, token_id) -> logits [vocab]
-        .qkv_step / .attention_step / .out_mlp_step   (one block in three steps)
-    generate(engine, cache, prompt_ids, GenerationRequest, detokenizer, cancel) -> Iterator[Event]
-    Sampler(SamplingSettings).choose(logits, seen_ids) -> token id     sampling.py
-    require_runnable_backend(loaded_profile) -> backend name (else exit 3)   availability.py
-
-Events (events.py): ChunkDone, PrefillDone, TokenEmitted, GenerationDone (always last).
-Nothing here imports a front end.
+The runtime never compiles: the interface layer (`mllm_deploy.interface`) obtains the artifacts
+(a bundle's, or a build's) and opens the engine. Nothing here imports a front end.
 """

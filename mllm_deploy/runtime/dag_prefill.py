@@ -34,11 +34,10 @@ from mllm_deploy.forward.float_engine import PAD_TOKEN_ID, attend_stored_chunk
 from mllm_deploy.forward.kv_cache import KVCache
 from mllm_deploy.forward.layers import ChunkSpan, rms_norm, silu_mul_
 from mllm_deploy.forward.rope import RopeTables
+from mllm_deploy.model.linears import LINEAR_GROUP
 from mllm_deploy.model.spec import LlamaWeights
 from mllm_deploy.runtime.executors import ProcessorExecutor, TaskFinished, TaskStarted
 from mllm_deploy.runtime.scheduler import LatencyModel, PolicyName, Scheduler, Task, TaskGraph
-
-LINEAR_INPUT = {"qkv": "x_norm", "gate_up": "x_norm", "o_proj": "attn", "down": "h"}
 
 
 @dataclass
@@ -240,7 +239,7 @@ class DagPrefill:
         if kind == "shadow":
             linear = task.id.split(".")[-2]
             return lambda: self._shadow(chunk, layer, linear)
-        if kind in LINEAR_INPUT:
+        if kind in LINEAR_GROUP:
             if task.processor == "npu":
                 return lambda: self._npu_linear(chunk, layer, kind)
             return lambda: self._cpu_linear(chunk, layer, kind)
@@ -254,10 +253,10 @@ class DagPrefill:
         }[kind]
 
     def _linear_input(self, chunk: _Chunk, layer: int, kind: str) -> np.ndarray:
-        name = LINEAR_INPUT[kind]
-        if name == "h":
+        name = LINEAR_GROUP[kind].graph_input
+        if name == LINEAR_GROUP["down"].graph_input:  # the MLP activation: the combined gate_up result
             return self._final(chunk, layer, "gate_up")[0]
-        return chunk.x_norm if name == "x_norm" else chunk.attn
+        return chunk.x_norm if name == LINEAR_GROUP["qkv"].graph_input else chunk.attn
 
     def _final(self, chunk: _Chunk, layer: int, kind: str) -> list[np.ndarray]:
         """The linear's output plus its shadow correction (if any), combined once."""

@@ -30,13 +30,11 @@ import numpy as np
 
 from mllm_deploy.backends.registry import backend_support, open_backend
 from mllm_deploy.compile.artifacts import Artifacts
-from mllm_deploy.compile.graphs import GRAPH_KINDS
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.forward.layers import silu_mul_
+from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.runtime.shadow import Correction, ShadowLinear, ShadowStats
-
-_INPUT = {"qkv": "x_norm", "o_proj": "attn_out", "gate_up": "x_norm", "down": "h"}
 
 
 class NpuLayerKernels:
@@ -61,7 +59,7 @@ class NpuLayerKernels:
         """x float32 [chunk_tokens, in] → the graph's float32 outputs (see the module docstring)."""
         handle = self._handles[(layer, kind)]
         started = time.perf_counter()
-        out = self.backend.run(handle, {_INPUT[kind]: x})
+        out = self.backend.run(handle, {LINEAR_GROUP[kind].graph_input: x})
         with self._lock:
             self._graph_runs += 1
             self._graph_values += x.size

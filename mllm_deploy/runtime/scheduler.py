@@ -30,24 +30,16 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
+
+from mllm_deploy.plan.models import SubgraphKind
 
 PolicyName = Literal["sequential", "out-of-order"]
 POLICIES: tuple[PolicyName, ...] = ("sequential", "out-of-order")
 
-# Position of each kind within a layer, in data-flow order; a shadow shares its linear's step.
-KIND_POSITION = {
-    "embed": 0,
-    "attn_norm": 1,
-    "qkv": 2,
-    "attention": 3,
-    "o_proj": 4,
-    "ffn_norm": 5,
-    "gate_up": 6,
-    "down": 7,
-    "final_norm": 8,
-    "lm_head": 9,
-}
+# Position of each kind within a layer, in data-flow order (the plan's SubgraphKind order); a shadow
+# shares its linear's step.
+KIND_POSITION = {kind: i for i, kind in enumerate(k for k in get_args(SubgraphKind) if k != "shadow")}
 
 
 @dataclass(frozen=True)

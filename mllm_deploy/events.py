@@ -101,3 +101,13 @@ class SubgraphFinished:
     def t(self) -> float:
         """When it happened (what telemetry reads)."""
         return self.t_end
+
+
+Event = ChunkDone | PrefillDone | TokenEmitted | GenerationDone
+"""What `generate()` yields for one turn (GenerationDone always last)."""
+
+SubgraphEvent = SubgraphStarted | SubgraphFinished
+"""What the NPU path's executors report about each subgraph."""
+
+TurnEvent = Event | SubgraphEvent
+"""What a session's turn yields to front ends: generation events with subgraph events interleaved."""

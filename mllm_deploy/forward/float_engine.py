@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from mllm_deploy.events import ChunkDone
+from mllm_deploy.events import ChunkDone, SubgraphEvent
 from mllm_deploy.forward.kv_cache import KVCache, KVScales
 from mllm_deploy.forward.layers import (
     BlockLinears,
@@ -73,7 +73,7 @@ class FloatEngine:
 
     static_chunk_tokens: int | None = None  # any chunk size works in float
 
-    def drain_events(self) -> list[object]:
+    def drain_events(self) -> list[SubgraphEvent]:
         return []  # no subgraphs, no subgraph events
 
     def describe(self) -> dict[str, str]:
@@ -82,7 +82,7 @@ class FloatEngine:
     def executor_slots(self) -> dict[str, int]:
         return {"cpu": 1}  # computes synchronously on the calling thread (numpy's BLAS threads inside)
 
-    def route_subgraph_events(self, sink: Callable[[object], None]) -> Callable[[], None]:
+    def route_subgraph_events(self, sink: Callable[[SubgraphEvent], None]) -> Callable[[], None]:
         return lambda: None  # no subgraphs: nothing to route
 
     def close(self) -> None:
@@ -236,4 +236,6 @@ class FloatEngine:
 
     def decode_step(self, cache: KVCache, token_id: int) -> np.ndarray:
         """Append one token and return the next-token logits [vocab]."""
-        return self.forward_chunk(cache, [int(token_id)], logit_rows="last")[0]
+        logits = self.forward_chunk(cache, [int(token_id)], logit_rows="last")
+        assert logits is not None  # "last" always returns the last token's logits
+        return logits[0]

@@ -17,21 +17,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
-from mllm_deploy.events import GenerationDone
+from mllm_deploy.events import GenerationDone, TurnEvent
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.engines import open_engine
 from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.model.chat_template import choose_template_with_origin, render_chat, special_token_text
 from mllm_deploy.model.spec import ModelSpec
+from mllm_deploy.model.tokenizer import ModelTokenizer
 from mllm_deploy.runtime.engine import Engine, with_subgraph_events
-from mllm_deploy.runtime.generate import Event, GenerationRequest, generate
+from mllm_deploy.runtime.generate import GenerationRequest, generate
 from mllm_deploy.runtime.sampling import SamplingSettings
 
 
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    tokenizer: object  # mllm_deploy.model.tokenizer.ModelTokenizer
+    tokenizer: ModelTokenizer
     engine: Engine
     chat_template: str
     chat_template_origin: str
@@ -117,7 +118,7 @@ class ChatSession:
 
     def send(
         self, user_text: str, *, cancel: threading.Event | None = None, max_new_tokens: int | None = None
-    ) -> Iterator[Event]:
+    ) -> Iterator[TurnEvent]:
         """One chat turn: the user's message, then the assistant's streamed reply."""
         conversation = [*self.messages, {"role": "user", "content": user_text}]
         for event in self.reply_to(conversation, cancel=cancel, max_new_tokens=max_new_tokens):
@@ -127,7 +128,7 @@ class ChatSession:
 
     def reply_to(
         self, messages: list[dict], *, system: str | None = None, cancel=None, max_new_tokens: int | None = None
-    ) -> Iterator[Event]:
+    ) -> Iterator[TurnEvent]:
         """The assistant's reply to a whole conversation (user/assistant messages; `system`
         overrides the profile's system prompt; a conversation starting with its own system
         message keeps it). Does not change `self.messages`."""
@@ -141,12 +142,12 @@ class ChatSession:
         ids = self.model.tokenizer.encode(text, allow_special=True)
         return self._generate(ids, cancel, max_new_tokens)
 
-    def complete(self, text: str, *, cancel=None, max_new_tokens: int | None = None) -> Iterator[Event]:
+    def complete(self, text: str, *, cancel=None, max_new_tokens: int | None = None) -> Iterator[TurnEvent]:
         """Continue raw text (no chat template); BOS is added when the model asks for it."""
         ids = self.model.tokenizer.encode(text, allow_special=True)
         return self._generate(ids, cancel, max_new_tokens)
 
-    def _generate(self, ids: list[int], cancel, max_new_tokens: int | None) -> Iterator[Event]:
+    def _generate(self, ids: list[int], cancel, max_new_tokens: int | None) -> Iterator[TurnEvent]:
         if not ids:
             raise UserError([Diagnostic(message="the prompt is empty")])
         decode, prefill = self.profile.decode, self.profile.prefill

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mllm_deploy.compile.artifacts import Artifacts
+from mllm_deploy.events import SubgraphEvent
 from mllm_deploy.forward.float_engine import FLOAT_ENGINE_NAME, FloatEngine
 from mllm_deploy.forward.kv_cache import KVCache, KVScales
 from mllm_deploy.model.spec import LlamaWeights
@@ -73,7 +74,7 @@ class DagEngine:
             "decode": self.decode_name,
         }
 
-    def route_subgraph_events(self, sink: Callable[[object], None]) -> Callable[[], None]:
+    def route_subgraph_events(self, sink: Callable[[SubgraphEvent], None]) -> Callable[[], None]:
         """Send subgraph events to `sink` as they happen (on the prefill's dispatch thread) instead
         of collecting them for `drain_events`; returns the function that undoes it."""
         previous = self.prefill.on_event

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mllm_deploy.events import ChunkDone
+from mllm_deploy.events import ChunkDone, Event, SubgraphEvent, TurnEvent
 from mllm_deploy.forward.float_engine import LogitRows
 from mllm_deploy.forward.kv_cache import KVCache
 from mllm_deploy.model.spec import ModelSpec
@@ -59,7 +59,7 @@ class Engine(Protocol):
         """Append one token and return the next-token logits [vocab]."""
         ...
 
-    def drain_events(self) -> list[object]:
+    def drain_events(self) -> list[SubgraphEvent]:
         """Subgraph events collected since the last call (SubgraphStarted/Finished); none on the
         float engine, which runs no subgraphs."""
         ...
@@ -68,7 +68,7 @@ class Engine(Protocol):
         """What really runs, for reports and the bench's `backend`: npu, prefill, attention, decode."""
         ...
 
-    def route_subgraph_events(self, sink: Callable[[object], None]) -> Callable[[], None]:
+    def route_subgraph_events(self, sink: Callable[[SubgraphEvent], None]) -> Callable[[], None]:
         """Send subgraph events to `sink` live (a UI's relay) instead of `drain_events`; returns
         the function that undoes it (a no-op on the float engine)."""
         ...
@@ -86,7 +86,7 @@ class Engine(Protocol):
         ...
 
 
-def with_subgraph_events(events: Iterator[object], engine: Engine) -> Iterator[object]:
+def with_subgraph_events(events: Iterator[Event], engine: Engine) -> Iterator[TurnEvent]:
     """`events` with the engine's pending subgraph events placed before each event."""
     for event in events:
         yield from engine.drain_events()

@@ -17,19 +17,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mllm_deploy.events import (
-    ChunkDone,
+    Event,
     FinishReason,
     GenerationDone,
     GenerationMetrics,
     PrefillDone,
     TokenEmitted,
 )
-from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.kv_cache import KVCache
+from mllm_deploy.runtime.engine import Engine
 from mllm_deploy.runtime.sampling import Sampler, SamplingSettings
 from mllm_deploy.runtime.stop_strings import StopStringFilter
-
-Event = ChunkDone | PrefillDone | TokenEmitted | GenerationDone
 
 
 class Detokenizer(Protocol):
@@ -52,7 +50,7 @@ class GenerationRequest:
 
 
 def generate(
-    engine: FloatEngine,
+    engine: Engine,
     cache: KVCache,
     prompt_ids: Sequence[int],
     request: GenerationRequest,

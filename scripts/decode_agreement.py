@@ -70,7 +70,7 @@ def main() -> None:
             first = int(np.argmax(engine.prefill(cache, ids, chunk_size=256).logits[-1]))
             f_tokens, f_speed = greedy(engine.decode_step, copy.deepcopy(cache), first, args.tokens)
             q_tokens, q_speed = greedy(decoder.decode_step, copy.deepcopy(cache), first, args.tokens)
-            same = next((i for i, (a, b) in enumerate(zip(f_tokens, q_tokens)) if a != b), args.tokens)
+            same = next((i for i, (a, b) in enumerate(zip(f_tokens, q_tokens, strict=False)) if a != b), args.tokens)
             agree_total += same
             print(
                 f"{same:3d}/{args.tokens} agree | float {f_speed:5.1f} tok/s | int8 {q_speed:5.1f} tok/s | {prompt!r}"

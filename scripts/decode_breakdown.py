@@ -57,7 +57,7 @@ def main() -> None:
         engine = open_engine(resolved, weights)
         cache = engine.new_cache(args.context + args.tokens + 1)
         logits = None
-        for _, logits in engine.prefill_chunks(
+        for _, logits in engine.prefill_chunks(  # noqa: B007 - the last chunk's logits are read below
             cache,
             prompt_ids(tokenizer, args.context),
             chunk_size=resolved.profile.prefill.chunk_size,

@@ -105,7 +105,9 @@ class NumpyFloatBackend(NpuBackend):
         if graph.swiglu:
             outputs = {graph.output_names[0]: (graph.chunk_tokens, graph.weights[1].shape[0])}
         else:
-            outputs = {n: (graph.chunk_tokens, w.shape[0]) for n, w in zip(graph.output_names, graph.weights)}
+            outputs = {
+                n: (graph.chunk_tokens, w.shape[0]) for n, w in zip(graph.output_names, graph.weights, strict=True)
+            }
         return GraphHandle(graph.name, {graph.input_name: (graph.chunk_tokens, width_in)}, outputs, graph)
 
     def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -59,7 +59,7 @@ class FloatKernels:
     def combine(self, layer: int, kind: str, npu: list[np.ndarray], correction) -> list[np.ndarray]:
         if correction is None:
             return npu
-        fixed = [a + c for a, c in zip(npu, correction)]
+        fixed = [a + c for a, c in zip(npu, correction, strict=False)]
         if kind == "gate_up":
             gate, up = fixed
             return [gate / (1.0 + np.exp(-gate)) * up]

@@ -51,7 +51,7 @@ def test_ort_cpu_agrees_with_float_within_quantization_bound(tmp_path, dtype, gr
         want = ref.run(ref.load(floats[kind]), feeds[kind])
         x = next(iter(feeds[kind].values()))
         in_grid = getattr(act, INPUT_GRID[kind])
-        for out_name, lin in zip(got, names):
+        for out_name, lin in zip(got, names, strict=False):
             bound = linear_bound(x, weights[lin], in_grid, act.outputs[lin])
             err = np.abs(got[out_name] - want[out_name])
             assert np.all(err <= bound * 1.001 + 1e-5), (kind, out_name, err.max(), bound.max())

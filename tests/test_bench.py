@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 import tiny_models
@@ -102,7 +103,7 @@ def test_bench_json_rows_carry_settings_and_measurements(tiny, tmp_path, capsys,
     assert code == 0
     rows = json.loads(out.out)
     assert [r["settings"] for r in rows] == [{"prefill.chunk_size": "16"}, {"prefill.chunk_size": "32"}]
-    for row, chunk in zip(rows, (16, 32)):
+    for row, chunk in zip(rows, (16, 32), strict=True):
         assert set(row) >= ROW_KEYS
         assert row["prompt_tokens"] == 64 and row["chunk_size"] == chunk and row["repeat"] == 2
         spread = row["prefill_tokens_per_s_spread"]
@@ -116,7 +117,7 @@ def test_bench_json_rows_carry_settings_and_measurements(tiny, tmp_path, capsys,
         }
         assert row["utilization"]["cpu"] == pytest.approx(1.0)
         assert len(row["profile_hash"]) == 12 and row["host"]["usable_cpus"] >= 1
-        data = json.loads(open(row["trace"]).read())
+        data = json.loads(Path(row["trace"]).read_text())
         assert any(e["ph"] == "X" and e["name"].startswith("prefill chunk") for e in data["traceEvents"])
     assert rows[0]["profile_hash"] != rows[1]["profile_hash"]
     assert rows[0]["trace"] != rows[1]["trace"]

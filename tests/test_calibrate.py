@@ -64,8 +64,8 @@ def _stats(n_layers=4, damage=None):
                 )
             )
     outs = {
-        f"{l}/{n}": 10.0
-        for l in range(n_layers)
+        f"{layer}/{n}": 10.0
+        for layer in range(n_layers)
         for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     }
     clamped = {k: 3.0 for k in outs}

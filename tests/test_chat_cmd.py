@@ -36,7 +36,7 @@ def test_two_turns_from_a_pipe_prefill_only_new_tokens():
     assert ">" not in proc.stdout  # no prompt when stdin is not a terminal
     turns = [tuple(int(x) if x.isdigit() else x for x in m.groups()) for m in STATS.finditer(proc.stderr)]
     assert len(turns) == 3
-    (p1, r1, f1, g1, why1), (p2, r2, f2, g2, _), (p3, r3, f3, _, _) = turns
+    (p1, r1, f1, g1, why1), (p2, r2, f2, _, _), (p3, r3, f3, _, _) = turns
     assert (p1, r1, f1, g1, why1) == (37, 0, 37, 8, "eos")
     assert r2 == p1 + g1 - 1  # all of turn 1 but its final <|im_end|>, sampled and never fed back
     tokenizer = load_tokenizer(read_spec("builtin:smollm2-135m-instruct"))

@@ -50,7 +50,7 @@ def test_validate_prints_warnings_and_still_succeeds(tmp_path, capsys):
 
 
 def test_validate_missing_file(tmp_path, capsys):
-    code, out, err = run(capsys, "validate", str(tmp_path / "missing.toml"))
+    code, _out, err = run(capsys, "validate", str(tmp_path / "missing.toml"))
     assert code == 2
     assert err.startswith(f"{tmp_path / 'missing.toml'}: error: no such profile file")
 

@@ -109,7 +109,7 @@ def test_decode_step_graph_attends_in_onnxruntime(tiny):
 
 
 def test_decode_graphs_use_8bit_integer_matmuls(tiny):
-    spec, weights = tiny
+    _, weights = tiny
     models = build_decode_models(weights)
     for name, model in models.items():
         ops = [n.op_type for n in model.graph.node]

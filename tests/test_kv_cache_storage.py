@@ -29,9 +29,12 @@ def engines(smallest_gguf, tmp_path_factory):
     ]
     try:
         engines = {
-            kv: load_model(Deployment.of(load_profile(None, [*base, f"decode.kv_cache={kv}"]))).engine for kv in ("int8", "float32")
+            kv: load_model(Deployment.of(load_profile(None, [*base, f"decode.kv_cache={kv}"]))).engine
+            for kv in ("int8", "float32")
         }
-        engines["int8 attention"] = load_model(Deployment.of(load_profile(None, [*base, "prefill.attention=int8"]))).engine
+        engines["int8 attention"] = load_model(
+            Deployment.of(load_profile(None, [*base, "prefill.attention=int8"]))
+        ).engine
         yield engines
     finally:
         mp.undo()

@@ -46,7 +46,7 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0.0, 0.5, 1.0, 50.0, 99.99, 100.0, -0.0]),
     st.booleans(),
-    st.sampled_from(CHOICES + ["builtin:smollm2-135m-instruct", "self", "", "host", "sd8gen3"]),
+    st.sampled_from([*CHOICES, "builtin:smollm2-135m-instruct", "self", "", "host", "sd8gen3"]),
     st.text(max_size=20),
 )
 values = st.recursive(

@@ -37,7 +37,7 @@ def optimal_makespan(graph: TaskGraph, durations: dict[str, float]) -> float:
         choices = [[None, *options[p]] for p in free]
         for combo in itertools.product(*choices):
             new_running, new_ends = dict(running), dict(ends)
-            for p, tid in zip(free, combo):
+            for p, tid in zip(free, combo, strict=False):
                 if tid is not None:
                     new_running[p] = tid
                     new_ends[p] = now + durations[tid]
@@ -225,7 +225,7 @@ def test_real_plan_dag_sequential_never_overlaps_and_out_of_order_overlaps(tmp_p
     assert max(npu_total, cpu_total) - 1e-9 <= ooo.makespan <= 1.1 * max(npu_total, cpu_total)
     # sequential: the only overlap is a shadow with its own linear
     spans = sorted((iv, t) for t, iv in seq.intervals.items())
-    for (a, ta), (b, tb) in zip(spans, spans[1:]):
+    for (a, ta), (b, tb) in itertools.pairwise(spans):
         if b[0] < a[1] - 1e-12:
             assert {ta, tb} & {x for x in (ta, tb) if x.endswith(".shadow")}
             assert ta.removesuffix(".shadow") == tb.removesuffix(".shadow")
@@ -237,7 +237,7 @@ def _check_respects_dependencies(graph: TaskGraph, run) -> None:
             assert run.intervals[p][1] <= run.intervals[tid][0] + 1e-12, (p, tid)
     for proc in {t.processor for t in graph.tasks.values()}:
         spans = sorted(run.intervals[t] for t in graph.tasks if graph.tasks[t].processor == proc)
-        for a, b in zip(spans, spans[1:]):
+        for a, b in itertools.pairwise(spans):
             assert a[1] <= b[0] + 1e-12  # one slot per processor here
 
 

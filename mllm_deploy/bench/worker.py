@@ -99,13 +99,14 @@ def measure_once(rig: _Rig, ids: list[int], gen_tokens: int, recorder: TraceReco
         busy = dict(engine.prefill.last.busy_seconds)
         span = engine.prefill.last.seconds
     else:  # the float engine computes synchronously: the CPU executor is busy all of prefill
-        busy, span = {"cpu": m.prefill_seconds}, m.prefill_seconds
+        span = m.prefill_seconds or 0.0
+        busy = {"cpu": span}
     return {
         "ttft_ms": m.ttft_ms,
         "prefill_tokens_per_s": m.prefill_tokens_per_s,
         "decode_tokens_per_s": m.decode_tokens_per_s,
         "utilization": {p: round(b / (span * rig.slots.get(p, 1)), 3) if span else None for p, b in busy.items()},
-        "process_cpu_cores": round(prefill_cpu / prefill_wall, 2) if prefill_wall else None,
+        "process_cpu_cores": round(prefill_cpu / prefill_wall, 2) if prefill_wall and prefill_cpu is not None else None,
     }
 
 

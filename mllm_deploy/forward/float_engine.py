@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -31,6 +31,16 @@ PAD_TOKEN_ID = 0  # fills padded chunk rows; its results are discarded
 FLOAT_ENGINE_NAME = "cpu-float32-numpy"  # what runs for npu_backend = "none"
 
 
+class ChunkAttention(Protocol):
+    """Attention of a chunk over an int8 KV cache in integer kernels (`runtime.attention_int8`):
+    q [T, heads, head_dim] against the cache's positions before `start` and the chunk's own K/V
+    rows; returns [T, heads * head_dim]."""
+
+    def __call__(
+        self, q: np.ndarray, cache: KVCache, layer: int, start: int, own_keys: np.ndarray, own_values: np.ndarray
+    ) -> np.ndarray: ...
+
+
 @dataclass
 class PrefillResult:
     logits: np.ndarray | None  # [1, vocab] ("last"), [prefilled tokens, vocab] ("all"), or None
@@ -40,7 +50,7 @@ class PrefillResult:
 
 
 def attend_stored_chunk(
-    q, k, v, span: ChunkSpan, cache: KVCache, layer: int, n_kv_heads: int, chunk_attention=None
+    q, k, v, span: ChunkSpan, cache: KVCache, layer: int, n_kv_heads: int, chunk_attention: ChunkAttention | None = None
 ) -> np.ndarray:
     """Attention of a chunk whose real K/V rows `k`/`v` [T, kv_heads, head_dim] the cache already
     holds at `span.start`: integer kernels over the earlier chunks of an int8 cache when
@@ -66,7 +76,7 @@ class FloatEngine:
         self.weights = weights
         self.rope = RopeTables(spec.head_dim, spec.rope_theta, spec.rope_style, n_positions=1024)
         self.block_linears: list[BlockLinears] = [FloatBlockLinears(layer) for layer in weights.layers]
-        self.chunk_attention = None  # Int8ChunkAttention: attend int8 caches in integer kernels (NPU path)
+        self.chunk_attention: ChunkAttention | None = None  # attend int8 caches in integer kernels (NPU path)
         self.cancel: threading.Event | None = None  # not checked inside a chunk: the float engine has no subgraphs
 
     # -- the runtime's Engine interface (runtime.engine) -------------------------------------
@@ -88,7 +98,9 @@ class FloatEngine:
     def close(self) -> None:
         pass  # no threads of its own
 
-    def with_linears(self, block_linears: Sequence[BlockLinears], chunk_attention: object | None = None) -> FloatEngine:
+    def with_linears(
+        self, block_linears: Sequence[BlockLinears], chunk_attention: ChunkAttention | None = None
+    ) -> FloatEngine:
         """An engine over the same weights and RoPE tables whose blocks run `block_linears` (one per
         layer: NPU graphs, recording or probing linears) and, when given, int8 `chunk_attention`."""
         if len(block_linears) != self.spec.n_layers:

@@ -24,6 +24,7 @@ reads; `keys`/`values` then return dequantized float32 copies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,7 +187,7 @@ class KVCache:
     def reset(self) -> None:
         self.truncate(0)
 
-    def common_prefix(self, token_ids: list[int]) -> int:
+    def common_prefix(self, token_ids: Sequence[int]) -> int:
         """How many leading `token_ids` the cache already holds."""
         n = 0
         for held, new in zip(self.token_ids, token_ids):

@@ -104,9 +104,9 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start:
     n_keys = keys.shape[1]
     group = n_heads // n_kv_heads
     # Query head h uses KV head h // group; the group's heads and rows form one matrix.
-    q_grouped = q.reshape(n_rows, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
-    q_grouped = q_grouped * np.float32(1.0 / np.sqrt(head_dim))  # [kv_heads, group, T, head_dim]
-    q_grouped = q_grouped.reshape(n_kv_heads, group * n_rows, head_dim)
+    q_by_head = q.reshape(n_rows, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+    q_by_head = q_by_head * np.float32(1.0 / np.sqrt(head_dim))  # [kv_heads, group, T, head_dim]
+    q_grouped = q_by_head.reshape(n_kv_heads, group * n_rows, head_dim)
     scores = np.matmul(
         q_grouped, keys.transpose(0, 2, 1), out=_scratch((n_kv_heads, group * n_rows, n_keys))
     )  # [kv_heads, group*T, L]

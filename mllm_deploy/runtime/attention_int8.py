@@ -158,6 +158,7 @@ class Int8ChunkAttention:
     def _layer_steps(self, cache: KVCache, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(qk_scale [heads*dim], v_scale [kv_heads, 1, 1, dim]) of `layer` for the cache's steps."""
         scales = cache.scales
+        assert scales is not None  # int8 attention reads only int8 caches (attend_stored_chunk checks)
         held = self._steps.get(layer)
         if held is None or held[0] is not scales:  # computed for other steps (another engine's cache)
             spec = self.spec

@@ -25,7 +25,7 @@ from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention
 from mllm_deploy.runtime.dag_prefill import DagPrefill
 from mllm_deploy.runtime.decode_fast import Int8Decoder
 from mllm_deploy.runtime.npu_kernels import load_npu_kernels
-from mllm_deploy.runtime.scheduler import LatencyModel
+from mllm_deploy.runtime.scheduler import LatencyModel, PolicyName
 
 
 class DagEngine:
@@ -149,7 +149,7 @@ def build_dag_engine(
     kernels,
     decoder,
     *,
-    policy: str | None = None,
+    policy: PolicyName | None = None,
     shadow_inputs: tuple[tuple[int, str], ...] | None = None,
     kv_scales: KVScales | None = None,
 ) -> DagEngine:

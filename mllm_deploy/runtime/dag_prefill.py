@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mllm_deploy.events import ChunkDone, SubgraphFinished, SubgraphStarted
+from mllm_deploy.events import SubgraphEvent
 from mllm_deploy.forward.float_engine import PAD_TOKEN_ID, attend_stored_chunk
 from mllm_deploy.forward.kv_cache import KVCache
 from mllm_deploy.forward.layers import ChunkSpan, rms_norm, silu_mul_
@@ -104,7 +105,7 @@ class DagPrefill:
         self.embedding = embedding if embedding is not None else weights.tok_embd  # rows by id: [T] -> [T, hidden]
         self.chunk_attention = chunk_attention
         self.executors = {"npu": ProcessorExecutor("npu", 1), "cpu": ProcessorExecutor("cpu", cpu_threads)}
-        self.on_event: Callable[[object], None] | None = None
+        self.on_event: Callable[[SubgraphEvent], None] | None = None
         self.last = PrefillStats()
         self._graphs: dict[int, TaskGraph] = {}
 
@@ -256,7 +257,9 @@ class DagPrefill:
         name = LINEAR_GROUP[kind].graph_input
         if name == LINEAR_GROUP["down"].graph_input:  # the MLP activation: the combined gate_up result
             return self._final(chunk, layer, "gate_up")[0]
-        return chunk.x_norm if name == LINEAR_GROUP["qkv"].graph_input else chunk.attn
+        x = chunk.x_norm if name == LINEAR_GROUP["qkv"].graph_input else chunk.attn
+        assert x is not None  # the DAG runs a linear only after the subgraph that produces its input
+        return x
 
     def _final(self, chunk: _Chunk, layer: int, kind: str) -> list[np.ndarray]:
         """The linear's output plus its shadow correction (if any), combined once."""
@@ -285,6 +288,7 @@ class DagPrefill:
     def _attn_norm(self, chunk: _Chunk, layer: int) -> None:
         if layer > 0:
             chunk.residual = chunk.residual + self._final(chunk, layer - 1, "down")[0]
+        assert chunk.residual is not None  # set by the embedding, the chunk's first subgraph
         chunk.x_norm = rms_norm(chunk.residual, self.weights.layers[layer].attn_norm, self.spec.rms_eps)
 
     def _ffn_norm(self, chunk: _Chunk, layer: int) -> None:
@@ -334,10 +338,12 @@ class DagPrefill:
     def _final_norm(self, chunk: _Chunk, layer: int) -> None:
         last = chunk.span.n_real - 1
         down = self._final(chunk, layer - 1, "down")[0]
+        assert chunk.residual is not None  # set by the embedding, the chunk's first subgraph
         x = chunk.residual[last : last + 1] + down[last : last + 1]  # [1, hidden]
         chunk.normed_last = rms_norm(x, self.weights.output_norm, self.spec.rms_eps)
 
     def _lm_head(self, chunk: _Chunk) -> None:
+        assert chunk.normed_last is not None  # the head runs after the final norm
         chunk.logits = self.lm_head(chunk.normed_last)  # [1, vocab]
 
 

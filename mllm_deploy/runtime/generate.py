@@ -93,6 +93,7 @@ def generate(
     token_times: list[float] = []
     finish: FinishReason | None = "cancelled" if prefill_cancelled or cancelled() else None
     while finish is None:
+        assert logits is not None  # a prefill that ran to its end returned the last token's logits
         token = sampler.choose(logits[-1], context_ids)
         generated.append(token)
         context_ids.append(token)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mllm_deploy.backends.base import GraphHandle
 from mllm_deploy.backends.registry import backend_support, open_backend
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.quantize import activation_quant_symmetric
@@ -123,7 +124,8 @@ def load_npu_kernels(resolved, artifacts: Artifacts) -> NpuLayerKernels:
     backend = open_backend(resolved.backend, **resolved.npu_backend_options())
     cal = artifacts.calibration
     n_layers = len(cal.layer_importance)
-    handles, shadows = {}, {}
+    handles: dict[tuple[int, str], GraphHandle] = {}
+    shadows: dict[tuple[int, str], ShadowLinear] = {}
     contexts = backend_support(resolved.backend).context_binaries
     for layer in range(n_layers):
         for kind in GRAPH_KINDS:

@@ -106,3 +106,35 @@ def test_update_profile_keeps_cache_unless_context_changes(tiny_gguf):
     assert session.cache is not cache and session.cache.capacity == 128
     third = finish(session.send("more"))
     assert third.reused_tokens == 0 and session.messages[-1]["content"] == third.text
+
+
+def fake_bundle(tmp_path):
+    """A directory that `is_bundle` accepts, holding the default profile (no artifacts needed:
+    the refusal comes before anything is opened)."""
+    from mllm_deploy.compile.bundle import BUNDLE_INFO
+    from mllm_deploy.profile import default_profile_path
+
+    (tmp_path / BUNDLE_INFO).write_text("{}")
+    (tmp_path / "profile.toml").write_text(default_profile_path().read_text())
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["prefill.chunk_size=128", "quantization.weights=int8-per-tensor", "outliers.policy=none", "device.target=sd8gen3"],
+)
+def test_overrides_that_change_a_bundles_graphs_are_refused(tmp_path, override):
+    bundle = fake_bundle(tmp_path)
+    with pytest.raises(UserError) as info:
+        Deployment.of(load_profile(str(bundle), ["decode.temperature=0.5", override]))
+    assert info.value.exit_code == 2
+    (diag,) = info.value.diagnostics
+    assert diag.key == override.split("=")[0] and diag.file == f"--set {override}"
+    assert "runs the graphs it was built with" in diag.message and "mllm-deploy build" in diag.hint
+
+
+def test_runtime_overrides_are_allowed_on_a_bundle(tmp_path):
+    bundle = fake_bundle(tmp_path)
+    settings = ["decode.max_new_tokens=4", "device.cpu_threads=1", "scheduler.policy=sequential"]
+    deployment = Deployment.of(load_profile(str(bundle), settings))
+    assert deployment.resolved.cpu_threads == 1 and deployment.profile.decode.max_new_tokens == 4

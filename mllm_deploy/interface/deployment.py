@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from mllm_deploy.compile.bundle import is_bundle
+from mllm_deploy.errors import Diagnostic, ExitCode, UserError
 from mllm_deploy.plan import Plan, build_plan
 from mllm_deploy.profile import LoadedProfile, load_profile
 from mllm_deploy.profile.models import Profile
@@ -29,7 +31,10 @@ class Deployment:
 
     @classmethod
     def of(cls, loaded: LoadedProfile, profile_arg: str | None = None, overrides: Sequence[str] = ()) -> Deployment:
-        """Resolve `loaded` (once); raises UserError when the device cannot run it (exit 3)."""
+        """Resolve `loaded` (once); raises UserError when the device cannot run it (exit 3), or
+        when an override would change a bundle's built graphs (exit 2)."""
+        if loaded.base_dir is not None and is_bundle(loaded.base_dir):
+            refuse_bundle_graph_overrides(loaded)
         return cls(loaded, resolve_profile(loaded), profile_arg, tuple(overrides))
 
     @property
@@ -57,6 +62,37 @@ class Deployment:
         if self.resolved.uses_npu:
             return f"CPU · {self.resolved.cpu_threads} thread(s)"
         return "CPU · float32 engine"
+
+
+BUNDLE_FIXED_KEYS = (
+    "model.",
+    "device.target",
+    "device.npu_backend",
+    "prefill.chunk_size",
+    "quantization.",
+    "outliers.",
+    "calibration.",
+    "placement.",
+)
+"""Keys (or sections, ending in a dot) a bundle's graphs were built with: `--set` may not change
+them on a bundle. Runtime keys (threads, decoding, scheduler policy, context) stay settable."""
+
+
+def refuse_bundle_graph_overrides(loaded: LoadedProfile) -> None:
+    """UserError (exit 2) naming every `--set` of `loaded` that would change its bundle's graphs."""
+    fixed = []
+    for override in loaded.overrides:
+        key = override.split("=", 1)[0].strip()
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in BUNDLE_FIXED_KEYS):
+            fixed.append(Diagnostic(
+                message=f"the bundle {loaded.base_dir} runs the graphs it was built with; this key cannot change on it",
+                value=override.split("=", 1)[1].strip() if "=" in override else None,
+                allowed="runtime keys only (threads, decode.*, scheduler.policy, prefill.max_context, ...)",
+                hint=f"build a new bundle: mllm-deploy build PROFILE --set {override} --out DIR",
+                **loaded.where(key),
+            ))  # fmt: skip
+    if fixed:
+        raise UserError(fixed, exit_code=ExitCode.INVALID)
 
 
 def load_deployment(profile_arg: str | None, overrides: Sequence[str] = ()) -> Deployment:

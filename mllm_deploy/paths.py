@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_BUILD_DIR = re.compile(r"^\..+\.pid(\d+)\.[a-z0-9_]{8}$")  # what make_build_dir names (mkdtemp's 8-character tail)
+
+
+def make_build_dir(parent: Path, name: str) -> Path:
+    """A new temporary directory in `parent` to build `name` in before it is renamed into place,
+    tagged with this process id. Directories that builds killed outright (kill -9, power loss) left
+    behind are removed first: their process no longer runs."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_build_dirs(parent)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.pid{os.getpid()}.", dir=parent))
+
+
+def remove_orphaned_build_dirs(parent: Path) -> list[Path]:
+    """Remove the build directories in `parent` whose process is gone; returns what was removed.
+    A directory of a live process (another build running now) is left alone."""
+    removed = []
+    for entry in Path(parent).iterdir():
+        match = _BUILD_DIR.match(entry.name)
+        if match and entry.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:

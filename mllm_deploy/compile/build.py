@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +45,7 @@ from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, LINEAR_GROUPS
-from mllm_deploy.paths import atomic_write_text
+from mllm_deploy.paths import atomic_write_text, make_build_dir
 
 Log = Callable[[str], None]
 PROFILE_RUNS = 3  # timed runs per graph after one warm-up (one on the QNN simulator)
@@ -137,7 +136,7 @@ def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, p
         hot_channel_fraction=p.outliers.hot_channel_fraction, shadow_input_count=shadowed_input_count(p, resolved.spec),
     )  # fmt: skip
     log(render_calibration(cal).rstrip())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=artifacts_root()))
+    tmp = make_build_dir(artifacts_root(), final.name)
     try:
         _build_into(tmp, resolved, engine, cal, progress, log)
         atomic_write_text(tmp / LOCK, lock.model_dump_json(indent=1))

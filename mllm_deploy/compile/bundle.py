@@ -13,14 +13,13 @@ profile/libraries is an error (exit 3, rebuild the bundle), never a silent rebui
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, expected_lock, open_entry
 from mllm_deploy.errors import ExitCode, user_error
-from mllm_deploy.paths import atomic_write_text
+from mllm_deploy.paths import atomic_write_text, make_build_dir
 
 BUNDLE_INFO = "bundle.json"
 BUNDLE_PROFILE = "profile.toml"
@@ -73,7 +72,7 @@ def write_bundle(resolved, artifacts: Artifacts, out_dir: Path) -> Path:
     if out_dir.exists() and not is_bundle(out_dir) and any(out_dir.iterdir()):
         raise user_error("--out must be a new or empty directory (or an earlier bundle)", file=str(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_build_dir(out_dir.parent, out_dir.name)
     try:
         model = Path(resolved.spec.path)
         (tmp / "model").mkdir()

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import onnx
 
 from mllm_deploy.compile.decode_graphs import BLOCK, GRAPH_NAMES, decode_model_builders
 from mllm_deploy.model.spec import LlamaWeights, ModelSpec
-from mllm_deploy.paths import cache_dir
+from mllm_deploy.paths import cache_dir, make_build_dir
 
 FORMAT_VERSION = 5  # 5: the manifest records the block
 
@@ -51,8 +50,7 @@ def cached_decode_graphs(spec: ModelSpec, weights_loader: Callable[[], LlamaWeig
     final = root / decode_cache_key(spec, block)
     if _complete(final, block):
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".decode-", dir=root))
+    tmp = make_build_dir(root, final.name)
     try:
         for name, build in decode_model_builders(weights_loader(), block).items():
             onnx.save_model(build(), tmp / f"{name}.onnx")  # one graph in memory at a time

@@ -13,14 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from mllm_deploy.model.spec import F32Array
-from mllm_deploy.paths import cache_dir
+from mllm_deploy.paths import cache_dir, make_build_dir
 
 MANIFEST = "manifest.json"
 
@@ -69,7 +68,7 @@ def drop_entry(key: str) -> None:
 def store_entry(key: str, names: Iterable[str], produce: Callable[[str], F32Array], info: Mapping[str, object]) -> None:
     """Write `produce(name)` for every name into a new entry, atomically. `info` goes in the manifest."""
     root = weights_cache_root()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    tmp = make_build_dir(root, key)
     try:
         arrays = {}
         for name in names:

@@ -9,6 +9,10 @@ onnxruntime a float one). That is at most a couple of output steps: we allow 2 s
 uint8 and 4 for uint16 (measured: ≤ 1 and ≤ 3). silu·mul runs in HTP's float (fp16) path.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -117,3 +121,22 @@ def test_qnn_would_run_a_float_matmul_so_the_audit_must_refuse_it(tmp_path, qnn)
     np.testing.assert_allclose(y, x, atol=0.01)
     with pytest.raises(GraphAuditError, match="float matmul"):  # ...so our audit is what stops it
         audit_graph(path)
+
+
+def test_qnn_native_log_lines_never_reach_stdout(tmp_path):
+    """QNN's libraries print "# LIBNATIVE: ..." on stdout when a session is prepared; that would
+    corrupt `run --json`. In a fresh process (the line is printed once per process), stdout stays
+    empty while a graph is compiled to a context binary and loaded."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path; "
+        "from test_compile_graphs import build_tiny; from mllm_deploy.backends.qnn_htp import QnnHtpBackend; "
+        "tmp = Path(sys.argv[1]); _, _, built = build_tiny(tmp); qnn = QnnHtpBackend(htp_arch=75); "
+        "qnn.load(qnn.compile_context(built['down'].path, tmp / 'down_ctx.onnx'))"
+    )
+    tests_dir = str(Path(__file__).resolve().parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), tests_dir], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == ""
+    assert "LIBNATIVE" in proc.stderr  # still shown, where diagnostics belong

@@ -21,8 +21,11 @@ integer arithmetic but hundreds of times slower than the CPU, so only tiny graph
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,26 @@ _register_lock = threading.Lock()
 _registered = False
 
 
+_stdout_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr while QNN's native libraries run: they print log lines
+    (e.g. "# LIBNATIVE: No alternate configuration present in libnative_tls.conf ...") to stdout,
+    which would corrupt the data a command prints there (`run --json`)."""
+    with _stdout_lock:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            os.dup2(2, 1)
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def register_qnn_plugin() -> None:
     """Register onnxruntime-qnn's EP library with onnxruntime (once per process)."""
     global _registered
@@ -45,7 +68,8 @@ def register_qnn_plugin() -> None:
         if _registered:
             return
         try:
-            import onnxruntime_qnn
+            # deferred on purpose: onnxruntime-qnn is optional (not on macOS); its absence is a BackendError
+            import onnxruntime_qnn  # noqa: PLC0415
         except ImportError as exc:
             raise BackendError("qnn-htp needs the onnxruntime-qnn package (pip install onnxruntime-qnn)") from exc
         try:
@@ -107,7 +131,8 @@ class QnnHtpBackend(NpuBackend):
     def load(self, graph_path: Path) -> GraphHandle:
         """Load a QDQ graph (QNN prepares it now) or a context model from `compile_context`."""
         try:
-            session = ort.InferenceSession(str(graph_path), self.session_options())
+            with native_stdout_to_stderr():
+                session = ort.InferenceSession(str(graph_path), self.session_options())
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BackendError(f"QNN HTP cannot run {graph_path}: {exc}") from exc
         return session_handle(session, graph_path, QNN_PROVIDER)
@@ -129,7 +154,8 @@ class QnnHtpBackend(NpuBackend):
                 embed_compiled_data_into_model=True,
                 flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED,
             )
-            compiler.compile_to_file(str(tmp))
+            with native_stdout_to_stderr():
+                compiler.compile_to_file(str(tmp))
             os.replace(tmp, context_path)
         except Exception as exc:
             raise BackendError(f"QNN context compile of {graph_path} failed: {exc}") from exc
@@ -138,7 +164,7 @@ class QnnHtpBackend(NpuBackend):
         return context_path
 
     def describe(self) -> dict:
-        import onnxruntime_qnn
+        import onnxruntime_qnn  # noqa: PLC0415  (present: the constructor registered it)
 
         mode = f"QNN HTP simulator v{self.htp_arch}" if self.simulated else "QNN HTP device"
         return {

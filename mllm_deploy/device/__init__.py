@@ -7,7 +7,8 @@ Catalog figures are public nominal specs (each data file says where they come fr
 
 from __future__ import annotations
 
-from mllm_deploy.device.catalog import HOST_ID, CatalogError, catalog_entries, device_ids
+from mllm_deploy.device.catalog import HOST_ID, CatalogError, catalog_entries, device_ids, unknown_target
+from mllm_deploy.device.host import build_host
 from mllm_deploy.device.models import (
     Capabilities,
     ChunkSizeRule,
@@ -34,15 +35,14 @@ def load_capabilities(target: str, *, use_probe_cache: bool = True) -> Capabilit
     """Capabilities of `target` (a catalog id). `host` is the catalog defaults plus a probe
     of this machine. Unknown ids raise UserError (exit 2) with a did-you-mean; a broken
     catalog file raises CatalogError (exit 1) naming the file."""
-    from mllm_deploy.device.catalog import unknown_target
-
     entries = catalog_entries()
     if target not in entries:
         raise unknown_target(target)
     if target != HOST_ID:
         return entries[target]
-    from mllm_deploy.device.host import build_host
-    from mllm_deploy.device.probe import probe_host
+    # deferred on purpose: probe.py is also run as `python -m mllm_deploy.device.probe`, and a
+    # top-level import here would load it twice in that subprocess (runpy's RuntimeWarning on stderr)
+    from mllm_deploy.device.probe import probe_host  # noqa: PLC0415
 
     return build_host(entries[HOST_ID], probe_host(use_cache=use_probe_cache))
 

@@ -11,6 +11,7 @@ A failed, crashed or timed-out probe yields conservative values with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -21,7 +22,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from mllm_deploy import __version__
+from mllm_deploy.device.host import cpu_gflops_per_core
 from mllm_deploy.device.models import HostProbe
 from mllm_deploy.paths import atomic_write_text, cache_dir
 
@@ -79,8 +83,6 @@ def _cgroup_memory_limit() -> int | None:
 
 
 def _cpu_ghz(text_mhz: str | None) -> float | None:
-    import psutil
-
     try:
         freq = psutil.cpu_freq()
     except Exception:
@@ -109,8 +111,6 @@ def _cpu_mhz_from_cpuinfo() -> str | None:
 
 def collect_cpu() -> dict[str, Any]:
     """CPU, cores and RAM facts (no onnxruntime)."""
-    import psutil
-
     model, flags = _cpuinfo()
     ram = psutil.virtual_memory().total
     limit = _cgroup_memory_limit()
@@ -136,7 +136,9 @@ def collect_cpu() -> dict[str, Any]:
 def collect_ort() -> dict[str, Any]:
     """onnxruntime version and built-in providers."""
     try:
-        import onnxruntime as ort
+        # deferred on purpose: onnxruntime loads only in the probe subprocess, after the CPU stage is
+        # printed, so an onnxruntime that fails or crashes while loading still leaves the CPU facts
+        import onnxruntime as ort  # noqa: PLC0415
     except Exception as exc:
         return {"warnings": [f"onnxruntime cannot be imported: {exc}"]}
     ort.set_default_logger_severity(3)
@@ -147,8 +149,10 @@ def collect_qnn(machine: str, providers: list[str]) -> dict[str, Any]:
     """Register the QNN plugin EP and tell a real Hexagon NPU from the x86 HTP simulator."""
     out: dict[str, Any] = {"qnn_available": False, "qnn_htp_mode": "absent", "warnings": []}
     try:
-        import onnxruntime as ort
-        import onnxruntime_qnn
+        # deferred on purpose: the QNN plugin (optional) loads only in the probe subprocess's last stage,
+        # so a plugin that fails or crashes while loading still leaves the CPU and onnxruntime facts
+        import onnxruntime as ort  # noqa: PLC0415
+        import onnxruntime_qnn  # noqa: PLC0415
     except Exception:
         return out
     out["qnn_version"] = getattr(onnxruntime_qnn, "__version__", None)
@@ -235,8 +239,6 @@ def _fallback(warnings: list[str], partial: dict[str, Any] | None) -> dict[str, 
     else CPU count and RAM read in-process (psutil and os only, no vendor libraries), with
     every INT8 unit and accelerator off."""
     try:
-        import psutil
-
         ram = int(psutil.virtual_memory().total)
     except Exception:
         ram = 0
@@ -315,8 +317,6 @@ def _read_cache(path: Path, fp: dict[str, str]) -> HostProbe | None:
 
 def probe_host(*, use_cache: bool = True, timeout: float = DEFAULT_TIMEOUT_S) -> HostProbe:
     """This machine's probe: from the cache when it matches, else a fresh subprocess probe."""
-    from mllm_deploy.device.host import cpu_gflops_per_core
-
     fp = fingerprint()
     path = cache_dir() / CACHE_NAME
     if use_cache:
@@ -337,10 +337,8 @@ def probe_host(*, use_cache: bool = True, timeout: float = DEFAULT_TIMEOUT_S) ->
     )
     if complete:
         payload = {"fingerprint": fp, "probe": probe.model_dump(mode="json")}
-        try:
+        with contextlib.suppress(OSError):  # an unwritable cache only costs a re-probe next time
             atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
-        except OSError:
-            pass  # an unwritable cache only costs a re-probe next time
     return probe
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mllm_deploy.errors import user_error
+from mllm_deploy.model import registry
+from mllm_deploy.model.hf_source import load_hf_weights, read_hf_spec
 from mllm_deploy.model.spec import LayerWeights, LlamaWeights, ModelSpec
 
 if TYPE_CHECKING:  # at run time tokenizer.py (and the tokenizers library) loads only with a tokenizer
@@ -37,8 +39,6 @@ SOURCE_SYNTAX = "builtin:NAME, a path to a .gguf file, or a Hugging Face model d
 
 def resolve_source_path(source: str, base_dir: Path | None = None) -> tuple[Path, str | None]:
     """(path, verified sha256 or None) that `source` names; relative paths are under `base_dir`."""
-    from mllm_deploy.model import registry
-
     text = source.strip()
     if text.startswith(registry.BUILTIN_PREFIX):
         return registry.resolve_builtin(text)
@@ -62,9 +62,9 @@ def resolve_source_path(source: str, base_dir: Path | None = None) -> tuple[Path
 
 def read_spec(source: str, base_dir: Path | None = None) -> ModelSpec:
     """The ModelSpec of a model source, from metadata alone (no weights are read)."""
-    from mllm_deploy.model.gguf_file import GGUF_MAGIC
-    from mllm_deploy.model.gguf_source import read_gguf_spec
-    from mllm_deploy.model.hf_source import read_hf_spec
+    # deferred on purpose: the gguf library loads only when a model is read, not with `import mllm_deploy.model`
+    from mllm_deploy.model.gguf_file import GGUF_MAGIC  # noqa: PLC0415
+    from mllm_deploy.model.gguf_source import read_gguf_spec  # noqa: PLC0415
 
     path, sha256 = resolve_source_path(source, base_dir)
     if path.is_dir():
@@ -90,16 +90,16 @@ def read_spec(source: str, base_dir: Path | None = None) -> ModelSpec:
 def load_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeights:
     """All weights as float32, linears (out, in). GGUF weights are dequantized once and cached."""
     if spec.format == "gguf":
-        from mllm_deploy.model.gguf_source import load_gguf_weights
+        # deferred on purpose: the gguf library loads only when GGUF weights are read
+        from mllm_deploy.model.gguf_source import load_gguf_weights  # noqa: PLC0415
 
         return load_gguf_weights(spec, use_cache=use_cache)
-    from mllm_deploy.model.hf_source import load_hf_weights
-
     return load_hf_weights(spec)
 
 
 def load_tokenizer(spec: ModelSpec) -> ModelTokenizer:
     """The model's tokenizer (a ModelTokenizer)."""
-    from mllm_deploy.model.tokenizer import load_tokenizer as _load
+    # deferred on purpose: the tokenizers library loads only when a tokenizer is needed
+    from mllm_deploy.model.tokenizer import load_tokenizer as _load  # noqa: PLC0415
 
     return _load(spec)

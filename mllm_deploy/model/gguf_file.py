@@ -14,6 +14,7 @@ u64 dims[n_dims] fastest first, u32 ggml type, u64 offset); padding to `general.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
 from dataclasses import dataclass
@@ -235,7 +236,5 @@ class GGUFFile:
         return out.reshape(info.shape)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BufferError):  # a numpy view still points into the map; the OS frees it later
             self._map.close()
-        except BufferError:  # a numpy view still points into the map; the OS frees it later
-            pass

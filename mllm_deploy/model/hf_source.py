@@ -62,7 +62,7 @@ def _tensor_table(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], s
     for f in files:
         try:
             with safe_open(str(f), framework="np") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 -- safe_open handles have keys() but are not iterable
                     sl = handle.get_slice(name)
                     table[name] = (f, tuple(sl.get_shape()), sl.get_dtype())
         except (SafetensorError, OSError) as exc:

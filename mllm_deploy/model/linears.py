@@ -47,7 +47,7 @@ LINEAR_GROUPS: tuple[LinearGroup, ...] = (
 GRAPH_KINDS: tuple[GraphKind, ...] = tuple(group.kind for group in LINEAR_GROUPS)
 LINEAR_GROUP: dict[str, LinearGroup] = {group.kind: group for group in LINEAR_GROUPS}
 
-if GRAPH_KINDS != get_args(GraphKind) or sorted(n for g in LINEAR_GROUPS for n in g.linears) != sorted(
+if get_args(GraphKind) != GRAPH_KINDS or sorted(n for g in LINEAR_GROUPS for n in g.linears) != sorted(
     get_args(LinearName)
 ):  # one fact: the types and the table agree
     raise RuntimeError("LINEAR_GROUPS disagrees with GraphKind / LinearName")

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import sys
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 
 from mllm_deploy.errors import ExitCode, user_error
@@ -70,8 +71,6 @@ def lookup(name: str) -> BuiltinModel:
     if name.startswith(BUILTIN_PREFIX):
         name = name[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_MODELS:
-        from difflib import get_close_matches
-
         close = get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.4)
         raise user_error(
             f"unknown built-in model {name!r}",

@@ -182,7 +182,8 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, object], file: str) -> T
 def load_tokenizer(spec: ModelSpec) -> ModelTokenizer:
     """The tokenizer of a model: rebuilt from GGUF metadata, or loaded from tokenizer.json."""
     if spec.format == "gguf":
-        from mllm_deploy.model.gguf_file import GGUFFile
+        # deferred on purpose: the gguf library loads only for GGUF models, not for tokenizer.json ones
+        from mllm_deploy.model.gguf_file import GGUFFile  # noqa: PLC0415
 
         gfile = GGUFFile(Path(spec.path))
         try:

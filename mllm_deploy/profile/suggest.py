@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from mllm_deploy.profile.fields import all_keys, keys_in
+
 
 def closest(word: str, choices: Iterable[str], *, cutoff: float = 0.6) -> str | None:
     """The choice most similar to `word` (case-insensitive first), or None when nothing is close."""
@@ -30,8 +32,6 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
 def suggest_key(section: str, name: str) -> str | None:
     """A hint for the unknown key `name` in `section` ("" = top level): a near miss in the same
     section, the same key in the section where it belongs, or a near miss anywhere."""
-    from mllm_deploy.profile.fields import all_keys, keys_in
-
     here = keys_in(section)
     known = all_keys()
     elsewhere = [key for key in known if key.rsplit(".", 1)[-1] == name and key != f"{section}.{name}"]

@@ -8,6 +8,8 @@ stream for front ends. Artifacts come from the caller (a bundle or a build): not
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -184,9 +186,6 @@ def limit_malloc_retention() -> bool:
     threads' freed numpy temporaries go back to the OS instead of staying in per-thread arenas.
     Measured on a 1,024-token prefill of the default model: peak RSS 756 -> 649 MB, decode speed
     unchanged within noise. Returns False where it does not apply (not glibc)."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from mllm_deploy.events import ChunkDone, SubgraphFinished, SubgraphStarted
-from mllm_deploy.events import SubgraphEvent
+from mllm_deploy.events import ChunkDone, SubgraphEvent, SubgraphFinished, SubgraphStarted
 from mllm_deploy.forward.float_engine import PAD_TOKEN_ID, attend_stored_chunk
 from mllm_deploy.forward.kv_cache import KVCache
 from mllm_deploy.forward.layers import ChunkSpan, rms_norm, silu_mul_
@@ -155,8 +155,6 @@ class DagPrefill:
         yield from self._dispatch(graph, chunks, cache, cancel)
 
     def _dispatch(self, graph: TaskGraph, chunks: list[_Chunk], cache: KVCache, cancel) -> Iterator:
-        from threadpoolctl import threadpool_limits
-
         sched = Scheduler(graph, self.policy, self.latencies)
         completions: queue.Queue = queue.Queue()
         free = {p: ex.threads for p, ex in self.executors.items()}
@@ -305,7 +303,7 @@ class DagPrefill:
         x = self._linear_input(chunk, layer, kind)
         if kind == "qkv":
             outs = [x @ w.wq.T, x @ w.wk.T, x @ w.wv.T]  # [T, q_dim], [T, kv_dim] x2
-            for y, b in zip(outs, (w.bq, w.bk, w.bv)):
+            for y, b in zip(outs, (w.bq, w.bk, w.bv), strict=True):
                 if b is not None:
                     y += b
         elif kind == "o_proj":

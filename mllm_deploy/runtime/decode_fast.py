@@ -72,7 +72,7 @@ class _CacheBinding:
                 self.io.bind_ortvalue_input(past, value)
                 self.io.bind_ortvalue_output(present, value)
             if cache.scales is not None:
-                for scales, name in zip((cache.scales.k, cache.scales.v), kv_scale_names(layer)):
+                for scales, name in zip((cache.scales.k, cache.scales.v), kv_scale_names(layer), strict=True):
                     self.io.bind_ortvalue_input(
                         name, self._share(np.ascontiguousarray(scales[layer][None, :, None, :]))
                     )

@@ -162,7 +162,7 @@ class NpuBlockLinears:
                 part = np.concatenate([part, np.zeros((chunk - n, x.shape[1]), np.float32)])
             outs = self.kernels.run_linear(self.layer, kind, np.ascontiguousarray(part, np.float32))
             pieces.append([o[:n] for o in outs])
-        return [np.concatenate(col) if len(pieces) > 1 else col[0] for col in zip(*pieces)]
+        return [np.concatenate(col) if len(pieces) > 1 else col[0] for col in zip(*pieces, strict=True)]
 
     def qkv(self, x_norm):
         q, k, v = self._run("qkv", x_norm)  # [T, q_dim], [T, kv_dim] x2

@@ -71,7 +71,7 @@ class TraceRecorder:
         lanes = self._cpu_lanes()
         events: list[dict] = []
         names = {NPU_TID: f"NPU ({self.npu_label})" if self.npu_label else "NPU"}
-        for (processor, name, start, end, args), lane in zip(self._spans, lanes):
+        for (processor, name, start, end, args), lane in zip(self._spans, lanes, strict=True):
             tid = NPU_TID if processor == "npu" else CPU_TID + lane
             if processor != "npu":
                 names[tid] = "CPU" if lane == 0 else f"CPU {lane + 1}"

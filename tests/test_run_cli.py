@@ -187,8 +187,8 @@ def test_run_on_a_tiny_hf_model(tmp_path):
     ],
 )
 def test_batch_line_validation(line, message):
-    from mllm_deploy.cli.run_cmd import parse_batch_line
     from mllm_deploy.errors import UserError
+    from mllm_deploy.interface.batch import parse_batch_line
 
     with pytest.raises(UserError) as caught:
         parse_batch_line(line, 7)
@@ -196,7 +196,7 @@ def test_batch_line_validation(line, message):
 
 
 def test_batch_line_accepts_valid_requests():
-    from mllm_deploy.cli.run_cmd import parse_batch_line
+    from mllm_deploy.interface.batch import parse_batch_line
 
-    assert parse_batch_line('{"prompt": "a", "system": "s", "max_new_tokens": 3, "id": 1}', 1)["max_new_tokens"] == 3
-    assert parse_batch_line('{"messages": [{"role": "user", "content": "x"}]}', 1)["messages"][0]["content"] == "x"
+    assert parse_batch_line('{"prompt": "a", "system": "s", "max_new_tokens": 3, "id": 1}', 1).max_new_tokens == 3
+    assert parse_batch_line('{"messages": [{"role": "user", "content": "x"}]}', 1).messages[0].content == "x"

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING
 
 from mllm_deploy.cli.common import add_generation_args, add_profile_args, deployment_for_generation, open_chat_session
 from mllm_deploy.errors import ExitCode, UserError, user_error
-from mllm_deploy.interface.turns import run_turn
+from mllm_deploy.interface.batch import BatchRequest, BatchResult, error_line, output_json, parse_batch_line
+from mllm_deploy.interface.turns import Turn, run_turn
 from mllm_deploy.runtime.report import metrics_line, result_record
 from mllm_deploy.runtime.trace import TraceRecorder
 
 if TYPE_CHECKING:
     from mllm_deploy.interface.session import ChatSession
-
-BATCH_KEYS = {"prompt", "raw", "max_new_tokens", "system", "messages", "id"}
 
 
 def register(subparsers) -> None:
@@ -39,7 +38,7 @@ def register(subparsers) -> None:
         "--batch",
         metavar="FILE.jsonl",
         help="one JSON request per line: {prompt | messages, raw, max_new_tokens, system, id}; "
-        "one JSON result per line out",
+        "one JSON result per line out (the schemas: `mllm-deploy schema batch-request|batch-result`)",
     )
     parser.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     add_generation_args(parser)
@@ -110,71 +109,23 @@ def run_batch(session, lines: list[str], *, backend: str, raw_default: bool, max
             continue
         try:
             request = parse_batch_line(line, number, raw_default=raw_default)
-            max_new = request.get("max_new_tokens", max_new_default)
-            if "messages" in request:
-                turn = lambda cancel: session.reply_to(
-                    request["messages"], system=request.get("system"), cancel=cancel, max_new_tokens=max_new
-                )
-            elif request.get("raw", raw_default):
-                turn = lambda cancel: session.complete(request["prompt"], cancel=cancel, max_new_tokens=max_new)
-            else:
-                conversation = [{"role": "user", "content": request["prompt"]}]
-                turn = lambda cancel: session.reply_to(
-                    conversation, system=request.get("system"), cancel=cancel, max_new_tokens=max_new
-                )
-            done = run_turn(turn, None)
+            done = run_turn(_batch_turn(session, request, raw_default, max_new_default), None)
         except UserError as err:
             failed = True
-            out = {"line": number, "error": "; ".join(d.message for d in err.diagnostics)}
-            print(json.dumps(out, ensure_ascii=False), flush=True)
+            print(output_json(error_line(number, err)), flush=True)
             continue
-        record = {"line": number, **({"id": request["id"]} if "id" in request else {})}
-        record.update(result_record(done, load_s=session.model.load_seconds, backend=backend))
-        print(json.dumps(record, ensure_ascii=False), flush=True)
+        record = result_record(done, load_s=session.model.load_seconds, backend=backend)
+        print(output_json(BatchResult.model_validate({"line": number, "id": request.id, **record})), flush=True)
         if done.finish_reason == "cancelled":
             return ExitCode.INTERRUPTED
     return ExitCode.INVALID if failed else ExitCode.OK
 
 
-def parse_batch_line(line: str, number: int, *, raw_default: bool = False) -> dict:
-    """One batch request, checked; UserError names what is wrong with line `number`."""
-    try:
-        request = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise user_error(f"line {number}: not valid JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(request, dict):
-        raise user_error(f"line {number}: expected a JSON object, got {type(request).__name__}")
-    unknown = sorted(set(request) - BATCH_KEYS)
-    if unknown:
-        raise user_error(
-            f"line {number}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(BATCH_KEYS))})"
-        )
-    if ("prompt" in request) == ("messages" in request):
-        raise user_error(f"line {number}: give exactly one of 'prompt' or 'messages'")
-    if "prompt" in request and (not isinstance(request["prompt"], str) or not request["prompt"]):
-        raise user_error(f"line {number}: 'prompt' must be a non-empty string")
-    if "messages" in request:
-        messages = request["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and set(m) == {"role", "content"}
-            and m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str)
-            for m in messages
-        )  # fmt: skip
-        if not ok:
-            raise user_error(
-                f"line {number}: 'messages' must be a non-empty list of "
-                '{"role": system|user|assistant, "content": string}'
-            )
-        if request.get("raw"):
-            raise user_error(f"line {number}: 'raw' cannot be combined with 'messages'")
-    if "raw" in request and not isinstance(request["raw"], bool):
-        raise user_error(f"line {number}: 'raw' must be true or false")
-    if "system" in request and not isinstance(request["system"], str):
-        raise user_error(f"line {number}: 'system' must be a string")
-    if "system" in request and "prompt" in request and request.get("raw", raw_default):
-        raise user_error(f"line {number}: 'system' needs the chat template; it cannot be combined with a raw prompt")
-    if "max_new_tokens" in request:
-        value = request["max_new_tokens"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise user_error(f"line {number}: 'max_new_tokens' must be an integer >= 1")
-    return request
+def _batch_turn(session, request: BatchRequest, raw_default: bool, max_new_default: int | None) -> Turn:
+    """The turn of one request: a raw prompt is continued, anything else goes through the chat template."""
+    max_new = request.max_new_tokens if request.max_new_tokens is not None else max_new_default
+    if request.prompt is not None and request.is_raw(raw_default):
+        prompt = request.prompt
+        return lambda cancel: session.complete(prompt, cancel=cancel, max_new_tokens=max_new)
+    conversation = request.conversation()
+    return lambda cancel: session.reply_to(conversation, system=request.system, cancel=cancel, max_new_tokens=max_new)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
+from mllm_deploy.profile import load_profile
+from mllm_deploy.resolve import resolve_profile
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ def expand_sweeps(sweeps: list[str]) -> list[dict[str, str]]:
         if key in (k for k, _ in axes):
             raise UserError([Diagnostic(message=f"{key} is swept twice", value=sweep)], exit_code=ExitCode.INVALID)
         axes.append((key, items))
-    return [dict(zip((k for k, _ in axes), combo)) for combo in itertools.product(*(v for _, v in axes))]
+    return [dict(zip((k for k, _ in axes), combo, strict=True)) for combo in itertools.product(*(v for _, v in axes))]
 
 
 def config_overrides(request: BenchRequest, settings: dict[str, str]) -> list[str]:
@@ -50,9 +52,6 @@ def config_overrides(request: BenchRequest, settings: dict[str, str]) -> list[st
 
 def check_configs(request: BenchRequest, configs: list[dict[str, str]]) -> None:
     """Load and resolve every configuration's profile up front, so a bad value fails before any run."""
-    from mllm_deploy.profile import load_profile
-    from mllm_deploy.resolve import resolve_profile
-
     for settings in configs:
         resolve_profile(load_profile(request.profile, config_overrides(request, settings)))
 
@@ -162,7 +161,7 @@ def render_table(rows: list[dict]) -> str:
             f"{r['threads']['cpu']}/{r['threads']['npu']}", r["backend"]["npu"], r["backend"]["decode"],
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     host = rows[0]["host"] if rows else {}
     lines.append(f"host: {host.get('cpu')}, {host.get('usable_cpus')} usable CPUs; "
                  "prefill = median of repeats (min-max); util = measured busy fraction of each executor; "

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from mllm_deploy.bench.runner import BenchRequest, check_configs, expand_sweeps, render_csv, render_table, run_bench
 from mllm_deploy.cli.common import add_profile_args
 from mllm_deploy.errors import ExitCode, user_error
 
@@ -46,8 +47,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.bench.runner import BenchRequest, check_configs, expand_sweeps, render_csv, render_table, run_bench
-
     if args.gen_tokens < 1 or args.repeat < 1 or args.warmup < 0:
         raise user_error("--gen-tokens and --repeat must be >= 1, --warmup >= 0",
                          value=f"{args.gen_tokens}, {args.repeat}, {args.warmup}")  # fmt: skip

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             done = run_turn(
-                lambda cancel: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write
+                lambda cancel, text=text: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write
             )
         except UserError as err:  # e.g. the conversation outgrew prefill.max_context
             print_diagnostics(err.diagnostics)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mllm_deploy.cli.common import print_diagnostics
+from mllm_deploy.device import HOST_ID, device_ids, load_capabilities
 from mllm_deploy.errors import Diagnostic
 
 NOMINAL = "*"
@@ -24,8 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.device import HOST_ID, device_ids, load_capabilities
-
     devices = [load_capabilities(i, use_probe_cache=not args.reprobe) for i in device_ids()]
     host = next((d for d in devices if d.id == HOST_ID), None)
     if host is not None and host.probe is not None:
@@ -71,7 +70,7 @@ def render_table(devices) -> str:
     head = ["ID", "NAME", "NPU", "INT8 TOPS", "PERCH/INT16/FP16", "NPU MEM", "RAM", "CPU CORES", "BACKENDS"]
     rows = [head] + [_row(d) for d in devices]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append("")
     lines.append(
         f"{NOMINAL} nominal: public specs or figures derived from them (catalog), or derived from the "

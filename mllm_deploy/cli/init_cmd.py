@@ -7,6 +7,9 @@ from pathlib import Path
 
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
 from mllm_deploy.paths import atomic_write_text, resource_dir
+from mllm_deploy.profile import load_profile_text
+from mllm_deploy.profile.reference import SCHEMA_PATH
+from mllm_deploy.profile.suggest import did_you_mean
 
 DEFAULT_TEMPLATE = "default"
 SCHEMA_DIRECTIVE = "#:schema"
@@ -24,8 +27,6 @@ def template_names() -> list[str]:
 
 def schema_header() -> str:
     """The `#:schema` line pointing editors at the installed JSON Schema, as a file URI."""
-    from mllm_deploy.profile.reference import SCHEMA_PATH
-
     return f"{SCHEMA_DIRECTIVE} {SCHEMA_PATH.resolve().as_uri()}"
 
 
@@ -33,8 +34,6 @@ def render_template(name: str) -> str:
     """The text `init` writes for template `name`: the schema header, then the template."""
     names = template_names()
     if name not in names:
-        from mllm_deploy.profile.suggest import did_you_mean
-
         raise UserError(
             [
                 Diagnostic(
@@ -70,8 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.profile import load_profile_text
-
     target = Path(args.path)
     text = render_template(args.template)
     if target.is_dir():

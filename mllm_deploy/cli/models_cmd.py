@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.model import registry
 
 
 def register(subparsers) -> None:
@@ -39,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rows(verify: bool) -> list[dict]:
-    from mllm_deploy.model import registry
-
     rows = []
     for model in registry.BUILTIN_MODELS.values():
         st = registry.status(model, verify=verify)
@@ -78,9 +77,9 @@ def _list(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table)]
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=True)]
     for line in (headers, *table):
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
     for r in rows:
         print(f"\n{r['name']}: {r['description']}", end="")
         if r["problem"]:
@@ -90,8 +89,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from mllm_deploy.model import registry
-
     model = registry.lookup(args.name)
     before = registry.status(model)
     if before.verified and not args.force:

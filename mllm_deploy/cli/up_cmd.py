@@ -12,6 +12,8 @@ import sys
 
 from mllm_deploy.cli.common import add_profile_args, print_diagnostics
 from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.interface.deployment import load_deployment
+from mllm_deploy.tui.sessions import load_session
 
 
 def register(subparsers) -> None:
@@ -30,9 +32,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.interface.deployment import load_deployment
-    from mllm_deploy.tui.sessions import load_session
-
     saved = load_session(args.resume) if args.resume else None
     profile_arg = args.profile if args.profile is not None or saved is None else saved.profile
     overrides = [*(saved.overrides if saved else []), *args.overrides]
@@ -43,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
             "`mllm-deploy up` needs a terminal",
             hint="from scripts use `mllm-deploy run` or `mllm-deploy chat`",
         )
-    from mllm_deploy.tui.app import DeployApp
+    # deferred on purpose: textual (and the engines the app loads models with) load only when `up` opens
+    # the TUI, so importing the CLI for any other command stays free of them
+    from mllm_deploy.tui.app import DeployApp  # noqa: PLC0415
 
     app = DeployApp(deployment, resume=saved)
     app.run()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
+from mllm_deploy.cli.common import add_profile_args, load_profile_from_args, print_diagnostics
 from mllm_deploy.errors import ExitCode
 from mllm_deploy.profile import LoadedProfile
 from mllm_deploy.profile.source import printable
+from mllm_deploy.resolve import resolve_profile
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,9 +40,6 @@ def ok_line(loaded: LoadedProfile, shown_path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_deploy.cli.common import print_diagnostics
-    from mllm_deploy.resolve import resolve_profile
-
     loaded = validate_profile_shape(args)
     resolved = resolve_profile(loaded)  # second pass: the device and the model (exit 3 if it cannot run)
     print_diagnostics(w for w in resolved.warnings if w not in loaded.warnings)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input
 
@@ -36,10 +37,10 @@ from mllm_deploy.tui.sessions import SavedSession
 from mllm_deploy.tui.telemetry_view import LANE_SECONDS, telemetry_state
 from mllm_deploy.tui.turn_handlers import TurnHandlers
 from mllm_deploy.tui.widgets.prompt_input import PromptInput
-
-TRACKER_KEEP_SECONDS = LANE_SECONDS + 3.0  # spans older than the lane are not needed
 from mllm_deploy.tui.widgets.telemetry_panel import TelemetryPanel
 from mllm_deploy.tui.widgets.transcript import MessageView, Transcript
+
+TRACKER_KEEP_SECONDS = LANE_SECONDS + 3.0  # spans older than the lane are not needed
 
 
 def default_model_loader(deployment: Deployment) -> LoadedModel:
@@ -52,7 +53,7 @@ def default_session_factory(model: LoadedModel, loaded_profile: LoadedProfile) -
 
 class DeployApp(TurnHandlers, CommandHandlers, App[int]):
     TITLE = "mllm-deploy"
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("escape", "cancel_work", "Cancel"),
         Binding("f1", "help", "Help"),
@@ -189,9 +190,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
 
     def on_model_ready(self, message: ModelReady) -> None:
         self.model, self.session = message.model, message.session
-        self.tracker = UtilizationTracker(
-            slots=executor_slots(self.model), keep_seconds=TRACKER_KEEP_SECONDS
-        )
+        self.tracker = UtilizationTracker(slots=executor_slots(self.model), keep_seconds=TRACKER_KEEP_SECONDS)
         if self.restore_messages is not None:
             self.session.messages = list(self.restore_messages)
             self.restore_messages = None

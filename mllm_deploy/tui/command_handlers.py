@@ -9,6 +9,7 @@ from mllm_deploy.runtime.report import peak_rss_mb
 from mllm_deploy.tui.commands import SlashCommand, help_text
 from mllm_deploy.tui.formatting import document_message, stats_text
 from mllm_deploy.tui.reconfigure import reconfigure
+from mllm_deploy.tui.screens.plan_screen import PlanScreen
 from mllm_deploy.tui.session_adapter import prefill_context, switch_profile
 from mllm_deploy.tui.sessions import SavedSession, default_session_name, load_session, save_session, saved_names
 
@@ -34,8 +35,6 @@ class CommandHandlers:
         self.action_quit()
 
     def command_plan(self, argument: str) -> None:
-        from mllm_deploy.tui.screens.plan_screen import PlanScreen
-
         self.push_screen(PlanScreen(self.deployment))
 
     def command_stats(self, argument: str) -> None:

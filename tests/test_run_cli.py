@@ -141,7 +141,7 @@ def test_ctrl_c_stops_with_partial_result_and_exit_130(tmp_path):
     )
     first = proc.stdout.read(1)  # generation has started
     proc.send_signal(signal.SIGINT)
-    rest, stderr = proc.communicate(timeout=120)
+    _rest, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert first  # the partial text streamed so far (may be a single space)
     generated = re.search(r"generated (\d+) \(cancelled\)", stderr.strip().splitlines()[-1])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+from collections.abc import Iterator
 
 from mllm_deploy.cli.common import (
     add_generation_args,
@@ -21,7 +23,9 @@ from mllm_deploy.cli.common import (
     print_diagnostics,
 )
 from mllm_deploy.errors import ExitCode, UserError
-from mllm_deploy.interface.turns import run_turn
+from mllm_deploy.events import TurnEvent
+from mllm_deploy.interface.session import ChatSession
+from mllm_deploy.interface.turns import Turn, run_turn
 from mllm_deploy.runtime.report import metrics_line
 
 HELP_TEXT = "commands: /reset (new conversation), /quit (leave), /help"
@@ -68,9 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print(HELP_TEXT, file=sys.stderr)
             continue
         try:
-            done = run_turn(
-                lambda cancel, text=text: session.send(text, cancel=cancel, max_new_tokens=args.max_new_tokens), _write
-            )
+            done = run_turn(_turn(session, text, args.max_new_tokens), _write)
         except UserError as err:  # e.g. the conversation outgrew prefill.max_context
             print_diagnostics(err.diagnostics)
             print("[turn not run; /reset starts a new conversation]", file=sys.stderr, flush=True)
@@ -83,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
         first_turn = False
         if done.finish_reason == "cancelled" and not interactive:
             return ExitCode.INTERRUPTED
+
+
+def _turn(session: ChatSession, text: str, max_new_tokens: int | None) -> Turn:
+    """One chat turn of `text`, bound now (the loop's variable changes before the turn runs)."""
+
+    def turn(cancel: threading.Event) -> Iterator[TurnEvent]:
+        return session.send(text, cancel=cancel, max_new_tokens=max_new_tokens)
+
+    return turn
 
 
 def _read_line(interactive: bool) -> str | None:

@@ -20,6 +20,7 @@ whose files are missing or fail their checksum; the caller then rebuilds it, nev
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mllm_deploy import __version__
 from mllm_deploy.backends.registry import NpuBackendName, backend_support
+from mllm_deploy.compile.calibrate import GENERATION_VERSION
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult
 from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
 
@@ -154,10 +156,7 @@ def _calibration_source_identity(source: str, base_dir: Path | None) -> str:
     """`self` with the generator's version (new generator code rebuilds samples, statistics and
     artifacts), or the matched files with size and mtime, so edited calibration text rebuilds."""
     if source == "self":
-        from mllm_deploy.compile.calibrate import GENERATION_VERSION
-
         return f"self:generation-{GENERATION_VERSION}"
-    import glob
 
     pattern = Path(source).expanduser()
     if not pattern.is_absolute() and base_dir is not None:

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto
+
+from mllm_deploy.backends.ort_cpu import CPU_PROVIDER, OrtCpuBackend
 
 MATMUL_OPS = frozenset({"MatMul", "Gemm"})
 QUANTIZED_DTYPES = frozenset({TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16})
@@ -87,7 +90,7 @@ def audit_graph(model_path: str | Path, *, require_quantized_outputs: bool = Fal
     matmuls = [n for n in graph.node if n.op_type in MATMUL_OPS]
     for mm in matmuls:
         label = mm.name or mm.output[0]
-        for role, tensor in zip(("activation", "weight"), mm.input[:2]):
+        for role, tensor in zip(("activation", "weight"), mm.input[:2], strict=False):
             dq = producer.get(tensor)
             if dq is None or dq.op_type != "DequantizeLinear":
                 how = (
@@ -133,9 +136,6 @@ def integer_kernel_report(model_path: str | Path, threads: int = 1, uint16_accur
     "all_linears_integer"}; `float_matmuls` lists matmul kernels that take float activations
     (with their attributes, e.g. MatMulNBits' bits and accuracy_level).
     """
-    import onnxruntime as ort
-
-    from mllm_deploy.backends.ort_cpu import CPU_PROVIDER, OrtCpuBackend
 
     backend = OrtCpuBackend(npu_threads=threads, uint16_accuracy_level=uint16_accuracy_level)
     with tempfile.TemporaryDirectory(prefix="mllm-deploy-opt-") as tmp:

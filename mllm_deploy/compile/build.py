@@ -11,6 +11,7 @@ every NPU graph of a profile, or reuse the verified cache entry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from mllm_deploy.backends.base import ContextCompiler, NpuBackend
 from mllm_deploy.backends.registry import backend_support, open_backend
@@ -40,12 +42,17 @@ from mllm_deploy.compile.artifacts import (
     write_manifest,
 )  # fmt: skip
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
+from mllm_deploy.compile.bundle import is_bundle
+from mllm_deploy.compile.calibrate import calibration_tokens, collect_activation_stats
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
 from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
 from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, LINEAR_GROUPS
-from mllm_deploy.paths import atomic_write_text, make_build_dir
+from mllm_deploy.paths import atomic_write_bytes, atomic_write_text, cache_dir, make_build_dir
+from mllm_deploy.resolve.memory import shadowed_input_count
 
 Log = Callable[[str], None]
 PROFILE_RUNS = 3  # timed runs per graph after one warm-up (one on the QNN simulator)
@@ -77,7 +84,11 @@ def layer_act_quant(cal: CalibrationResult, layer: int, quantize_outputs: bool =
         attn_out=grid(cal.input(layer, "o_proj").clamp),
         mlp_in=grid(cal.input(layer, "gate_up").clamp),
         down_in=grid(cal.input(layer, "down").clamp),
-        outputs={name: grid(cal.output_clamps[f"{layer}/{name}"]) if quantize_outputs else None for group in LINEAR_GROUPS for name in group.linears},
+        outputs={
+            name: grid(cal.output_clamps[f"{layer}/{name}"]) if quantize_outputs else None
+            for group in LINEAR_GROUPS
+            for name in group.linears
+        },
     )
 
 
@@ -91,7 +102,6 @@ def find_artifacts(resolved) -> Artifacts | None:
     """The verified cache entry of `resolved`, or None (nothing is built)."""
     if resolved.backend == "none":
         return None
-    from mllm_deploy.compile.bundle import is_bundle
 
     base = resolved.loaded.base_dir
     try:
@@ -123,13 +133,10 @@ def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, p
             if final.exists():
                 log(f"artifact cache entry {final.name} rejected: {problem}; recompiling")
     started = time.perf_counter()
-    from mllm_deploy.forward.float_engine import FloatEngine
-    from mllm_deploy.model import load_weights
 
     engine = FloatEngine(load_weights(resolved.spec))
     stats = calibration_stats(resolved, engine, lock, log, progress)
     p = resolved.profile
-    from mllm_deploy.resolve.memory import shadowed_input_count
 
     cal = derive_calibration(
         stats, policy=p.outliers.policy, activations=p.quantization.activations,
@@ -159,10 +166,6 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
     stats = load_stats(key)
     if stats is not None:
         return stats
-    from threadpoolctl import threadpool_limits
-
-    from mllm_deploy.compile.calibrate import calibration_tokens, collect_activation_stats
-    from mllm_deploy.model import load_tokenizer
 
     p = resolved.profile
     started = time.perf_counter()
@@ -191,9 +194,6 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
 def _cached_samples(lock, produce) -> list[list[int]]:
     """Calibration token ids, cached by model and calibration settings (not the percentile):
     self-generated text is the slow part of calibration and does not depend on it."""
-    import hashlib
-
-    from mllm_deploy.paths import atomic_write_bytes, cache_dir
 
     s = lock.settings
     parts = [

@@ -12,6 +12,7 @@ profile/libraries is an error (exit 3, rebuild the bundle), never a silent rebui
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -110,8 +111,6 @@ def profile_to_toml(profile) -> str:
 
 
 def _toml(value) -> str:
-    import json
-
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

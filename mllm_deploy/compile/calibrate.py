@@ -42,6 +42,7 @@ from mllm_deploy.compile.quantize import activation_quant_symmetric
 from mllm_deploy.errors import user_error
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
+from mllm_deploy.model.chat_template import render_chat
 from mllm_deploy.model.linears import GRAPH_KINDS
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -118,7 +119,6 @@ def self_generated_tokens(
     engine: FloatEngine, tokenizer, samples: int, tokens_per_sample: int, progress: Progress | None = None
 ) -> list[list[int]]:
     """`samples` sequences of chat prompt + the model's own seeded continuation, decoded as one batch."""
-    from mllm_deploy.model.chat_template import render_chat
 
     rng = np.random.default_rng(GEN_SEED)
     banned = [t for t in {*tokenizer.eos_ids, tokenizer.bos_id} if t is not None]
@@ -135,14 +135,16 @@ def self_generated_tokens(
         )
         seqs.append(tokenizer.encode(text, allow_special=True)[:tokens_per_sample])
     caches = [engine.new_cache(tokens_per_sample) for _ in seqs]
-    logits = np.stack([engine.forward_chunk(c, s, logit_rows="last")[0] for c, s in zip(caches, seqs)])  # [B, vocab]
+    logits = np.stack(
+        [engine.forward_chunk(c, s, logit_rows="last")[0] for c, s in zip(caches, seqs, strict=True)]
+    )  # [B, vocab]
     steps = tokens_per_sample - min(len(s) for s in seqs)
     for step in range(steps):
         if progress:
             progress("generating calibration text", step, steps)
         live = [b for b, s in enumerate(seqs) if len(s) < tokens_per_sample]
         tokens = [_sample(logits[b], banned, rng) for b in live]
-        for b, t in zip(live, tokens):
+        for b, t in zip(live, tokens, strict=True):
             seqs[b].append(t)
         live = [b for b in live if len(seqs[b]) < tokens_per_sample]  # the last token needs no forward
         if not live:
@@ -156,7 +158,7 @@ def self_generated_tokens(
                 for j, b in enumerate(live)
             ])  # fmt: skip
             x = engine.out_mlp_step(layer, x, attn)
-        for j, b in enumerate(live):
+        for b in live:
             caches[b].advance([seqs[b][-1]])
         logits[live] = engine.logits(x)
     if progress:

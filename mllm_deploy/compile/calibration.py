@@ -186,7 +186,7 @@ def choose_hot_channels(channel_outliers: dict[int, int], width: int, max_fracti
     """(hot channels, share of outliers they hold): most-outlier channels first until
     HOT_OUTLIER_SHARE of all outliers is covered, never more than floor(max_fraction * width)."""
     total = sum(channel_outliers.values())
-    cap = int(math.floor(max_fraction * width))
+    cap = math.floor(max_fraction * width)
     if total == 0 or cap == 0:
         return [], 0.0
     ranked = sorted(channel_outliers.items(), key=lambda kv: (-kv[1], kv[0]))

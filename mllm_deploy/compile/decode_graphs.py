@@ -112,7 +112,7 @@ class _Builder:
         )  # fmt: skip
         if biases and any(b is not None for b in biases):
             full = np.concatenate(
-                [b if b is not None else np.zeros(a.shape[0], np.float32) for a, b in zip(weights, biases)]
+                [b if b is not None else np.zeros(a.shape[0], np.float32) for a, b in zip(weights, biases, strict=True)]
             )
             y = self.op("Add", [y, self.const("bias", full.astype(np.float32))], "biased")
         return y

@@ -286,7 +286,12 @@ def build_layer_models(
             ["q", "k", "v"],
         ),
         "o_proj": build_linear_group_model(
-            f"{prefix}_o_proj", LINEAR_GROUP["o_proj"].graph_input, chunk_tokens, act.attn_out, [lin("attn_output")], ["attn_proj"]
+            f"{prefix}_o_proj",
+            LINEAR_GROUP["o_proj"].graph_input,
+            chunk_tokens,
+            act.attn_out,
+            [lin("attn_output")],
+            ["attn_proj"],
         ),
         "gate_up": build_linear_group_model(
             f"{prefix}_gate_up",
@@ -298,7 +303,12 @@ def build_layer_models(
             swiglu=not split_gate_up,
         ),
         "down": build_linear_group_model(
-            f"{prefix}_down", LINEAR_GROUP["down"].graph_input, chunk_tokens, act.down_in, [lin("ffn_down")], ["mlp_out"]
+            f"{prefix}_down",
+            LINEAR_GROUP["down"].graph_input,
+            chunk_tokens,
+            act.down_in,
+            [lin("ffn_down")],
+            ["mlp_out"],
         ),
     }
 

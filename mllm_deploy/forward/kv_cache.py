@@ -190,7 +190,7 @@ class KVCache:
     def common_prefix(self, token_ids: Sequence[int]) -> int:
         """How many leading `token_ids` the cache already holds."""
         n = 0
-        for held, new in zip(self.token_ids, token_ids):
+        for held, new in zip(self.token_ids, token_ids, strict=False):
             if held != new:
                 break
             n += 1

@@ -5,6 +5,7 @@ Each pass is a pure function `(Plan, PlanInputs) -> Plan`.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -341,7 +342,6 @@ def topological_order(nodes: list[str], edges: list[tuple[str, str]]) -> list[st
     for a, b in edges:
         indegree[b] += 1
         out.setdefault(a, []).append(b)
-    import heapq
 
     ready = [(index[n], n) for n in nodes if indegree[n] == 0]
     heapq.heapify(ready)

@@ -75,7 +75,7 @@ def shadowed_input_count(profile: Profile, spec: ModelSpec) -> int:
     if profile.outliers.policy != "shadow":
         return 0
     total = LINEAR_INPUTS_PER_LAYER * spec.n_layers
-    return total - int(round(profile.outliers.prune_fraction * total))
+    return total - round(profile.outliers.prune_fraction * total)
 
 
 def decode_weight_bytes(spec: ModelSpec, block: int) -> int:
@@ -130,7 +130,7 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
     # sized for the widest input (the down projection's), which calibration shadows first
     hot_fraction = profile.outliers.hot_channel_fraction
     widest = max(spec.linear_shapes().values(), key=lambda shape: shape[1])
-    hot = shadowed_input_count(profile, spec) * int(round(hot_fraction * widest[1])) * widest[0] * F32
+    hot = shadowed_input_count(profile, spec) * round(hot_fraction * widest[1]) * widest[0] * F32
     # decode runs on the CPU from its own 8-bit graphs (built from the float weights, cached)
     decode = decode_weight_bytes(spec, profile.decode.weight_block)
     return MemoryBudget(

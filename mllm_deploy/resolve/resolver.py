@@ -300,26 +300,29 @@ def _check_threads(c: _Checks, profile: Profile, caps: Capabilities, backend: Ba
         if value is not None and value > cores:
             c.refuse(f"device.{key}", f"more threads than {caps.id} has cores", value, f"<= {cores}")
     emulated = backend != "none" and backend_support(backend).uses_npu_threads
-    if emulated and device.cpu_threads and device.npu_threads:
-        if device.cpu_threads + device.npu_threads > cores:
-            c.warn(
-                "device.cpu_threads",
-                f"cpu_threads + npu_threads = {device.cpu_threads + device.npu_threads} > {cores} cores: "
-                "the two processors will compete for cores",
-            )
+    if emulated and device.cpu_threads and device.npu_threads and device.cpu_threads + device.npu_threads > cores:
+        c.warn(
+            "device.cpu_threads",
+            f"cpu_threads + npu_threads = {device.cpu_threads + device.npu_threads} > {cores} cores: "
+            "the two processors will compete for cores",
+        )
 
 
 def _check_memory(c: _Checks, caps: Capabilities, budget: MemoryBudget) -> None:
     npu = caps.npu
-    if npu is not None and budget.npu_bytes and npu.addressable_memory_bytes:
-        if budget.npu_bytes > npu.addressable_memory_bytes:
-            c.refuse(
-                "prefill.chunk_size",
-                f"NPU graphs, weights and buffers need {_gib(budget.npu_bytes)}, more than {caps.id}'s NPU can address",
-                None,
-                f"<= {_gib(npu.addressable_memory_bytes)}",
-                hint="use a smaller chunk_size or model",
-            )
+    if (
+        npu is not None
+        and budget.npu_bytes
+        and npu.addressable_memory_bytes
+        and budget.npu_bytes > npu.addressable_memory_bytes
+    ):
+        c.refuse(
+            "prefill.chunk_size",
+            f"NPU graphs, weights and buffers need {_gib(budget.npu_bytes)}, more than {caps.id}'s NPU can address",
+            None,
+            f"<= {_gib(npu.addressable_memory_bytes)}",
+            hint="use a smaller chunk_size or model",
+        )
     limit = int(caps.ram_bytes * RAM_SHARE_LIMIT)
     if caps.ram_bytes and budget.total_bytes > limit:
         c.refuse(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import ClassVar
 
 from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer, Header, Input
 
 from mllm_deploy.errors import UserError
@@ -24,10 +25,12 @@ from mllm_deploy.interface.session import ChatSession, LoadedModel, load_model
 from mllm_deploy.profile import LoadedProfile
 from mllm_deploy.runtime.telemetry import (
     PrefillProgress,
+    ProcessSample,
     ProcessSampler,
     SessionMetrics,
     UtilizationTracker,
 )
+from mllm_deploy.tui.app_state import ModelLoader, SessionFactory
 from mllm_deploy.tui.command_handlers import CommandHandlers
 from mllm_deploy.tui.commands import chat_text, parse_command
 from mllm_deploy.tui.formatting import prefill_line, seconds
@@ -70,16 +73,16 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         self,
         deployment: Deployment,
         *,
-        model_loader: Callable = default_model_loader,
-        session_factory: Callable = default_session_factory,
+        model_loader: ModelLoader = default_model_loader,
+        session_factory: SessionFactory = default_session_factory,
         resume: SavedSession | None = None,
     ) -> None:
         super().__init__()
         self.deployment = deployment
         self.model_loader = model_loader
         self.session_factory = session_factory
-        self.model = None
-        self.session = None
+        self.model: LoadedModel | None = None
+        self.session: ChatSession | None = None
         self.restore_messages: list[dict] | None = list(resume.messages) if resume else None
         self.pending_document: dict | None = resume.pending_document if resume else None
         self.session_name: str | None = resume.name if resume else None
@@ -99,8 +102,8 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         self.tracker = UtilizationTracker(keep_seconds=TRACKER_KEEP_SECONDS)
         self.histories: dict[str, list[float]] = {"npu": [], "cpu": []}
         self.process_sampler = ProcessSampler()
-        self.last_process_sample = None
-        self._refresh_timer = None
+        self.last_process_sample: ProcessSample | None = None
+        self._refresh_timer: Timer | None = None
 
     # ---- layout and lifecycle -------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -259,7 +262,11 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
             self.cancel_event.set()
             self.notify("cancelling: stops after the current chunk or token", timeout=3)
 
-    def action_quit(self) -> None:
+    async def action_quit(self) -> None:
+        self.quit_app()
+
+    def quit_app(self) -> None:
+        """Ctrl+Q and /quit: cancel the running work and exit with 0."""
         if self.cancel_event is not None:
             self.cancel_event.set()
         self.exit(0)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mllm_deploy.errors import Diagnostic, UserError
 from mllm_deploy.runtime.report import peak_rss_mb
+from mllm_deploy.tui.app_state import AppState
 from mllm_deploy.tui.commands import SlashCommand, help_text
 from mllm_deploy.tui.formatting import document_message, stats_text
 from mllm_deploy.tui.reconfigure import reconfigure
@@ -16,10 +17,8 @@ from mllm_deploy.tui.sessions import SavedSession, default_session_name, load_se
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 
-class CommandHandlers:
+class CommandHandlers(AppState):
     """`/name ARG` calls `command_name(ARG)`."""
-
-    loading_document: dict | None = None
 
     def run_command(self, command: SlashCommand) -> None:
         handler = getattr(self, f"command_{command.name}")
@@ -32,7 +31,7 @@ class CommandHandlers:
         self.note(help_text())
 
     def command_quit(self, argument: str) -> None:
-        self.action_quit()
+        self.quit_app()
 
     def command_plan(self, argument: str) -> None:
         self.push_screen(PlanScreen(self.deployment))
@@ -77,6 +76,7 @@ class CommandHandlers:
         self.pending_document = None
         self.note(f"loading {path.name} ({len(text):,} characters) into the KV cache… (Esc cancels)")
         session, message = self.session, self.loading_document["message"]
+        assert session is not None  # ready_for_work() checked it
         self.start_work("document", lambda cancel: prefill_context(session, message, cancel))
 
     def command_set(self, argument: str) -> None:
@@ -96,6 +96,7 @@ class CommandHandlers:
         if change.rebuild == "nothing" and self.session is not None:
             switch_profile(self.session, self.deployment.loaded)
         elif change.rebuild == "cache" and self.session is not None:
+            assert self.model is not None  # a session exists only over a loaded model
             self.session = self.session_factory(self.model, self.deployment.loaded)
             self.session.messages = messages
         elif change.rebuild == "model" or self.session is None:

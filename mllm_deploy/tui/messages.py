@@ -6,6 +6,7 @@ from typing import Literal
 
 from textual.message import Message
 
+from mllm_deploy.interface.session import ChatSession, LoadedModel
 from mllm_deploy.runtime.telemetry import TimedEvent
 
 WorkKind = Literal["turn", "document"]
@@ -14,7 +15,7 @@ WorkKind = Literal["turn", "document"]
 class ModelReady(Message):
     """The model is loaded and a chat session over it exists."""
 
-    def __init__(self, model: object, session: object, reason: str) -> None:
+    def __init__(self, model: LoadedModel, session: ChatSession, reason: str) -> None:
         super().__init__()
         self.model = model
         self.session = session

@@ -34,7 +34,7 @@ class SubgraphRelay:
     """Collects subgraph events (called on the prefill's dispatch thread) and hands them on in
     batches at most every `interval` seconds; `flush()` hands on the rest."""
 
-    def __init__(self, post_batch: Callable[[list], None], interval: float = 0.05):
+    def __init__(self, post_batch: Callable[[list], object], interval: float = 0.05):
         self.post_batch = post_batch
         self.interval = interval
         self._buffer: list = []

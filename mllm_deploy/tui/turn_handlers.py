@@ -13,13 +13,14 @@ from textual import work
 from mllm_deploy.errors import UserError
 from mllm_deploy.events import ChunkDone, GenerationDone, PrefillDone, TokenEmitted
 from mllm_deploy.runtime.telemetry import PrefillProgress, timed_events
+from mllm_deploy.tui.app_state import AppState
 from mllm_deploy.tui.formatting import seconds, turn_metrics_line, turn_summary_line
 from mllm_deploy.tui.messages import EngineEvent, EngineStepStarted, SubgraphEvents, WorkFailed, WorkKind, WorkStopped
 from mllm_deploy.tui.session_adapter import SubgraphRelay, relay_subgraph_events
 from mllm_deploy.tui.telemetry_view import ENGINE_SPAN
 
 
-class TurnHandlers:
+class TurnHandlers(AppState):
     def start_work(self, kind: WorkKind, make_events: Callable[[threading.Event], Iterable[object]]) -> None:
         self.busy = kind
         self.cancel_event = threading.Event()
@@ -74,6 +75,7 @@ class TurnHandlers:
         self.transcript.add("user", shown)
         self.current_reply = self.transcript.add("assistant")
         session = self.session
+        assert session is not None  # ready_for_work() checked it
         self.start_work("turn", lambda cancel: session.send(prompt, cancel=cancel))
 
     def on_engine_step_started(self, message: EngineStepStarted) -> None:

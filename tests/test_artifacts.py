@@ -10,7 +10,8 @@ from plan_fixtures import pinned_host
 
 from mllm_deploy.compile import artifacts as art
 from mllm_deploy.compile.build import calibrated_shadow_inputs, compile_artifacts, find_artifacts
-from mllm_deploy.compile.bundle import bundle_artifacts, bundle_profile_path, is_bundle, write_bundle
+from mllm_deploy.compile.bundle import bundle_profile_path, is_bundle, write_bundle
+from mllm_deploy.compile.bundle_check import bundle_artifacts
 from mllm_deploy.errors import UserError
 from mllm_deploy.model import read_spec
 from mllm_deploy.profile import load_profile
@@ -130,11 +131,13 @@ def test_half_written_entry_is_invisible(smallest_gguf, private_cache):
 
 
 def test_bundle_round_trip(smallest_gguf, private_cache, tmp_path):
+    from mllm_deploy.interface.engines import obtain_decode_graphs
+
     resolved = resolved_for(smallest_gguf)
     entry = build(resolved)
-    out = write_bundle(resolved, entry, tmp_path / "bundle")
+    out = write_bundle(resolved, entry, tmp_path / "bundle", decode_graphs=obtain_decode_graphs(resolved))
     assert is_bundle(out) and not is_bundle(tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["artifacts", "bundle.json", "model", "profile.toml"]
+    assert sorted(p.name for p in out.iterdir()) == ["artifacts", "bundle.json", "decode", "model", "profile.toml"]
     loaded = load_profile(bundle_profile_path(out))
     assert load_profile(out).path == loaded.path == out / "profile.toml"  # the bundle dir stands for its profile
     assert loaded.profile.model.source == f"model/{smallest_gguf.name}"

@@ -24,8 +24,8 @@ from mllm_deploy.bench.prompt_text import prompt_ids
 from mllm_deploy.errors import UserError
 from mllm_deploy.events import GenerationDone, PrefillDone
 from mllm_deploy.interface.deployment import Deployment, load_deployment
-from mllm_deploy.interface.engines import open_engine
-from mllm_deploy.model import load_tokenizer, load_weights
+from mllm_deploy.interface.engines import load_deployment_weights, open_engine
+from mllm_deploy.model import load_tokenizer
 from mllm_deploy.profile import profile_hash
 from mllm_deploy.runtime.dag_engine import DagEngine
 from mllm_deploy.runtime.engine import Engine, with_subgraph_events
@@ -66,7 +66,7 @@ class _Rig:
         self.resolved = deployment.resolved
         spec = self.resolved.spec
         self.tokenizer = load_tokenizer(spec)
-        weights = load_weights(spec)
+        weights = load_deployment_weights(self.resolved)
         self.blas_limit = threadpool_limits(limits=self.resolved.cpu_threads, user_api="blas")
         self.engine: Engine = open_engine(self.resolved, weights)
         self.backend = self.engine.describe()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from mllm_deploy.cli.common import add_profile_args, load_profile_from_args, print_diagnostics
-from mllm_deploy.errors import ExitCode
+from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.interface.deployment import Deployment
 
 
@@ -21,7 +21,14 @@ def register(subparsers) -> None:
         "3 cannot run here.",
     )
     add_profile_args(parser, optional=True)
-    parser.add_argument("--out", type=Path, metavar="DIR", help="also write a self-contained bundle to DIR")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="also write a self-contained bundle to DIR (what a device runs)"
+    )
+    parser.add_argument(
+        "--archive",
+        action="store_true",
+        help="with --out DIR: also write DIR.tar, one file to copy to the device (unpack it there with tar xf)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache holds a valid entry")
     parser.set_defaults(func=run)
 
@@ -31,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.interface.build import build_deployment  # noqa: PLC0415
 
     started = time.perf_counter()
+    if args.archive and args.out is None:
+        raise user_error("--archive needs --out DIR (the bundle it archives)")
     loaded = load_profile_from_args(args)
     deployment = Deployment.of(loaded, args.profile, args.overrides)
     print_diagnostics(w for w in deployment.resolved.warnings if w not in loaded.warnings)
-    built = build_deployment(deployment, force=args.force, out=args.out)
+    built = build_deployment(deployment, force=args.force, out=args.out, archive=args.archive)
     print(built.report, end="")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return ExitCode.OK

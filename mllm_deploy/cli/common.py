@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from mllm_deploy.errors import Diagnostic, user_error
-from mllm_deploy.interface.deployment import Deployment
-from mllm_deploy.profile import LoadedProfile, load_profile
+from mllm_deploy.interface.deployment import Deployment, load_deployment_profile
+from mllm_deploy.profile import LoadedProfile
 
 if TYPE_CHECKING:
     from mllm_deploy.interface.session import ChatSession
@@ -22,7 +22,8 @@ def add_profile_args(parser: argparse.ArgumentParser, *, optional: bool = False)
         nargs="?" if optional else None,
         default=None,
         metavar="PROFILE",
-        help="profile TOML file" + (" (default: the built-in default profile)" if optional else ""),
+        help="profile TOML file, or a bundle directory written by `build --out`"
+        + (" (default: the built-in default profile)" if optional else ""),
     )
     parser.add_argument(
         "--set",
@@ -36,7 +37,7 @@ def add_profile_args(parser: argparse.ArgumentParser, *, optional: bool = False)
 
 def load_profile_from_args(args: argparse.Namespace) -> LoadedProfile:
     """The profile named by the arguments, with `--set` overrides; raises UserError."""
-    loaded = load_profile(args.profile, args.overrides)
+    loaded = load_deployment_profile(args.profile, args.overrides)  # a bundle is verified first
     print_diagnostics(loaded.warnings)
     return loaded
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mllm_deploy import __version__
 from mllm_deploy.backends.registry import NpuBackendName, backend_support
-from mllm_deploy.compile.calibrate import GENERATION_VERSION
+from mllm_deploy.compile import calibrate
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult
 from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
 
@@ -128,7 +128,23 @@ def expected_lock(resolved) -> Lockfile:
     p = resolved.profile
     npu = resolved.caps.npu
     qnn = backend_support(resolved.backend).context_binaries
-    settings = {
+    return Lockfile(
+        model_source=p.model.source,
+        model_identity=model_identity(resolved.spec),
+        chunk_size=p.prefill.chunk_size,
+        backend=resolved.backend,
+        target=resolved.caps.id,
+        htp_arch=(npu.htp_arch_number or 75) if qnn and npu is not None else None,
+        soc_model=npu.qnn_soc_model if qnn and npu is not None else None,
+        settings=graph_settings(resolved),
+        versions=library_versions(),
+    )
+
+
+def graph_settings(resolved) -> dict[str, str | int | float]:
+    """The lockfile's `settings`: every other profile field that affects the graphs."""
+    p = resolved.profile
+    return {
         "quantization.weights": p.quantization.weights,
         "quantization.activations": p.quantization.activations,
         "outliers.policy": p.outliers.policy,
@@ -139,24 +155,13 @@ def expected_lock(resolved) -> Lockfile:
         "calibration.samples": p.calibration.samples,
         "calibration.tokens_per_sample": p.calibration.tokens_per_sample,
     }
-    return Lockfile(
-        model_source=p.model.source,
-        model_identity=model_identity(resolved.spec),
-        chunk_size=p.prefill.chunk_size,
-        backend=resolved.backend,
-        target=resolved.caps.id,
-        htp_arch=(npu.htp_arch_number or 75) if qnn and npu is not None else None,
-        soc_model=npu.qnn_soc_model if qnn and npu is not None else None,
-        settings=settings,
-        versions=library_versions(),
-    )
 
 
 def _calibration_source_identity(source: str, base_dir: Path | None) -> str:
     """`self` with the generator's version (new generator code rebuilds samples, statistics and
     artifacts), or the matched files with size and mtime, so edited calibration text rebuilds."""
     if source == "self":
-        return f"self:generation-{GENERATION_VERSION}"
+        return f"self:generation-{calibrate.GENERATION_VERSION}"  # read now: tests patch the module
 
     pattern = Path(source).expanduser()
     if not pattern.is_absolute() and base_dir is not None:

@@ -105,9 +105,9 @@ def find_artifacts(resolved) -> Artifacts | None:
 
     base = resolved.loaded.base_dir
     try:
+        if base is not None and is_bundle(base):  # verified as a whole when it was opened (bundle_check)
+            return open_entry(Path(base) / "artifacts", None, verify_checksums=False)
         lock = expected_lock(resolved)
-        if base is not None and is_bundle(base):
-            return open_entry(Path(base) / "artifacts", lock, verify_checksums=False)
         return open_entry(artifacts_root() / entry_key(lock), lock, verify_checksums=False)
     except EntryProblem:
         return None

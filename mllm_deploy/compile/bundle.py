@@ -1,122 +1,357 @@
-"""Self-contained deployment bundles: `build PROFILE --out DIR`, then `run DIR` / `up DIR`.
+"""Self-contained deployment bundles: `build PROFILE --out DIR`, then `run DIR` / `up DIR` anywhere.
 
-    DIR/bundle.json     BundleInfo (what is inside, the lockfile key)
-    DIR/profile.toml    the profile, with model.source pointing at the bundled model
-    DIR/model/...       the model file (GGUF: CPU-side weights and tokenizer) or HF directory
-    DIR/artifacts/      the verified artifact entry: graphs, QNN context binaries, shadow rows,
-                        calibration, latencies, lockfile, manifest
+    DIR/bundle.json        the lockfile (BundleLock): format, target, backend, versions, chunk size,
+                           KV layout, model identity, accuracy, and the size and sha256 of every file
+    DIR/profile.toml       the keys the user set (file and --set), model.source pointing inside DIR
+    DIR/model/<file>       the model (GGUF: tokenizer, chat template, embedding and norms) or HF directory
+    DIR/model/templates/   a chat template file the profile names, if any
+    DIR/artifacts/         the verified artifact entry: graphs, QNN context binaries, shadow rows,
+                           calibration, latencies (see compile/artifacts.py)
+    DIR/decode/            the CPU decode graphs: `head` and the step graph of the bundle's KV cache
 
-A bundle's artifacts are used as they are: a lockfile that does not match the running
-profile/libraries is an error (exit 3, rebuild the bundle), never a silent rebuild.
+Everything a run needs is inside: a run from DIR never calibrates, compiles or builds decode
+graphs, and reads the float weights it uses from the bundled model as it needs them (nothing is
+written to the weight cache). `bundle_check.open_bundle` verifies a bundle before it is used.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+import tarfile
+import tempfile
+from datetime import UTC, datetime
+from importlib import import_module, metadata
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, expected_lock, open_entry
-from mllm_deploy.errors import ExitCode, user_error
-from mllm_deploy.paths import atomic_write_text, make_build_dir
+from mllm_deploy import __version__
+from mllm_deploy.backends.registry import NpuBackendName
+from mllm_deploy.compile.artifacts import ARTIFACT_FORMAT, Artifacts, model_identity
+from mllm_deploy.compile.bundle_profile import bundle_profile_toml
+from mllm_deploy.compile.decode_cache import FORMAT_VERSION as DECODE_FORMAT
+from mllm_deploy.errors import user_error
+from mllm_deploy.paths import atomic_write_text, make_build_dir, sha256_file
+from mllm_deploy.resolve import Resolved
 
-BUNDLE_INFO = "bundle.json"
+BUNDLE_INFO = "bundle.json"  # the lockfile; its presence makes a directory a bundle
 BUNDLE_PROFILE = "profile.toml"
+MODEL_DIR, TEMPLATES_DIR, ARTIFACTS_DIR, DECODE_DIR = "model", "model/templates", "artifacts", "decode"
+BUNDLE_FORMAT = 2
+"""Version of the bundle layout and lockfile. 1: bundle.json was a BundleInfo (no decode graphs,
+no checksums). 2: this lockfile. An mllm-deploy refuses any other version."""
 
 
-class BundleInfo(BaseModel):
-    """Contents of a bundle."""
-
+class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    schema_version: int = 1
-    """Version of the bundle layout."""
+
+class BundleFile(_Model):
+    """One file of the bundle as it was written."""
+
+    size: int = Field(ge=0)
+    """Bytes."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Hex sha256 of the contents."""
+
+
+class BundleAccuracy(_Model):
+    """Perplexity of the bundle's path against the float32 model, measured at build."""
+
+    ppl_ratio: float = Field(gt=0)
+    """`path_ppl / float_ppl`."""
+    float_ppl: float = Field(gt=0)
+    """Perplexity of the float32 model on the held-out text."""
+    path_ppl: float = Field(gt=0)
+    """Perplexity of the bundle's own path (its graphs, shadow rows, KV cache) on the same text."""
+    tokens: int = Field(ge=1)
+    """Tokens scored."""
+    text: str = Field(min_length=1)
+    """Name of the held-out text."""
+    max_ppl_ratio: float = Field(gt=0)
+    """The limit the build checked `ppl_ratio` against (`[accuracy] max_ppl_ratio`)."""
+
+
+class BundleVersions(_Model):
+    """Library versions the bundle was built with (or, from `installed_versions`, that this machine has)."""
+
+    mllm_deploy: str
+    """mllm-deploy."""
+    onnx: str | None
+    """onnx (builds the graphs; not needed to run them). None: not installed."""
+    onnxruntime: str | None
+    """onnxruntime, which runs every graph. None: not installed."""
+    onnxruntime_qnn: str | None
+    """onnxruntime-qnn, the QNN execution provider (and the QNN SDK it ships). None: not installed."""
+    qnn_sdk: str | None
+    """QNN SDK (QAIRT) version inside onnxruntime-qnn, as the package reports it. None: unknown
+    (the package is absent or does not say)."""
+
+
+class KvLayout(_Model):
+    """The KV cache the bundle's decode graphs and attention are built for."""
+
+    storage: Literal["int8", "float32"]
+    """`decode.kv_cache`: int8 with per-channel steps from calibration, or float32."""
+    layers: int = Field(ge=1)
+    """Layers, each with one K and one V cache."""
+    kv_heads: int = Field(ge=1)
+    """K/V heads per layer."""
+    head_dim: int = Field(ge=1)
+    """Values per head and position."""
+    max_context: int = Field(ge=1)
+    """`prefill.max_context` at build (positions per conversation; a runtime key, so it may be
+    changed with --set when the bundle is run)."""
+
+
+class BundleModel(_Model):
+    """The model inside the bundle."""
+
+    source: str
+    """`model.source` of the bundle's profile: the path inside the bundle."""
+    identity: str
+    """sha256 of the model's content (`compile.artifacts.model_identity`): `sha256:<hex>` of a GGUF
+    file, `sha256-dir:<hex>` over a Hugging Face directory's files."""
+    name: str
+    """The model's own name (its metadata)."""
+    architecture: str
+    """`llama`, `qwen2`, ..."""
+    format: Literal["gguf", "hf"]
+    """A GGUF file or a Hugging Face directory."""
+
+
+class BundleLock(_Model):
+    """The lockfile of a bundle (`bundle.json`): what it was built for, with, and what it holds."""
+
+    format_version: int
+    """Version of the bundle layout (`BUNDLE_FORMAT`); another version is refused."""
+    created: datetime
+    """When the bundle was written (UTC)."""
     profile_name: str
     """The profile's `name`."""
-    model_source: str
-    """`model.source` inside the bundle (relative to it)."""
-    backend_label: str
+    target: str
+    """`device.target` the bundle was built for (a catalog id, or `host`)."""
+    backend: NpuBackendName
     """What runs the NPU graphs."""
-    artifacts_key: str
-    """Name of the artifact entry the bundle was copied from."""
+    backend_label: str
+    """The backend as the build machine ran it (e.g. `ort-cpu emulation (VNNI INT8)`)."""
+    htp_arch: int | None
+    """Hexagon HTP architecture the context binaries are compiled for (qnn-htp), else None."""
+    soc_model: int | None
+    """QNN SoC id the context binaries are compiled for (qnn-htp), else None."""
+    chunk_size: int = Field(ge=1)
+    """Static chunk of every NPU graph (`prefill.chunk_size`)."""
+    decode_weight_block: int = Field(ge=1)
+    """Values per 8-bit block of the decode graphs' weights (`decode.weight_block`)."""
+    kv_cache: KvLayout
+    """The KV cache layout."""
+    model: BundleModel
+    """The model inside the bundle."""
+    versions: BundleVersions
+    """Libraries the bundle was built with."""
+    artifact_format: str
+    """Format of the artifacts (`compile.artifacts.ARTIFACT_FORMAT`) this mllm-deploy must read."""
+    decode_format: int
+    """Format of the decode graphs (`compile.decode_cache.FORMAT_VERSION`) this mllm-deploy must read."""
+    accuracy: BundleAccuracy | None = None
+    """Perplexity against float measured at build; None: not measured."""
+    files: dict[str, BundleFile]
+    """Every file of the bundle but this one, by path relative to the bundle (POSIX)."""
 
 
 def is_bundle(path: str | Path) -> bool:
-    """True when `path` is a bundle directory."""
+    """True when `path` is a bundle directory (it holds a lockfile)."""
     return Path(path).is_dir() and (Path(path) / BUNDLE_INFO).is_file()
 
 
 def bundle_profile_path(path: str | Path) -> Path:
-    """The profile file to load for a PROFILE argument: DIR/profile.toml for a bundle, else `path`.
-    (For the CLI: `load_profile(bundle_profile_path(args.profile), args.overrides)`.)"""
+    """The profile file to load for a PROFILE argument: DIR/profile.toml for a bundle, else `path`."""
     return Path(path) / BUNDLE_PROFILE if is_bundle(path) else Path(path)
 
 
-def bundle_artifacts(resolved) -> Artifacts | None:
-    """The bundle's artifacts when `resolved`'s profile comes from a bundle, else None."""
-    base = resolved.loaded.base_dir
-    if base is None or not is_bundle(base):
-        return None
+def _version(dist: str) -> str | None:
     try:
-        return open_entry(Path(base) / "artifacts", expected_lock(resolved))
-    except EntryProblem as problem:
-        raise user_error(f"the bundle's artifacts cannot be used here: {problem}", file=str(base),
-                         hint="rebuild it with `mllm-deploy build PROFILE --out DIR`",
-                         exit_code=ExitCode.CANNOT_RUN) from None  # fmt: skip
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
-def write_bundle(resolved, artifacts: Artifacts, out_dir: Path) -> Path:
-    """Copy model, profile and artifacts into `out_dir` (replaced atomically if it exists)."""
+def installed_versions() -> BundleVersions:
+    """The versions this machine has (read from package metadata: nothing heavy is imported)."""
+    qnn = _version("onnxruntime-qnn")
+    sdk = None
+    if qnn is not None:
+        try:  # the optional QNN plugin's small Python package; reports the QNN SDK it ships
+            info = getattr(import_module("onnxruntime_qnn"), "build_and_package_info", None)
+            sdk = getattr(info, "qnn_version", None)
+        except Exception:  # a broken plugin: the SDK version stays unknown
+            sdk = None
+    return BundleVersions(
+        mllm_deploy=__version__,
+        onnx=_version("onnx"),
+        onnxruntime=_version("onnxruntime"),
+        onnxruntime_qnn=qnn,
+        qnn_sdk=sdk if isinstance(sdk, str) else None,
+    )
+
+
+def decode_graph_names(kv_cache: str) -> tuple[str, ...]:
+    """The decode graphs a bundle ships: the output head and the step graph of its KV cache."""
+    return ("head", "step_kv8" if kv_cache == "int8" else "step")
+
+
+def write_bundle(
+    resolved: Resolved,
+    artifacts: Artifacts,
+    out_dir: Path,
+    *,
+    decode_graphs: Path,
+    accuracy: BundleAccuracy | None = None,
+) -> Path:
+    """Copy model, profile, artifacts and decode graphs into `out_dir` with a lockfile listing every
+    file's size and sha256. Built in a temporary sibling directory and renamed into place (an
+    earlier bundle there is replaced), so a killed build leaves no half bundle."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not is_bundle(out_dir) and any(out_dir.iterdir()):
+    if out_dir.exists() and not is_bundle(out_dir) and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise user_error("--out must be a new or empty directory (or an earlier bundle)", file=str(out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    profile, spec = resolved.profile, resolved.spec
     tmp = make_build_dir(out_dir.parent, out_dir.name)
     try:
-        model = Path(resolved.spec.path)
-        (tmp / "model").mkdir()
+        model = Path(spec.path)
+        (tmp / MODEL_DIR).mkdir()
         if model.is_dir():
-            shutil.copytree(model, tmp / "model" / model.name)
+            shutil.copytree(model, tmp / MODEL_DIR / model.name)
         else:
-            shutil.copy2(model, tmp / "model" / model.name)
-        source = f"model/{model.name}"
-        shutil.copytree(artifacts.root, tmp / "artifacts")
-        profile = resolved.profile.model_copy(
-            update={"model": resolved.profile.model.model_copy(update={"source": source})}
+            shutil.copy2(model, tmp / MODEL_DIR / model.name)
+        source = f"{MODEL_DIR}/{model.name}"
+        template = _copy_chat_template(profile.model.chat_template, resolved.loaded.base_dir, tmp)
+        shutil.copytree(artifacts.root, tmp / ARTIFACTS_DIR)
+        (tmp / DECODE_DIR).mkdir()
+        for name in (*decode_graph_names(profile.decode.kv_cache), "manifest"):
+            suffix = ".json" if name == "manifest" else ".onnx"
+            shutil.copy2(Path(decode_graphs) / f"{name}{suffix}", tmp / DECODE_DIR / f"{name}{suffix}")
+        text = bundle_profile_toml(resolved.loaded, backend=resolved.backend, model_source=source,
+                                   chat_template=template)  # fmt: skip
+        atomic_write_text(tmp / BUNDLE_PROFILE, text)
+        lock = BundleLock(
+            format_version=BUNDLE_FORMAT,
+            created=datetime.now(UTC).replace(microsecond=0),
+            profile_name=profile.name,
+            target=artifacts.lock.target,
+            backend=artifacts.lock.backend,
+            backend_label=resolved.backend_label,
+            htp_arch=artifacts.lock.htp_arch,
+            soc_model=artifacts.lock.soc_model,
+            chunk_size=artifacts.lock.chunk_size,
+            decode_weight_block=profile.decode.weight_block,
+            kv_cache=KvLayout(
+                storage=profile.decode.kv_cache,
+                layers=spec.n_layers,
+                kv_heads=spec.n_kv_heads,
+                head_dim=spec.head_dim,
+                max_context=profile.prefill.max_context,
+            ),
+            model=BundleModel(
+                source=source,
+                identity=model_identity(spec),
+                name=spec.name,
+                architecture=spec.architecture,
+                format=spec.format,
+            ),
+            versions=installed_versions(),
+            artifact_format=ARTIFACT_FORMAT,
+            decode_format=DECODE_FORMAT,
+            accuracy=accuracy,
+            files=_file_table(tmp),
         )
-        atomic_write_text(tmp / BUNDLE_PROFILE, profile_to_toml(profile))
-        info = BundleInfo(profile_name=profile.name, model_source=source, backend_label=resolved.backend_label,
-                          artifacts_key=artifacts.root.name)  # fmt: skip
-        atomic_write_text(tmp / BUNDLE_INFO, info.model_dump_json(indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        atomic_write_text(tmp / BUNDLE_INFO, lock.model_dump_json(indent=1))
+        _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def profile_to_toml(profile) -> str:
-    """A profile as TOML (sections of scalars and string lists; unset values left out)."""
-    lines = [f"schema_version = {profile.schema_version}", f"name = {_toml(profile.name)}"]
-    data = profile.model_dump()
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            continue
-        lines.append(f"\n[{section}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items() if value is not None]
-    return "\n".join(lines) + "\n"
+def _copy_chat_template(template: str, base_dir: Path, tmp: Path) -> str | None:
+    """Copy a chat template file the profile names into the bundle; its path inside it (None: `auto`)."""
+    if template == "auto":
+        return None
+    path = Path(template).expanduser()
+    path = path if path.is_absolute() else Path(base_dir) / path
+    (tmp / TEMPLATES_DIR).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, tmp / TEMPLATES_DIR / path.name)
+    return f"{TEMPLATES_DIR}/{path.name}"
 
 
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+def _file_table(root: Path) -> dict[str, BundleFile]:
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != BUNDLE_INFO:
+            files[rel] = BundleFile(size=path.stat().st_size, sha256=sha256_file(path))
+    return files
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` to `final`, replacing an earlier bundle there."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old.pid{os.getpid()}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+BUNDLE_PARTS = ("model", "graphs", "context binaries", "decode graphs", "shadow rows", "other")
+
+
+def bundle_part(rel: str) -> str:
+    """Which part of a bundle the file at `rel` belongs to (one of BUNDLE_PARTS)."""
+    if rel.startswith(f"{MODEL_DIR}/"):
+        return "model"
+    prefixes = {f"{ARTIFACTS_DIR}/graphs/": "graphs", f"{ARTIFACTS_DIR}/contexts/": "context binaries",
+                f"{ARTIFACTS_DIR}/shadow/": "shadow rows", f"{DECODE_DIR}/": "decode graphs"}  # fmt: skip
+    for prefix, part in prefixes.items():
+        if rel.startswith(prefix) and not rel.endswith(".json"):
+            return part
+    return "other"  # the profile, calibration, latencies, manifests
+
+
+def bundle_sizes(lock: BundleLock) -> dict[str, tuple[int, int]]:
+    """Part -> (files, bytes), every part of BUNDLE_PARTS in order."""
+    sizes = dict.fromkeys(BUNDLE_PARTS, (0, 0))
+    for rel, entry in lock.files.items():
+        files, size = sizes[bundle_part(rel)]
+        sizes[bundle_part(rel)] = (files + 1, size + entry.size)
+    return sizes
+
+
+def render_bundle_contents(lock: BundleLock) -> str:
+    """What went into a bundle, per part, with sizes (what `build --out` prints)."""
+    sizes = bundle_sizes(lock)
+    lines = [f"  {part:<17}{files:>5} files {size / 1e6:>9.1f} MB" for part, (files, size) in sizes.items()]
+    total = sum(size for _, size in sizes.values())
+    lines.append(f"  {'total':<17}{len(lock.files):>5} files {total / 1e6:>9.1f} MB (+ the lockfile)")
+    return "\n".join(lines)
+
+
+def write_archive(bundle: Path) -> Path:
+    """`bundle` as one uncompressed tar next to it (`DIR.tar`; unpack with `tar xf DIR.tar`, which
+    recreates DIR), written to a temporary file and renamed into place."""
+    bundle = Path(bundle)
+    final = bundle.with_name(bundle.name + ".tar")
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.pid{os.getpid()}.", suffix=".tmp", dir=bundle.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                tar.add(bundle, arcname=bundle.name)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 
+from mllm_deploy.compile.artifacts import model_identity
 from mllm_deploy.compile.decode_graphs import BLOCK, GRAPH_NAMES, decode_model_builders
 from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 from mllm_deploy.paths import cache_dir, make_build_dir
@@ -23,11 +24,10 @@ FORMAT_VERSION = 5  # 5: the manifest records the block
 
 
 def decode_cache_key(spec: ModelSpec, block: int = BLOCK) -> str:
-    if spec.file_sha256:
-        identity = ["sha256", spec.file_sha256]
-    else:
-        st = Path(spec.path).stat()
-        identity = ["file", str(Path(spec.path).resolve()), st.st_size, st.st_mtime_ns]
+    """Keyed by the model's content (a copy of the model, e.g. the one a bundle is built from,
+    finds the same entry), the format, the block and the onnx version."""
+    kind, _, digest = model_identity(spec).partition(":")
+    identity: list[object] = [kind, digest]
     identity += ["decode-int8", FORMAT_VERSION, block, onnx.__version__, spec.rope_style]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 

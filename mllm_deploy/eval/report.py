@@ -11,8 +11,8 @@ from mllm_deploy.errors import user_error
 from mllm_deploy.eval.perplexity import perplexity, token_nll
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.interface.deployment import Deployment
-from mllm_deploy.interface.engines import open_eval_engine
-from mllm_deploy.model import load_tokenizer, load_weights
+from mllm_deploy.interface.engines import load_deployment_weights, open_eval_engine
+from mllm_deploy.model import load_tokenizer
 from mllm_deploy.resolve import Resolved
 
 
@@ -34,7 +34,7 @@ def _evaluate(resolved: Resolved, text: str, *, max_tokens: int, progress: bool)
     if len(ids) < 2:
         raise user_error(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     chunk = resolved.profile.prefill.chunk_size
-    float_engine = FloatEngine(load_weights(spec))
+    float_engine = FloatEngine(load_deployment_weights(resolved))
     show = _progress if progress else None
     started = time.perf_counter()
     baseline = perplexity(token_nll(float_engine, ids, chunk, show and (lambda d, n: show("float baseline", d, n))))

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.build import compile_artifacts, find_artifacts
-from mllm_deploy.compile.bundle import write_bundle
+from mllm_deploy.compile.bundle import render_bundle_contents, write_archive, write_bundle
+from mllm_deploy.compile.bundle_check import read_lock
 from mllm_deploy.compile.calibration import render_calibration
 from mllm_deploy.interface.deployment import Deployment
+from mllm_deploy.interface.engines import obtain_decode_graphs
 from mllm_deploy.plan import Plan, build_plan
 
 
@@ -26,9 +28,12 @@ class Built:
     report: str
 
 
-def build_deployment(deployment: Deployment, *, force: bool = False, out: Path | None = None) -> Built:
+def build_deployment(
+    deployment: Deployment, *, force: bool = False, out: Path | None = None, archive: bool = False
+) -> Built:
     """Calibrate, compile, audit and profile the deployment's NPU graphs (or reuse the verified
-    cache entry; `force` rebuilds it), then write a bundle to `out` when given."""
+    cache entry; `force` rebuilds it), then write a bundle to `out` when given (with its decode
+    graphs; `archive`: and `OUT.tar` of it)."""
     resolved = deployment.resolved
     artifacts = compile_artifacts(resolved, force=force)
     lock = artifacts.lock
@@ -41,9 +46,13 @@ def build_deployment(deployment: Deployment, *, force: bool = False, out: Path |
         f"graphs: {len(latencies)}, profiled latency sum {sum(latencies.values()):.1f} ms per chunk "
         "(measured at build; noisy on a shared machine)",
     ]
-    bundle = write_bundle(resolved, artifacts, out) if out is not None else None
-    if bundle is not None:
-        lines.append(f"bundle: {bundle}")
+    bundle = None
+    if out is not None:
+        bundle = write_bundle(resolved, artifacts, out, decode_graphs=obtain_decode_graphs(resolved))
+        lines += [f"bundle: {bundle}", render_bundle_contents(read_lock(bundle.resolve()))]
+        if archive:
+            tar = write_archive(bundle)
+            lines.append(f"archive: {tar} ({tar.stat().st_size / 1e6:.1f} MB; unpack with `tar xf {tar.name}`)")
     return Built(artifacts, bundle, "\n".join(lines) + "\n")
 
 

@@ -2,6 +2,7 @@
 
 This is the one place the pipeline's build side meets its run side: the runtime never compiles.
 
+    weights = load_deployment_weights(deployment.resolved)
     engine = open_engine(deployment.resolved, weights)   # float32, or the NPU path
 """
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.build import Log, compile_artifacts, stderr_log
-from mllm_deploy.compile.bundle import bundle_artifacts
+from mllm_deploy.compile.bundle_check import bundle_artifacts, bundle_decode_graphs, bundle_root
 from mllm_deploy.compile.decode_cache import cached_decode_graphs
 from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.model import load_weights
 from mllm_deploy.model.spec import LlamaWeights
 from mllm_deploy.resolve import Resolved
 from mllm_deploy.runtime.dag_engine import open_npu_engine, profile_chunk_attention, profile_kv_scales
@@ -28,10 +30,23 @@ def obtain_artifacts(resolved: Resolved, *, log: Log = stderr_log) -> Artifacts:
     return bundle_artifacts(resolved) or compile_artifacts(resolved, log=log)
 
 
-def obtain_decode_graphs(resolved: Resolved, weights: LlamaWeights) -> Path:
-    """The directory of the CPU decode graphs for the profile's `decode.weight_block`, built from
-    the float weights the first time and cached."""
-    return cached_decode_graphs(resolved.spec, lambda: weights, resolved.profile.decode.weight_block)
+def obtain_decode_graphs(resolved: Resolved, weights: LlamaWeights | None = None) -> Path:
+    """The directory of the CPU decode graphs for the profile's `decode.weight_block`: a bundle's
+    own when the profile comes from a bundle (never built), else the cache entry, built from the
+    float weights (`weights`, or loaded now) the first time."""
+    bundled = bundle_decode_graphs(resolved)
+    if bundled is not None:
+        return bundled
+    load = (lambda: weights) if weights is not None else (lambda: load_weights(resolved.spec))
+    return cached_decode_graphs(resolved.spec, load, resolved.profile.decode.weight_block)
+
+
+def load_deployment_weights(resolved: Resolved) -> LlamaWeights:
+    """The float weights an engine of `resolved` reads: from the weight cache (dequantized once and
+    written there) for a profile, but on demand from the bundled model for a bundle, which writes
+    nothing (its NPU path reads only embedding rows and norms: the graphs hold the linears)."""
+    from_bundle = bundle_root(resolved) is not None
+    return load_weights(resolved.spec, use_cache=not from_bundle, on_demand=from_bundle)
 
 
 def open_engine(resolved: Resolved, weights: LlamaWeights, *, log: Log = stderr_log) -> Engine:

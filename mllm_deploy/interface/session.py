@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
 from mllm_deploy.events import GenerationDone, TurnEvent
 from mllm_deploy.interface.deployment import Deployment
-from mllm_deploy.interface.engines import open_engine
-from mllm_deploy.model import load_tokenizer, load_weights
+from mllm_deploy.interface.engines import load_deployment_weights, open_engine
+from mllm_deploy.model import load_tokenizer
 from mllm_deploy.model.chat_template import choose_template_with_origin, render_chat, special_token_text
 from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.model.tokenizer import ModelTokenizer
@@ -58,7 +58,7 @@ def load_model(deployment: Deployment) -> LoadedModel:
         spec, loaded_profile.profile.model.chat_template, loaded_profile.base_dir
     )
     tokenizer = load_tokenizer(spec)
-    engine = open_engine(deployment.resolved, load_weights(spec))
+    engine = open_engine(deployment.resolved, load_deployment_weights(deployment.resolved))
     return LoadedModel(spec, tokenizer, engine, template, origin, time.perf_counter() - started)
 
 

@@ -87,13 +87,15 @@ def read_spec(source: str, base_dir: Path | None = None) -> ModelSpec:
     return replace(spec, file_sha256=sha256) if sha256 else spec
 
 
-def load_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeights:
-    """All weights as float32, linears (out, in). GGUF weights are dequantized once and cached."""
+def load_weights(spec: ModelSpec, *, use_cache: bool = True, on_demand: bool = False) -> LlamaWeights:
+    """All weights as float32, linears (out, in). GGUF weights are dequantized once and cached;
+    `on_demand` (a bundle's run): nothing is written, each GGUF tensor is dequantized from the file
+    when it is used, an embedding row by row (see `gguf_on_demand`)."""
     if spec.format == "gguf":
         # deferred on purpose: the gguf library loads only when GGUF weights are read
         from mllm_deploy.model.gguf_source import load_gguf_weights  # noqa: PLC0415
 
-        return load_gguf_weights(spec, use_cache=use_cache)
+        return load_gguf_weights(spec, use_cache=use_cache, on_demand=on_demand)
     return load_hf_weights(spec)
 
 

@@ -235,6 +235,23 @@ class GGUFFile:
             ) from None
         return out.reshape(info.shape)
 
+    def dequantize_rows(self, name: str, rows: npt.NDArray[np.int64]) -> F32Array:
+        """Rows `rows` ([n] ids) of a 2-D tensor as float32 [n, columns]; only their bytes are read."""
+        info = self.tensors[name]
+        raw = self.raw(name)[rows]  # [n, bytes per row], a copy of just these rows
+        if info.ggml_type == gguf.GGMLQuantizationType.F32:
+            return raw.view(np.float32).reshape(len(rows), info.shape[-1])
+        if info.ggml_type == gguf.GGMLQuantizationType.F16:
+            return raw.view(np.float16).reshape(len(rows), info.shape[-1]).astype(np.float32)
+        try:
+            out = gguf.quants.dequantize(raw, info.ggml_type).astype(np.float32, copy=False)
+        except NotImplementedError:
+            raise user_error(
+                f"tensor {name!r} has type {info.ggml_type.name}, which the gguf package cannot dequantize",
+                file=str(self.path),
+            ) from None
+        return out.reshape(len(rows), info.shape[-1])
+
     def close(self) -> None:
         with contextlib.suppress(BufferError):  # a numpy view still points into the map; the OS frees it later
             self._map.close()

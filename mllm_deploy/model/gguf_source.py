@@ -14,6 +14,7 @@ from pathlib import Path
 from mllm_deploy.errors import user_error
 from mllm_deploy.model import layout, weight_cache
 from mllm_deploy.model.gguf_file import GGUFFile
+from mllm_deploy.model.gguf_on_demand import on_demand_weights
 from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec, RopeStyle
 
 LOADER_VERSION = 1  # bump when the cached float32 arrays would differ
@@ -167,10 +168,11 @@ def gguf_weights_cache_key(spec: ModelSpec) -> str:
     return "gguf-" + weight_cache.cache_key(*identity, "loader", LOADER_VERSION)
 
 
-def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeights:
-    """Float32 weights (out, in); dequantized once, then mmap-loaded from the weight cache."""
+def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True, on_demand: bool = False) -> LlamaWeights:
+    """Float32 weights (out, in); dequantized once, then mmap-loaded from the weight cache.
+    `on_demand`: nothing is cached or dequantized up front (see `gguf_on_demand`)."""
     names = list(layout.expected_tensors(spec, "gguf"))
-    key = gguf_weights_cache_key(spec) if use_cache else None
+    key = gguf_weights_cache_key(spec) if use_cache and not on_demand else None
     if key is not None:
         cached = weight_cache.load_entry(key)
         if cached is not None and set(cached) == set(names):
@@ -181,6 +183,8 @@ def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeight
     try:
         if _spec_from_file(gfile, spec.source).weight_bytes_f32 != spec.weight_bytes_f32:
             raise user_error("the file changed since its spec was read; read it again", file=spec.path)
+        if on_demand:
+            return on_demand_weights(spec, gfile)
         if key is None:
             return layout.assemble_weights(spec, "gguf", gfile.dequantize)
         try:
@@ -195,7 +199,8 @@ def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True) -> LlamaWeight
             return layout.assemble_weights(spec, "gguf", gfile.dequantize)
         return layout.assemble_weights(spec, "gguf", cached.__getitem__)
     finally:
-        gfile.close()
+        if not on_demand:  # on demand, the weights read from the open file as long as they live
+            gfile.close()
 
 
 def gguf_tensor(spec: ModelSpec, name: str) -> F32Array:

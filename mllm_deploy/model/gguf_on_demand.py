@@ -1,0 +1,82 @@
+"""GGUF weights dequantized when they are used, straight from the file (nothing is written).
+
+What a bundle runs with: its NPU path never reads the float32 linears (the INT8 graphs and the
+decode graphs hold them), only the rows of the embedding that prompts use and the norms, so
+dequantizing all of them (2.4 s, 660 MB peak RSS for the default model) or writing them to the
+weight cache (515 MB) would be waste. Here the 1-D tensors (norms, biases: a few kB) are
+dequantized at once and every 2-D tensor is a `GgufTensor`:
+
+    tensor[ids]        rows by id ([T] ints -> [T, columns]): only those rows are read and dequantized
+    tensor.T, np.asarray(tensor)    the whole tensor, dequantized on first use and kept
+
+so the float engine (e.g. `eval`'s baseline) still works, paying the dequantization then.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import cast
+
+import numpy as np
+
+from mllm_deploy.model import layout
+from mllm_deploy.model.gguf_file import GGUFFile
+from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec
+
+
+class GgufTensor:
+    """A 2-D tensor of an open GGUF file, dequantized by rows or, on first whole use, entirely."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, gfile: GGUFFile, name: str):
+        self._file, self.name = gfile, name
+        self.shape: tuple[int, ...] = gfile.tensors[name].shape
+        self._whole: F32Array | None = None
+        self._lock = threading.Lock()  # the DAG's executor threads may ask at once
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: object) -> F32Array:
+        """Rows by id (an int or an integer array), reading only those rows; anything else
+        indexes the whole (dequantized) tensor."""
+        if self._whole is None and isinstance(index, (int, np.integer, list, np.ndarray)):
+            ids = np.asarray(index)
+            if ids.dtype.kind in "iu":
+                flat = np.atleast_1d(ids).astype(np.int64).ravel()
+                if flat.size and not (flat.min() >= -self.shape[0] and flat.max() < self.shape[0]):
+                    raise IndexError(f"row index outside the {self.shape[0]} rows of {self.name}")
+                rows = self._file.dequantize_rows(self.name, flat % self.shape[0])
+                return rows[0] if ids.ndim == 0 else rows.reshape(*ids.shape, self.shape[1])
+        return cast("F32Array", self.whole()[index])  # type: ignore[call-overload]  # numpy indexing of any kind
+
+    def whole(self) -> F32Array:
+        """The whole tensor as float32 (dequantized once)."""
+        with self._lock:
+            if self._whole is None:
+                self._whole = self._file.dequantize(self.name)
+            return self._whole
+
+    def __array__(self, dtype: object = None, copy: object = None) -> F32Array:
+        whole = self.whole()
+        return whole if dtype is None else whole.astype(dtype)  # type: ignore[call-overload]
+
+    @property
+    def T(self) -> F32Array:  # numpy's name, so `x @ w.T` works unchanged
+        return self.whole().T
+
+
+def on_demand_weights(spec: ModelSpec, gfile: GGUFFile) -> LlamaWeights:
+    """LlamaWeights over the open GGUF file `gfile` whose 2-D tensors are `GgufTensor`s (see the
+    module docstring). The file stays open (memory-mapped) as long as the weights live."""
+
+    def read(name: str) -> F32Array:
+        if len(gfile.tensors[name].shape) == 1:
+            return gfile.dequantize(name)
+        # typed as an array for LlamaWeights: it supports what the engines do with one
+        # (rows by id, `.T`, `np.asarray`), and fails loudly on anything else
+        return cast("F32Array", GgufTensor(gfile, name))
+
+    return layout.assemble_weights(spec, "gguf", read)

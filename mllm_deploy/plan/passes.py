@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, group_shapes
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.plan.models import Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, TensorSpec
+from mllm_deploy.plan.models import Estimate, GraphSpec, Plan, ShadowPlan, Subgraph, SubgraphKind, TensorSpec
 from mllm_deploy.profile.models import Profile
 from mllm_deploy.resolve.memory import shadowed_input_count
 
@@ -37,7 +37,7 @@ def _t(name: str, shape: tuple[int, ...], dtype: str = F32) -> TensorSpec:
     return TensorSpec(name=name, shape=shape, dtype=dtype)
 
 
-def _layer_kinds(spec: ModelSpec, chunk: int) -> list[tuple[str, list[TensorSpec], list[TensorSpec], int]]:
+def _layer_kinds(spec: ModelSpec, chunk: int) -> list[tuple[SubgraphKind, list[TensorSpec], list[TensorSpec], int]]:
     """(kind, inputs, outputs, ops per chunk) of the subgraphs of one layer, in data-flow order."""
     h, q, kv, f = spec.hidden, spec.q_dim, spec.kv_dim, spec.ffn
     return [
@@ -135,7 +135,9 @@ def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
     )
 
 
-def _sub(sid: str, chunk: int, layer: int, kind: str, ins, outs, ops: int) -> Subgraph:
+def _sub(
+    sid: str, chunk: int, layer: int, kind: SubgraphKind, ins: list[TensorSpec], outs: list[TensorSpec], ops: int
+) -> Subgraph:
     return Subgraph(
         id=sid,
         chunk=chunk,
@@ -160,7 +162,7 @@ def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
     One static graph per layer and linear kind is shared by every chunk.
     """
     profile, spec = inp.profile, inp.spec
-    on_npu = set(GRAPH_KINDS) if inp.backend != "none" else set()
+    on_npu: set[SubgraphKind] = set(GRAPH_KINDS) if inp.backend != "none" else set()
     if inp.backend != "none":
         if profile.placement.norms == "npu":
             on_npu |= {"attn_norm", "ffn_norm", "final_norm"}
@@ -254,10 +256,10 @@ def insert_shadow_pass(plan: Plan, inp: PlanInputs) -> Plan:
     if not inputs:
         return plan.model_copy(update={"shadow": shadow, "passes": [*plan.passes, "insert_shadow"]})
     wanted = set(inputs)
-    producers = {}
+    producers: dict[str, list[str]] = {}
     for src, dst in plan.edges:
         producers.setdefault(dst, []).append(src)
-    consumers = {}
+    consumers: dict[str, list[str]] = {}
     for src, dst in plan.edges:
         consumers.setdefault(src, []).append(dst)
     new_subgraphs = list(plan.subgraphs)

@@ -44,11 +44,11 @@ def render_plan(plan: Plan, *, dag_lines: int = 24) -> str:
         ]
     if plan.shadow is not None:
         s = plan.shadow
-        kinds: dict[str, int] = {}
+        shadow_kinds: dict[str, int] = {}
         for linear in s.linears:
             kind = linear.split(".", 1)[1]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        summary = ", ".join(f"{k} x{v}" for k, v in kinds.items()) or "none"
+            shadow_kinds[kind] = shadow_kinds.get(kind, 0) + 1
+        summary = ", ".join(f"{k} x{v}" for k, v in shadow_kinds.items()) or "none"
         lines += [
             f"outliers: {s.policy}; shadowed linear inputs ({s.source}): {len(s.linears)} ({summary}) "
             f"in {len(s.layers)} layers; hot channels <= {s.hot_channel_fraction:.1%}",

@@ -129,8 +129,8 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
     # hot rows: for each shadowed linear input channel kept hot, the float row of W^T it multiplies;
     # sized for the widest input (the down projection's), which calibration shadows first
     hot_fraction = profile.outliers.hot_channel_fraction
-    widest = max(spec.linear_shapes().values(), key=lambda shape: shape[1])
-    hot = shadowed_input_count(profile, spec) * round(hot_fraction * widest[1]) * widest[0] * F32
+    widest_out, widest_in = max(spec.linear_shapes().values(), key=lambda shape: shape[1])
+    hot = shadowed_input_count(profile, spec) * round(hot_fraction * widest_in) * widest_out * F32
     # decode runs on the CPU from its own 8-bit graphs (built from the float weights, cached)
     decode = decode_weight_bytes(spec, profile.decode.weight_block)
     return MemoryBudget(

@@ -392,7 +392,8 @@ def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resol
 def resolve_profile(loaded: LoadedProfile) -> Resolved:
     """Load the device and model metadata a profile names, then :func:`resolve`."""
     problems: list[UserError] = []
-    caps = spec = None
+    caps: Capabilities | None = None
+    spec: ModelSpec | None = None
     try:
         caps = load_capabilities(loaded.profile.device.target)
     except UserError as err:
@@ -405,6 +406,8 @@ def resolve_profile(loaded: LoadedProfile) -> Resolved:
         raise UserError(
             [d for p in problems for d in p.diagnostics], exit_code=ExitCode.INVALID, warnings=list(loaded.warnings)
         )
+    if caps is None or spec is None:  # each is set unless its loader raised, which was reported above
+        raise RuntimeError("resolve_profile: device or model metadata missing without a diagnostic")
     return resolve(loaded, caps, spec)
 
 

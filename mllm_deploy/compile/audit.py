@@ -18,6 +18,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import onnx
 import onnxruntime as ort
@@ -58,7 +59,8 @@ class AuditReport:
 
 
 def _dtype_name(elem_type: int) -> str:
-    return TensorProto.DataType.Name(elem_type).lower()
+    name: str = TensorProto.DataType.Name(elem_type)
+    return name.lower()
 
 
 def audit_graph(model_path: str | Path, *, require_quantized_outputs: bool = False) -> AuditReport:
@@ -128,7 +130,26 @@ def audit_graph(model_path: str | Path, *, require_quantized_outputs: bool = Fal
     return AuditReport(name, len(matmuls), activation_dtypes, weight_dtypes, quantized_outputs)
 
 
-def integer_kernel_report(model_path: str | Path, threads: int = 1, uint16_accuracy_level: int = 1) -> dict:
+class FloatMatmul(TypedDict):
+    """A matmul kernel that takes float activations, in an `integer_kernel_report`."""
+
+    name: str
+    op_type: str
+    attributes: dict[str, int]  # its INT attributes, e.g. MatMulNBits' bits and accuracy_level
+
+
+class KernelReport(TypedDict):
+    """What `integer_kernel_report` returns (and `kernels.json` holds per graph kind)."""
+
+    model: str
+    provider: str
+    op_counts: dict[str, int]
+    integer_kernels: dict[str, int]
+    float_matmuls: list[FloatMatmul]
+    all_linears_integer: bool
+
+
+def integer_kernel_report(model_path: str | Path, threads: int = 1, uint16_accuracy_level: int = 1) -> KernelReport:
     """Optimize `model_path` with exactly the session options of the `ort-cpu` backend, save
     the optimized graph and report the kernels that really run.
 
@@ -148,7 +169,7 @@ def integer_kernel_report(model_path: str | Path, threads: int = 1, uint16_accur
     nodes = list(optimized.graph.node)
     op_counts = Counter(n.op_type for n in nodes)
     integer = {op: c for op, c in op_counts.items() if op in INTEGER_KERNELS}
-    float_mms = [
+    float_mms: list[FloatMatmul] = [
         {
             "name": n.name,
             "op_type": n.op_type,

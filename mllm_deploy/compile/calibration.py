@@ -17,13 +17,13 @@ Two levels, both strict pydantic models stored as JSON:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_deploy.model.linears import GRAPH_KINDS
 
-STATS_SCHEMA_VERSION = 3
+STATS_SCHEMA_VERSION: Final = 3
 HOT_OUTLIER_SHARE = 0.8
 """Hot channels: the smallest set of input channels holding this share of the calibration
 outliers (DESIGN.md §2: under 3% of channels hold over 80%), capped by `hot_channel_fraction`."""
@@ -237,7 +237,8 @@ def derive_calibration(
     shadowed = {(s.layer, s.kind) for s, *_ in kept}
     inputs = []
     for s, clamp, fraction, importance, damage in per_input:
-        hot, share = ([], 0.0)
+        hot: list[int] = []
+        share = 0.0
         if (s.layer, s.kind) in shadowed:
             hot, share = choose_hot_channels(s.channel_outliers, s.width, hot_channel_fraction)
         elif policy == "shadow":
@@ -291,7 +292,7 @@ def render_calibration(result: CalibrationResult) -> str:
     top = ", ".join(f"L{i} {result.layer_importance[i]:.0f}" for i in result.layer_rank[: min(6, n)])
     lines.append(f"  layer importance (max|outlier|/scale), highest: {top}")
     if result.policy == "shadow":
-        kinds = {}
+        kinds: dict[str, int] = {}
         for _, kind in result.shadow_inputs:
             kinds[kind] = kinds.get(kind, 0) + 1
         summary = ", ".join(f"{kind} x{count}" for kind, count in kinds.items()) or "none"

@@ -61,14 +61,17 @@ def quantize_blocks_u8(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, n
 
 def dequantize_blocks_u8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     n, kb, block = q.shape
-    return ((q.astype(np.float32) - 128.0) * scale[..., None]).reshape(n, kb * block)
+    w: np.ndarray = ((q.astype(np.float32) - 128.0) * scale[..., None]).reshape(n, kb * block)
+    return w
 
 
 class _Builder:
     """Nodes and initializers of one segment graph."""
 
     def __init__(self, name: str, block: int = BLOCK):
-        self.name, self.nodes, self.inits, self._n, self.block = name, [], [], 0, block
+        self.name, self._n, self.block = name, 0, block
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
 
     def tmp(self, stem: str) -> str:
         self._n += 1
@@ -79,9 +82,13 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], stem: str, domain: str = "", **attrs) -> str:
+    def op(self, op_type: str, inputs: list[str], stem: str, domain: str = "", **attrs: int | float | str) -> str:
         out = self.tmp(stem)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
+        node = helper.make_node(op_type, inputs, [out], name=out, domain=domain)
+        # the attributes as make_node(**attrs) would add them (sorted by name), without letting an
+        # attribute named like one of make_node's own parameters (doc_string, overload) bind to it
+        node.attribute.extend(helper.make_attribute(key, value) for key, value in sorted(attrs.items()))
+        self.nodes.append(node)
         return out
 
     def rms_norm(self, x: str, weight: np.ndarray, eps: float) -> str:
@@ -181,7 +188,7 @@ def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelP
     b = _Builder("decode_step", block)
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     kv_type = TensorProto.INT8 if kv_int8 else f32
-    kv_shape = [1, spec.n_kv_heads, "capacity", spec.head_dim]
+    kv_shape: list[str | int | None] = [1, spec.n_kv_heads, "capacity", spec.head_dim]
     inputs = [
         helper.make_tensor_value_info("x", f32, [1, 1, spec.hidden]),
         helper.make_tensor_value_info("seqlens_k", i32, [1]),  # tokens held after this one, minus 1
@@ -190,7 +197,6 @@ def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelP
         helper.make_tensor_value_info("sin", f32, ["rope_positions", spec.head_dim // 2]),
     ]
     outputs = []
-    quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8} if kv_int8 else {}
     attn = ""  # the previous layer's attention output
     normed, resid = b.rms_norm("x", weights.layers[0].attn_norm, spec.rms_eps), "x"
     for layer in range(spec.n_layers):
@@ -214,7 +220,10 @@ def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelP
             [qkv, "", "", past_k, past_v, "seqlens_k", "total_length", "cos", "sin", *scales],  # packed QKV
             [attn, present_k, present_v], name=attn, domain=MS_DOMAIN,
             num_heads=spec.n_heads, kv_num_heads=spec.n_kv_heads, scale=float(1.0 / np.sqrt(spec.head_dim)),
-            do_rotary=1, rotary_interleaved=int(spec.rope_style == "adjacent"), **quant,
+            do_rotary=1, rotary_interleaved=int(spec.rope_style == "adjacent"),
+            # int8 cache: GroupQueryAttention's PER_CHANNEL quantization (make_node skips None attributes)
+            k_quant_type="PER_CHANNEL" if kv_int8 else None, v_quant_type="PER_CHANNEL" if kv_int8 else None,
+            kv_cache_bit_width=8 if kv_int8 else None,
         ))  # fmt: skip
     normed, _ = _mlp_then(b, weights, spec.n_layers - 1, resid, attn, weights.output_norm)
     b.nodes.append(helper.make_node("Identity", [normed], ["x_final"], name="out_x_final"))
@@ -222,7 +231,7 @@ def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelP
     return _model(helper.make_graph(b.nodes, b.name, inputs, outputs, b.inits))
 
 
-def _model(graph) -> onnx.ModelProto:
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],

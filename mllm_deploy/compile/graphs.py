@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -151,11 +152,18 @@ def quantize_layer_weights(layer: LayerWeights, granularity: WeightGranularity) 
     return {name: quantize_weight(w, granularity) for name, w in float_weights.items()}
 
 
-def _scalar(name: str, value, dtype) -> TensorProto:
+def _scalar(name: str, value: float, dtype: npt.DTypeLike) -> TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def _act_qdq(src: str, prefix: str, act: ActQuant, nodes: list, inits: list, out: str | None = None) -> str:
+def _act_qdq(
+    src: str,
+    prefix: str,
+    act: ActQuant,
+    nodes: list[onnx.NodeProto],
+    inits: list[TensorProto],
+    out: str | None = None,
+) -> str:
     """Append Q→DQ of `src` on the grid `act`; return the DQ output name (`out` if given)."""
     scale, zp = f"{prefix}_scale", f"{prefix}_zero_point"
     out = out or f"{prefix}_dq"
@@ -165,7 +173,14 @@ def _act_qdq(src: str, prefix: str, act: ActQuant, nodes: list, inits: list, out
     return out
 
 
-def _linear(x_dq: str, linear: QuantizedLinear, act_in: ActQuant, out_name: str, nodes: list, inits: list) -> None:
+def _linear(
+    x_dq: str,
+    linear: QuantizedLinear,
+    act_in: ActQuant,
+    out_name: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[TensorProto],
+) -> None:
     """Append the quantized linear reading `x_dq` and writing `out_name`.
 
     Without bias: DQ(W^T int8 [in, out]) → MatMul → [Q → DQ]. With bias: a Gemm with transB
@@ -181,14 +196,14 @@ def _linear(x_dq: str, linear: QuantizedLinear, act_in: ActQuant, out_name: str,
     inits.append(numpy_helper.from_array(w_int8, f"{n}_weight_q"))
     inits.append(numpy_helper.from_array(w.scale, f"{n}_weight_scale"))
     inits.append(numpy_helper.from_array(np.zeros(w.scale.shape, np.int8), f"{n}_weight_zero_point"))
-    axis = {"axis": 0 if gemm else 1} if per_channel else {}  # the output-channel axis
+    axis = (0 if gemm else 1) if per_channel else None  # the output-channel axis (make_node skips None)
     nodes.append(
         helper.make_node(
             "DequantizeLinear",
             [f"{n}_weight_q", f"{n}_weight_scale", f"{n}_weight_zero_point"],
             [f"{n}_weight_dq"],
             name=f"{n}_weight_dequantize",
-            **axis,
+            axis=axis,
         )
     )
     product = f"{n}_matmul" if linear.output is not None else out_name
@@ -204,7 +219,7 @@ def _linear(x_dq: str, linear: QuantizedLinear, act_in: ActQuant, out_name: str,
                 [f"{n}_bias_q", f"{n}_bias_scale", f"{n}_bias_zero_point"],
                 [f"{n}_bias_dq"],
                 name=f"{n}_bias_dequantize",
-                **({"axis": 0} if per_channel else {}),
+                axis=0 if per_channel else None,
             )
         )
         nodes.append(
@@ -230,8 +245,8 @@ def build_linear_group_model(
     width_in = linears[0].weight.q.shape[1]
     if any(lin.weight.q.shape[1] != width_in for lin in linears):
         raise ValueError(f"{graph_name}: linears disagree on the input width")
-    nodes: list = []
-    inits: list = []
+    nodes: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = []
     x_dq = _act_qdq(input_name, f"{input_name}_input", input_quant, nodes, inits)
     if swiglu:
         gate, up = linears

@@ -35,7 +35,7 @@ WeightGranularity = Literal["per-tensor", "per-channel"]
 
 INT8_WEIGHT_MAX = 127
 _QMAX = {"uint8": 255, "uint16": 65535}
-_NUMPY_DTYPE = {"uint8": np.uint8, "uint16": np.uint16}
+_NUMPY_DTYPE: dict[str, type[np.uint8 | np.uint16]] = {"uint8": np.uint8, "uint16": np.uint16}
 _TINY = np.float32(1e-12)  # floor on scales so an all-zero tensor still has a valid grid
 
 
@@ -53,7 +53,8 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         """float32 [out, in]."""
         scale = self.scale if self.scale.ndim == 0 else self.scale[:, None]
-        return self.q.astype(np.float32) * scale
+        out: np.ndarray = self.q.astype(np.float32) * scale
+        return out
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class ActQuant:
         return _QMAX[self.dtype]
 
     @property
-    def numpy_dtype(self) -> type:
+    def numpy_dtype(self) -> type[np.uint8 | np.uint16]:
         return _NUMPY_DTYPE[self.dtype]
 
     @property
@@ -88,10 +89,12 @@ class ActQuant:
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Like ONNX QuantizeLinear: round half to even, saturate."""
         q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(self.scale)) + self.zero_point
-        return np.clip(q, 0, self.qmax).astype(self.numpy_dtype)
+        out: np.ndarray = np.clip(q, 0, self.qmax).astype(self.numpy_dtype)
+        return out
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
-        return (q.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
+        out: np.ndarray = (q.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
+        return out
 
     def fake_quantize(self, x: np.ndarray) -> np.ndarray:
         """dequantize(quantize(x)): what the NPU sees of x (clamped and rounded)."""
@@ -154,4 +157,5 @@ def linear_error_bound(x: np.ndarray, weight: QuantizedWeight, act: ActQuant) ->
     n_in = w_float.shape[1]
     x_abs_sum = np.abs(x).sum(axis=1, keepdims=True)  # [tokens, 1]
     w_abs_sum = np.abs(w_float).sum(axis=1)  # [out]
-    return (x_abs_sum * s_w / 2 + w_abs_sum * s_x / 2 + n_in * s_x * s_w / 4).astype(np.float32)
+    bound: np.ndarray = (x_abs_sum * s_w / 2 + w_abs_sum * s_x / 2 + n_in * s_x * s_w / 4).astype(np.float32)
+    return bound

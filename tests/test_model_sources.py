@@ -181,8 +181,9 @@ def test_weight_cache_is_reused_and_rebuilt_when_damaged(tiny_dir, tmp_path):
     assert not list(weight_cache.weights_cache_root().glob(".*"))  # no temp dirs left behind
 
 
-def test_cache_key_follows_the_file(tiny_dir):
+def test_cache_key_follows_the_files_content(tiny_dir, private_cache):
     import os
+    import shutil
 
     from mllm_deploy.model.gguf_source import gguf_weights_cache_key
 
@@ -190,6 +191,12 @@ def test_cache_key_follows_the_file(tiny_dir):
     spec = read_spec(str(path))
     before = gguf_weights_cache_key(spec)
     os.utime(path, ns=(1, 1))
+    assert gguf_weights_cache_key(spec) == before  # touched, same bytes: the same entry
+    copy = shutil.copy(path, tiny_dir / "copy-of-keyed.gguf")  # a copy elsewhere (a bundle's build): too
+    assert gguf_weights_cache_key(read_spec(str(copy))) == before
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor
+    path.write_bytes(bytes(data))
     assert gguf_weights_cache_key(spec) != before
     assert gguf_weights_cache_key(dataclasses.replace(spec, file_sha256="ab" * 32)) != before
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mllm_deploy.errors import user_error
-from mllm_deploy.model import layout, weight_cache
+from mllm_deploy.model import layout, registry, weight_cache
 from mllm_deploy.model.gguf_file import GGUFFile
 from mllm_deploy.model.gguf_on_demand import on_demand_weights
 from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec, RopeStyle
@@ -158,14 +158,11 @@ def _type_histogram(gfile: GGUFFile) -> dict[str, int]:
 
 
 def gguf_weights_cache_key(spec: ModelSpec) -> str:
-    """Content hash when verified (builtin registry), else path + size + mtime."""
-    identity: tuple[str | int, ...]
-    if spec.file_sha256:
-        identity = ("sha256", spec.file_sha256)
-    else:
-        st = Path(spec.path).stat()
-        identity = ("file", str(Path(spec.path).resolve()), st.st_size, st.st_mtime_ns)
-    return "gguf-" + weight_cache.cache_key(*identity, "loader", LOADER_VERSION)
+    """Keyed by the file's content: the registry's verified hash for a builtin, else its sha256
+    (remembered per path, size and mtime), so a copy of a model finds the same entry instead of
+    writing another 515 MB one."""
+    digest = spec.file_sha256 or registry.verified_sha256(Path(spec.path))
+    return "gguf-" + weight_cache.cache_key("sha256", digest, "loader", LOADER_VERSION)
 
 
 def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True, on_demand: bool = False) -> LlamaWeights:

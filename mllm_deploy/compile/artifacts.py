@@ -27,7 +27,7 @@ import os
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,7 +35,12 @@ from mllm_deploy import __version__
 from mllm_deploy.backends.registry import NpuBackendName, backend_support
 from mllm_deploy.compile import calibrate
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult
+from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
+
+if TYPE_CHECKING:  # types only: audit loads onnx and onnxruntime, which reading an entry does not need
+    from mllm_deploy.compile.audit import KernelReport
+    from mllm_deploy.resolve import Resolved
 
 LOCK, MANIFEST, CALIBRATION, LATENCIES, KERNELS = (
     "lock.json",
@@ -103,10 +108,10 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-_IDENTITY_MEMO: dict[tuple, str] = {}
+_IDENTITY_MEMO: dict[tuple[tuple[str, int, int], ...], str] = {}  # (path, size, mtime_ns) of every file
 
 
-def model_identity(spec) -> str:
+def model_identity(spec: ModelSpec) -> str:
     """sha256 of the model's content (the registry's verified hash for builtins; for a directory,
     of every file's name and hash), so a copied model (a bundle) keeps its identity."""
     if spec.file_sha256:
@@ -123,7 +128,7 @@ def model_identity(spec) -> str:
     return _IDENTITY_MEMO[memo_key]
 
 
-def expected_lock(resolved) -> Lockfile:
+def expected_lock(resolved: Resolved) -> Lockfile:
     """The lockfile an entry for `resolved` must carry."""
     p = resolved.profile
     npu = resolved.caps.npu
@@ -141,7 +146,7 @@ def expected_lock(resolved) -> Lockfile:
     )
 
 
-def graph_settings(resolved) -> dict[str, str | int | float]:
+def graph_settings(resolved: Resolved) -> dict[str, str | int | float]:
     """The lockfile's `settings`: every other profile field that affects the graphs."""
     p = resolved.profile
     return {
@@ -214,7 +219,7 @@ class Artifacts:
         self.root, self.lock, self.manifest = Path(root), lock, manifest
         self.calibration = CalibrationResult.model_validate_json((self.root / CALIBRATION).read_text())
         self.latencies_ms: dict[str, float] = json.loads((self.root / LATENCIES).read_text())
-        self.kernels: dict = json.loads((self.root / KERNELS).read_text())
+        self.kernels: dict[str, KernelReport] = json.loads((self.root / KERNELS).read_text())
 
     def graph_path(self, layer: int, kind: str) -> Path:
         return self.root / "graphs" / f"layer{layer}_{kind}.onnx"

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -31,6 +32,7 @@ from mllm_deploy.compile.artifacts import (
     LOCK,
     Artifacts,
     EntryProblem,
+    Lockfile,
     artifacts_root,
     commit_entry,
     entry_key,
@@ -43,16 +45,20 @@ from mllm_deploy.compile.artifacts import (
 )  # fmt: skip
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
 from mllm_deploy.compile.bundle import is_bundle
-from mllm_deploy.compile.calibrate import calibration_tokens, collect_activation_stats
+from mllm_deploy.compile.calibrate import Progress, calibration_tokens, collect_activation_stats
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
 from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
-from mllm_deploy.compile.quantize import activation_quant_symmetric
+from mllm_deploy.compile.quantize import ActQuant, WeightGranularity, activation_quant_symmetric
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, LINEAR_GROUPS
+from mllm_deploy.model.spec import LayerWeights
 from mllm_deploy.paths import atomic_write_bytes, atomic_write_text, cache_dir, make_build_dir
 from mllm_deploy.resolve.memory import shadowed_input_count
+
+if TYPE_CHECKING:
+    from mllm_deploy.resolve import Resolved
 
 Log = Callable[[str], None]
 PROFILE_RUNS = 3  # timed runs per graph after one warm-up (one on the QNN simulator)
@@ -78,7 +84,10 @@ def layer_act_quant(cal: CalibrationResult, layer: int, quantize_outputs: bool =
     rounding of the output — measured on SmolLM2, per-tensor uint8 *outputs* alone cost ~30%
     perplexity)."""
     dtype = cal.activations
-    grid = lambda clamp: activation_quant_symmetric(clamp, dtype)
+
+    def grid(clamp: float) -> ActQuant:
+        return activation_quant_symmetric(clamp, dtype)
+
     return LayerActQuant(
         attn_in=grid(cal.input(layer, "qkv").clamp),
         attn_out=grid(cal.input(layer, "o_proj").clamp),
@@ -92,13 +101,13 @@ def layer_act_quant(cal: CalibrationResult, layer: int, quantize_outputs: bool =
     )
 
 
-def shadow_weight_t(layer_weights, kind: str) -> np.ndarray:
+def shadow_weight_t(layer_weights: LayerWeights, kind: str) -> np.ndarray:
     """float32 W^T [in, out_total] of the linears reading one graph input, outputs in graph order."""
-    mats = LINEAR_GROUP[kind].weight_arrays(layer_weights)
+    mats = [np.asarray(m) for m in LINEAR_GROUP[kind].weight_arrays(layer_weights)]
     return np.ascontiguousarray(np.concatenate(mats, axis=0).T, dtype=np.float32)
 
 
-def find_artifacts(resolved) -> Artifacts | None:
+def find_artifacts(resolved: Resolved) -> Artifacts | None:
     """The verified cache entry of `resolved`, or None (nothing is built)."""
     if resolved.backend == "none":
         return None
@@ -113,13 +122,15 @@ def find_artifacts(resolved) -> Artifacts | None:
         return None
 
 
-def calibrated_shadow_inputs(resolved) -> tuple[tuple[int, str], ...] | None:
+def calibrated_shadow_inputs(resolved: Resolved) -> tuple[tuple[int, str], ...] | None:
     """The (layer, kind) linear inputs this profile's built artifacts shadow, for `build_plan`."""
     artifacts = find_artifacts(resolved)
     return tuple(artifacts.calibration.shadow_inputs) if artifacts is not None else None
 
 
-def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, progress=stderr_progress) -> Artifacts:
+def compile_artifacts(
+    resolved: Resolved, *, force: bool = False, log: Log = stderr_log, progress: Progress = stderr_progress
+) -> Artifacts:
     """The profile's artifacts from the cache, or built now (see the module docstring)."""
     if resolved.backend == "none":
         raise user_error("device.npu_backend = \"none\" runs everything in float on the CPU: nothing to compile",
@@ -160,7 +171,9 @@ def compile_artifacts(resolved, *, force: bool = False, log: Log = stderr_log, p
     return open_entry(final, lock, verify_checksums=False)
 
 
-def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationStats:
+def calibration_stats(
+    resolved: Resolved, engine: FloatEngine, lock: Lockfile, log: Log, progress: Progress
+) -> ActivationStats:
     """Cached ActivationStats for the model + calibration data + percentile, or computed now."""
     key = stats_key(lock)
     stats = load_stats(key)
@@ -191,7 +204,7 @@ def calibration_stats(resolved, engine, lock, log: Log, progress) -> ActivationS
     return stats
 
 
-def _cached_samples(lock, produce) -> list[list[int]]:
+def _cached_samples(lock: Lockfile, produce: Callable[[], list[list[int]]]) -> list[list[int]]:
     """Calibration token ids, cached by model and calibration settings (not the percentile):
     self-generated text is the slow part of calibration and does not depend on it."""
 
@@ -205,9 +218,9 @@ def _cached_samples(lock, produce) -> list[list[int]]:
     ]
     path = cache_dir() / "calibration" / ("tokens-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:24] + ".json")
     try:
-        samples = json.loads(path.read_text())
-        if isinstance(samples, list) and all(isinstance(x, list) and x for x in samples):
-            return samples
+        cached: object = json.loads(path.read_text())
+        if isinstance(cached, list) and all(isinstance(x, list) and x for x in cached):
+            return cached
     except (OSError, ValueError):
         pass
     samples = produce()
@@ -215,7 +228,7 @@ def _cached_samples(lock, produce) -> list[list[int]]:
     return samples
 
 
-def _audit_or_refuse(resolved, graph_path: Path, *, require_quantized_outputs: bool) -> None:
+def _audit_or_refuse(resolved: Resolved, graph_path: Path, *, require_quantized_outputs: bool) -> None:
     """The graph audit; a refused graph stops the build as a refusal of the profile (exit 3),
     located at its quantization settings (the build directory is discarded, nothing is cached)."""
     try:
@@ -231,10 +244,12 @@ def _audit_or_refuse(resolved, graph_path: Path, *, require_quantized_outputs: b
         )], exit_code=ExitCode.CANNOT_RUN) from None  # fmt: skip
 
 
-def _build_into(tmp: Path, resolved, engine, cal: CalibrationResult, progress, log: Log) -> None:
+def _build_into(
+    tmp: Path, resolved: Resolved, engine: FloatEngine, cal: CalibrationResult, progress: Progress, log: Log
+) -> None:
     spec, p = resolved.spec, resolved.profile
     chunk = p.prefill.chunk_size
-    granularity = "per-channel" if p.quantization.weights == "int8-per-channel" else "per-tensor"
+    granularity: WeightGranularity = "per-channel" if p.quantization.weights == "int8-per-channel" else "per-tensor"
     backend = open_backend(resolved.backend, **resolved.npu_backend_options())
     shadowed = cal.shadowed
     support = backend_support(resolved.backend)

@@ -34,18 +34,28 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mllm_deploy.compile.calibration import ActivationStats, InputStats, KVAbsMax
 from mllm_deploy.compile.quantize import activation_quant_symmetric
-from mllm_deploy.errors import user_error
+from mllm_deploy.errors import Location, user_error
 from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.forward.kv_cache import KVCache
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
 from mllm_deploy.model.chat_template import render_chat
-from mllm_deploy.model.linears import GRAPH_KINDS
+from mllm_deploy.model.linears import GRAPH_KINDS, GraphKind
+from mllm_deploy.model.spec import LayerWeights, ModelSpec
+from mllm_deploy.profile.models import Profile
+
+if TYPE_CHECKING:  # at run time the tokenizer (and the tokenizers library) comes from the caller
+    from mllm_deploy.model.tokenizer import ModelTokenizer
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Where = Callable[[str], Location]  # profile key -> its location (`LoadedProfile.where`)
+Products = dict[str, tuple[np.ndarray, np.ndarray]]  # linear name -> (its float output y, its weight W)
+Sink = Callable[[int, GraphKind, np.ndarray, Products], None]  # (layer, kind, linear input x, products)
 
 CALIBRATION_PROMPTS = (
     "Explain how a refrigerator keeps food cold.",
@@ -76,7 +86,12 @@ MAX_KEPT_VALUES = 1 << 20  # beyond this K, percentiles come from a strided subs
 
 
 def calibration_tokens(
-    profile, tokenizer, engine: FloatEngine, base_dir: Path | None, where=None, progress: Progress | None = None
+    profile: Profile,
+    tokenizer: ModelTokenizer,
+    engine: FloatEngine,
+    base_dir: Path | None,
+    where: Where | None = None,
+    progress: Progress | None = None,
 ) -> list[list[int]]:
     """The calibration samples as token id lists (each `tokens_per_sample` long, except that a
     short text file gives fewer, shorter samples)."""
@@ -87,7 +102,12 @@ def calibration_tokens(
 
 
 def text_file_tokens(
-    source: str, tokenizer, samples: int, tokens_per_sample: int, base_dir: Path | None, where=None
+    source: str,
+    tokenizer: ModelTokenizer,
+    samples: int,
+    tokens_per_sample: int,
+    base_dir: Path | None,
+    where: Where | None = None,
 ) -> list[list[int]]:
     pattern = Path(source).expanduser()
     if not pattern.is_absolute() and base_dir is not None:
@@ -97,10 +117,10 @@ def text_file_tokens(
         if glob.has_magic(str(pattern))
         else ([str(pattern)] if pattern.exists() else [])
     )
-    loc = (where or (lambda key: {"key": key}))("calibration.source")
+    loc = (where or _key_only)("calibration.source")
     if not files:
         raise user_error("calibration text not found", value=source, allowed="`self`, a text file or a glob", **loc)
-    text = []
+    text: list[str] = []
     for name in files:
         try:
             text.append(Path(name).read_text(encoding="utf-8", errors="replace"))
@@ -115,8 +135,17 @@ def text_file_tokens(
     return [ids[i * tokens_per_sample : (i + 1) * tokens_per_sample] for i in range(n)]
 
 
+def _key_only(key: str) -> Location:
+    """The location of a profile key when no profile file is known: the key alone."""
+    return {"file": None, "line": None, "col": None, "key": key}
+
+
 def self_generated_tokens(
-    engine: FloatEngine, tokenizer, samples: int, tokens_per_sample: int, progress: Progress | None = None
+    engine: FloatEngine,
+    tokenizer: ModelTokenizer,
+    samples: int,
+    tokens_per_sample: int,
+    progress: Progress | None = None,
 ) -> list[list[int]]:
     """`samples` sequences of chat prompt + the model's own seeded continuation, decoded as one batch."""
 
@@ -135,9 +164,7 @@ def self_generated_tokens(
         )
         seqs.append(tokenizer.encode(text, allow_special=True)[:tokens_per_sample])
     caches = [engine.new_cache(tokens_per_sample) for _ in seqs]
-    logits = np.stack(
-        [engine.forward_chunk(c, s, logit_rows="last")[0] for c, s in zip(caches, seqs, strict=True)]
-    )  # [B, vocab]
+    logits = np.stack([_last_logits(engine, c, s) for c, s in zip(caches, seqs, strict=True)])  # [B, vocab]
     steps = tokens_per_sample - min(len(s) for s in seqs)
     for step in range(steps):
         if progress:
@@ -172,6 +199,15 @@ _CHATML = (
 )
 
 
+def _last_logits(engine: FloatEngine, cache: KVCache, ids: list[int]) -> np.ndarray:
+    """Prefill `ids` into `cache` and return the last token's logits [vocab]."""
+    logits = engine.forward_chunk(cache, ids, logit_rows="last")
+    if logits is None:  # logit_rows="last" always returns the last row
+        raise RuntimeError("forward_chunk returned no logits for logit_rows='last'")
+    row: np.ndarray = logits[0]
+    return row
+
+
 def _sample(logits: np.ndarray, banned: list[int], rng: np.random.Generator) -> int:
     z = logits.astype(np.float64) / GEN_TEMPERATURE
     z[banned] = -np.inf
@@ -183,7 +219,7 @@ def _sample(logits: np.ndarray, banned: list[int], rng: np.random.Generator) -> 
 class _TopValues:
     """The K largest |x| of a stream of [T, width] arrays, with their channels, plus max and count."""
 
-    def __init__(self, k: int, width: int, stride: int):
+    def __init__(self, k: int, width: int, stride: int) -> None:
         self.k, self.width, self.stride = k, width, stride
         self.values = np.empty(0, np.float32)
         self.channels = np.empty(0, np.int32)
@@ -213,7 +249,7 @@ class _TopValues:
         if values.size >= self.k:
             self.floor = float(values.min())
 
-    def result(self, layer: int, kind: str, grid_damage: float = 0.0) -> InputStats:
+    def result(self, layer: int, kind: GraphKind, grid_damage: float = 0.0) -> InputStats:
         clamp = float(self.values.min()) if self.values.size else self.max_abs
         beyond = self.channels[self.values > clamp]
         counts = np.bincount(beyond, minlength=self.width) * self.stride
@@ -228,10 +264,10 @@ class _TopValues:
 class _Recorder:
     """BlockLinears of one layer in float that hand every linear input to the statistics."""
 
-    def __init__(self, engine: FloatEngine, layer: int, sink: Callable[[int, str, np.ndarray, dict], None]):
+    def __init__(self, engine: FloatEngine, layer: int, sink: Sink) -> None:
         self.w, self.layer, self.sink = engine.weights.layers[layer], layer, sink
 
-    def qkv(self, x):
+    def qkv(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         w = self.w
         q, k, v = x @ w.wq.T, x @ w.wk.T, x @ w.wv.T  # [T, q_dim], [T, kv_dim] x2
         for y, b in ((q, w.bq), (k, w.bk), (v, w.bv)):
@@ -240,22 +276,22 @@ class _Recorder:
         self.sink(self.layer, "qkv", x, {"attn_q": (q, w.wq), "attn_k": (k, w.wk), "attn_v": (v, w.wv)})
         return q, k, v
 
-    def attn_output(self, attn):
-        y = attn @ self.w.wo.T  # [T, hidden]
+    def attn_output(self, attn: np.ndarray) -> np.ndarray:
+        y: np.ndarray = attn @ self.w.wo.T  # [T, hidden]
         self.sink(self.layer, "o_proj", attn, {"attn_output": (y, self.w.wo)})
         return y
 
-    def mlp(self, x):
+    def mlp(self, x: np.ndarray) -> np.ndarray:
         w = self.w
         gate, up = x @ w.w_gate.T, x @ w.w_up.T  # [T, ffn]
         self.sink(self.layer, "gate_up", x, {"ffn_gate": (gate, w.w_gate), "ffn_up": (up, w.w_up)})
         h = silu_mul_(gate, up)
-        y = h @ w.w_down.T  # [T, hidden]
+        y: np.ndarray = h @ w.w_down.T  # [T, hidden]
         self.sink(self.layer, "down", h, {"ffn_down": (y, w.w_down)})
         return y
 
 
-def _widths(engine: FloatEngine) -> dict[str, int]:
+def _widths(engine: FloatEngine) -> dict[GraphKind, int]:
     s = engine.spec
     return {"qkv": s.hidden, "o_proj": s.q_dim, "gate_up": s.hidden, "down": s.ffn}
 
@@ -274,7 +310,7 @@ def collect_activation_stats(
     started = time.perf_counter() if started is None else started
     total_tokens = sum(len(s) for s in samples)
     n_layers = engine.spec.n_layers
-    tops: dict[tuple[int, str], _TopValues] = {}
+    tops: dict[tuple[int, GraphKind], _TopValues] = {}
     for layer in range(n_layers):
         for kind, width in _widths(engine).items():
             n = total_tokens * width
@@ -282,7 +318,7 @@ def collect_activation_stats(
             stride = max(1, math.ceil(k / MAX_KEPT_VALUES))
             tops[(layer, kind)] = _TopValues(max(1, math.ceil(k / stride)), width, stride)
 
-    def record(layer, kind, x, _outputs):
+    def record(layer: int, kind: GraphKind, x: np.ndarray, _outputs: Products) -> None:
         tops[(layer, kind)].add(x)
 
     kv = _KVRange(engine.spec)
@@ -291,7 +327,7 @@ def collect_activation_stats(
     out_max: dict[str, float] = {}
     out_clamped: dict[str, float] = {}
 
-    def outputs(layer, kind, x, products):
+    def outputs(layer: int, kind: GraphKind, x: np.ndarray, products: Products) -> None:
         c = clamps[(layer, kind)]
         rows, cols = np.nonzero(np.abs(x) > c)
         for name, (y, w) in products.items():
@@ -323,12 +359,12 @@ class _KVRange:
     """Running per-channel maxima of the KV cache: |v|, and for keys the norm of each channel's
     RoPE pair (see `KVAbsMax.keys`)."""
 
-    def __init__(self, spec):
+    def __init__(self, spec: ModelSpec) -> None:
         self.rope_style = spec.rope_style
         self.keys = np.zeros((spec.n_layers, spec.n_kv_heads, spec.head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
 
-    def add(self, cache) -> None:
+    def add(self, cache: KVCache) -> None:
         n = cache.length
         k, v = cache.k[:, :, :n], cache.v[:, :, :n]  # [layers, kv_heads, n, head_dim], float32
         half = k.shape[-1] // 2
@@ -347,12 +383,12 @@ class _KVRange:
 
 def _run_pass(
     engine: FloatEngine,
-    samples,
-    sink,
+    samples: Sequence[Sequence[int]],
+    sink: Sink,
     chunk_size: int,
     progress: Progress | None,
     stage: str,
-    on_cache: Callable | None = None,
+    on_cache: Callable[[KVCache], None] | None = None,
 ) -> None:
     recording = engine.with_linears([_Recorder(engine, layer, sink) for layer in range(engine.spec.n_layers)])
     for i, ids in enumerate(samples):
@@ -369,33 +405,36 @@ def _run_pass(
 class _MaxAbsGrid(FloatBlockLinears):
     """Float linears of one layer, except that one input is on its max-abs uint8 grid."""
 
-    def __init__(self, layer_weights, kind: str, max_abs: float):
+    def __init__(self, layer_weights: LayerWeights, kind: GraphKind, max_abs: float) -> None:
         super().__init__(layer_weights)
         self.kind, self.grid = kind, activation_quant_symmetric(max_abs, "uint8")
 
     def _in(self, kind: str, x: np.ndarray) -> np.ndarray:
         return self.grid.fake_quantize(x) if kind == self.kind else x
 
-    def qkv(self, x_norm):
-        return super().qkv(self._in("qkv", x_norm))
+    def qkv(self, x_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q, k, v = super().qkv(self._in("qkv", x_norm))
+        return q, k, v
 
-    def attn_output(self, attn):
-        return super().attn_output(self._in("o_proj", attn))
+    def attn_output(self, attn: np.ndarray) -> np.ndarray:
+        y: np.ndarray = super().attn_output(self._in("o_proj", attn))
+        return y
 
-    def mlp(self, x_norm):
+    def mlp(self, x_norm: np.ndarray) -> np.ndarray:
         x = self._in("gate_up", x_norm)
         h = silu_mul_(x @ self.w.w_gate.T, x @ self.w.w_up.T)  # [T, ffn]
-        return self._in("down", h) @ self.w.w_down.T  # [T, hidden]
+        y: np.ndarray = self._in("down", h) @ self.w.w_down.T  # [T, hidden]
+        return y
 
 
 def _grid_damage(
     engine: FloatEngine,
-    samples,
-    max_abs: dict[tuple[int, str], float],
+    samples: Sequence[Sequence[int]],
+    max_abs: dict[tuple[int, GraphKind], float],
     chunk_size: int,
     progress: Progress | None,
     stage: str,
-) -> dict[tuple[int, str], float]:
+) -> dict[tuple[int, GraphKind], float]:
     """(layer, kind) -> mean over tokens of |h' - h|² / |h|², h the residual stream after the layer
     in float and h' the same with only that input on its max-abs grid (pass 3, module docstring)."""
     n_layers = engine.spec.n_layers
@@ -412,7 +451,7 @@ def _grid_damage(
             engine.rope.ensure(span.end)
             x = engine.weights.tok_embd[np.asarray(part)]  # [T, hidden]
             for layer in range(n_layers):
-                probed = {}
+                probed: dict[GraphKind, np.ndarray] = {}
                 for kind in GRAPH_KINDS:  # before the float block: it rewrites this chunk's K/V last
                     probe.block_linears[layer] = _MaxAbsGrid(engine.weights.layers[layer], kind, max_abs[(layer, kind)])
                     probed[kind] = probe.block(layer, x, span, cache)

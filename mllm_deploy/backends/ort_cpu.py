@@ -7,6 +7,7 @@ MatMulIntegerToFloat for float outputs) that runs on AMX/VNNI where the CPU has 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,14 @@ from mllm_deploy.backends.base import BackendError, GraphHandle, NpuBackend, che
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
-def session_io(session: ort.InferenceSession) -> tuple[dict, dict]:
+Shapes = dict[str, tuple[int, ...]]  # tensor name → static shape
+
+
+def session_io(session: ort.InferenceSession) -> tuple[Shapes, Shapes]:
     """Static input and output shapes of a session, name → shape."""
 
-    def shapes(values) -> dict[str, tuple[int, ...]]:
-        out = {}
+    def shapes(values: Sequence[ort.NodeArg]) -> Shapes:
+        out: Shapes = {}
         for v in values:
             if not all(isinstance(d, int) and d > 0 for d in v.shape):
                 raise BackendError(f"{v.name}: shape {v.shape} is not static")
@@ -100,7 +104,7 @@ class OrtCpuBackend(NpuBackend):
     def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return run_session(handle, inputs)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
             "provider": CPU_PROVIDER,

@@ -80,7 +80,7 @@ def register_qnn_plugin() -> None:
         _registered = True
 
 
-def qnn_ep_devices() -> list:
+def qnn_ep_devices() -> list[ort.OrtEpDevice]:
     """The OrtEpDevice entries the QNN EP offers (a CPU-type device under the x86 simulator,
     an NPU-type device on a Snapdragon)."""
     register_qnn_plugin()
@@ -163,7 +163,7 @@ class QnnHtpBackend(NpuBackend):
             tmp.unlink(missing_ok=True)
         return context_path
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, object]:
         import onnxruntime_qnn  # noqa: PLC0415  (present: the constructor registered it)
 
         mode = f"QNN HTP simulator v{self.htp_arch}" if self.simulated else "QNN HTP device"

@@ -98,6 +98,11 @@ rules), so entries built by an older rule are recompiled instead of silently reu
 2: shadow pruning per linear input, pruned inputs on max-abs grids."""
 
 
+DECODE_FORMAT = 5
+"""Format of the decode graphs' directory (`compile.decode_cache`); bump when what it holds changes.
+5: the manifest records the block. (Here, not in decode_cache, so reading it does not import onnx.)"""
+
+
 def library_versions() -> dict[str, str]:
     out = {"mllm-deploy": __version__, "artifact-format": ARTIFACT_FORMAT}
     for dist in ("onnx", "onnxruntime", "onnxruntime-qnn"):

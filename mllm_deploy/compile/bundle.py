@@ -29,9 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_deploy import __version__
 from mllm_deploy.backends.registry import NpuBackendName
-from mllm_deploy.compile.artifacts import ARTIFACT_FORMAT, Artifacts, model_identity
+from mllm_deploy.compile.artifacts import ARTIFACT_FORMAT, DECODE_FORMAT, Artifacts, model_identity
 from mllm_deploy.compile.bundle_profile import bundle_profile_toml
-from mllm_deploy.compile.decode_cache import FORMAT_VERSION as DECODE_FORMAT
 from mllm_deploy.errors import user_error
 from mllm_deploy.paths import atomic_write_text, make_build_dir, sha256_file
 from mllm_deploy.resolve import Resolved

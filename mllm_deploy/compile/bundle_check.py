@@ -34,6 +34,7 @@ from mllm_deploy import __version__
 from mllm_deploy.backends.registry import BACKENDS, backend_support
 from mllm_deploy.compile.artifacts import (
     ARTIFACT_FORMAT,
+    DECODE_FORMAT,
     LOCK,
     MANIFEST,
     Artifacts,
@@ -53,7 +54,6 @@ from mllm_deploy.compile.bundle import (
     installed_versions,
     is_bundle,
 )  # fmt: skip
-from mllm_deploy.compile.decode_cache import FORMAT_VERSION as DECODE_FORMAT
 from mllm_deploy.device.models import HostProbe
 from mllm_deploy.device.probe import probe_host
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error

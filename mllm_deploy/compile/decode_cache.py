@@ -15,12 +15,12 @@ from pathlib import Path
 
 import onnx
 
-from mllm_deploy.compile.artifacts import model_identity
+from mllm_deploy.compile.artifacts import DECODE_FORMAT, model_identity
 from mllm_deploy.compile.decode_graphs import BLOCK, GRAPH_NAMES, decode_model_builders
 from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 from mllm_deploy.paths import cache_dir, make_build_dir
 
-FORMAT_VERSION = 5  # 5: the manifest records the block
+FORMAT_VERSION = DECODE_FORMAT  # see compile.artifacts.DECODE_FORMAT
 
 
 def decode_cache_key(spec: ModelSpec, block: int = BLOCK) -> str:

@@ -389,3 +389,23 @@ def test_archive_and_a_chat_template_file_go_into_the_bundle(smallest_gguf, tmp_
     assert (got["text"], got["prompt_tokens"], got["generated_tokens"]) == (
         want["text"], want["prompt_tokens"], want["generated_tokens"],
     )  # fmt: skip
+
+
+def test_the_bundle_profile_pins_the_backend_and_leaves_out_calibration_text(tmp_path):
+    from mllm_deploy.compile.bundle_profile import bundle_profile_toml
+    from mllm_deploy.profile import load_profile
+
+    (tmp_path / "calib.txt").write_text("some text")
+    profile = tmp_path / "p.toml"
+    profile.write_text('name = "p"\n[calibration]\nsource = "calib.txt"\nsamples = 2\n[decode]\ntop_k = 5\n')
+    loaded = load_profile(str(profile), ["decode.temperature=0.7"])
+    text = bundle_profile_toml(loaded, backend="ort-cpu", model_source="model/m.gguf", chat_template=None)
+    assert '# Calibrated at build with calibration.source = "calib.txt"' in text
+    assert tomllib.loads(text) == {
+        "schema_version": 1,
+        "name": "p",
+        "model": {"source": "model/m.gguf"},
+        "device": {"npu_backend": "ort-cpu"},
+        "calibration": {"samples": 2},
+        "decode": {"temperature": 0.7, "top_k": 5},
+    }

@@ -294,9 +294,10 @@ def _file_table(root: Path) -> dict[str, BundleFile]:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished `tmp` to `final`, replacing an earlier bundle there."""
+    """Rename the finished `tmp` to `final`, replacing an earlier bundle there (moved aside under a
+    name `paths.remove_orphaned_build_dirs` removes if this process is killed before it does)."""
     if final.exists():
-        trash = final.with_name(f".{final.name}.old.pid{os.getpid()}")
+        trash = final.with_name(f".{final.name}.pid{os.getpid()}.replaced")
         os.rename(final, trash)
         os.rename(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)

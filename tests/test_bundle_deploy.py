@@ -320,6 +320,14 @@ def test_a_lockfile_that_does_not_fit_is_refused_naming_the_field(deployed, tmp_
     assert says.format(b=bundle.resolve()) in err and f"{bundle.resolve() / 'bundle.json'}: error:" in err
 
 
+def test_a_bundle_without_its_lockfile_is_refused(deployed, tmp_path):
+    bundle = linked_copy(deployed.bundle, tmp_path / "bundle")
+    (bundle / "bundle.json").unlink()
+    cache = tmp_path / "cache"
+    err = assert_refused_before_anything(mllm("run", str(bundle), "--prompt", "hi", cache=cache), cache, 3)
+    assert f"bundle {bundle.resolve()}: its lockfile bundle.json is missing" in err
+
+
 def test_a_lockfile_that_does_not_parse_is_invalid(deployed, tmp_path):
     bundle = linked_copy(deployed.bundle, tmp_path / "bundle")
     (bundle / "bundle.json").unlink()

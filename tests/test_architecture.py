@@ -71,3 +71,16 @@ def test_the_import_contracts_hold():
     proc = subprocess.run([str(lint_imports)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "3 kept, 0 broken" in proc.stdout
+
+
+def test_the_cli_loads_no_heavy_library_before_a_command_runs():
+    """`mllm-deploy --help`, `validate` and `plan` start fast: parsing the command line loads no
+    onnx, onnxruntime, textual, gguf or tokenizers (the engines load them when a command opens one)."""
+    code = (
+        "import sys\n"
+        "from mllm_deploy.cli import build_parser; build_parser()\n"
+        "heavy = ('onnx', 'onnxruntime', 'textual', 'gguf', 'tokenizers')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

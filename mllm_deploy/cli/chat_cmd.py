@@ -14,6 +14,7 @@ import argparse
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from mllm_deploy.cli.common import (
     add_generation_args,
@@ -24,9 +25,11 @@ from mllm_deploy.cli.common import (
 )
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.events import TurnEvent
-from mllm_deploy.interface.session import ChatSession
 from mllm_deploy.interface.turns import Turn, run_turn
 from mllm_deploy.runtime.report import metrics_line
+
+if TYPE_CHECKING:  # the session module loads onnxruntime; a type is all the CLI needs of it
+    from mllm_deploy.interface.session import ChatSession
 
 HELP_TEXT = "commands: /reset (new conversation), /quit (leave), /help"
 

@@ -10,7 +10,7 @@ def make(tmp_path, hot):
     w = rng.standard_normal((24, 16)).astype(np.float32)  # [out_total, in]: two outputs of 12
     np.save(tmp_path / "w.npy", np.ascontiguousarray(w.T))
     wt = np.load(tmp_path / "w.npy", mmap_mode="r")  # [in, out_total]
-    return w, ShadowLinear(-1.0, 1.0, wt, np.asarray(hot, np.int64), (12, 12))
+    return w, ShadowLinear.from_weight_t(-1.0, 1.0, wt, np.asarray(hot, np.int64), (12, 12))
 
 
 def test_correction_is_the_float_product_of_the_clipped_remainder(tmp_path):
@@ -55,8 +55,8 @@ def test_cold_rows_are_read_from_the_file_not_the_memory_map(tmp_path):
     weight_t = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)  # [in, out]
     np.save(tmp_path / "w.npy", weight_t)
     mapped = np.load(tmp_path / "w.npy", mmap_mode="r")
-    shadow = ShadowLinear(-1.0, 1.0, mapped, np.array([2], np.int64), (6,))
-    assert shadow._cold_rows._file is not None  # pread path, not memmap indexing
+    shadow = ShadowLinear.from_weight_t(-1.0, 1.0, mapped, np.array([2], np.int64), (6,))
+    assert shadow.cold_rows._sources[0][0]._file is not None  # pread path, not memmap indexing
     x = np.zeros((3, 16), np.float32)
     x[0, 2], x[1, 9], x[2, 9] = 3.0, -4.0, 1.5  # one hot channel (2), one cold (9)
     (got,) = shadow.correction(x).dense(3)

@@ -7,7 +7,8 @@
         kernels.json          which onnxruntime kernels run (integer_kernel_report of layer 0)
         graphs/layer{i}_{kind}.onnx           static-shape QDQ graphs (audited)
         contexts/layer{i}_{kind}.ctx.onnx     QNN context binaries (qnn-htp targets)
-        shadow/layer{i}_{kind}.npy            float32 W^T [in, out] of shadowed linears (memmapped)
+        shadow/layer{i}_{kind}.*              shadowed inputs' rows: hot channels' float32 rows, every
+                                              other row in the model's own blocks (compile/shadow_store.py)
         manifest.json         every file's size and sha256, written last
 
 The key hashes everything that changes the files: the model file's identity, every profile
@@ -92,10 +93,11 @@ class Manifest(_Model):
     """onnxruntime threads the latencies were measured with (0: not ort-cpu)."""
 
 
-ARTIFACT_FORMAT = "2"
+ARTIFACT_FORMAT = "3"
 """Bump whenever what `build` produces changes for the same inputs (graph layout, calibration
 rules), so entries built by an older rule are recompiled instead of silently reused.
-2: shadow pruning per linear input, pruned inputs on max-abs grids."""
+2: shadow pruning per linear input, pruned inputs on max-abs grids.
+3: shadow rows as hot float32 rows + cold rows in the model's blocks (`compile.shadow_store`)."""
 
 
 DECODE_FORMAT = 5
@@ -231,9 +233,6 @@ class Artifacts:
 
     def context_path(self, layer: int, kind: str) -> Path:
         return self.root / "contexts" / f"layer{layer}_{kind}.ctx.onnx"
-
-    def shadow_path(self, layer: int, kind: str) -> Path:
-        return self.root / "shadow" / f"layer{layer}_{kind}.npy"
 
 
 def open_entry(root: Path, expected: Lockfile | None, *, verify_checksums: bool = True) -> Artifacts:

@@ -49,9 +49,11 @@ from mllm_deploy.compile.calibrate import Progress, calibration_tokens, collect_
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
 from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
 from mllm_deploy.compile.quantize import ActQuant, WeightGranularity, activation_quant_symmetric
+from mllm_deploy.compile.shadow_store import gguf_sources, write_shadow_rows
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_tokenizer, load_weights
+from mllm_deploy.model.gguf_file import GGUFFile
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, LINEAR_GROUPS
 from mllm_deploy.model.spec import LayerWeights
 from mllm_deploy.paths import atomic_write_bytes, atomic_write_text, cache_dir, make_build_dir
@@ -254,6 +256,7 @@ def _build_into(
     shadowed = cal.shadowed
     support = backend_support(resolved.backend)
     latencies: dict[str, float] = {}
+    gfile = GGUFFile(Path(spec.path)) if spec.format == "gguf" else None  # shadow rows keep the model's blocks
     for layer in range(spec.n_layers):
         progress("building graphs", layer, spec.n_layers)
         weights = engine.weights.layers[layer]
@@ -262,8 +265,11 @@ def _build_into(
         for kind, graph in built.items():
             _audit_or_refuse(resolved, graph.path, require_quantized_outputs=support.quantized_outputs)
             if (layer, kind) in shadowed:
-                (tmp / "shadow").mkdir(exist_ok=True)
-                np.save(tmp / "shadow" / f"layer{layer}_{kind}.npy", shadow_weight_t(weights, kind))
+                group = LINEAR_GROUP[kind]
+                mats = tuple(np.asarray(m, np.float32) for m in group.weight_arrays(weights))
+                write_shadow_rows(tmp, layer, kind, shadow_weight_t(weights, kind),
+                                  np.asarray(cal.input(layer, kind).hot_channels, np.int64),
+                                  gguf_sources(gfile, layer, group.linears, mats))  # fmt: skip
             run_path = graph.path
             if support.context_binaries:
                 assert isinstance(backend, ContextCompiler)

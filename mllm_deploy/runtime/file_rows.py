@@ -1,4 +1,4 @@
-"""Reading rows of a file-backed float32 table with pread, so only the rows read use memory."""
+"""Reading rows of a file-backed table with pread, so only the rows read use memory."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ _HAS_PREADV = hasattr(os, "preadv")  # reads straight into the output array
 
 
 class FileRows:
-    """Rows of a float32 table [rows, width] (the embedding, shadow weight rows) without paging
-    the whole table in.
+    """Rows of a table [rows, ...] (the embedding, shadow weight rows, shadow column blocks) without
+    paging the whole table in.
 
     Indexing a memory-mapped table with a prompt's ids faults in far more than the rows (read
     at 1,024 ids of real text, measured: 90 of the 113 MB table became resident, with or without
@@ -23,21 +23,21 @@ class FileRows:
         self.shape = table.shape
         self._file = None
         filename = getattr(table, "filename", None)
-        if isinstance(table, np.memmap) and filename and table.flags["C_CONTIGUOUS"] and table.dtype == np.float32:
+        if isinstance(table, np.memmap) and filename and table.flags["C_CONTIGUOUS"]:
             self._file = open(filename, "rb")  # noqa: SIM115 - held for the reader's lifetime
             self._offset = int(table.offset)
-            self._row_bytes = table.shape[1] * 4
+            self._row_bytes = int(np.prod(table.shape[1:], dtype=np.int64)) * table.itemsize
 
     def __getitem__(self, ids) -> np.ndarray:
-        """ids (int or int array [T]) -> float32 [width] or [T, width], a fresh array."""
+        """ids (int or int array [T]) -> [width...] or [T, width...] of the table's dtype, a fresh array."""
         if self._file is None:
-            return np.array(self.table[ids], dtype=np.float32)
+            return np.array(self.table[ids], dtype=self.table.dtype)
         scalar = np.ndim(ids) == 0
         flat = np.atleast_1d(np.asarray(ids, np.int64))
         if flat.size and not (flat.min() >= 0 and flat.max() < self.shape[0]):
             bad = int(flat[(flat < 0) | (flat >= self.shape[0])][0])
             raise IndexError(f"row {bad} outside the table of {self.shape[0]} rows")
-        out = np.empty((flat.size, self.shape[1]), np.float32)
+        out = np.empty((flat.size, *self.shape[1:]), self.table.dtype)
         self._read_into(out, flat.tolist())
         return out[0] if scalar else out
 
@@ -60,7 +60,7 @@ class FileRows:
                 data = os.pread(fd, target.nbytes, offset)
                 got = len(data)
                 if got == target.nbytes:
-                    target[...] = np.frombuffer(data, np.float32).reshape(target.shape)
+                    target[...] = np.frombuffer(data, target.dtype).reshape(target.shape)
             if got != target.nbytes:
                 raise OSError(f"{self._file.name}: short read of rows {rows[i]}..{rows[j - 1]} (file truncated?)")
             i = j

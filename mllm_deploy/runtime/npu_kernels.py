@@ -32,10 +32,11 @@ from mllm_deploy.backends.base import GraphHandle
 from mllm_deploy.backends.registry import backend_support, open_backend
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.quantize import activation_quant_symmetric
+from mllm_deploy.compile.shadow_store import SHADOW_DIR, read_index
 from mllm_deploy.forward.layers import silu_mul_
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.runtime.shadow import Correction, ShadowLinear, ShadowStats
+from mllm_deploy.runtime.shadow import ColdRows, Correction, ShadowLinear, ShadowStats
 
 
 class NpuLayerKernels:
@@ -120,7 +121,7 @@ class NpuLayerKernels:
 
 def load_npu_kernels(resolved, artifacts: Artifacts) -> NpuLayerKernels:
     """Load every graph of `artifacts` on the resolved backend (QNN: the context binaries) and
-    open the shadow weight files (memory-mapped; hot rows copied to memory)."""
+    open the shadow rows (hot rows in memory; cold rows read from their files on demand)."""
     backend = open_backend(resolved.backend, **resolved.npu_backend_options())
     cal = artifacts.calibration
     n_layers = len(cal.layer_importance)
@@ -135,10 +136,12 @@ def load_npu_kernels(resolved, artifacts: Artifacts) -> NpuLayerKernels:
             if (layer, kind) in cal.shadowed:
                 grid = activation_quant_symmetric(cal.input(layer, kind).clamp, cal.activations)
                 lo, hi = grid.representable_range
-                weight_t = np.load(artifacts.shadow_path(layer, kind), mmap_mode="r")  # [in, out_total]
+                index = read_index(artifacts.root, layer, kind)
+                hot = np.asarray(index.hot_channels, np.int64)
+                hot_rows = np.load(artifacts.root / SHADOW_DIR / index.hot_file)  # [n_hot, out_total]
+                cold = ColdRows.open(artifacts.root / SHADOW_DIR, index)
                 splits = tuple(shape[1] for shape in handle.outputs.values())
-                hot = np.asarray(cal.input(layer, kind).hot_channels, np.int64)
-                shadows[(layer, kind)] = ShadowLinear(lo, hi, weight_t, hot, splits)
+                shadows[(layer, kind)] = ShadowLinear(lo, hi, hot_rows, hot, cold, splits)
     latencies = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in artifacts.latencies_ms.items()}
     return NpuLayerKernels(backend, handles, shadows, chunk_tokens=artifacts.lock.chunk_size,
                            backend_label=resolved.backend_label, latencies=latencies)  # fmt: skip

@@ -10,7 +10,8 @@ outliers in this chunk, which the caller adds to the NPU result:
 where `rows` are the m token rows that hold any outlier (the correction is added to those rows only).
 
 Hot channels' rows (chosen at calibration) are kept in memory; every other row is read on demand
-from the memory-mapped float32 W^T [in, out] stored with the artifacts, and counted.
+from the artifacts (`ColdRows`: the model's own blocks, or float32 W^T rows; see
+`compile.shadow_store`) and counted.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from mllm_deploy.compile.shadow_store import ColdSource, ShadowIndex, decode_gathered
 from mllm_deploy.runtime.file_rows import FileRows
 
 
@@ -46,20 +49,23 @@ class ShadowLinear:
 
     lo: float  # lower end of the NPU input grid
     hi: float  # upper end
-    weight_t: np.ndarray  # float32 W^T [in, out_total], memory-mapped (read on demand)
+    hot_rows: np.ndarray  # float32 W^T rows of the hot channels [n_hot, out_total], in memory
     hot_channels: np.ndarray  # int64 [n_hot]
+    cold_rows: ColdRows  # every W^T row by channel, read on demand
     splits: tuple[int, ...]  # output widths of the graph's outputs, summing to out_total
     stats: ShadowStats = field(default_factory=ShadowStats)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        # every row by pread: indexing the memory map would keep each page ever read resident
-        # besides the copy (measured on the default model, every input shadowed: cold rows
-        # ~200 MB of peak RSS; hot rows read through the map ~180 MB at load)
-        self._cold_rows = FileRows(self.weight_t)
-        self.hot_rows = self._cold_rows[self.hot_channels]  # [n_hot, out_total] in memory
-        self._hot_slot = np.full(self.weight_t.shape[0], -1, np.int64)  # channel -> row of hot_rows, or -1
+        self._hot_slot = np.full(self.cold_rows.n_in, -1, np.int64)  # channel -> row of hot_rows, or -1
         self._hot_slot[self.hot_channels] = np.arange(self.hot_channels.size)
+
+    @classmethod
+    def from_weight_t(cls, lo: float, hi: float, weight_t: np.ndarray, hot_channels: np.ndarray,
+                      splits: tuple[int, ...]) -> ShadowLinear:  # fmt: skip
+        """From a float32 W^T [in, out_total] table (memory-mapped: rows read by pread)."""
+        cold = ColdRows.of_float(weight_t)
+        return cls(lo, hi, cold[hot_channels], hot_channels, cold, splits)
 
     def correction(self, x: np.ndarray) -> Correction | None:
         """x float32 [chunk, in] → the correction of the token rows that hold outliers, or None
@@ -77,12 +83,12 @@ class ShadowLinear:
             r = r[token_rows]
         slots = self._hot_slot[channels]
         hot = slots >= 0
-        rows = np.empty((channels.size, self.weight_t.shape[1]), np.float32)  # [n, out_total]
+        rows = np.empty((channels.size, self.hot_rows.shape[1]), np.float32)  # [n, out_total]
         if hot.any():
             rows[hot] = self.hot_rows[slots[hot]]
         disk = int((~hot).sum())
         if disk:
-            rows[~hot] = self._cold_rows[channels[~hot]]  # read from the artifact file
+            rows[~hot] = self.cold_rows[channels[~hot]]  # read from the artifact files
         values = r @ rows  # [m, out_total]
         self._count(
             ShadowStats(1, x.size, int(np.count_nonzero(r)), int(channels.size), disk, time.thread_time() - started)
@@ -92,6 +98,42 @@ class ShadowLinear:
     def _count(self, stats: ShadowStats) -> None:
         with self._lock:
             self.stats.add(stats)
+
+
+class ColdRows:
+    """W^T rows [in, out_total] of a group of linears by input channel, read from files on demand:
+    per linear, float32 rows or the model's column blocks (decoded exactly, `compile.shadow_store`).
+
+    Every read is a pread (`FileRows`): indexing the memory map would keep each page ever read
+    resident besides the copy (measured on the default model, every input shadowed, float32 rows:
+    cold rows ~200 MB of peak RSS)."""
+
+    def __init__(self, n_in: int, sources: list[tuple[FileRows, ColdSource | None]]):
+        self.n_in = n_in
+        self._sources = sources  # (rows or column blocks, how to decode; None: float32 rows)
+
+    @classmethod
+    def of_float(cls, weight_t: np.ndarray) -> ColdRows:
+        return cls(weight_t.shape[0], [(FileRows(weight_t), None)])
+
+    @classmethod
+    def open(cls, directory: Path, index: ShadowIndex) -> ColdRows:
+        sources = []
+        for source in index.cold:
+            table = np.load(Path(directory) / source.file, mmap_mode="r")
+            sources.append((FileRows(table), None if source.type == "F32" else source))
+        return cls(index.n_in, sources)
+
+    def __getitem__(self, channels: np.ndarray) -> np.ndarray:
+        """channels int64 [n] -> float32 [n, out_total]."""
+        channels = np.asarray(channels, np.int64)
+        parts = []
+        for rows, source in self._sources:
+            if source is None:
+                parts.append(rows[channels])
+            else:  # one column block per channel: [n, out_j, bytes] -> [n, out_j]
+                parts.append(decode_gathered(rows[channels // source.block], source, channels % source.block))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tiny_models
 from conftest import cache_env
 
 from mllm_deploy.compile.bundle import BUNDLE_FORMAT, BUNDLE_PARTS, BundleLock, bundle_sizes
@@ -175,6 +177,8 @@ def test_the_lockfile_records_the_build_and_every_file(deployed):
         assert lock.files[rel].size == path.stat().st_size and lock.files[rel].sha256 == sha256_file(path)
     assert "decode/step.onnx" not in lock.files  # only the step graph of the bundle's (int8) KV cache
     assert sum(1 for rel in lock.files if rel.startswith("artifacts/graphs/")) == 120
+    assert lock.latencies is not None and lock.latencies.source == "build-host"  # ort-cpu: profiled where it runs
+    assert "profiled at build on ort-cpu emulation" in lock.latencies.detail
 
 
 def test_build_prints_each_part_and_the_total(deployed):
@@ -417,3 +421,66 @@ def test_the_bundle_profile_pins_the_backend_and_leaves_out_calibration_text(tmp
         "calibration": {"samples": 2},
         "decode": {"temperature": 0.7, "top_k": 5},
     }
+
+
+# -- only what the target loads (issue 16): hot shadow rows, no QDQ graphs in a qnn-htp bundle ----
+
+
+def test_shadow_files_hold_float_rows_of_the_hot_channels_only(deployed):
+    from mllm_deploy.compile.calibration import CalibrationResult
+    from mllm_deploy.compile.shadow_store import read_index
+
+    artifacts = deployed.bundle / "artifacts"
+    cal = CalibrationResult.model_validate_json((artifacts / "calibration.json").read_text())
+    float_bytes = hot_rows = 0
+    for layer, kind in cal.shadow_inputs:
+        index = read_index(artifacts, layer, kind)
+        hot = np.load(artifacts / "shadow" / index.hot_file, mmap_mode="r")
+        assert index.hot_channels == cal.input(layer, kind).hot_channels and hot.shape[0] == len(index.hot_channels)
+        assert [c.type for c in index.cold] == ["Q4_1"] * len(index.cold)  # the GGUF's own blocks
+        hot_rows += hot.shape[0]
+        float_bytes += index.n_in * hot.shape[1] * 4
+    assert hot_rows == sum(len(cal.input(layer, kind).hot_channels) for layer, kind in cal.shadow_inputs) > 0
+    shadow_bytes = bundle_sizes(deployed.lock)["shadow rows"][1]
+    assert shadow_bytes < float_bytes / 5  # float32 rows of every channel, as before: 197 MB
+
+
+def test_a_qnn_bundle_ships_context_binaries_no_qdq_graphs_and_no_simulator_latencies(tmp_path):
+    from mllm_deploy.compile.artifacts import Manifest
+    from mllm_deploy.plan import build_plan
+    from mllm_deploy.profile import load_profile
+    from mllm_deploy.resolve import resolve_profile
+
+    model = tiny_models.write_tiny_gguf(tmp_path, tied=True, cfg=tiny_models.SMALLEST, weight_type="Q4_1")
+    profile = tmp_path / "qnn.toml"
+    profile.write_text(
+        f'name = "tiny-qnn"\n[model]\nsource = "{model}"\n[device]\ntarget = "sd8gen3"\nnpu_backend = "qnn-htp"\n'
+        "[prefill]\nchunk_size = 32\nmax_context = 64\n[calibration]\nsamples = 1\ntokens_per_sample = 32\n"
+    )
+    cache = tmp_path / "cache"
+    build = mllm("build", str(profile), "--out", str(tmp_path / "bundle"), cache=cache)  # ~2 s on the simulator
+    assert build.returncode == 0, build.stderr
+    bundle = tmp_path / "bundle"
+    lock = BundleLock.model_validate_json((bundle / "bundle.json").read_text())
+    sizes = bundle_sizes(lock)
+    assert sizes["graphs"] == (0, 0) and sizes["context binaries"][0] == 2 * 4  # 2 layers x 4 kinds
+    assert not any(rel.startswith("artifacts/graphs/") for rel in lock.files)
+    manifest = Manifest.model_validate_json((bundle / "artifacts" / "manifest.json").read_text())
+    assert {rel for rel in manifest.files if rel.startswith("contexts/")} == {
+        f"contexts/layer{layer}_{kind}.ctx.onnx" for layer in (0, 1) for kind in ("qkv", "o_proj", "gate_up", "down")
+    } and not any(rel.startswith("graphs/") for rel in manifest.files)
+    # the scheduler's seed: the device cost model (45 INT8 TOPS x the plan's op counts), not the simulator's
+    assert lock.latencies is not None and lock.latencies.source == "device-cost-model"
+    assert "45 INT8 TOPS" in lock.latencies.detail and "latencies.soc57.json" in lock.latencies.detail
+    shipped = json.loads((bundle / "artifacts" / "latencies.json").read_text())
+    built = json.loads(next((cache / "artifacts").glob("*/latencies.json")).read_text())  # the simulator's
+    assert set(shipped) == set(built) and all(shipped[k] < built[k] / 100 for k in built)
+    with cache_env(cache):
+        resolved = resolve_profile(load_profile(str(profile)))
+        plan = build_plan(resolved, prompt_tokens=32)
+    ops = {f"{s.layer}/{s.kind}": s.ops for s in plan.subgraphs if s.chunk == 0 and s.processor == "npu"}
+    assert shipped == pytest.approx({k: ops[k] / 45e12 * 1e3 for k in shipped}, rel=1e-12)
+    # opening it on this x86 host: refused (no Hexagon NPU); its files are intact and list no graphs
+    proc = mllm("run", str(bundle), "--prompt", "hi", cache=tmp_path / "device-cache")
+    assert proc.returncode == 3 and "which this machine cannot run" in proc.stderr
+    assert not list(bundle.glob("latencies.soc*.json"))  # nothing measured or written off the device

@@ -16,6 +16,7 @@ written to the weight cache). `bundle_check.open_bundle` verifies a bundle befor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tarfile
@@ -28,8 +29,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_deploy import __version__
-from mllm_deploy.backends.registry import NpuBackendName
-from mllm_deploy.compile.artifacts import ARTIFACT_FORMAT, DECODE_FORMAT, Artifacts, model_identity
+from mllm_deploy.backends.registry import NpuBackendName, backend_support
+from mllm_deploy.compile.artifacts import (
+    ARTIFACT_FORMAT,
+    DECODE_FORMAT,
+    LATENCIES,
+    LOCK,
+    MANIFEST,
+    Artifacts,
+    model_identity,
+)
+from mllm_deploy.compile.bundle_latency import BundleLatencies, bundle_latencies
 from mllm_deploy.compile.bundle_profile import bundle_profile_toml
 from mllm_deploy.errors import user_error
 from mllm_deploy.paths import atomic_write_text, make_build_dir, sha256_file
@@ -156,6 +166,10 @@ class BundleLock(_Model):
     """Format of the decode graphs (`compile.decode_cache.FORMAT_VERSION`) this mllm-deploy must read."""
     accuracy: BundleAccuracy | None = None
     """Perplexity against float measured at build; None: not measured."""
+    latencies: BundleLatencies | None = None
+    """Where the scheduler's per-graph latencies (`artifacts/latencies.json`) come from: profiled
+    at build on the target's kind of machine, or the device cost model (never a simulator's
+    timings); None: a bundle written before this was recorded."""
     files: dict[str, BundleFile]
     """Every file of the bundle but this one, by path relative to the bundle (POSIX)."""
 
@@ -227,7 +241,8 @@ def write_bundle(
             shutil.copy2(model, tmp / MODEL_DIR / model.name)
         source = f"{MODEL_DIR}/{model.name}"
         template = _copy_chat_template(profile.model.chat_template, resolved.loaded.base_dir, tmp)
-        shutil.copytree(artifacts.root, tmp / ARTIFACTS_DIR)
+        latencies, latency_source = bundle_latencies(resolved, artifacts.latencies_ms)
+        _copy_artifacts(artifacts, tmp / ARTIFACTS_DIR, latencies)
         (tmp / DECODE_DIR).mkdir()
         for name in (*decode_graph_names(profile.decode.kv_cache), "manifest"):
             suffix = ".json" if name == "manifest" else ".onnx"
@@ -264,6 +279,7 @@ def write_bundle(
             artifact_format=ARTIFACT_FORMAT,
             decode_format=DECODE_FORMAT,
             accuracy=accuracy,
+            latencies=latency_source,
             files=_file_table(tmp),
         )
         atomic_write_text(tmp / BUNDLE_INFO, lock.model_dump_json(indent=1))
@@ -271,6 +287,30 @@ def write_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def shipped_artifact(rel: str, backend: str) -> bool:
+    """Whether the artifact file at `rel` (relative to the entry) goes into a bundle for `backend`:
+    everything its run loads. A backend that runs QNN context binaries never loads the QDQ graphs
+    they were compiled from (`graphs/`, ~107 MB for the default model), so they stay in the build
+    machine's cache (where `verify` runs them on the CPU provider)."""
+    return not (backend_support(backend).context_binaries and rel.startswith("graphs/"))
+
+
+def _copy_artifacts(artifacts: Artifacts, dest: Path, latencies: dict[str, float]) -> None:
+    """Copy the artifact entry's files a run of its backend loads (`shipped_artifact`), its
+    latencies replaced by `latencies`, with a manifest listing exactly those (so the bundle's entry
+    verifies as a whole)."""
+    manifest = artifacts.manifest
+    files = {rel: entry for rel, entry in manifest.files.items() if shipped_artifact(rel, artifacts.lock.backend)}
+    for rel in sorted({*files, LOCK}):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(artifacts.root / rel, dest / rel)
+    if latencies != artifacts.latencies_ms:
+        atomic_write_text(dest / LATENCIES, json.dumps(latencies, indent=1))
+        files[LATENCIES] = ((dest / LATENCIES).stat().st_size, sha256_file(dest / LATENCIES))
+    shipped = manifest.model_copy(update={"files": files})
+    atomic_write_text(dest / MANIFEST, shipped.model_dump_json(indent=1))
 
 
 def _copy_chat_template(template: str, base_dir: Path, tmp: Path) -> str | None:
@@ -315,9 +355,9 @@ def bundle_part(rel: str) -> str:
     prefixes = {f"{ARTIFACTS_DIR}/graphs/": "graphs", f"{ARTIFACTS_DIR}/contexts/": "context binaries",
                 f"{ARTIFACTS_DIR}/shadow/": "shadow rows", f"{DECODE_DIR}/": "decode graphs"}  # fmt: skip
     for prefix, part in prefixes.items():
-        if rel.startswith(prefix) and not rel.endswith(".json"):
+        if rel.startswith(prefix) and (part == "shadow rows" or not rel.endswith(".json")):
             return part
-    return "other"  # the profile, calibration, latencies, manifests
+    return "other"  # the profile, calibration, latencies, manifests (a shadow index counts as shadow rows)
 
 
 def bundle_sizes(lock: BundleLock) -> dict[str, tuple[int, int]]:

@@ -140,7 +140,9 @@ def check_shadow_agreement(plan, shadowed: frozenset) -> None:
 
 
 def seeded_latencies(kernels) -> LatencyModel:
-    """T of every NPU graph from the kernels' build-time profile (ms -> s)."""
+    """T of every NPU graph from the kernels' seed latencies (ms -> s): the build's profile (ort-cpu),
+    a qnn-htp bundle's device cost model, or its first-run profile on the device (never the
+    simulator's timings: see `runtime.device_latency`; `kernels.latency_source` says which)."""
     profiled = kernels.latencies_ms() if kernels is not None else {}
     return LatencyModel({("npu", kind, layer): ms / 1e3 for (layer, kind), ms in profiled.items()})
 

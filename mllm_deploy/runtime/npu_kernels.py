@@ -36,6 +36,7 @@ from mllm_deploy.compile.shadow_store import SHADOW_DIR, read_index
 from mllm_deploy.forward.layers import silu_mul_
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.spec import ModelSpec
+from mllm_deploy.runtime.device_latency import device_latencies
 from mllm_deploy.runtime.shadow import ColdRows, Correction, ShadowLinear, ShadowStats
 
 
@@ -52,6 +53,7 @@ class NpuLayerKernels:
         self._outputs = {key: list(h.outputs) for key, h in handles.items()}
         self._shadows = shadows
         self._latencies = latencies
+        self.latency_source = "given"  # where `latencies` come from, in words (set by load_npu_kernels)
         self._lock = threading.Lock()
         self._graph_runs = 0
         self._graph_values = 0  # input activation values given to the NPU graphs
@@ -142,9 +144,15 @@ def load_npu_kernels(resolved, artifacts: Artifacts) -> NpuLayerKernels:
                 cold = ColdRows.open(artifacts.root / SHADOW_DIR, index)
                 splits = tuple(shape[1] for shape in handle.outputs.values())
                 shadows[(layer, kind)] = ShadowLinear(lo, hi, hot_rows, hot, cold, splits)
-    latencies = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in artifacts.latencies_ms.items()}
-    return NpuLayerKernels(backend, handles, shadows, chunk_tokens=artifacts.lock.chunk_size,
-                           backend_label=resolved.backend_label, latencies=latencies)  # fmt: skip
+    seed, source = artifacts.latencies_ms, "the artifacts' latencies.json"
+    probe, soc = resolved.caps.probe, artifacts.lock.soc_model
+    if contexts and probe is not None and probe.qnn_htp_mode == "device" and soc is not None:
+        seed, source = device_latencies(backend, handles, artifacts.root, soc)  # never a simulator's timings
+    latencies = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in seed.items()}
+    kernels = NpuLayerKernels(backend, handles, shadows, chunk_tokens=artifacts.lock.chunk_size,
+                              backend_label=resolved.backend_label, latencies=latencies)  # fmt: skip
+    kernels.latency_source = source
+    return kernels
 
 
 class NpuBlockLinears:

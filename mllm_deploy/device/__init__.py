@@ -8,7 +8,7 @@ Catalog figures are public nominal specs (each data file says where they come fr
 from __future__ import annotations
 
 from mllm_deploy.device.catalog import HOST_ID, CatalogError, catalog_entries, device_ids, unknown_target
-from mllm_deploy.device.host import build_host
+from mllm_deploy.device.host import HexagonHere, MachineHere, build_host, hexagon_here
 from mllm_deploy.device.models import (
     Capabilities,
     ChunkSizeRule,
@@ -23,11 +23,14 @@ __all__ = [
     "CatalogError",
     "ChunkSizeRule",
     "CpuCluster",
+    "HexagonHere",
     "HostProbe",
+    "MachineHere",
     "NpuCaps",
     "device_ids",
     "list_devices",
     "load_capabilities",
+    "this_machine",
 ]
 
 
@@ -51,3 +54,13 @@ def list_devices(*, include_host: bool = True) -> list[Capabilities]:
     """Every device, `host` (probed) first, then the catalog in id order."""
     ids = [i for i in device_ids() if include_host or i != HOST_ID]
     return [load_capabilities(i) for i in ids]
+
+
+def this_machine(*, use_probe_cache: bool = True) -> MachineHere:
+    """This machine: its probe (cached, see `probe`) and its Hexagon NPU identified against the
+    catalog (None on x86, where the QNN HTP backend is Qualcomm's simulator)."""
+    # deferred on purpose: see load_capabilities
+    from mllm_deploy.device.probe import probe_host  # noqa: PLC0415
+
+    probe = probe_host(use_cache=use_probe_cache)
+    return MachineHere(probe, hexagon_here(probe, catalog_entries()))

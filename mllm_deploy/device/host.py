@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from mllm_deploy.backends.registry import NpuBackendName
@@ -99,3 +102,102 @@ def build_host(defaults: Capabilities, probe: HostProbe) -> Capabilities:
         probe=probe.model_dump(),
     )
     return Capabilities.model_validate(data)
+
+
+SOC_PART = re.compile(r"\b([A-Z]{2,4}\d{4}[A-Z]{0,3})\b")
+"""A Qualcomm part number (SM8650, SC8380XP, QCS6490) in a catalog name or a kernel fact."""
+
+
+@dataclass(frozen=True)
+class HexagonHere:
+    """The Hexagon NPU of this machine, as far as the probe identifies it."""
+
+    part: str | None  # the SoC part the kernel names (`SM8650`), or None: not named
+    catalog_id: str | None  # the catalog target of that part (`sd8gen3`), or None: not catalogued
+    htp_arch: int | None  # its HTP architecture (75), from that catalog entry; None: unknown
+    soc_model: int | None  # QNN's soc_model id (57), from that catalog entry; None: unknown
+    source: str  # where the identification comes from, in words
+
+    @property
+    def label(self) -> str:
+        """E.g. "Hexagon NPU HTP v75 (SM8650)", or "Hexagon NPU (SoC not identified)"."""
+        arch = f" HTP v{self.htp_arch}" if self.htp_arch is not None else ""
+        return f"Hexagon NPU{arch} ({self.part or 'SoC not identified'})"
+
+
+def hexagon_here(probe: HostProbe, catalog: Mapping[str, Capabilities]) -> HexagonHere | None:
+    """This machine's Hexagon NPU (None: QNN reports no NPU-type device). QNN's EP reports the
+    NPU's presence but no HTP arch or SoC key, so the SoC part is read from the kernel
+    (`/sys/devices/soc0/machine`, else `/proc/device-tree/model`) and looked up in the catalog,
+    whose entries carry the part in their name ("Snapdragon 8 Gen 3 (SM8650)")."""
+    if probe.qnn_htp_mode != "device":
+        return None
+    parts = {m for entry in catalog.values() for m in SOC_PART.findall(entry.name)}
+    for source, text in (
+        ("/sys/devices/soc0/machine", probe.soc_machine),
+        ("/proc/device-tree/model", probe.board_model),
+    ):
+        found = [m for m in SOC_PART.findall(text or "") if m in parts] or SOC_PART.findall(text or "")
+        if not found:
+            continue
+        part = found[0]
+        entry = next((e for e in catalog.values() if part in SOC_PART.findall(e.name) and e.npu is not None), None)
+        if entry is None or entry.npu is None:
+            return HexagonHere(part, None, None, None, f"{source} names {part}, which the catalog does not list")
+        return HexagonHere(part, entry.id, entry.npu.htp_arch_number, entry.npu.qnn_soc_model,
+                           f"{source} names {part}; HTP arch and soc_model from the catalog entry {entry.id}")  # fmt: skip
+    return HexagonHere(None, None, None, None, "QNN reports an NPU; the kernel names no SoC part")
+
+
+def cpu_label(probe: HostProbe) -> str:
+    """This machine's CPU in a few words: "x86_64 AMD EPYC, 2 usable CPUs, AVX-512 VNNI"."""
+    if probe.has_amx_int8:
+        isa = "AMX INT8"
+    elif probe.has_avx512_vnni:
+        isa = "AVX-512 VNNI"
+    elif probe.has_avx_vnni:
+        isa = "AVX-VNNI"
+    elif probe.machine.lower() in ("aarch64", "arm64"):
+        isa = "NEON"
+    else:
+        isa = "no VNNI/AMX"
+    return f"{probe.machine} {probe.cpu_model}, {probe.usable_cpus} usable CPU(s), {isa}"
+
+
+def npu_here_label(probe: HostProbe, hexagon: HexagonHere | None) -> str:
+    """What plays a Hexagon NPU here: the NPU itself, Qualcomm's simulator, or nothing."""
+    if hexagon is not None:
+        return hexagon.label
+    if probe.qnn_htp_mode == "simulator":
+        return f"QNN HTP simulator ({probe.machine.replace('_', '-')})"
+    return "no Hexagon NPU and no QNN HTP simulator"
+
+
+def machine_label(probe: HostProbe, hexagon: HexagonHere | None) -> str:
+    """The whole machine for "on this machine" lines: CPU, then what plays the NPU."""
+    return f"{cpu_label(probe)}; {npu_here_label(probe, hexagon)}"
+
+
+@dataclass(frozen=True)
+class MachineHere:
+    """This machine as labels and run decisions need it: the probe and its Hexagon NPU, if any."""
+
+    probe: HostProbe
+    hexagon: HexagonHere | None
+
+    @property
+    def has_simulator(self) -> bool:
+        """Qualcomm's x86 HTP simulator is here (onnxruntime-qnn on x86-64)."""
+        return self.probe.qnn_htp_mode == "simulator"
+
+    @property
+    def usable_cpus(self) -> int:
+        return self.probe.usable_cpus
+
+    @property
+    def npu_label(self) -> str:
+        return npu_here_label(self.probe, self.hexagon)
+
+    @property
+    def label(self) -> str:
+        return machine_label(self.probe, self.hexagon)

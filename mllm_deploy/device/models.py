@@ -205,6 +205,25 @@ class HostProbe(_Strict):
     qnn_ep_devices: list[str] = Field(default_factory=list)
     """Hardware devices the QNN EP offered (`ort.get_ep_devices()`), as `TYPE vendor`."""
 
+    npu_metadata: dict[str, str] = Field(default_factory=dict)
+    """What onnxruntime reports about the QNN EP's NPU device, verbatim: `vendor_id`,
+    `device_id`, and the `OrtHardwareDevice.metadata` / `OrtEpDevice.ep_metadata` entries
+    (prefixed `hw.` / `ep.`). Empty without an NPU-type device (e.g. under the x86 simulator,
+    whose QNN device is the CPU). onnxruntime-qnn documents no HTP arch or SoC key here, so the
+    SoC is identified from the kernel's facts below."""
+
+    soc_machine: str | None = None
+    """The SoC's part name as the Linux kernel reports it (`/sys/devices/soc0/machine`, e.g.
+    `SM8650` on a Snapdragon 8 Gen 3); none where the file does not exist (x86, macOS)."""
+
+    soc_id: int | None = None
+    """The kernel's SoC id (`/sys/devices/soc0/soc_id`; on Qualcomm the msm-id, e.g. 557 for
+    SM8650: not QNN's `soc_model` numbering); none where the file does not exist."""
+
+    board_model: str | None = None
+    """The board's name from the device tree (`/proc/device-tree/model`, e.g. `Qualcomm
+    Technologies, Inc. SM8650 QRD`); none without a device tree (x86)."""
+
     int8_emulated_gops: float = Field(gt=0.0)
     """Nominal INT8 throughput (GOP/s) of onnxruntime's CPU integer kernels on the usable
     CPUs. Nominal, not measured by the probe; `int8_emulated_gops_source` says where

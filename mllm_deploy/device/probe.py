@@ -29,7 +29,7 @@ from mllm_deploy.device.host import cpu_gflops_per_core
 from mllm_deploy.device.models import HostProbe
 from mllm_deploy.paths import atomic_write_text, cache_dir
 
-PROBE_SCHEMA = 1  # bump when the probe's output changes meaning; invalidates caches
+PROBE_SCHEMA = 2  # bump when the probe's output changes meaning; invalidates caches
 MARKER = "MLLM_DEPLOY_PROBE_JSON:"
 CACHE_NAME = "host-probe.json"
 DEFAULT_TIMEOUT_S = 60.0
@@ -109,6 +109,27 @@ def _cpu_mhz_from_cpuinfo() -> str | None:
     return None
 
 
+def _read_fact(path: str) -> str | None:
+    """A one-line kernel fact (sysfs, device tree), stripped of the device tree's NUL; None if absent."""
+    try:
+        text = Path(path).read_bytes().decode(errors="replace").strip("\x00 \n\t")
+    except OSError:
+        return None
+    return text or None
+
+
+def collect_soc() -> dict[str, Any]:
+    """The SoC as the Linux kernel names it: `/sys/devices/soc0/machine` (part, e.g. SM8650),
+    `/sys/devices/soc0/soc_id` (Qualcomm's msm-id) and `/proc/device-tree/model` (the board).
+    All None on x86 and wherever the files do not exist."""
+    soc_id = _read_fact("/sys/devices/soc0/soc_id")
+    return {
+        "soc_machine": _read_fact("/sys/devices/soc0/machine"),
+        "soc_id": int(soc_id) if soc_id is not None and soc_id.isdigit() else None,
+        "board_model": _read_fact("/proc/device-tree/model"),
+    }
+
+
 def collect_cpu() -> dict[str, Any]:
     """CPU, cores and RAM facts (no onnxruntime)."""
     model, flags = _cpuinfo()
@@ -130,6 +151,7 @@ def collect_cpu() -> dict[str, Any]:
         "has_avx_vnni": "avx_vnni" in flags,
         "has_avx512f": "avx512f" in flags,
         "has_avx2_fma": "avx2" in flags and "fma" in flags,
+        **collect_soc(),
     }
 
 
@@ -169,7 +191,17 @@ def collect_qnn(machine: str, providers: list[str]) -> dict[str, Any]:
         out["ort_providers"] = [*providers, ep_name]
     out["qnn_ep_devices"] = [f"{d.device.type.name} {d.device.vendor}".strip() for d in devices]
     htp_lib = Path(onnxruntime_qnn.get_qnn_htp_path())
-    has_npu = any(d.device.type == ort.OrtHardwareDeviceType.NPU for d in devices)
+    npus = [d for d in devices if d.device.type == ort.OrtHardwareDeviceType.NPU]
+    has_npu = bool(npus)
+    if npus:  # what onnxruntime says about the NPU, verbatim (no documented arch/SoC key yet)
+        hw = npus[0].device
+        out["npu_metadata"] = {
+            "vendor": str(hw.vendor),
+            "vendor_id": str(hw.vendor_id),
+            "device_id": str(hw.device_id),
+            **{f"hw.{k}": str(v) for k, v in dict(hw.metadata).items()},
+            **{f"ep.{k}": str(v) for k, v in dict(npus[0].ep_metadata).items() if k != "library_path"},
+        }
     if devices and htp_lib.is_file():
         if has_npu:
             out["qnn_available"], out["qnn_htp_mode"] = True, "device"
@@ -258,7 +290,7 @@ def _fallback(warnings: list[str], partial: dict[str, Any] | None) -> dict[str, 
         "has_avx2_fma": False,
     }
     if partial:
-        keep = set(facts) | {"onnxruntime_version", "ort_providers"}
+        keep = set(facts) | {"onnxruntime_version", "ort_providers", "soc_machine", "soc_id", "board_model"}
         facts.update({k: v for k, v in partial.items() if k in keep})
         warnings = partial.get("warnings", []) + warnings
     facts.update({"qnn_available": False, "qnn_htp_mode": "absent", "warnings": warnings})

@@ -33,9 +33,9 @@ import onnxruntime as ort
 
 from mllm_deploy.backends.base import BackendError, GraphHandle, NpuBackend
 from mllm_deploy.backends.ort_cpu import RECORD_ASSIGNMENT, run_session, session_handle
+from mllm_deploy.backends.registry import HTP_ARCHS
 
 QNN_PROVIDER = "QNNExecutionProvider"
-HTP_ARCHS = (68, 69, 73, 75, 79, 81)
 
 _register_lock = threading.Lock()
 _registered = False
@@ -100,7 +100,7 @@ class QnnHtpBackend(NpuBackend):
         extra_options: dict[str, str] | None = None,
     ):
         if htp_arch not in HTP_ARCHS:
-            raise ValueError(f"htp_arch must be one of {HTP_ARCHS}, got {htp_arch}")
+            raise ValueError(f"htp_arch must be one of {tuple(HTP_ARCHS)}, got {htp_arch}")
         self.htp_arch = htp_arch
         self.soc_model = soc_model
         self.performance_mode = performance_mode

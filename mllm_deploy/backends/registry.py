@@ -6,6 +6,7 @@ names a backend. Importing this module is cheap: an implementation (onnxruntime,
 is imported only when a backend is opened.
 
     support = BACKENDS["ort-cpu"]                  # what it can run (dtypes, roles, artifacts)
+    arch = htp_arch_support(68)                     # what one Hexagon HTP generation can run
     backend = open_backend("qnn-htp", htp_arch=75)  # the implementation, ready to load graphs
 """
 
@@ -75,6 +76,46 @@ BACKENDS: dict[NpuBackendName, BackendSupport] = {
 
 if tuple(BACKENDS) != get_args(NpuBackendName):  # one fact: the type and the table agree
     raise RuntimeError(f"NpuBackendName {get_args(NpuBackendName)} differs from BACKENDS {tuple(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class HtpArchSupport:
+    """What one Hexagon HTP generation runs of our graphs (qnn-htp's `htp_arch`), as measured
+    by compiling one real layer's graphs for it (tests/test_qnn_arch.py) and stated in `source`."""
+
+    arch: int  # QNN's `htp_arch` number
+    int16_activations: bool  # A16W8 graphs: uint16 activations in and out, int8 weights
+    float_elementwise: bool  # float (FP16) Sigmoid/Mul inside a graph: gate_up's fused SiLU·mul
+    source: str  # where the two facts come from
+
+
+_QNN_DOCS = (
+    "Qualcomm AI Engine Direct (QNN) docs, HTP backend: HTP runs A8, A16 (16-bit activations, 8-bit weights) and FP16"
+)
+_SIM = "measured: onnxruntime-qnn 2.7 HTP simulator compiles and runs one real SmolLM2 layer's A16W8 graphs"
+
+HTP_ARCHS: dict[int, HtpArchSupport] = {
+    68: HtpArchSupport(68, int16_activations=True, float_elementwise=False, source=(
+        f"{_QNN_DOCS}; FP16 is absent on v68 (QNN: \"The SocModel doesn't support FP16\", QCS6490 reports). "
+        f"{_SIM}, and rejects the float SiLU·mul (\"Unsupported nodes in QNN EP: silu_sigmoid, silu_mul, "
+        "swiglu_mul\") for uint8 and uint16 alike")),
+    69: HtpArchSupport(69, int16_activations=True, float_elementwise=True, source=f"{_QNN_DOCS}. {_SIM}, float SiLU·mul included"),
+    73: HtpArchSupport(73, int16_activations=True, float_elementwise=True, source=f"{_QNN_DOCS}. {_SIM}, float SiLU·mul included"),
+    75: HtpArchSupport(75, int16_activations=True, float_elementwise=True, source=f"{_QNN_DOCS}. {_SIM}, float SiLU·mul included"),
+    79: HtpArchSupport(79, int16_activations=True, float_elementwise=True, source=f"{_QNN_DOCS}. {_SIM}, float SiLU·mul included"),
+    81: HtpArchSupport(81, int16_activations=True, float_elementwise=True, source=f"{_QNN_DOCS}. {_SIM}, float SiLU·mul included"),
+}  # fmt: skip
+"""The Hexagon HTP generations qnn-htp compiles for (device catalog `npu.htp_arch` = "v<arch>")."""
+
+
+def htp_arch_support(arch: int) -> HtpArchSupport:
+    """The registered facts of HTP `arch`; KeyError names the registered generations."""
+    try:
+        return HTP_ARCHS[arch]
+    except KeyError:
+        raise KeyError(
+            f"unknown Hexagon HTP arch {arch!r} (registered: {', '.join(f'v{a}' for a in HTP_ARCHS)})"
+        ) from None
 
 
 def backend_support(name: str) -> BackendSupport:

@@ -93,11 +93,12 @@ class Manifest(_Model):
     """onnxruntime threads the latencies were measured with (0: not ort-cpu)."""
 
 
-ARTIFACT_FORMAT = "3"
+ARTIFACT_FORMAT = "4"
 """Bump whenever what `build` produces changes for the same inputs (graph layout, calibration
 rules), so entries built by an older rule are recompiled instead of silently reused.
 2: shadow pruning per linear input, pruned inputs on max-abs grids.
-3: shadow rows as hot float32 rows + cold rows in the model's blocks (`compile.shadow_store`)."""
+3: shadow rows as hot float32 rows + cold rows in the model's blocks (`compile.shadow_store`).
+4: every layer's gate_up split (SiLU·mul on the CPU) for an HTP arch without float math (v68)."""
 
 
 DECODE_FORMAT = 5

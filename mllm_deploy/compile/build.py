@@ -261,7 +261,7 @@ def _build_into(
         progress("building graphs", layer, spec.n_layers)
         weights = engine.weights.layers[layer]
         built = build_layer_graphs(weights, layer, chunk, layer_act_quant(cal, layer, quantize_outputs=support.quantized_outputs), granularity,
-                                   tmp / "graphs", split_gate_up=(layer, "gate_up") in shadowed)  # fmt: skip
+                                   tmp / "graphs", split_gate_up=split_gate_up(resolved, shadowed, layer))  # fmt: skip
         for kind, graph in built.items():
             _audit_or_refuse(resolved, graph.path, require_quantized_outputs=support.quantized_outputs)
             if (layer, kind) in shadowed:
@@ -286,6 +286,13 @@ def _build_into(
     atomic_write_text(tmp / KERNELS, json.dumps(report, indent=1))
     atomic_write_text(tmp / CALIBRATION, cal.model_dump_json(indent=1))
     atomic_write_text(tmp / LATENCIES, json.dumps(latencies, indent=1))
+
+
+def split_gate_up(resolved: Resolved, shadowed: frozenset[tuple[int, str]], layer: int) -> bool:
+    """Whether layer's gate_up graph returns gate and up (SiLU·mul on the CPU): for a shadowed
+    input (the correction enters before SiLU), and on every layer where the resolver re-placed
+    SiLU·mul on the CPU because the target's HTP generation has no float arithmetic."""
+    return resolved.silu_mul_on_cpu or (layer, "gate_up") in shadowed
 
 
 def profile_graph(backend: NpuBackend, path: Path, runs: int) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mllm_deploy.backends.registry import BACKENDS, NpuBackendName, backend_support
+from mllm_deploy.backends.registry import BACKENDS, HTP_ARCHS, NpuBackendName, backend_support
 from mllm_deploy.device import load_capabilities
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
@@ -42,6 +42,10 @@ class Resolved:
     npu_threads: int  # threads onnxruntime may use for the emulated NPU (ort-cpu only; else 0)
     memory: MemoryBudget
     warnings: list[Diagnostic] = field(default_factory=list)
+    silu_mul_on_cpu: bool = False
+    """Every layer's gate_up graph returns gate and up and SiLU·mul runs on the CPU, because the
+    target's HTP generation has no float arithmetic inside a graph (`backends.registry.HTP_ARCHS`);
+    otherwise only shadowed gate_up inputs split (their correction must enter before SiLU)."""
 
     @property
     def profile(self) -> Profile:
@@ -188,10 +192,11 @@ def _check_dtypes(c: _Checks, profile: Profile, caps: Capabilities, backend: Npu
     if q.weights not in support.weights:
         allowed = ", ".join(sorted(support.weights))
         c.refuse("quantization.weights", f"{backend} has no graphs for these weights", q.weights, allowed)
-    if q.activations == "uint16" and not npu.supports_int16_activations:
+    arch = HTP_ARCHS.get(npu.htp_arch_number or 0) if support.needs_htp_arch else None
+    if q.activations == "uint16" and not (npu.supports_int16_activations and (arch is None or arch.int16_activations)):
         c.refuse(
             "quantization.activations",
-            f"{caps.id}'s NPU has no 16-bit activations",
+            f"{caps.id}'s NPU has no 16-bit activations" + (f" (HTP v{arch.arch}: {arch.source})" if arch else ""),
             q.activations,
             "uint8",
         )
@@ -202,6 +207,23 @@ def _check_dtypes(c: _Checks, profile: Profile, caps: Capabilities, backend: Npu
             q.weights,
             "int8-per-tensor",
         )
+
+
+def _silu_mul_on_cpu(c: _Checks, caps: Capabilities, backend: Backend) -> bool:
+    """True (with a note) when the target's HTP generation cannot run gate_up's float SiLU·mul:
+    the graphs are then built with gate and up as outputs and the CPU applies SiLU·mul — re-placed
+    here, before anything is built, rather than refused or left to fail in QNN's compiler."""
+    if backend == "none" or not backend_support(backend).needs_htp_arch or caps.npu is None:
+        return False
+    arch = HTP_ARCHS.get(caps.npu.htp_arch_number or 0)
+    if arch is None or arch.float_elementwise:
+        return False
+    c.warn(
+        "device.target",
+        f"HTP v{arch.arch} of {caps.id} has no float arithmetic inside a graph, so gate_up's SiLU·mul "
+        "cannot run on the NPU: every layer's gate_up graph returns gate and up, and SiLU·mul runs on the CPU",
+    )
+    return True
 
 
 def _check_placement(c: _Checks, profile: Profile, caps: Capabilities, backend: Backend) -> None:
@@ -368,6 +390,7 @@ def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resol
     _check_attention(c, profile, backend)
     _check_context(c, profile, caps, spec, backend)
     _check_threads(c, profile, caps, backend)
+    silu_mul_on_cpu = _silu_mul_on_cpu(c, caps, backend)
     budget = memory_budget(profile, spec, backend)
     _check_memory(c, caps, budget)
     _check_files(c, profile, loaded.base_dir)
@@ -386,6 +409,7 @@ def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resol
         npu_threads=npu_threads,
         memory=budget,
         warnings=c.warnings,
+        silu_mul_on_cpu=silu_mul_on_cpu,
     )
 
 

@@ -12,6 +12,8 @@ Graph kinds and outputs (x is the float32 [chunk, in] input, padded to `chunk_to
               [gate, up]                 (shadowed: the correction must enter before silu, so the
                                           graph returns both pre-activations; `combine` adds the
                                           correction and applies silu·mul on the CPU)
+              [act]                      (split but not shadowed, on an HTP without float math:
+                                          run_graph applies silu·mul on the CPU)
     down    → [mlp_out]
 `shadow` returns corrections shaped like `run_graph`'s outputs ([gate, up] for gate_up).
 
@@ -68,7 +70,11 @@ class NpuLayerKernels:
             self._graph_runs += 1
             self._graph_values += x.size
             self._npu_seconds += time.perf_counter() - started
-        return [out[name] for name in self._outputs[(layer, kind)]]
+        outs = [out[name] for name in self._outputs[(layer, kind)]]
+        if kind == "gate_up" and len(outs) == 2 and (layer, kind) not in self._shadows:
+            # built split because the HTP generation has no float SiLU·mul (resolver's silu_mul_on_cpu)
+            return [silu_mul_(outs[0] if outs[0].flags.writeable else outs[0].copy(), outs[1])]  # [act]
+        return outs
 
     def shadow(self, layer: int, kind: str, x: np.ndarray) -> Correction | None:
         """CPU float correction for x's values beyond the NPU grid; None when the input is not

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     INTERNAL = 1
     INVALID = 2  # invalid profile, model file or usage
     CANNOT_RUN = 3  # valid profile that this device cannot run
+    ACCURACY = 4  # `build --out`: the bundle's measured accuracy is over `[accuracy] max_ppl_ratio`
     INTERRUPTED = 130
 
 

@@ -81,6 +81,16 @@ class BundleAccuracy(_Model):
     """Name of the held-out text."""
     max_ppl_ratio: float = Field(gt=0)
     """The limit the build checked `ppl_ratio` against (`[accuracy] max_ppl_ratio`)."""
+    measured_on: str = Field(min_length=1)
+    """What ran the bundle's graphs for `path_ppl`, e.g. `ort-cpu emulation (VNNI INT8)`, or for a
+    qnn-htp bundle built on x86 `ort-cpu emulation of the qnn-htp QDQ graphs (VNNI INT8)`: the
+    same graphs its context binaries were compiled from, on the CPU provider, not the HTP itself."""
+    chunk_size: int = Field(ge=1)
+    """Tokens per prefill chunk of both runs (the bundle's `chunk_size`)."""
+    seconds: float = Field(ge=0)
+    """Wall time of the measurement (both runs) at build."""
+    forced: bool = False
+    """True when `ppl_ratio` was over `max_ppl_ratio` and `build --force-accuracy` wrote the bundle anyway."""
 
 
 class BundleVersions(_Model):

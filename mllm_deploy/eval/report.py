@@ -8,12 +8,12 @@ import time
 from threadpoolctl import threadpool_limits
 
 from mllm_deploy.errors import user_error
-from mllm_deploy.eval.perplexity import perplexity, token_nll
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.engines import load_deployment_weights, open_eval_engine
 from mllm_deploy.model import load_tokenizer
 from mllm_deploy.resolve import Resolved
+from mllm_deploy.runtime.perplexity import perplexity, token_nll
 
 
 def evaluate_profile(deployment: Deployment, text: str, *, max_tokens: int = 4096, progress: bool = True) -> dict:

@@ -14,6 +14,7 @@ from mllm_deploy.compile.build import compile_artifacts, find_artifacts
 from mllm_deploy.compile.bundle import render_bundle_contents, write_archive, write_bundle
 from mllm_deploy.compile.bundle_check import read_lock
 from mllm_deploy.compile.calibration import render_calibration
+from mllm_deploy.interface.accuracy import gate_accuracy, measure_accuracy, render_accuracy
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.engines import obtain_decode_graphs
 from mllm_deploy.plan import Plan, build_plan
@@ -29,11 +30,19 @@ class Built:
 
 
 def build_deployment(
-    deployment: Deployment, *, force: bool = False, out: Path | None = None, archive: bool = False
+    deployment: Deployment,
+    *,
+    force: bool = False,
+    out: Path | None = None,
+    archive: bool = False,
+    force_accuracy: bool = False,
 ) -> Built:
     """Calibrate, compile, audit and profile the deployment's NPU graphs (or reuse the verified
-    cache entry; `force` rebuilds it), then write a bundle to `out` when given (with its decode
-    graphs; `archive`: and `OUT.tar` of it)."""
+    cache entry; `force` rebuilds it), then, when `out` is given, measure the bundle's accuracy
+    (`interface.accuracy`: refused with exit 4 over `[accuracy] max_ppl_ratio` unless
+    `force_accuracy`, before anything is written) and write the bundle with its decode graphs
+    (`archive`: and `OUT.tar` of it). The gate applies to bundles only: a cache entry is this
+    machine's own, and `eval` measures it on any text."""
     resolved = deployment.resolved
     artifacts = compile_artifacts(resolved, force=force)
     lock = artifacts.lock
@@ -48,7 +57,9 @@ def build_deployment(
     ]
     bundle = None
     if out is not None:
-        bundle = write_bundle(resolved, artifacts, out, decode_graphs=obtain_decode_graphs(resolved))
+        accuracy = gate_accuracy(measure_accuracy(resolved, artifacts), resolved, force=force_accuracy)
+        lines.append(render_accuracy(accuracy))
+        bundle = write_bundle(resolved, artifacts, out, decode_graphs=obtain_decode_graphs(resolved), accuracy=accuracy)
         lines += [f"bundle: {bundle}", render_bundle_contents(read_lock(bundle.resolve()))]
         if archive:
             tar = write_archive(bundle)

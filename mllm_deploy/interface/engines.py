@@ -60,10 +60,13 @@ def open_engine(resolved: Resolved, weights: LlamaWeights, *, log: Log = stderr_
     return open_npu_engine(resolved, weights, artifacts, obtain_decode_graphs(resolved, weights))
 
 
-def open_eval_engine(resolved: Resolved, float_engine: FloatEngine) -> NpuPrefillEngine:
+def open_eval_engine(
+    resolved: Resolved, float_engine: FloatEngine, artifacts: Artifacts | None = None
+) -> NpuPrefillEngine:
     """What `eval` measures on the NPU path: the profile's INT8 graphs and shadow corrections run
-    one after the other (no scheduler) over the profile's KV cache and attention."""
-    artifacts = obtain_artifacts(resolved)
+    one after the other (no scheduler) over the profile's KV cache and attention. `artifacts`:
+    these (e.g. a qnn-htp entry's QDQ graphs run on ort-cpu), else `obtain_artifacts(resolved)`."""
+    artifacts = artifacts if artifacts is not None else obtain_artifacts(resolved)
     kv_scales = profile_kv_scales(resolved, artifacts)
     attention = profile_chunk_attention(resolved, kv_scales)
     return NpuPrefillEngine(

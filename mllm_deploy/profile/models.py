@@ -195,6 +195,15 @@ class CalibrationSection(_Section):
     """Tokens per calibration sequence."""
 
 
+class AccuracySection(_Section):
+    """The accuracy gate of `build --out`: the bundle's path against the float32 model."""
+
+    max_ppl_ratio: float = Field(1.05, gt=1.0, le=100.0)
+    """Largest perplexity ratio (bundle's path / float32 model, on the held-out text shipped with
+    mllm-deploy) at which `build --out` writes the bundle; above it the build refuses (exit 4)
+    unless `--force-accuracy`."""
+
+
 class UiSection(_Section):
     """Terminal UI settings."""
 
@@ -237,6 +246,9 @@ class Profile(_Section):
 
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     """Calibration data."""
+
+    accuracy: AccuracySection = Field(default_factory=AccuracySection)
+    """Accuracy gate of bundles."""
 
     ui: UiSection = Field(default_factory=UiSection)
     """Terminal UI."""

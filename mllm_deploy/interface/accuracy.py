@@ -1,0 +1,112 @@
+"""The accuracy gate of `build --out`: perplexity of the bundle's own path against the float32
+model on the held-out text shipped with mllm-deploy (`mllm_deploy/data/heldout.txt`).
+
+    accuracy = measure_accuracy(resolved, artifacts)   # BundleAccuracy: both perplexities, what ran
+    gate_accuracy(accuracy, resolved)                  # UserError (exit 4) over [accuracy] max_ppl_ratio
+
+The bundle's path is its INT8 graphs with their shadow corrections, its KV cache and prefill
+attention, run chunk by chunk (`open_eval_engine`, what `eval` runs). A qnn-htp bundle built on a
+machine without a Hexagon NPU is measured on the CPU provider running the QDQ graphs its context
+binaries were compiled from (the simulator would take hours), and `measured_on` says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from importlib import resources
+
+from threadpoolctl import threadpool_limits
+
+from mllm_deploy.backends.registry import backend_support
+from mllm_deploy.compile.artifacts import Artifacts
+from mllm_deploy.compile.bundle import BundleAccuracy
+from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.interface.engines import load_deployment_weights, open_eval_engine
+from mllm_deploy.model import load_tokenizer
+from mllm_deploy.resolve import Resolved
+from mllm_deploy.resolve.resolver import backend_label
+from mllm_deploy.runtime.perplexity import perplexity, token_nll
+
+HELDOUT_TEXT = "heldout.txt"
+"""The held-out text (original prose, never used for calibration), in `mllm_deploy/data/`."""
+GATE_TOKENS = 512
+"""Tokens the gate scores: two 256-token chunks. On the default model it costs ~2.5 s at build
+(float32 and the bundle's path, 2 cores); the ratio over 512 tokens is within ~0.3% of the
+ratio over the whole text (3,650 tokens), see docs/deploy.md."""
+
+
+def heldout_text() -> str:
+    """The held-out text shipped with mllm-deploy."""
+    return resources.files("mllm_deploy").joinpath("data", HELDOUT_TEXT).read_text(encoding="utf-8")
+
+
+def measured_path(resolved: Resolved) -> tuple[Resolved, str]:
+    """The resolved profile whose graphs the gate runs here, and what runs them in words. A
+    backend of context binaries without its NPU here (qnn-htp on x86) is measured by running
+    the same QDQ graphs on the CPU provider (labelled as such), never silently."""
+    support = backend_support(resolved.backend)
+    probe = resolved.caps.probe
+    if not support.context_binaries or (probe is not None and probe.qnn_htp_mode == "device"):
+        return resolved, resolved.backend_label
+    emulated = replace(resolved, backend="ort-cpu", npu_threads=max(1, resolved.cpu_threads))
+    label = backend_label("ort-cpu", resolved.caps).replace(
+        " emulation (", f" emulation of the {resolved.backend} QDQ graphs ("
+    )
+    return replace(emulated, backend_label=label), label
+
+
+def measure_accuracy(resolved: Resolved, artifacts: Artifacts, *, max_tokens: int = GATE_TOKENS) -> BundleAccuracy:
+    """Perplexity of the float32 model and of `artifacts`' path on the first `max_tokens` tokens
+    of the held-out text (chunks of the profile's `chunk_size`), checked against nothing yet."""
+    started = time.perf_counter()
+    ids = load_tokenizer(resolved.spec).encode(heldout_text(), allow_special=False)[:max_tokens]
+    chunk = resolved.profile.prefill.chunk_size
+    path, label = measured_path(resolved)
+    with threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas"):
+        float_engine = FloatEngine(load_deployment_weights(resolved))
+        float_ppl = perplexity(token_nll(float_engine, ids, chunk))
+        engine = open_eval_engine(path, float_engine, artifacts)
+        path_ppl = perplexity(token_nll(engine, ids, chunk))
+    return BundleAccuracy(
+        ppl_ratio=path_ppl / float_ppl,
+        float_ppl=float_ppl,
+        path_ppl=path_ppl,
+        tokens=len(ids),
+        text=f"mllm_deploy/data/{HELDOUT_TEXT}",
+        max_ppl_ratio=resolved.profile.accuracy.max_ppl_ratio,
+        measured_on=label,
+        chunk_size=chunk,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+def gate_accuracy(accuracy: BundleAccuracy, resolved: Resolved, *, force: bool = False) -> BundleAccuracy:
+    """`accuracy` when within `[accuracy] max_ppl_ratio`, or marked `forced` when over it and
+    `force`; else UserError (exit 4) naming the key, the limit and the measured ratio."""
+    if accuracy.ppl_ratio <= accuracy.max_ppl_ratio:
+        return accuracy
+    if force:
+        return accuracy.model_copy(update={"forced": True})
+    raise user_error(
+        f"the bundle's path has {accuracy.ppl_ratio:.4f}x the float32 model's perplexity on the held-out "
+        f"text ({accuracy.path_ppl:.3f} vs {accuracy.float_ppl:.3f} over {accuracy.tokens} tokens, measured on "
+        f"{accuracy.measured_on}), over the limit {accuracy.max_ppl_ratio:g}; no bundle was written",
+        **resolved.loaded.where("accuracy.max_ppl_ratio"),
+        value=round(accuracy.ppl_ratio, 4),
+        allowed=f"<= {accuracy.max_ppl_ratio:g}",
+        hint="raise accuracy.max_ppl_ratio, change the quantization or outlier settings, or write it anyway "
+        "with build --force-accuracy (the lockfile records that the gate was forced)",
+        exit_code=ExitCode.ACCURACY,
+    )
+
+
+def render_accuracy(accuracy: BundleAccuracy) -> str:
+    """One line for `build`'s report."""
+    forced = "; OVER THE LIMIT, written with --force-accuracy" if accuracy.forced else ""
+    return (
+        f"accuracy: perplexity {accuracy.path_ppl:.3f} vs float32 {accuracy.float_ppl:.3f} = "
+        f"{accuracy.ppl_ratio:.4f}x (limit {accuracy.max_ppl_ratio:g}{forced}); {accuracy.tokens} tokens of "
+        f"the held-out text on {accuracy.measured_on}, {accuracy.seconds:.1f} s"
+    )

@@ -59,9 +59,11 @@ def measured_path(resolved: Resolved) -> tuple[Resolved, str]:
 
 def measure_accuracy(resolved: Resolved, artifacts: Artifacts, *, max_tokens: int = GATE_TOKENS) -> BundleAccuracy:
     """Perplexity of the float32 model and of `artifacts`' path on the first `max_tokens` tokens
-    of the held-out text (chunks of the profile's `chunk_size`), checked against nothing yet."""
+    of the held-out text (at most `prefill.max_context`; chunks of the profile's `chunk_size`),
+    checked against nothing yet."""
     started = time.perf_counter()
-    ids = load_tokenizer(resolved.spec).encode(heldout_text(), allow_special=False)[:max_tokens]
+    limit = min(max_tokens, resolved.profile.prefill.max_context)
+    ids = load_tokenizer(resolved.spec).encode(heldout_text(), allow_special=False)[:limit]
     chunk = resolved.profile.prefill.chunk_size
     path, label = measured_path(resolved)
     with threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas"):

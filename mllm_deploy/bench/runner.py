@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mllm_deploy.device import OptIn
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
-from mllm_deploy.profile import load_profile
-from mllm_deploy.resolve import resolve_profile
+from mllm_deploy.interface.deployment import load_deployment
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class BenchRequest:
     repeat: int = 3
     warmup: int = 1
     trace: str | None = None
+    opt_in: OptIn | None = None  # --emulate / --simulator: a Hexagon target on a machine without one
 
 
 def expand_sweeps(sweeps: list[str]) -> list[dict[str, str]]:
@@ -51,9 +52,10 @@ def config_overrides(request: BenchRequest, settings: dict[str, str]) -> list[st
 
 
 def check_configs(request: BenchRequest, configs: list[dict[str, str]]) -> None:
-    """Load and resolve every configuration's profile up front, so a bad value fails before any run."""
+    """Load and resolve every configuration's profile up front, so a bad value, or a target this
+    machine cannot run without an opt-in, fails before any run."""
     for settings in configs:
-        resolve_profile(load_profile(request.profile, config_overrides(request, settings)))
+        load_deployment(request.profile, config_overrides(request, settings), opt_in=request.opt_in, to_run=True)
 
 
 def _trace_for(request: BenchRequest, index: int, n_configs: int) -> str | None:
@@ -74,6 +76,7 @@ def run_config(request: BenchRequest, settings: dict[str, str], trace: str | Non
         "repeat": request.repeat,
         "warmup": request.warmup,
         "trace": trace,
+        "opt_in": request.opt_in,
     }
     proc = subprocess.run(
         [sys.executable, "-m", "mllm_deploy.bench.worker"], input=json.dumps(payload), stdout=subprocess.PIPE, text=True
@@ -120,6 +123,7 @@ def flat_row(row: dict) -> dict:
         "backend_npu": row["backend"]["npu"], "backend_prefill": row["backend"]["prefill"],
         "backend_decode": row["backend"]["decode"], "scheduler": row["scheduler"],
         "cpu_threads": row["threads"]["cpu"], "npu_threads": row["threads"]["npu"], "chunk_size": row["chunk_size"],
+        "target": row.get("target"), "runs_as": row.get("runs_as"), "target_cpu_threads": row["threads"].get("target_cpu"),
         "profile_hash": row["profile_hash"], "host_cpu": row["host"]["cpu"],
         "host_load_average_1m": row["host"]["load_average_1m"], "trace": row.get("trace"),
     })  # fmt: skip

@@ -24,7 +24,7 @@ from mllm_deploy.bench.prompt_text import prompt_ids
 from mllm_deploy.errors import UserError
 from mllm_deploy.events import GenerationDone, PrefillDone
 from mllm_deploy.interface.deployment import Deployment, load_deployment
-from mllm_deploy.interface.engines import load_deployment_weights, open_engine
+from mllm_deploy.interface.engines import load_deployment_weights, open_deployment_engine
 from mllm_deploy.model import load_tokenizer
 from mllm_deploy.profile import profile_hash
 from mllm_deploy.runtime.dag_engine import DagEngine
@@ -63,12 +63,13 @@ class _Rig:
     """The loaded model of one configuration and what it really runs."""
 
     def __init__(self, deployment: Deployment):
-        self.resolved = deployment.resolved
+        self.deployment = deployment
+        self.resolved = deployment.running  # as it runs here: this machine's threads and labels
         spec = self.resolved.spec
         self.tokenizer = load_tokenizer(spec)
         weights = load_deployment_weights(self.resolved)
         self.blas_limit = threadpool_limits(limits=self.resolved.cpu_threads, user_api="blas")
-        self.engine: Engine = open_engine(self.resolved, weights)
+        self.engine: Engine = open_deployment_engine(deployment, weights)
         self.backend = self.engine.describe()
         self.slots = self.engine.executor_slots()
 
@@ -115,7 +116,9 @@ def _spread(values: list[float]) -> dict:
 
 
 def run_request(request: dict) -> list[dict]:
-    deployment = load_deployment(request.get("profile"), request.get("overrides", []))
+    deployment = load_deployment(
+        request.get("profile"), request.get("overrides", []), opt_in=request.get("opt_in"), to_run=True
+    )
     host = host_record()
     load_started = time.perf_counter()
     rig = _Rig(deployment)
@@ -152,7 +155,10 @@ def run_request(request: dict) -> list[dict]:
             "process_cpu_cores": median_run["process_cpu_cores"],
             "backend": rig.backend,
             "scheduler": rig.resolved.profile.scheduler.policy,
-            "threads": {"cpu": rig.resolved.cpu_threads, "npu": rig.resolved.npu_threads},
+            "threads": {"cpu": rig.resolved.cpu_threads, "npu": rig.resolved.npu_threads,
+                        "target_cpu": rig.deployment.resolved.cpu_threads},
+            "target": rig.deployment.resolved.caps.id,
+            "runs_as": rig.deployment.here.mode,  # native, hexagon, simulator or emulation
             "chunk_size": rig.resolved.profile.prefill.chunk_size,
             "load_s": round(load_s, 2),
             "profile_hash": profile_hash(rig.resolved.profile)[:12],  # the canonical hash, shortened

@@ -11,7 +11,7 @@ import json
 import sys
 
 from mllm_deploy.bench.runner import BenchRequest, check_configs, expand_sweeps, render_csv, render_table, run_bench
-from mllm_deploy.cli.common import add_profile_args
+from mllm_deploy.cli.common import add_opt_in_args, add_profile_args
 from mllm_deploy.errors import ExitCode, user_error
 
 
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="profile key and values to sweep (repeatable; the cartesian product runs)")  # fmt: skip
     parser.add_argument("--trace", metavar="FILE", help="write a Chrome trace of the last run (per configuration)")
+    add_opt_in_args(parser)
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list of rows")
     out.add_argument("--jsonl", action="store_true", help="print one JSON row per line as configurations finish")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise user_error("--gen-tokens and --repeat must be >= 1, --warmup >= 0",
                          value=f"{args.gen_tokens}, {args.repeat}, {args.warmup}")  # fmt: skip
     request = BenchRequest(args.profile, list(args.overrides), args.prompt_tokens, args.gen_tokens,
-                           args.repeat, args.warmup, args.trace)  # fmt: skip
+                           args.repeat, args.warmup, args.trace, args.opt_in)  # fmt: skip
     configs = expand_sweeps(args.sweep)
     check_configs(request, configs)
 

@@ -35,16 +35,52 @@ def add_profile_args(parser: argparse.ArgumentParser, *, optional: bool = False)
     )
 
 
+def add_opt_in_args(parser: argparse.ArgumentParser) -> None:
+    """`--emulate` / `--simulator`: how a Hexagon (qnn-htp) profile or bundle may run on a machine
+    without a Hexagon NPU (refused otherwise, exit 3). Commands that run a model take them."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--emulate",
+        dest="opt_in",
+        action="store_const",
+        const="emulate",
+        help="run a Hexagon target's QDQ graphs on onnxruntime's CPU integer kernels here "
+        "(every output is labelled emulation: the phone's graphs, not the phone's speed)",
+    )
+    group.add_argument(
+        "--simulator",
+        dest="opt_in",
+        action="store_const",
+        const="simulator",
+        help="run a Hexagon target's context binaries on Qualcomm's x86 HTP simulator "
+        "(labelled; 200-700x slower than the CPU: for verification)",
+    )
+    parser.set_defaults(opt_in=None)
+
+
 def load_profile_from_args(args: argparse.Namespace) -> LoadedProfile:
     """The profile named by the arguments, with `--set` overrides; raises UserError."""
-    loaded = load_deployment_profile(args.profile, args.overrides)  # a bundle is verified first
+    opt_in = getattr(args, "opt_in", None)  # only commands that run a model take --emulate / --simulator
+    loaded = load_deployment_profile(args.profile, args.overrides, opt_in=opt_in)  # a bundle is verified first
     print_diagnostics(loaded.warnings)
     return loaded
+
+
+def deployment_to_run(args: argparse.Namespace) -> Deployment:
+    """The deployment a command runs here (run, chat, bench, eval): loaded, resolved, and refused
+    (exit 3) when this machine cannot run it without `--emulate` / `--simulator`; the notes of how
+    it runs here (a slow simulator, an opt-in without effect) go to stderr."""
+    deployment = Deployment.of(
+        load_profile_from_args(args), args.profile, args.overrides, opt_in=args.opt_in, to_run=True
+    )
+    print_diagnostics(Diagnostic(message=note, severity="warning") for note in deployment.here.notes)
+    return deployment
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of the commands that generate text (`run`, `chat`)."""
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="override decode.max_new_tokens")
+    add_opt_in_args(parser)
 
 
 def deployment_for_generation(args: argparse.Namespace) -> Deployment:
@@ -52,7 +88,7 @@ def deployment_for_generation(args: argparse.Namespace) -> Deployment:
     resolves it (once), refusing what this host cannot run; raises UserError."""
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise user_error("--max-new-tokens must be at least 1", value=args.max_new_tokens)
-    return Deployment.of(load_profile_from_args(args), args.profile, args.overrides)
+    return deployment_to_run(args)
 
 
 def open_chat_session(deployment: Deployment) -> ChatSession:

@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mllm_deploy.cli.common import add_profile_args, load_profile_from_args
+from mllm_deploy.cli.common import add_opt_in_args, add_profile_args, deployment_to_run
 from mllm_deploy.errors import ExitCode, user_error
-from mllm_deploy.interface.deployment import Deployment
 
 
 def register(subparsers) -> None:
@@ -25,6 +24,7 @@ def register(subparsers) -> None:
         "--max-tokens", type=int, default=4096, metavar="N", help="evaluate the first N tokens (default 4096)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_opt_in_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise user_error("text file not found", file=args.text) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise user_error(f"cannot read the text file: {exc}", file=args.text) from None
-    deployment = Deployment.of(load_profile_from_args(args), args.profile, args.overrides)
+    deployment = deployment_to_run(args)
     report = evaluate_profile(deployment, text, max_tokens=args.max_tokens)
     if args.json:
         print(json.dumps(report))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from mllm_deploy.cli.common import add_profile_args, load_profile_from_args, print_diagnostics
+from mllm_deploy.cli.common import add_opt_in_args, add_profile_args, load_profile_from_args, print_diagnostics
 from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.plan import plan_to_json
@@ -33,12 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="prompt length to draw the prefill DAG for (default: 1024, or prefill.max_context if smaller)",
     )
+    add_opt_in_args(parser)  # says how the plan would run here with --emulate / --simulator
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     loaded = load_profile_from_args(args)
-    deployment = Deployment.of(loaded, args.profile, args.overrides)
+    deployment = Deployment.of(loaded, args.profile, args.overrides, opt_in=args.opt_in)
     resolved = deployment.resolved
     print_diagnostics(w for w in resolved.warnings if w not in loaded.warnings)
     limit = resolved.profile.prefill.max_context
@@ -51,10 +54,13 @@ def run(args: argparse.Namespace) -> int:
 
     view = deployment_plan(deployment, prompt_tokens=args.prompt_tokens, dump_dir=args.dump_dir)
     plan = view.plan
+    here = deployment.here  # the plan is the target's; this says how it runs on this machine
     if args.json:
-        sys.stdout.write(plan_to_json(plan))
+        data = json.loads(plan_to_json(plan))
+        data["on_this_machine"] = {**asdict(here), "line": here.line}
+        sys.stdout.write(json.dumps(data, indent=1) + "\n")
         return ExitCode.OK
-    sys.stdout.write(render_plan(plan))
+    sys.stdout.write(render_plan(plan, here=here.line))
     if view.calibration_report is not None:
         sys.stdout.write("\n" + view.calibration_report)
     else:

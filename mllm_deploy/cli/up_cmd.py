@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm_deploy.cli.common import add_profile_args, print_diagnostics
-from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.cli.common import add_opt_in_args, add_profile_args, print_diagnostics
+from mllm_deploy.errors import Diagnostic, ExitCode, user_error
 from mllm_deploy.interface.deployment import load_deployment
 from mllm_deploy.tui.sessions import load_session
 
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
         metavar="NAME",
         help="reopen a session saved with /save (its profile and overrides, then any --set given here)",
     )
+    add_opt_in_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -35,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     saved = load_session(args.resume) if args.resume else None
     profile_arg = args.profile if args.profile is not None or saved is None else saved.profile
     overrides = [*(saved.overrides if saved else []), *args.overrides]
-    deployment = load_deployment(profile_arg, overrides)
+    deployment = load_deployment(profile_arg, overrides, opt_in=args.opt_in, to_run=True)
     print_diagnostics({d.render(): d for d in deployment.loaded.warnings + deployment.resolved.warnings}.values())
+    print_diagnostics(Diagnostic(message=note, severity="warning") for note in deployment.here.notes)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise user_error(
             "`mllm-deploy up` needs a terminal",

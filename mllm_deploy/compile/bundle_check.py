@@ -54,6 +54,7 @@ from mllm_deploy.compile.bundle import (
     installed_versions,
     is_bundle,
 )  # fmt: skip
+from mllm_deploy.device.host import OptIn
 from mllm_deploy.device.models import HostProbe
 from mllm_deploy.device.probe import probe_host
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
@@ -82,17 +83,26 @@ class OpenedBundle:
 
 
 def open_bundle(
-    path: str | Path, *, rehash: bool = False, allow_simulator: bool = False, host: HostProbe | None = None
+    path: str | Path,
+    *,
+    rehash: bool = False,
+    allow_simulator: bool = False,
+    host: HostProbe | None = None,
+    opt_in: OptIn | None = None,
 ) -> OpenedBundle:
     """The bundle at `path`, verified (see the module docstring); UserError if it cannot run here.
     `allow_simulator`: accept a qnn-htp bundle on Qualcomm's x86 HTP simulator (for verification).
-    `host`: this machine's probe (default: `probe_host()`, only asked for a qnn-htp bundle)."""
+    `opt_in`: the user's --emulate / --simulator for a qnn-htp bundle on a machine without a
+    Hexagon NPU (`check_bundle_target`). `host`: this machine's probe (default: `probe_host()`,
+    only asked for a qnn-htp bundle)."""
     root = Path(path).resolve()
     lock = read_lock(root)
     fresh = _verify_files(root, lock, rehash=rehash)
     _check_formats(root, lock)
     warnings = check_bundle_versions(lock, root, installed_versions())
-    warnings += check_bundle_target(lock, root, host=host, allow_simulator=allow_simulator)
+    allow_simulator = allow_simulator or opt_in == "simulator"
+    warnings += check_bundle_target(lock, root, host=host, allow_simulator=allow_simulator,
+                                    allow_emulation=opt_in == "emulate")  # fmt: skip
     _check_consistent(root, lock)
     _remember(fresh)
     return OpenedBundle(root, lock, tuple(warnings))
@@ -264,14 +274,32 @@ def runnable_here(host: HostProbe) -> str:
     return "; ".join(can)
 
 
+def bundle_has_qdq_graphs(root: Path) -> bool:
+    """The bundle at `root` ships QDQ graphs (`artifacts/graphs/`), which the CPU provider can run
+    (`--emulate`); a qnn-htp bundle may ship its context binaries only. False if unreadable."""
+    try:
+        files = json.loads((Path(root) / BUNDLE_INFO).read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    prefix = f"{ARTIFACTS_DIR}/graphs/"
+    return any(str(rel).startswith(prefix) and str(rel).endswith(".onnx") for rel in files)
+
+
 def check_bundle_target(
-    lock: BundleLock, root: Path, *, host: HostProbe | None = None, allow_simulator: bool = False
+    lock: BundleLock,
+    root: Path,
+    *,
+    host: HostProbe | None = None,
+    allow_simulator: bool = False,
+    allow_emulation: bool = False,
 ) -> list[Diagnostic]:
     """Refuse a bundle whose NPU backend this machine cannot run; warnings for what it runs instead.
 
     ort-cpu bundles run wherever onnxruntime runs (the versions are checked separately). A qnn-htp
-    bundle needs a Hexagon NPU, or (`allow_simulator`) Qualcomm's x86 simulator. The probe does not
-    tell the SoC's HTP architecture yet; QNN itself refuses a context binary compiled for another one."""
+    bundle needs a Hexagon NPU, or, when the user opts in, Qualcomm's x86 simulator
+    (`allow_simulator`) or its QDQ graphs on the CPU provider (`allow_emulation`; refused for a
+    bundle that ships context binaries only). The context binaries' recorded HTP arch / SoC is
+    checked against the device before they load (`check_context_compatibility`)."""
     if not backend_support(lock.backend).needs_htp_arch:
         return []
     probe = host if host is not None else probe_host()
@@ -279,16 +307,28 @@ def check_bundle_target(
     if probe.qnn_htp_mode == "device":
         return []
     built_for = f"{lock.target} ({lock.backend}, HTP v{lock.htp_arch}, SoC {lock.soc_model})"
+    if allow_emulation:
+        if not bundle_has_qdq_graphs(root):
+            raise user_error(
+                f"bundle {root} is built for {built_for} and ships its QNN context binaries only: "
+                "--emulate has no QDQ graphs to run on the CPU provider",
+                file=file, key="files", value=lock.target, allowed=runnable_here(probe), exit_code=ExitCode.CANNOT_RUN,
+                hint="run it on the device, or with --simulator (verification), or emulate the profile it was built from",
+            )  # fmt: skip
+        return [Diagnostic(message=f"bundle {root} is built for {built_for}; --emulate: its QDQ graphs run here on "
+                           "onnxruntime's CPU integer kernels, and every output is labelled emulation",
+                           severity="warning", file=file, key=key)]  # fmt: skip
     if probe.qnn_htp_mode == "simulator" and allow_simulator:
         return [Diagnostic(message=f"bundle {root} is built for {built_for}; it runs here on Qualcomm's x86 HTP "
                            "simulator (200-700x slower than the CPU): for verification, not speed",
                            severity="warning", file=file, key=key)]  # fmt: skip
+    sim = " or --simulator (Qualcomm's HTP simulator, for verification)" if probe.qnn_htp_mode == "simulator" else ""
     raise user_error(
         f"bundle {root} is built for {built_for}, which this machine cannot run: it has no Hexagon NPU "
         f"({probe.machine}, {probe.cpu_model})",
         file=file, key=key, value=lock.target, allowed=runnable_here(probe), exit_code=ExitCode.CANNOT_RUN,
-        hint="build a bundle for this machine: mllm-deploy build PROFILE --set device.target=host "
-        "--set device.npu_backend=ort-cpu --out DIR",
+        hint=f"run it here with --emulate (its QDQ graphs on the CPU, labelled emulation){sim}, or build a bundle "
+        "for this machine: mllm-deploy build PROFILE --set device.target=host --set device.npu_backend=ort-cpu --out DIR",
     )  # fmt: skip
 
 
@@ -317,7 +357,8 @@ def _check_consistent(root: Path, lock: BundleLock) -> None:
     if unlisted:
         raise _refuse(root, f"its lockfile does not list {unlisted[0]}" + (f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""),
                       key="files")  # fmt: skip
-    if lock.model.format == "gguf" and lock.model.identity != f"sha256:{lock.files[lock.model.source].sha256}":
+    shipped = f"sha256:{lock.files[lock.model.source].sha256}"  # a trimmed GGUF's identity is its original's
+    if lock.model.format == "gguf" and not lock.model.trimmed and lock.model.identity != shipped:
         raise _refuse(root, f"its lockfile's model.identity does not match {lock.model.source}", key="model.identity")
 
 
@@ -327,13 +368,14 @@ def bundle_root(resolved: Resolved) -> Path | None:
     return Path(base) if base is not None and is_bundle(base) else None
 
 
-def bundle_artifacts(resolved: Resolved) -> Artifacts | None:
+def bundle_artifacts(resolved: Resolved, *, opt_in: OptIn | None = None) -> Artifacts | None:
     """The verified artifacts of the bundle `resolved`'s profile comes from (None: not a bundle);
-    UserError (exit 3) when the bundle cannot run here or its profile no longer matches its graphs."""
+    UserError (exit 3) when the bundle cannot run here (`opt_in`: see `open_bundle`) or its
+    profile no longer matches its graphs."""
     root = bundle_root(resolved)
     if root is None:
         return None
-    bundle = open_bundle(root)
+    bundle = open_bundle(root, opt_in=opt_in)
     check_built_with(bundle, resolved)
     try:
         return open_entry(bundle.artifacts_dir, None, verify_checksums=False)  # the bundle checked every file
@@ -341,10 +383,10 @@ def bundle_artifacts(resolved: Resolved) -> Artifacts | None:
         raise _refuse(bundle.root, f"its artifacts cannot be used: {problem}") from None
 
 
-def bundle_decode_graphs(resolved: Resolved) -> Path | None:
+def bundle_decode_graphs(resolved: Resolved, *, opt_in: OptIn | None = None) -> Path | None:
     """The decode graphs directory of the bundle `resolved`'s profile comes from (None: not a bundle)."""
     root = bundle_root(resolved)
-    return None if root is None else open_bundle(root).decode_dir
+    return None if root is None else open_bundle(root, opt_in=opt_in).decode_dir
 
 
 def check_built_with(bundle: OpenedBundle, resolved: Resolved) -> None:

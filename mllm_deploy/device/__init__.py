@@ -8,7 +8,7 @@ Catalog figures are public nominal specs (each data file says where they come fr
 from __future__ import annotations
 
 from mllm_deploy.device.catalog import HOST_ID, CatalogError, catalog_entries, device_ids, unknown_target
-from mllm_deploy.device.host import HexagonHere, MachineHere, build_host, hexagon_here
+from mllm_deploy.device.host import OPT_INS, HexagonHere, MachineHere, OptIn, build_host, hexagon_here
 from mllm_deploy.device.models import (
     Capabilities,
     ChunkSizeRule,
@@ -19,6 +19,7 @@ from mllm_deploy.device.models import (
 
 __all__ = [
     "HOST_ID",
+    "OPT_INS",
     "Capabilities",
     "CatalogError",
     "ChunkSizeRule",
@@ -27,6 +28,7 @@ __all__ = [
     "HostProbe",
     "MachineHere",
     "NpuCaps",
+    "OptIn",
     "device_ids",
     "list_devices",
     "load_capabilities",

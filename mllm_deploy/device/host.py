@@ -5,12 +5,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from mllm_deploy.backends.registry import NpuBackendName
 from mllm_deploy.device.models import Capabilities, CpuCluster, HostProbe, NpuCaps
 
 GIB = 1024**3
+
+OptIn = Literal["emulate", "simulator"]
+"""How a Hexagon (`qnn-htp`) profile or bundle may run on a machine without a Hexagon NPU, only
+when the user asks: `emulate` runs its QDQ graphs on onnxruntime's CPU integer kernels (labelled
+emulation), `simulator` its context binaries on Qualcomm's x86 HTP simulator (labelled; hundreds
+of times slower, for verification). The CLI flags `--emulate` / `--simulator`."""
+
+OPT_INS: tuple[OptIn, ...] = get_args(OptIn)
 
 
 def cpu_gflops_per_core(facts: dict[str, Any] | HostProbe) -> tuple[float, str]:

@@ -18,15 +18,17 @@ from mllm_deploy.runtime.perplexity import perplexity, token_nll
 
 def evaluate_profile(deployment: Deployment, text: str, *, max_tokens: int = 4096, progress: bool = True) -> dict:
     """See `_evaluate`; numpy's BLAS runs on `cpu_threads` threads meanwhile (no oversubscription)."""
-    with threadpool_limits(limits=max(1, deployment.resolved.cpu_threads), user_api="blas"):
-        return _evaluate(deployment.resolved, text, max_tokens=max_tokens, progress=progress)
+    running = deployment.running  # as it runs here (UserError exit 3 when it cannot without an opt-in)
+    with threadpool_limits(limits=max(1, running.cpu_threads), user_api="blas"):
+        return _evaluate(running, text, max_tokens=max_tokens, progress=progress, deployment=deployment)
 
 
-def _evaluate(resolved: Resolved, text: str, *, max_tokens: int, progress: bool) -> dict:
+def _evaluate(resolved: Resolved, text: str, *, max_tokens: int, progress: bool, deployment: Deployment) -> dict:
     """{perplexity, baseline_perplexity, tokens, outlier_fraction, backend, ...} on `text`'s first
     `max_tokens` tokens (at most prefill.max_context). The NPU path prefills with the profile's
     INT8 graphs + shadow outliers (sequentially) over the profile's KV cache (int8 by default);
-    the baseline is the float32 engine."""
+    the baseline is the float32 engine. `resolved` is what runs here (`deployment.running`), over
+    the artifacts of the deployment's target."""
     spec = resolved.spec
     ids = load_tokenizer(spec).encode(text, allow_special=False)
     limit = min(max_tokens, resolved.profile.prefill.max_context)
@@ -43,7 +45,7 @@ def _evaluate(resolved: Resolved, text: str, *, max_tokens: int, progress: bool)
     if resolved.backend == "none":
         return {**report, "perplexity": baseline, "outlier_fraction": 0.0, "backend": "none (float32 on the CPU)",
                 "seconds": base_s, "baseline_seconds": base_s}  # fmt: skip
-    engine = open_eval_engine(resolved, float_engine)
+    engine = open_eval_engine(resolved, float_engine, target=deployment.resolved, opt_in=deployment.opt_in)
     kernels = engine.kernels
     cache = engine.new_cache(len(ids))
     started = time.perf_counter()

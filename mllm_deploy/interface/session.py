@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError
 from mllm_deploy.events import GenerationDone, TurnEvent
 from mllm_deploy.interface.deployment import Deployment
-from mllm_deploy.interface.engines import load_deployment_weights, open_engine
+from mllm_deploy.interface.engines import load_deployment_weights, open_deployment_engine
 from mllm_deploy.model import load_tokenizer
 from mllm_deploy.model.chat_template import choose_template_with_origin, render_chat, special_token_text
 from mllm_deploy.model.spec import ModelSpec
@@ -51,14 +51,15 @@ class LoadedModel:
 
 def load_model(deployment: Deployment) -> LoadedModel:
     """Read the deployment's model (spec, float32 weights, tokenizer, chat template) and open its
-    engine (obtaining the NPU artifacts first on the NPU path)."""
+    engine as it runs on this machine (obtaining the NPU artifacts first on the NPU path; UserError
+    exit 3 for a Hexagon target without a Hexagon NPU or an opt-in: `Deployment.running`)."""
     started = time.perf_counter()
     loaded_profile, spec = deployment.loaded, deployment.resolved.spec
     template, origin = choose_template_with_origin(
         spec, loaded_profile.profile.model.chat_template, loaded_profile.base_dir
     )
     tokenizer = load_tokenizer(spec)
-    engine = open_engine(deployment.resolved, load_deployment_weights(deployment.resolved))
+    engine = open_deployment_engine(deployment, load_deployment_weights(deployment.resolved))
     return LoadedModel(spec, tokenizer, engine, template, origin, time.perf_counter() - started)
 
 

@@ -11,8 +11,10 @@ def _mib(n: int) -> str:
     return f"{n / 1024**2:,.1f} MiB"
 
 
-def render_plan(plan: Plan, *, dag_lines: int = 24) -> str:
-    """A readable plan: header, memory per processor, graphs, per-layer placement, DAG head, estimate."""
+def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None) -> str:
+    """A readable plan: header, memory per processor, graphs, per-layer placement, DAG head, estimate.
+    The plan is the target's (its backend, its threads); `here`: how it runs on this machine, or why
+    it cannot (`interface.deployment.RunHere.line`), printed under the target's lines."""
     m = plan.memory
     lines = [
         f"plan for profile {plan.profile_name!r}",
@@ -21,6 +23,7 @@ def render_plan(plan: Plan, *, dag_lines: int = 24) -> str:
         f"  npu backend  {plan.backend_label}",
         f"  scheduler    {plan.scheduler}",
         f"  threads      cpu {plan.cpu_threads}, npu {plan.npu_threads}",
+        *([f"  on this machine: {here}"] if here is not None else []),
         f"  prompt       {plan.prompt_tokens} tokens = {plan.n_chunks} chunk(s) of {plan.chunk_size}"
         f" ({plan.padded_tokens} padding in the last)",
         f"  passes       {' -> '.join(plan.passes)}",

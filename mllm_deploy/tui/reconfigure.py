@@ -77,7 +77,7 @@ def reconfigure(current: Deployment, assignment: str) -> Reconfiguration:
         raise UserError(
             [Diagnostic(message="expected KEY=VALUE, e.g. /set decode.temperature=0.7", value=assignment or None)]
         )
-    new = load_deployment(current.profile_arg, (*current.overrides, assignment))
+    new = load_deployment(current.profile_arg, (*current.overrides, assignment), opt_in=current.opt_in, to_run=True)
     before, after = profile_values(current), profile_values(new)
     changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     rebuild = rebuild_needed(list(changed), uses_npu=current.resolved.uses_npu or new.resolved.uses_npu)

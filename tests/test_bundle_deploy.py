@@ -179,6 +179,8 @@ def test_the_lockfile_records_the_build_and_every_file(deployed):
     assert "decode/step.onnx" not in lock.files  # only the step graph of the bundle's (int8) KV cache
     assert sum(1 for rel in lock.files if rel.startswith("artifacts/graphs/")) == 120
     assert lock.latencies is not None and lock.latencies.source == "build-host"  # ort-cpu: profiled where it runs
+    # the model: the original's identity, but only what a run reads (the graphs hold the linears)
+    assert lock.model.trimmed and lock.files["model/smollm2.gguf"].size < builtin.file_bytes / 2
     assert "profiled at build on ort-cpu emulation" in lock.latencies.detail
 
 
@@ -457,6 +459,7 @@ def test_a_qnn_bundle_ships_context_binaries_no_qdq_graphs_and_no_simulator_late
     profile.write_text(
         f'name = "tiny-qnn"\n[model]\nsource = "{model}"\n[device]\ntarget = "sd8gen3"\nnpu_backend = "qnn-htp"\n'
         "[prefill]\nchunk_size = 32\nmax_context = 64\n[calibration]\nsamples = 1\ntokens_per_sample = 32\n"
+        "[accuracy]\nmax_ppl_ratio = 2.0\n"  # a tiny random model: ~1.1x
     )
     cache = tmp_path / "cache"
     build = mllm("build", str(profile), "--out", str(tmp_path / "bundle"), cache=cache)  # ~2 s on the simulator

@@ -3,7 +3,8 @@
     DIR/bundle.json        the lockfile (BundleLock): format, target, backend, versions, chunk size,
                            KV layout, model identity, accuracy, and the size and sha256 of every file
     DIR/profile.toml       the keys the user set (file and --set), model.source pointing inside DIR
-    DIR/model/<file>       the model (GGUF: tokenizer, chat template, embedding and norms) or HF directory
+    DIR/model/<file>       the model: a GGUF trimmed to what a run reads (tokenizer, chat template,
+                           embedding, norms; the graphs hold the linears) or an HF directory
     DIR/model/templates/   a chat template file the profile names, if any
     DIR/artifacts/         the verified artifact entry: graphs, QNN context binaries, shadow rows,
                            calibration, latencies (see compile/artifacts.py)
@@ -42,6 +43,7 @@ from mllm_deploy.compile.artifacts import (
 from mllm_deploy.compile.bundle_latency import BundleLatencies, bundle_latencies
 from mllm_deploy.compile.bundle_profile import bundle_profile_toml
 from mllm_deploy.errors import user_error
+from mllm_deploy.model.gguf_trim import write_trimmed_gguf
 from mllm_deploy.paths import atomic_write_text, make_build_dir, sha256_file
 from mllm_deploy.resolve import Resolved
 
@@ -139,6 +141,10 @@ class BundleModel(_Model):
     """`llama`, `qwen2`, ..."""
     format: Literal["gguf", "hf"]
     """A GGUF file or a Hugging Face directory."""
+    trimmed: bool = False
+    """True: the GGUF without its blocks' linear weights (`model.gguf_trim`: the graphs hold them;
+    every other tensor's bytes and every metadata key unchanged), so `identity` is the original
+    model's, not this file's (whose sha256 is in `files`)."""
 
 
 class BundleLock(_Model):
@@ -244,11 +250,12 @@ def write_bundle(
     tmp = make_build_dir(out_dir.parent, out_dir.name)
     try:
         model = Path(spec.path)
+        identity = model_identity(spec)
         (tmp / MODEL_DIR).mkdir()
         if model.is_dir():
             shutil.copytree(model, tmp / MODEL_DIR / model.name)
-        else:
-            shutil.copy2(model, tmp / MODEL_DIR / model.name)
+        else:  # what a run reads of it: embedding, norms, tokenizer, template (the graphs hold the linears)
+            write_trimmed_gguf(model, tmp / MODEL_DIR / model.name, identity)
         source = f"{MODEL_DIR}/{model.name}"
         template = _copy_chat_template(profile.model.chat_template, resolved.loaded.base_dir, tmp)
         latencies, latency_source = bundle_latencies(resolved, artifacts.latencies_ms)
@@ -280,10 +287,11 @@ def write_bundle(
             ),
             model=BundleModel(
                 source=source,
-                identity=model_identity(spec),
+                identity=identity,
                 name=spec.name,
                 architecture=spec.architecture,
                 format=spec.format,
+                trimmed=spec.format == "gguf",
             ),
             versions=installed_versions(),
             artifact_format=ARTIFACT_FORMAT,

@@ -9,16 +9,19 @@ dequantized at once and every 2-D tensor is a `GgufTensor`:
     tensor[ids]        rows by id ([T] ints -> [T, columns]): only those rows are read and dequantized
     tensor.T, np.asarray(tensor)    the whole tensor, dequantized on first use and kept
 
-so the float engine (e.g. `eval`'s baseline) still works, paying the dequantization then.
+so the float engine (e.g. `eval`'s baseline) works on a full GGUF, paying the dequantization then.
+A bundle's GGUF is trimmed (`gguf_trim`): its blocks' linears are absent, each an `AbsentTensor`
+that refuses, with the tensor's name, whatever would multiply by it.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import cast
+from typing import NoReturn, cast
 
 import numpy as np
 
+from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model import layout
 from mllm_deploy.model.gguf_file import GGUFFile
 from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec
@@ -68,11 +71,47 @@ class GgufTensor:
         return self.whole().T
 
 
+class AbsentTensor:
+    """A block linear a trimmed bundle model leaves out (`gguf_trim`): its INT8 graphs, decode graphs
+    and shadow rows hold it, so a bundle's run never multiplies by it; anything that would (the float
+    engine, e.g. `eval`'s float baseline) gets a located error instead of wrong numbers."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, gfile: GGUFFile, name: str, shape: tuple[int, ...]):
+        self.path, self.name, self.shape = gfile.path, name, shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _refuse(self) -> NoReturn:
+        raise user_error(
+            f"{self.name} is not in this bundle's model: the bundle ships its blocks' linear weights only "
+            "inside its graphs, so the float32 engine (e.g. `eval`'s float baseline) cannot run from it",
+            file=str(self.path), key=self.name,
+            hint="run `eval` with the profile the bundle was built from (it has the original model)",
+            exit_code=ExitCode.CANNOT_RUN,
+        )  # fmt: skip
+
+    def __getitem__(self, index: object) -> F32Array:
+        self._refuse()
+
+    def __array__(self, dtype: object = None, copy: object = None) -> F32Array:
+        self._refuse()
+
+    @property
+    def T(self) -> F32Array:
+        self._refuse()
+
+
 def on_demand_weights(spec: ModelSpec, gfile: GGUFFile) -> LlamaWeights:
     """LlamaWeights over the open GGUF file `gfile` whose 2-D tensors are `GgufTensor`s (see the
     module docstring). The file stays open (memory-mapped) as long as the weights live."""
 
     def read(name: str) -> F32Array:
+        if name not in gfile.tensors:  # a trimmed bundle model's block linear (the graphs hold it)
+            return cast("F32Array", AbsentTensor(gfile, name, layout.expected_tensors(spec, "gguf")[name]))
         if len(gfile.tensors[name].shape) == 1:
             return gfile.dequantize(name)
         # typed as an array for LlamaWeights: it supports what the engines do with one

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from mllm_deploy.errors import user_error
+from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model import layout, registry, weight_cache
 from mllm_deploy.model.gguf_file import GGUFFile
 from mllm_deploy.model.gguf_on_demand import on_demand_weights
+from mllm_deploy.model.gguf_trim import LINEARS_KEY, is_block_linear, is_trimmed
 from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec, RopeStyle
 
 LOADER_VERSION = 1  # bump when the cached float32 arrays would differ
@@ -136,6 +137,9 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
         },
     )
     found = {name: info.shape for name, info in gfile.tensors.items()}
+    if is_trimmed(gfile):  # a bundle's model: its block linears are in the bundle's graphs (gguf_trim)
+        expected = layout.expected_tensors(spec, "gguf")
+        found |= {name: shape for name, shape in expected.items() if is_block_linear(name) and name not in found}
     layout.check_tensor_table(spec, "gguf", found, file)
     return replace(spec, weight_bytes_f32=layout.weight_bytes_f32(layout.expected_tensors(spec, "gguf")))
 
@@ -182,6 +186,13 @@ def load_gguf_weights(spec: ModelSpec, *, use_cache: bool = True, on_demand: boo
             raise user_error("the file changed since its spec was read; read it again", file=spec.path)
         if on_demand:
             return on_demand_weights(spec, gfile)
+        if is_trimmed(gfile):
+            raise user_error(
+                "this GGUF was trimmed for a bundle: its blocks' linear weights are in the bundle's graphs, "
+                "not in the file", file=spec.path, key=LINEARS_KEY,
+                hint="run the bundle directory it came from (mllm-deploy run BUNDLE), or use the original model",
+                exit_code=ExitCode.CANNOT_RUN,
+            )  # fmt: skip
         if key is None:
             return layout.assemble_weights(spec, "gguf", gfile.dequantize)
         try:

@@ -43,7 +43,7 @@ class CommandHandlers(AppState):
                 self.metrics,
                 load_seconds=load_s,
                 peak_rss_mb=peak_rss_mb(),
-                backend_label=self.deployment.resolved.backend_label,
+                backend_label=self.deployment.backend,  # what runs here (emulation, simulator ...)
             )
         )
 

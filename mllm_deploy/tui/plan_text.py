@@ -29,6 +29,7 @@ def _mib(n_bytes: int) -> str:
 def summary_section(deployment: Deployment) -> str:
     """Where it runs, memory per processor, shadowed layers."""
     loaded, resolved, plan = deployment.loaded, deployment.resolved, deployment.plan
+    here = deployment.here  # the target's plan above; what really runs on this machine here
     m = plan.memory
     shadow = plan.shadow
     shadowed = ", ".join(str(x) for x in shadow.layers) if shadow and shadow.layers else "none"
@@ -36,7 +37,8 @@ def summary_section(deployment: Deployment) -> str:
         f"Profile {deployment.profile.name!r} from {loaded.display_path or 'built-in default'}",
         f"  overrides   {' '.join(deployment.overrides) if deployment.overrides else 'none'}",
         f"  target      {resolved.caps.id}; NPU: {resolved.backend_label}",
-        f"  threads     cpu {resolved.cpu_threads}, npu {resolved.npu_threads}; scheduler {plan.scheduler}",
+        f"  runs here   {here.label}" if here.refusal is None else f"  runs here   no: {here.refusal}",
+        f"  threads     {here.threads_label}; scheduler {plan.scheduler}",
         f"  memory      NPU {_mib(m.npu_bytes)} · CPU {_mib(m.cpu_bytes)} · total {_mib(m.total_bytes)}",
         f"  KV cache    {_mib(m.kv_cache_bytes)} {m.kv_cache_dtype} for {deployment.profile.prefill.max_context:,} tokens (in the CPU figure)",
         f"  graphs      {len(plan.graphs)} static NPU graph(s) shared by {plan.n_chunks} chunk(s) of {plan.chunk_size}",
@@ -96,5 +98,5 @@ def plan_view_text(deployment: Deployment) -> tuple[str, str, str, str]:
         summary_section(deployment),
         placement_grid(deployment),
         profile_section(deployment),
-        render_plan(deployment.plan).rstrip(),
+        render_plan(deployment.plan, here=deployment.here.line).rstrip(),
     )

@@ -125,38 +125,40 @@ def read_index(root: Path, layer: int, kind: str) -> ShadowIndex:
 # -- decoding rows of W^T from column blocks ---------------------------------------------------
 
 
-def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The float16 scale at byte `at` of every block, as float32 [..., 1]."""
-    return np.ascontiguousarray(blocks[..., at : at + 2]).view(np.float16).astype(np.float32)
+def _scale(half: np.ndarray, slot: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at half-word `at` of each channel's block, as float32 [n, out]."""
+    return half[slot, :, at].astype(np.float32)
 
 
-def _nibble(blocks: np.ndarray, first: int, pos: np.ndarray) -> np.ndarray:
-    """The 4-bit value of position `pos` ([n], per channel) in blocks [n, out, bytes] whose nibbles
-    start at byte `first` (positions 0..15 in low nibbles, 16..31 in high ones): uint8 [n, out, 1]."""
-    byte = np.take_along_axis(blocks, (first + pos % 16)[:, None, None], axis=2)
-    return (byte >> np.where(pos < 16, 0, 4).astype(np.uint8)[:, None, None]) & np.uint8(0x0F)
+def _nibble(blocks: np.ndarray, slot: np.ndarray, first: int, pos: np.ndarray) -> np.ndarray:
+    """The 4-bit value at position `pos` ([n]) of each channel's block, whose nibbles start at byte
+    `first` (positions 0..15 in the low nibbles, 16..31 in the high ones): uint8 [n, out]."""
+    byte = blocks[slot, :, first + pos % 16]  # [n, out]
+    shift = np.where(pos < 16, 0, 4).astype(np.uint8)[:, None]
+    return (byte >> shift) & np.uint8(0x0F)
 
 
-def _q8_0(blocks: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    x: np.ndarray = np.take_along_axis(blocks, (2 + pos)[:, None, None], axis=2).view(np.int8).astype(np.float32)
-    values: np.ndarray = x * _f16(blocks, 0)  # gguf: x * d
+def _q8_0(blocks: np.ndarray, half: np.ndarray, slot: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    x = blocks[slot, :, 2 + pos].view(np.int8).astype(np.float32)  # [n, out]
+    values: np.ndarray = x * _scale(half, slot, 0)  # gguf: x * d
     return values
 
 
-def _q4_0(blocks: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    q = _nibble(blocks, 2, pos).astype(np.int8) - np.int8(8)
-    values: np.ndarray = _f16(blocks, 0) * q.astype(np.float32)  # gguf: d * (q - 8)
+def _q4_0(blocks: np.ndarray, half: np.ndarray, slot: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    q = _nibble(blocks, slot, 2, pos).astype(np.int8) - np.int8(8)
+    values: np.ndarray = _scale(half, slot, 0) * q.astype(np.float32)  # gguf: d * (q - 8)
     return values
 
 
-def _q4_1(blocks: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    q = _nibble(blocks, 4, pos).astype(np.float32)
-    values: np.ndarray = (_f16(blocks, 0) * q) + _f16(blocks, 2)  # gguf: (d * q) + m
+def _q4_1(blocks: np.ndarray, half: np.ndarray, slot: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    q = _nibble(blocks, slot, 4, pos).astype(np.float32)
+    values: np.ndarray = (_scale(half, slot, 0) * q) + _scale(half, slot, 1)  # gguf: (d * q) + m
     return values
 
 
 _DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
-"""Types whose single values are read straight from the block, in gguf's own arithmetic order."""
+"""Types whose single values are read straight from the block, in gguf's own arithmetic order
+(so the float32 result is the same bit for bit; `write_shadow_rows` checks every row anyway)."""
 _FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})  # stored as float32 rows (no smaller exact form here)
 
 
@@ -166,19 +168,21 @@ def decode_rows(columns: np.ndarray, source: ColdSource, channels: np.ndarray) -
     channels = np.asarray(channels, np.int64)
     if source.type == "F32":
         return np.asarray(columns[channels], np.float32)
-    blocks = columns[channels // source.block]  # [n, out_j, bytes]
-    return decode_gathered(blocks, source, channels % source.block)
+    block_ids, slot = np.unique(channels // source.block, return_inverse=True)
+    return decode_gathered(np.asarray(columns[block_ids]), source, slot, channels % source.block)
 
 
-def decode_gathered(blocks: np.ndarray, source: ColdSource, pos: np.ndarray) -> np.ndarray:
-    """Rows from already gathered blocks [n, out_j, bytes] at in-block positions `pos` [n]."""
+def decode_gathered(blocks: np.ndarray, source: ColdSource, slot: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rows from gathered column blocks [u, out_j, bytes]: channel i is at position `pos[i]` of
+    block `slot[i]` ([n] each; channels sharing a block share its read). float32 [n, out_j]."""
+    blocks = np.ascontiguousarray(blocks)
     decoder = _DECODERS.get(source.type)
-    if decoder is not None:
-        return decoder(blocks, pos)[..., 0]
-    n, out_j, block_bytes = blocks.shape  # any other type: whole blocks dequantized, one value kept
-    values = gguf.quants.dequantize(blocks.reshape(n * out_j, block_bytes), gguf.GGMLQuantizationType[source.type])
-    picked: np.ndarray = np.take_along_axis(values.reshape(n, out_j, source.block), pos[:, None, None], axis=2)
-    return picked[..., 0].astype(np.float32, copy=False)
+    if decoder is not None and source.block_bytes % 2 == 0:
+        return decoder(blocks, blocks.view(np.float16), slot, pos)
+    u, out_j, block_bytes = blocks.shape  # any other type: whole blocks dequantized, one value kept
+    values = gguf.quants.dequantize(blocks.reshape(u * out_j, block_bytes), gguf.GGMLQuantizationType[source.type])
+    picked: np.ndarray = values.reshape(u, out_j, source.block)[slot, :, pos]  # [n, out_j]
+    return picked.astype(np.float32, copy=False)
 
 
 def gguf_sources(

@@ -131,8 +131,9 @@ class ColdRows:
         for rows, source in self._sources:
             if source is None:
                 parts.append(rows[channels])
-            else:  # one column block per channel: [n, out_j, bytes] -> [n, out_j]
-                parts.append(decode_gathered(rows[channels // source.block], source, channels % source.block))
+            else:  # each column block read once: [u, out_j, bytes] -> [n, out_j]
+                block_ids, slot = np.unique(channels // source.block, return_inverse=True)
+                parts.append(decode_gathered(rows[block_ids], source, slot, channels % source.block))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 

@@ -22,10 +22,12 @@ integer arithmetic but hundreds of times slower than the CPU, so only tiny graph
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +179,93 @@ class QnnHtpBackend(NpuBackend):
             "onnxruntime": ort.__version__,
             "onnxruntime_qnn": onnxruntime_qnn.__version__,
         }
+
+
+# --- what a context binary records about the SoC it was compiled for ----------------------------
+
+EP_COMPATIBILITY_KEY = f"ep_compatibility_info.{QNN_PROVIDER}"
+"""The model metadata key onnxruntime writes into an EPContext model at compile time."""
+
+
+@dataclass(frozen=True)
+class ContextCompatibility:
+    """A context binary's recorded target, from its `ep_compatibility_info` metadata."""
+
+    raw: str  # e.g. "v2:6:2.51.0:5.51.0:75:57:0:0"
+    qnn_sdk: str | None  # QNN SDK version that compiled it ("2.51.0"); None: not in a form we read
+    htp_arch: int | None  # HTP architecture it was prepared for (75); None: not in a form we read
+    soc_model: int | None  # QNN soc_model id (57); None: compiled without one (recorded 0) or unread
+
+
+def read_context_compatibility(path: Path) -> ContextCompatibility | None:
+    """The `ep_compatibility_info` a QNN context model records (None: it records none), read from
+    the ONNX file's top-level `metadata_props` without parsing the graph: the protobuf wire format
+    is walked over a memory map, and the graph (which embeds the context binary) is skipped by its
+    length. The value's fields, as onnxruntime-qnn 2.7.0 (QNN 2.51) writes them and as checked by
+    compiling one graph for (arch, soc) = (73, 43), (68, 35), (79, 69) and (75, unset), where only
+    the 5th and 6th fields changed: `v2 : ? : QNN SDK : HTP backend : htp_arch : soc_model (0 =
+    unset) : ? : ?`. Another leading version gives `htp_arch` None (not in a form we read).
+    OSError if the file cannot be read; ValueError if it is not a protobuf message."""
+    if Path(path).stat().st_size == 0:
+        raise ValueError("the file is empty")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            for entry in _length_delimited(buf, 0, len(buf), field=14):  # ModelProto.metadata_props
+                key = value = b""
+                for number, data in _fields(buf, *entry):  # StringStringEntryProto: key = 1, value = 2
+                    key, value = (data, value) if number == 1 else (key, data if number == 2 else value)
+                if key.decode(errors="replace") == EP_COMPATIBILITY_KEY:
+                    return _parse_compatibility(value.decode(errors="replace"))
+        except IndexError:
+            raise ValueError("the file ends inside a protobuf field") from None
+    return None
+
+
+def _parse_compatibility(raw: str) -> ContextCompatibility:
+    parts = raw.split(":")
+    if len(parts) < 6 or parts[0] != "v2" or not (parts[4].isdigit() and parts[5].isdigit()):
+        return ContextCompatibility(raw, None, None, None)
+    return ContextCompatibility(raw, parts[2], int(parts[4]), int(parts[5]) or None)
+
+
+def _varint(buf: mmap.mmap, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(field number, bytes) of every length-delimited field of the message in buf[start:end]."""
+    for number, (lo, hi) in _walk(buf, start, end):
+        yield number, bytes(buf[lo:hi])
+
+
+def _length_delimited(buf: mmap.mmap, start: int, end: int, *, field: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of every length-delimited `field` of the message in buf[start:end]."""
+    for number, span in _walk(buf, start, end):
+        if number == field:
+            yield span
+
+
+def _walk(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, tuple[int, int]]]:
+    """The length-delimited fields of one protobuf message, as (number, (start, end)); others skipped."""
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            yield number, (pos, pos + length)
+            pos += length
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} at byte {pos}")

@@ -61,6 +61,11 @@ class NpuLayerKernels:
         self._graph_values = 0  # input activation values given to the NPU graphs
         self._npu_seconds = 0.0
 
+    @property
+    def handles(self) -> dict[tuple[int, str], GraphHandle]:
+        """(layer, kind) → the loaded graph (read-only use: its shapes, which provider took its nodes)."""
+        return dict(self._handles)
+
     def run_graph(self, layer: int, kind: str, x: np.ndarray) -> list[np.ndarray]:
         """x float32 [chunk_tokens, in] → the graph's float32 outputs (see the module docstring)."""
         handle = self._handles[(layer, kind)]

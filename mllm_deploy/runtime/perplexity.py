@@ -28,15 +28,21 @@ def token_nll(
     pos = 0
     for event, logits in engine.prefill_chunks(cache, list(ids), chunk_size=chunk_size, logit_rows="all"):
         n = logits.shape[0]  # [n, vocab]: the chunk's real rows
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(z).sum(axis=1))  # [n]
         targets = ids[pos + 1 : pos + n + 1]  # the next token of each row (none after the last)
-        rows = np.arange(targets.size)
-        nll[pos : pos + targets.size] = log_norm[rows] - z[rows, targets]
+        nll[pos : pos + targets.size] = rows_nll(logits, targets)
         pos += n
         if on_chunk is not None:
             on_chunk(event.index + 1, event.n_chunks)
+    return nll
+
+
+def rows_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits[i])[targets[i]] for the first `targets.size` rows, float64 [targets.size]
+    (logits [n, vocab], n >= targets.size)."""
+    z = logits[: targets.size].astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))  # [n]
+    nll: np.ndarray = log_norm - z[np.arange(targets.size), targets]
     return nll
 
 

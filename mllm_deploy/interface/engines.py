@@ -11,11 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mllm_deploy.backends.registry import backend_support
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.build import Log, compile_artifacts, stderr_log
-from mllm_deploy.compile.bundle_check import bundle_artifacts, bundle_decode_graphs, bundle_root
+from mllm_deploy.compile.bundle_check import (
+    bundle_artifacts,
+    bundle_decode_graphs,
+    bundle_root,
+    check_context_compatibility,
+)
 from mllm_deploy.compile.decode_cache import cached_decode_graphs
-from mllm_deploy.device import OptIn
+from mllm_deploy.device import OptIn, this_machine
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_weights
 from mllm_deploy.model.spec import LlamaWeights
@@ -75,7 +81,15 @@ def open_engine(
         return engine
     built = target if target is not None else resolved
     artifacts = obtain_artifacts(built, log=log, opt_in=opt_in)
+    check_loadable(resolved, artifacts)
     return open_npu_engine(resolved, weights, artifacts, obtain_decode_graphs(built, weights, opt_in=opt_in))
+
+
+def check_loadable(resolved: Resolved, artifacts: Artifacts) -> None:
+    """Before QNN context binaries load: the arch/SoC each records matches its lockfile and this
+    machine's Hexagon NPU (`check_context_compatibility`; UserError exit 3 naming the file)."""
+    if backend_support(resolved.backend).context_binaries:
+        check_context_compatibility(artifacts, this_machine())
 
 
 def open_deployment_engine(deployment: Deployment, weights: LlamaWeights, *, log: Log = stderr_log) -> Engine:
@@ -98,6 +112,7 @@ def open_eval_engine(
     `resolved`; see `open_engine` for `target` and `opt_in`)."""
     if artifacts is None:
         artifacts = obtain_artifacts(target if target is not None else resolved, opt_in=opt_in)
+    check_loadable(resolved, artifacts)
     kv_scales = profile_kv_scales(resolved, artifacts)
     attention = profile_chunk_attention(resolved, kv_scales)
     return NpuPrefillEngine(

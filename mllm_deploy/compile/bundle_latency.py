@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from mllm_deploy.backends.registry import backend_support
+from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model.linears import GRAPH_KINDS
 from mllm_deploy.plan import build_plan
 from mllm_deploy.resolve import Resolved
@@ -40,15 +41,22 @@ class BundleLatencies(BaseModel):
 def bundle_latencies(resolved: Resolved, profiled_ms: dict[str, float]) -> tuple[dict[str, float], BundleLatencies]:
     """The latencies (layer/kind -> ms) a bundle of `resolved` ships, and where they come from.
     `profiled_ms`: the artifacts' own, measured at build on this machine's backend."""
-    if not backend_support(resolved.backend).context_binaries:
+    probe = resolved.caps.probe
+    on_device = probe is not None and probe.qnn_htp_mode == "device"  # built on a Hexagon NPU itself
+    if not backend_support(resolved.backend).context_binaries or on_device:
         return profiled_ms, BundleLatencies(
             source="build-host",
             detail=f"profiled at build on {resolved.backend_label} (median of timed runs per graph)",
         )
     npu = resolved.caps.npu
     tops = npu.int8_tops if npu is not None else None
-    if not tops:
-        raise ValueError(f"device {resolved.caps.id} has no int8_tops in the catalog: no device cost model")
+    if npu is None or not tops:
+        raise user_error(
+            f"device {resolved.caps.id} has no npu.int8_tops: a {resolved.backend} bundle built off the device "
+            "needs it for its scheduler's latencies (the simulator's timings are not the device's)",
+            key="npu.int8_tops", exit_code=ExitCode.CANNOT_RUN,
+            hint="add the NPU's nominal INT8 TOPS to the device's [npu] table",
+        )  # fmt: skip
     plan = build_plan(resolved, prompt_tokens=resolved.profile.prefill.chunk_size)
     modelled = {
         f"{s.layer}/{s.kind}": s.ops / (tops * 1e12) * 1e3  # ms (the plan's estimate_ms, unrounded)
@@ -59,7 +67,7 @@ def bundle_latencies(resolved: Resolved, profiled_ms: dict[str, float]) -> tuple
         f"device cost model: each graph's INT8 operations (the plan's op counts, chunk "
         f"{resolved.profile.prefill.chunk_size}) at {resolved.caps.name}'s nominal {tops:g} INT8 TOPS "
         f"(device catalog {resolved.caps.id}); a lower bound, not a measurement. Replaced by "
-        f"latencies.soc{npu.qnn_soc_model if npu is not None else '?'}.json once the bundle has run on the device"
+        f"latencies.soc{npu.qnn_soc_model}.json once the bundle has run on the device"
     )
     # a graph the plan places elsewhere still exists; it keeps the kind's mean (LatencyModel's fallback)
     return {key: modelled[key] for key in profiled_ms if key in modelled}, BundleLatencies(

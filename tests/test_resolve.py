@@ -318,3 +318,31 @@ def test_norms_on_an_fp16_npu_are_refused_because_no_backend_builds_them(tmp_pat
         resolve(loaded_from(tmp_path, text), caps, smollm_spec)
     (diag,) = [d for d in info.value.diagnostics if d.key == "placement.norms"]
     assert "builds no norm graphs" in diag.message and diag.line == 4
+
+
+@pytest.mark.parametrize(
+    "target, on_cpu", [("qcs6490", True), ("sd8gen3", False), ("sd8gen2", False), ("sd8elite", False), ("host", False)]
+)
+def test_silu_mul_is_re_placed_on_the_cpu_where_the_htp_arch_has_no_float_math(tmp_path, smollm_spec, target, on_cpu):
+    """HTP v68 refuses gate_up's float SiLU·mul (backends.registry.HTP_ARCHS): the resolver puts it
+    on the CPU for every layer before anything is built, and says so, naming the arch and why."""
+    text = f'[device]\ntarget = "{target}"\n[prefill]\nchunk_size = 128\n'
+    resolved = resolve(loaded_from(tmp_path, text), capabilities(target), smollm_spec)
+    assert resolved.silu_mul_on_cpu is on_cpu
+    notes = [w for w in resolved.warnings if "SiLU" in w.message]
+    if on_cpu:
+        (note,) = notes
+        assert (note.key, note.line) == ("device.target", 2)
+        assert "HTP v68" in note.message and "no float arithmetic" in note.message and "CPU" in note.message
+    else:
+        assert notes == []
+
+
+def test_split_gate_up_follows_the_resolver_and_the_shadowed_inputs(tmp_path, smollm_spec):
+    from mllm_deploy.compile.build import split_gate_up
+
+    v68 = resolve(loaded_from(tmp_path, '[device]\ntarget = "qcs6490"\n'), capabilities("qcs6490"), smollm_spec)
+    v75 = resolve(loaded_from(tmp_path, '[device]\ntarget = "sd8gen3"\n'), capabilities("sd8gen3"), smollm_spec)
+    shadowed = frozenset({(3, "gate_up"), (4, "down")})
+    assert [split_gate_up(v68, shadowed, layer) for layer in (0, 3, 4)] == [True, True, True]
+    assert [split_gate_up(v75, shadowed, layer) for layer in (0, 3, 4)] == [False, True, False]

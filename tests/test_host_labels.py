@@ -174,3 +174,15 @@ def test_plan_says_how_the_target_runs_on_this_machine(tmp_path):
     assert host.returncode == 0, host.stderr
     assert "  on this machine: runs as ort-cpu emulation (" in host.stdout
     assert f"; threads cpu {usable}, npu {max(1, usable // 2)}; machine: x86_64 " in host.stdout
+
+
+def test_devices_shows_the_soc_and_the_identified_hexagon():
+    from mllm_deploy.cli.devices_cmd import render_host
+
+    phone = probe(machine="aarch64", qnn_htp_mode="device", soc_machine="SM8650", soc_id=557,
+                  board_model="Qualcomm Technologies, Inc. SM8650 QRD")  # fmt: skip
+    text = render_host(catalog_entries()["host"].model_copy(update={"probe": phone}))
+    assert "  SoC: SM8650 (kernel soc_id 557); board: Qualcomm Technologies, Inc. SM8650 QRD\n" in text
+    assert "  Hexagon: SM8650 = sd8gen3 (HTP v75, soc_model 57); /sys/devices/soc0/machine names SM8650" in text
+    x86 = render_host(catalog_entries()["host"].model_copy(update={"probe": probe()}))
+    assert "SoC:" not in x86 and "Hexagon:" not in x86 and "QNN HTP: x86 simulator" in x86

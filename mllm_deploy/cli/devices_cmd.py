@@ -6,7 +6,8 @@ import argparse
 import json
 
 from mllm_deploy.cli.common import print_diagnostics
-from mllm_deploy.device import HOST_ID, device_ids, load_capabilities
+from mllm_deploy.device import HOST_ID, device_ids, hexagon_here, load_capabilities
+from mllm_deploy.device.catalog import catalog_entries
 from mllm_deploy.errors import Diagnostic
 
 NOMINAL = "*"
@@ -116,8 +117,19 @@ def render_host(caps) -> str:
     qnn_versions = ""
     if probe.qnn_version:
         qnn_versions = f" [onnxruntime-qnn {probe.qnn_version}, QNN SDK {probe.qnn_sdk_version or '?'}]"
+    if probe.soc_machine or probe.board_model or probe.soc_id is not None:
+        lines.append(f"  SoC: {probe.soc_machine or '?'} (kernel soc_id {probe.soc_id if probe.soc_id is not None else '?'}); "
+                     f"board: {probe.board_model or '?'}")  # fmt: skip
     if probe.qnn_htp_mode == "device":
+        hexagon = hexagon_here(probe, catalog_entries())
         lines.append(f"  QNN HTP: real Hexagon NPU (used by auto){qnn_versions}")
+        if hexagon is not None:
+            known = (
+                f" = {hexagon.catalog_id} (HTP v{hexagon.htp_arch}, soc_model {hexagon.soc_model})"
+                if hexagon.catalog_id
+                else ""
+            )
+            lines.append(f"  Hexagon: {hexagon.part or 'SoC not identified'}{known}; {hexagon.source}")
     elif probe.qnn_htp_mode == "simulator":
         lines.append("  QNN HTP: x86 simulator (correct, ~200-700x slower than CPU; not used by auto)" + qnn_versions)
     else:

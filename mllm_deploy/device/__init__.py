@@ -30,6 +30,7 @@ __all__ = [
     "NpuCaps",
     "OptIn",
     "device_ids",
+    "hexagon_here",
     "list_devices",
     "load_capabilities",
     "this_machine",

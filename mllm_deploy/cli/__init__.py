@@ -26,6 +26,7 @@ from mllm_deploy.cli import (
     schema_cmd,
     up_cmd,
     validate_cmd,
+    verify_cmd,
 )
 from mllm_deploy.cli.common import print_diagnostics
 from mllm_deploy.errors import ExitCode, UserError
@@ -44,6 +45,7 @@ COMMAND_MODULES = (
     chat_cmd,
     build_cmd,
     eval_cmd,
+    verify_cmd,
     bench_cmd,
     up_cmd,
 )

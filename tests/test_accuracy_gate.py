@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from plan_fixtures import capabilities
+from plan_fixtures import capabilities, pinned_host
 
 from mllm_deploy import cli
 from mllm_deploy.compile.bundle import BundleAccuracy, BundleLock
@@ -71,12 +71,18 @@ def test_gate_refuses_over_the_limit_naming_the_key_the_limit_and_the_measuremen
 def test_a_qnn_htp_target_off_device_is_measured_on_its_qdq_graphs_and_labelled_so():
     loaded = load_profile(None, ["device.target=sd8gen3", "device.npu_backend=qnn-htp"])
     resolved = resolve(loaded, capabilities("sd8gen3"), read_spec(loaded.profile.model.source))
-    path, label = measured_path(resolved)
+    host = pinned_host()  # a recorded x86 probe (AMX): no Hexagon NPU
+    path, label = measured_path(resolved, host)
     assert resolved.backend == "qnn-htp" and path.backend == "ort-cpu"
-    assert "emulation of the qnn-htp QDQ graphs" in label and path.backend_label == label
-    host = load_profile(None)
-    same, host_label = measured_path(resolve(host, capabilities("host"), read_spec(host.profile.model.source)))
-    assert same.backend == "ort-cpu" and host_label.startswith("ort-cpu emulation (")
+    assert label == "ort-cpu emulation of the qnn-htp QDQ graphs (AMX INT8)" and path.backend_label == label
+    # on a Snapdragon the gate runs the context binaries themselves
+    assert host.probe is not None
+    phone = host.model_copy(update={"probe": host.probe.model_copy(update={"qnn_htp_mode": "device"})})
+    same, phone_label = measured_path(resolved, phone)
+    assert same is resolved and phone_label == resolved.backend_label
+    plain = load_profile(None)
+    cpu, cpu_label = measured_path(resolve(plain, host, read_spec(plain.profile.model.source)), host)
+    assert cpu.backend == "ort-cpu" and cpu_label == "ort-cpu emulation (AMX INT8)"
 
 
 def test_max_ppl_ratio_must_be_above_one():

@@ -47,6 +47,7 @@ from mllm_deploy.backends.registry import backend_support, open_backend
 from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, artifacts_root, open_entry
 from mllm_deploy.compile.bundle import BundleLock
 from mllm_deploy.compile.bundle_check import OpenedBundle, open_bundle
+from mllm_deploy.device import load_capabilities
 from mllm_deploy.device.probe import probe_host
 from mllm_deploy.errors import user_error
 from mllm_deploy.eval.agreement import Agreement, row_cosine, top1_agreement
@@ -208,7 +209,7 @@ def _backends(bundle: OpenedBundle, resolved: Resolved, artifacts: Artifacts, on
     lock = bundle.lock
     contexts = backend_support(lock.backend).context_binaries
     cpu = replace(resolved, backend="ort-cpu", npu_threads=max(1, resolved.cpu_threads))
-    cpu = replace(cpu, backend_label=backend_label("ort-cpu", resolved.caps))
+    cpu = replace(cpu, backend_label=backend_label("ort-cpu", load_capabilities("host")))
     qdq = same_build_qdq_graphs(artifacts)
     found = ("bundle QDQ graphs" if qdq is artifacts else f"QDQ graphs of the same build in this machine's cache ({qdq.root})"
              ) if qdq is not None else "none"  # fmt: skip

@@ -21,6 +21,8 @@ from threadpoolctl import threadpool_limits
 from mllm_deploy.backends.registry import backend_support
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.bundle import BundleAccuracy
+from mllm_deploy.device import load_capabilities
+from mllm_deploy.device.models import Capabilities
 from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.interface.engines import load_deployment_weights, open_eval_engine
@@ -42,18 +44,17 @@ def heldout_text() -> str:
     return resources.files("mllm_deploy").joinpath("data", HELDOUT_TEXT).read_text(encoding="utf-8")
 
 
-def measured_path(resolved: Resolved) -> tuple[Resolved, str]:
+def measured_path(resolved: Resolved, host: Capabilities | None = None) -> tuple[Resolved, str]:
     """The resolved profile whose graphs the gate runs here, and what runs them in words. A
-    backend of context binaries without its NPU here (qnn-htp on x86) is measured by running
-    the same QDQ graphs on the CPU provider (labelled as such), never silently."""
-    support = backend_support(resolved.backend)
-    probe = resolved.caps.probe
-    if not support.context_binaries or (probe is not None and probe.qnn_htp_mode == "device"):
+    backend of context binaries without its NPU on this machine (`host`, default: probed) is
+    measured by running the same QDQ graphs on the CPU provider (labelled so), never silently."""
+    host = host if host is not None else load_capabilities("host")
+    on_device = host.probe is not None and host.probe.qnn_htp_mode == "device"
+    if not backend_support(resolved.backend).context_binaries or on_device:
         return resolved, resolved.backend_label
     emulated = replace(resolved, backend="ort-cpu", npu_threads=max(1, resolved.cpu_threads))
-    label = backend_label("ort-cpu", resolved.caps).replace(
-        " emulation (", f" emulation of the {resolved.backend} QDQ graphs ("
-    )
+    units = backend_label("ort-cpu", host)  # this machine's integer units, e.g. "ort-cpu emulation (VNNI INT8)"
+    label = units.replace(" emulation (", f" emulation of the {resolved.backend} QDQ graphs (")
     return replace(emulated, backend_label=label), label
 
 

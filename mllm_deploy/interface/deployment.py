@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from mllm_deploy.backends.registry import backend_support
+from mllm_deploy.backends.registry import BACKENDS, NpuBackendName, backend_support
 from mllm_deploy.compile.bundle import ARTIFACTS_DIR, BUNDLE_INFO, BUNDLE_PROFILE, is_bundle
 from mllm_deploy.compile.bundle_check import bundle_has_qdq_graphs, open_bundle
 from mllm_deploy.device import HOST_ID, MachineHere, OptIn, this_machine
@@ -37,6 +37,12 @@ float32 on the CPU), `hexagon` (a real Hexagon NPU), `simulator`, `emulation` (s
 `refused` (it cannot run here as asked: `RunHere.refusal` says why)."""
 
 SIMULATOR_COST = "200-700x slower than the CPU"
+
+EMULATOR: NpuBackendName = next(
+    name for name, support in BACKENDS.items() if support.uses_npu_threads and not support.needs_htp_arch
+)
+"""The registered backend `--emulate` runs a Hexagon target's QDQ graphs on: the one that emulates
+an NPU on CPU cores and needs no HTP (ort-cpu)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ def run_here(
         emulation = replace(
             base,
             mode="emulation",
-            label=f"ort-cpu emulation of {target}'s graphs ({_int8_units(machine)})",
+            label=f"{EMULATOR} emulation of {target}'s graphs ({_int8_units(machine)})",
             npu_threads=min(resolved.profile.device.npu_threads or max(1, usable // 2), usable),
         )
         if bundle_has_graphs:
@@ -196,7 +202,7 @@ class Deployment:
         if resolved.caps.id == HOST_ID and here.mode == "native":
             return resolved  # probed already: its labels and threads are this machine's
         caps = resolved.caps.model_copy(update={"probe": self.machine.probe})
-        backend = "ort-cpu" if here.mode == "emulation" else resolved.backend
+        backend = EMULATOR if here.mode == "emulation" else resolved.backend
         return replace(resolved, caps=caps, backend=backend, backend_label=here.label,
                        cpu_threads=here.cpu_threads, npu_threads=here.npu_threads)  # fmt: skip
 

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from mllm_deploy.compile.artifacts import open_entry
-from mllm_deploy.compile.bundle_check import check_context_compatibility
+from mllm_deploy.compile.context_check import check_context_compatibility
 from mllm_deploy.device import HostProbe, MachineHere, hexagon_here, this_machine
 from mllm_deploy.device.catalog import catalog_entries
 

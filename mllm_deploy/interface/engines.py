@@ -14,12 +14,8 @@ from typing import TYPE_CHECKING
 from mllm_deploy.backends.registry import backend_support
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.build import Log, compile_artifacts, stderr_log
-from mllm_deploy.compile.bundle_check import (
-    bundle_artifacts,
-    bundle_decode_graphs,
-    bundle_root,
-    check_context_compatibility,
-)
+from mllm_deploy.compile.bundle_check import bundle_artifacts, bundle_decode_graphs, bundle_root
+from mllm_deploy.compile.context_check import check_context_compatibility
 from mllm_deploy.compile.decode_cache import cached_decode_graphs
 from mllm_deploy.device import OptIn, this_machine
 from mllm_deploy.forward.float_engine import FloatEngine

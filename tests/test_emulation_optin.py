@@ -64,7 +64,7 @@ def test_a_phone_profile_is_refused_without_an_opt_in(phone, cache):
     assert "error: device.target: sd8gen3 needs a Hexagon NPU (HTP v75); this machine has " in done.stderr
     assert "hint: use --emulate (the same graphs on the CPU, labelled emulation)" in done.stderr
     assert not (cache / "artifacts").exists()  # refused before anything was built
-    for command in (["chat"], ["eval", "--text", __file__], ["bench", "--prompt-tokens", "16"]):
+    for command in (["chat"], ["eval", "--text", __file__], ["bench", "--prompt-tokens", "16"], ["up"]):
         refused = mllm(*command, *phone, cache=cache)
         assert refused.returncode == 3 and "sd8gen3 needs a Hexagon NPU (HTP v75)" in refused.stderr, command
 

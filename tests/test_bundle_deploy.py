@@ -373,6 +373,7 @@ def test_archive_and_a_chat_template_file_go_into_the_bundle(smallest_gguf, tmp_
     profile.write_text(
         f'name = "tiny"\n[model]\nsource = "{smallest_gguf}"\nchat_template = "chat.jinja"\n'
         "[prefill]\nchunk_size = 8\nmax_context = 64\n[calibration]\nsamples = 1\ntokens_per_sample = 16\n"
+        "[accuracy]\nmax_ppl_ratio = 2.0\n"  # a tiny random model: ~1.4x
     )
     cache = tmp_path / "cache"
     build = mllm("build", str(profile), "--out", str(tmp_path / "out" / "tiny"), "--archive", cache=cache)

@@ -17,12 +17,13 @@ if anything multiplies by it, e.g. `eval`'s float baseline).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gguf
-
-from mllm_deploy.model.gguf_file import GGUFFile
 from mllm_deploy.model.linears import LINEAR_GROUPS
 from mllm_deploy.paths import make_build_dir
+
+if TYPE_CHECKING:  # types only: compile.bundle imports this module, and the CLI must not load gguf
+    from mllm_deploy.model.gguf_file import GGUFFile
 
 LINEARS_KEY = "mllm_deploy.linears"
 LINEARS_IN_GRAPHS = "in-graphs"
@@ -44,6 +45,8 @@ def is_trimmed(gfile: GGUFFile) -> bool:
 def write_trimmed_gguf(source: Path, dest: Path, identity: str) -> None:
     """Copy the GGUF at `source` to `dest` without the blocks' linear weights (see the module
     docstring), written to a temporary file and renamed into place."""
+    import gguf  # noqa: PLC0415 - deferred: heavy, and only `build --out` writes a trimmed file
+
     reader = gguf.GGUFReader(source)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if arch is None:

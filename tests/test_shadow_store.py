@@ -62,3 +62,14 @@ def test_the_correction_from_stored_rows_equals_the_float_product(tmp_path):
     for got, want in zip(a.values, b.values, strict=True):
         assert np.array_equal(got, want)
     assert stored.stats.rows_from_disk == 2
+
+
+def test_column_blocks_are_read_by_pread_in_their_own_dtype(tmp_path):
+    from mllm_deploy.runtime.file_rows import FileRows
+
+    table = RNG.integers(0, 256, (10, 4, 20), dtype=np.uint8)  # [in/block, out, block bytes]
+    np.save(tmp_path / "c.npy", table)
+    rows = FileRows(np.load(tmp_path / "c.npy", mmap_mode="r"))
+    assert rows._file is not None  # the pread path, not memory-map indexing
+    got = rows[np.array([1, 2, 7])]
+    assert got.dtype == np.uint8 and got.shape == (3, 4, 20) and np.array_equal(got, table[[1, 2, 7]])

@@ -96,7 +96,7 @@ class QnnHtpBackend(NpuBackend):
 
     def __init__(
         self,
-        htp_arch: int = 75,
+        htp_arch: int,
         soc_model: int | None = None,
         performance_mode: str | None = None,
         extra_options: dict[str, str] | None = None,

@@ -147,7 +147,7 @@ def expected_lock(resolved: Resolved) -> Lockfile:
         chunk_size=p.prefill.chunk_size,
         backend=resolved.backend,
         target=resolved.caps.id,
-        htp_arch=(npu.htp_arch_number or 75) if qnn and npu is not None else None,
+        htp_arch=npu.htp_arch_number if qnn and npu is not None else None,  # set: resolve refuses qnn-htp without
         soc_model=npu.qnn_soc_model if qnn and npu is not None else None,
         settings=graph_settings(resolved),
         versions=library_versions(),

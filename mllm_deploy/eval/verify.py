@@ -237,7 +237,7 @@ def _load_kernels(backend: _Backend, layers: list[int], row: VerifyRow) -> NpuLa
         _prepare_on_qnn(backend.artifacts, layers, row)
         return None
     try:
-        kernels = load_npu_kernels(backend.view, backend.artifacts)
+        kernels = load_npu_kernels(backend.view, backend.artifacts, layers)  # only the graphs that run
     except BackendError as exc:
         row.rejected.append({"graph": "*", "error": str(exc).splitlines()[0][:400]})
         return None

@@ -132,16 +132,17 @@ class NpuLayerKernels:
         return dict(self._latencies)
 
 
-def load_npu_kernels(resolved, artifacts: Artifacts) -> NpuLayerKernels:
-    """Load every graph of `artifacts` on the resolved backend (QNN: the context binaries) and
-    open the shadow rows (hot rows in memory; cold rows read from their files on demand)."""
+def load_npu_kernels(resolved, artifacts: Artifacts, layers: Sequence[int] | None = None) -> NpuLayerKernels:
+    """Load every graph of `artifacts` (`layers`: only those layers') on the resolved backend
+    (QNN: the context binaries) and open the shadow rows (hot rows in memory; cold rows read from
+    their files on demand)."""
     backend = open_backend(resolved.backend, **resolved.npu_backend_options())
     cal = artifacts.calibration
     n_layers = len(cal.layer_importance)
     handles: dict[tuple[int, str], GraphHandle] = {}
     shadows: dict[tuple[int, str], ShadowLinear] = {}
     contexts = backend_support(resolved.backend).context_binaries
-    for layer in range(n_layers):
+    for layer in range(n_layers) if layers is None else layers:
         for kind in GRAPH_KINDS:
             path = artifacts.context_path(layer, kind) if contexts else artifacts.graph_path(layer, kind)
             handle = backend.load(path)

@@ -449,23 +449,37 @@ def test_shadow_files_hold_float_rows_of_the_hot_channels_only(deployed):
     assert shadow_bytes < float_bytes / 5  # float32 rows of every channel, as before: 197 MB
 
 
-def test_a_qnn_bundle_ships_context_binaries_no_qdq_graphs_and_no_simulator_latencies(tmp_path):
-    from mllm_deploy.compile.artifacts import Manifest
-    from mllm_deploy.plan import build_plan
-    from mllm_deploy.profile import load_profile
-    from mllm_deploy.resolve import resolve_profile
+@dataclass(frozen=True)
+class TinyQnn:
+    profile: Path
+    cache: Path
+    bundle: Path
 
-    model = tiny_models.write_tiny_gguf(tmp_path, tied=True, cfg=tiny_models.SMALLEST, weight_type="Q4_1")
-    profile = tmp_path / "qnn.toml"
+
+@pytest.fixture(scope="module")
+def tiny_qnn(tmp_path_factory) -> TinyQnn:
+    """A 2-layer Q4_1 model built for sd8gen3 (qnn-htp): context binaries compiled on the x86
+    simulator (~5 s with the accuracy gate)."""
+    root = tmp_path_factory.mktemp("tiny-qnn")
+    model = tiny_models.write_tiny_gguf(root, tied=True, cfg=tiny_models.SMALLEST, weight_type="Q4_1")
+    profile = root / "qnn.toml"
     profile.write_text(
         f'name = "tiny-qnn"\n[model]\nsource = "{model}"\n[device]\ntarget = "sd8gen3"\nnpu_backend = "qnn-htp"\n'
         "[prefill]\nchunk_size = 32\nmax_context = 64\n[calibration]\nsamples = 1\ntokens_per_sample = 32\n"
         "[accuracy]\nmax_ppl_ratio = 2.0\n"  # a tiny random model: ~1.1x
     )
-    cache = tmp_path / "cache"
-    build = mllm("build", str(profile), "--out", str(tmp_path / "bundle"), cache=cache)  # ~2 s on the simulator
+    build = mllm("build", str(profile), "--out", str(root / "bundle"), cache=root / "cache")
     assert build.returncode == 0, build.stderr
-    bundle = tmp_path / "bundle"
+    return TinyQnn(profile, root / "cache", root / "bundle")
+
+
+def test_a_qnn_bundle_ships_context_binaries_no_qdq_graphs_and_no_simulator_latencies(tiny_qnn, tmp_path):
+    from mllm_deploy.compile.artifacts import Manifest
+    from mllm_deploy.plan import build_plan
+    from mllm_deploy.profile import load_profile
+    from mllm_deploy.resolve import resolve_profile
+
+    profile, cache, bundle = tiny_qnn.profile, tiny_qnn.cache, tiny_qnn.bundle
     lock = BundleLock.model_validate_json((bundle / "bundle.json").read_text())
     sizes = bundle_sizes(lock)
     assert sizes["graphs"] == (0, 0) and sizes["context binaries"][0] == 2 * 4  # 2 layers x 4 kinds
@@ -489,3 +503,36 @@ def test_a_qnn_bundle_ships_context_binaries_no_qdq_graphs_and_no_simulator_late
     proc = mllm("run", str(bundle), "--prompt", "hi", cache=tmp_path / "device-cache")
     assert proc.returncode == 3 and "which this machine cannot run" in proc.stderr
     assert not list(bundle.glob("latencies.soc*.json"))  # nothing measured or written off the device
+
+
+def test_on_a_device_the_first_run_profiles_the_graphs_next_to_the_bundle(tiny_qnn, monkeypatch):
+    """The kernels' seed latencies: on the simulator the bundle's cost model; where the probe reports
+    a Hexagon NPU, the graphs timed there (the probe's answer is patched to say so; the graphs really
+    run, on the simulator) and stored as latencies.soc57.json, which the next open reads."""
+    from mllm_deploy.compile.artifacts import open_entry
+    from mllm_deploy.compile.bundle_check import open_bundle
+    from mllm_deploy.profile import load_profile
+    from mllm_deploy.resolve import resolve_profile
+    from mllm_deploy.runtime import device_latency
+    from mllm_deploy.runtime.npu_kernels import load_npu_kernels
+
+    with cache_env(tiny_qnn.cache):
+        if device_latency.on_hexagon_device():
+            pytest.skip("this machine has a Hexagon NPU: the first half needs the simulator")
+        resolved = resolve_profile(load_profile(str(tiny_qnn.profile)))
+        artifacts = open_entry(tiny_qnn.bundle / "artifacts", None)
+        shipped_files = BundleLock.model_validate_json((tiny_qnn.bundle / "bundle.json").read_text()).files.keys()
+        shipped = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in artifacts.latencies_ms.items()}
+        here = load_npu_kernels(resolved, artifacts)  # x86: Qualcomm's simulator
+        assert here.latencies_ms() == shipped and here.latency_source == "the artifacts' latencies.json"
+        assert not (tiny_qnn.bundle / "latencies.soc57.json").exists()
+        monkeypatch.setattr(device_latency, "on_hexagon_device", lambda: True)
+        first = load_npu_kernels(resolved, artifacts)
+        stored = tiny_qnn.bundle / "latencies.soc57.json"
+        assert stored.is_file() and str(stored) in first.latency_source
+        assert set(first.latencies_ms()) == set(shipped) and first.latencies_ms() != shipped
+        again = load_npu_kernels(resolved, artifacts)
+        assert again.latencies_ms() == first.latencies_ms() and "at its first run" in again.latency_source
+        # not one of the bundle's files: every listed file still verifies, the lockfile unchanged
+        assert open_bundle(tiny_qnn.bundle, rehash=True, allow_simulator=True).lock.files.keys() == shipped_files
+    stored.unlink()

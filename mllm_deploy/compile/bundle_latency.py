@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from mllm_deploy.backends.registry import backend_support
+from mllm_deploy.device.probe import probe_host
 from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model.linears import GRAPH_KINDS
 from mllm_deploy.plan import build_plan
@@ -41,9 +42,8 @@ class BundleLatencies(BaseModel):
 def bundle_latencies(resolved: Resolved, profiled_ms: dict[str, float]) -> tuple[dict[str, float], BundleLatencies]:
     """The latencies (layer/kind -> ms) a bundle of `resolved` ships, and where they come from.
     `profiled_ms`: the artifacts' own, measured at build on this machine's backend."""
-    probe = resolved.caps.probe
-    on_device = probe is not None and probe.qnn_htp_mode == "device"  # built on a Hexagon NPU itself
-    if not backend_support(resolved.backend).context_binaries or on_device:
+    contexts = backend_support(resolved.backend).context_binaries
+    if not contexts or probe_host().qnn_htp_mode == "device":  # timed where it runs: the host, or the NPU itself
         return profiled_ms, BundleLatencies(
             source="build-host",
             detail=f"profiled at build on {resolved.backend_label} (median of timed runs per graph)",

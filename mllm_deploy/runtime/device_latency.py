@@ -22,10 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from mllm_deploy.backends.base import GraphHandle, NpuBackend
+from mllm_deploy.device.probe import probe_host
 from mllm_deploy.paths import atomic_write_text, cache_dir
 
 PROFILE_RUNS = 3
 BUNDLE_LOCKFILE = "bundle.json"  # compile.bundle.BUNDLE_INFO (a bundle's root holds it)
+
+
+def on_hexagon_device() -> bool:
+    """Whether this machine's QNN HTP backend is a real Hexagon NPU (the probe, cached), not the
+    x86 simulator: only then are graph timings the device's."""
+    return probe_host().qnn_htp_mode == "device"
 
 
 def profile_name(soc_model: int) -> str:

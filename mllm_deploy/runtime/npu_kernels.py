@@ -38,7 +38,7 @@ from mllm_deploy.compile.shadow_store import SHADOW_DIR, read_index
 from mllm_deploy.forward.layers import silu_mul_
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.spec import ModelSpec
-from mllm_deploy.runtime.device_latency import device_latencies
+from mllm_deploy.runtime import device_latency
 from mllm_deploy.runtime.shadow import ColdRows, Correction, ShadowLinear, ShadowStats
 
 
@@ -157,9 +157,9 @@ def load_npu_kernels(resolved, artifacts: Artifacts, layers: Sequence[int] | Non
                 splits = tuple(shape[1] for shape in handle.outputs.values())
                 shadows[(layer, kind)] = ShadowLinear(lo, hi, hot_rows, hot, cold, splits)
     seed, source = artifacts.latencies_ms, "the artifacts' latencies.json"
-    probe, soc = resolved.caps.probe, artifacts.lock.soc_model
-    if contexts and probe is not None and probe.qnn_htp_mode == "device" and soc is not None:
-        seed, source = device_latencies(backend, handles, artifacts.root, soc)  # never a simulator's timings
+    soc = artifacts.lock.soc_model
+    if contexts and soc is not None and device_latency.on_hexagon_device():  # never a simulator's timings
+        seed, source = device_latency.device_latencies(backend, handles, artifacts.root, soc)
     latencies = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in seed.items()}
     kernels = NpuLayerKernels(backend, handles, shadows, chunk_tokens=artifacts.lock.chunk_size,
                               backend_label=resolved.backend_label, latencies=latencies)  # fmt: skip

@@ -6,8 +6,9 @@ covers every `npu.htp_arch` of the device catalog), layer 0 of the real default 
 activations in and out, int8 per-channel weights), compiled ahead of time as QNN context binaries
 for that arch on onnxruntime-qnn's x86-64 HTP simulator, loaded and run on one input of realistic
 activations; every output is compared with float32 numpy. Where the registry says an arch has no
-float arithmetic (v68), gate_up is built split (gate and up out) and SiLU·mul runs here in numpy,
-as the runtime does — and the fused float SiLU·mul is checked to be really refused there.
+float arithmetic (v68), gate_up is built split (gate and up out) and the runtime's kernels
+(`NpuLayerKernels.run_graph`) apply SiLU·mul on the CPU — and the fused float SiLU·mul is checked
+to be really refused there.
 
 Cost: ~1 s per arch on this machine (2 shared cores), ~9 s for the module with the weights.
 """
@@ -27,6 +28,7 @@ from mllm_deploy.device import device_ids, load_capabilities
 from mllm_deploy.device.models import HtpArch
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.model.spec import LayerWeights
+from mllm_deploy.runtime.npu_kernels import NpuLayerKernels
 
 qnn_htp = pytest.importorskip("mllm_deploy.backends.qnn_htp")
 
@@ -119,16 +121,18 @@ def test_real_layer_compiles_and_runs_on_every_htp_arch(tmp_path: Path, real_lay
     split = not support.float_elementwise  # what resolve + build do for this arch (silu_mul_on_cpu)
     built = build_layer_graphs(layer, 0, CHUNK, grids, "per-channel", tmp_path / "graphs", split_gate_up=split)
     qnn = qnn_htp.QnnHtpBackend(htp_arch=arch, soc_model=SOC_OF_ARCH[arch])
+    handles = {}
     for kind, graph in built.items():
         ctx = qnn.compile_context(graph.path, tmp_path / "contexts" / f"{graph.path.stem}.ctx.onnx")
-        handle = qnn.load(ctx)
+        handle = handles[(0, kind)] = qnn.load(ctx)
         assert set(handle.assigned_nodes) == {"QNNExecutionProvider"}
-        got = qnn.run(handle, feeds[kind])
-        assert set(got) == set(graph.outputs)
-        if kind == "gate_up" and split:
-            assert set(got) == {"gate", "up"}
-            got = {"h": _silu_mul(got["gate"], got["up"])}  # the CPU's part on this arch
-        for name, y in got.items():
+        assert list(handle.outputs) == (["gate", "up"] if kind == "gate_up" and split else list(graph.outputs))
+    # what the runtime computes from them (an unshadowed split gate_up: SiLU·mul on the CPU)
+    kernels = NpuLayerKernels(qnn, handles, {}, chunk_tokens=CHUNK, backend_label=f"v{arch}", latencies={})
+    for kind, graph in built.items():
+        (x,) = feeds[kind].values()
+        names = ["h"] if kind == "gate_up" else list(graph.outputs)
+        for name, y in zip(names, kernels.run_graph(0, kind, x), strict=True):
             assert y.shape == want[name].shape
             cos = _cosine(y, want[name])
             assert cos >= COSINE_MIN, f"v{arch} {kind}.{name}: cosine {cos:.6f} against float32"

@@ -50,7 +50,8 @@ def test_a_bundle_run_reads_the_same_embedding_head_and_norms(trimmed):
     assert np.array_equal(weights.layers[1].ffn_norm, original.layers[1].ffn_norm)
     with pytest.raises(UserError) as refused:
         _ = weights.layers[0].w_down.T  # the float engine's linear: not in a trimmed model
-    assert "blk.0.ffn_down.weight is not in this bundle's model" in str(refused.value)
+    assert "this bundle's model leaves out its blocks' linear weights" in str(refused.value)
+    assert refused.value.diagnostics[0].key == "blk.0.ffn_down.weight"
     assert refused.value.exit_code == 3
 
 

@@ -87,8 +87,8 @@ class AbsentTensor:
 
     def _refuse(self) -> NoReturn:
         raise user_error(
-            f"{self.name} is not in this bundle's model: the bundle ships its blocks' linear weights only "
-            "inside its graphs, so the float32 engine (e.g. `eval`'s float baseline) cannot run from it",
+            "this bundle's model leaves out its blocks' linear weights (its graphs hold them), so the "
+            "float32 engine (e.g. `eval`'s float baseline) cannot run from it",
             file=str(self.path), key=self.name,
             hint="run `eval` with the profile the bundle was built from (it has the original model)",
             exit_code=ExitCode.CANNOT_RUN,

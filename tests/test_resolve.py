@@ -346,3 +346,33 @@ def test_split_gate_up_follows_the_resolver_and_the_shadowed_inputs(tmp_path, sm
     shadowed = frozenset({(3, "gate_up"), (4, "down")})
     assert [split_gate_up(v68, shadowed, layer) for layer in (0, 3, 4)] == [True, True, True]
     assert [split_gate_up(v75, shadowed, layer) for layer in (0, 3, 4)] == [False, True, False]
+
+
+@pytest.mark.parametrize("activations, warned", [("uint8", True), ("uint16", False)])
+def test_uint8_on_a_snapdragon_target_warns_about_its_accuracy(tmp_path, smollm_spec, activations, warned):
+    """HTP re-quantizes every linear output: uint8 there costs accuracy the host's path does not."""
+    text = f'[device]\ntarget = "sd8gen3"\n[quantization]\nactivations = "{activations}"\n'
+    resolved = resolve(loaded_from(tmp_path, text), capabilities("sd8gen3"), smollm_spec)
+    notes = [w for w in resolved.warnings if w.key == "quantization.activations"]
+    assert len(notes) == int(warned)
+    if warned:
+        assert (notes[0].line, notes[0].value) == (4, "uint8") and "uint16" in notes[0].message
+    host = resolve(loaded_from(tmp_path, '[device]\ntarget = "host"\n'), capabilities("host"), smollm_spec)
+    assert not [w for w in host.warnings if w.key == "quantization.activations"]  # uint8 is the host's fast path
+
+
+def test_shipped_snapdragon_profiles_default_to_16_bit_activations_and_the_host_to_uint8():
+    from mllm_deploy.backends.registry import HTP_ARCHS
+    from mllm_deploy.paths import resource_dir
+    from mllm_deploy.profile import load_profile
+
+    seen = {}
+    for path in sorted((resource_dir("profiles")).glob("*.toml")):
+        profile = load_profile(path).profile
+        caps = capabilities(profile.device.target)
+        qnn = profile.device.npu_backend == "qnn-htp"
+        if qnn:
+            assert caps.npu is not None and HTP_ARCHS[caps.npu.htp_arch_number].int16_activations
+        seen[path.stem] = profile.quantization.activations
+        assert profile.quantization.activations == ("uint16" if qnn else "uint8"), path.name
+    assert {"sd8gen3", "qcs6490", "host", "default"} <= set(seen)

@@ -200,6 +200,14 @@ def _check_dtypes(c: _Checks, profile: Profile, caps: Capabilities, backend: Npu
             q.activations,
             "uint8",
         )
+    if q.activations == "uint8" and support.quantized_outputs and (arch is None or arch.int16_activations):
+        c.warn(
+            "quantization.activations",
+            f"{backend} re-quantizes every linear output on the NPU, and uint8 outputs cost far more accuracy "
+            "than the host's path (docs/deploy.md, per-target accuracy); uint16 (A16W8) keeps the target "
+            "as accurate as the host",
+            q.activations,
+        )
     if q.weights == "int8-per-channel" and not npu.supports_per_channel_weights:
         c.refuse(
             "quantization.weights",

@@ -90,13 +90,15 @@ class HtpArchSupport:
 
 
 _QNN_DOCS = (
-    "Qualcomm AI Engine Direct (QNN) docs, HTP backend: HTP runs A8, A16 (16-bit activations, 8-bit weights) and FP16"
+    "Qualcomm AI Engine Direct (QNN) docs, HTP backend (docs.qualcomm.com 80-63442-50, htp_backend: "
+    "'QNN HTP Precision'; network design: 'HTP supports A8, A16 and FP16 activations')"
 )
 _SIM = "measured: onnxruntime-qnn 2.7 HTP simulator compiles and runs one real SmolLM2 layer's A16W8 graphs"
 
 HTP_ARCHS: dict[int, HtpArchSupport] = {
     68: HtpArchSupport(68, int16_activations=True, float_elementwise=False, source=(
-        f"{_QNN_DOCS}; FP16 is absent on v68 (QNN: \"The SocModel doesn't support FP16\", QCS6490 reports). "
+        f"{_QNN_DOCS}; FP16 is absent on v68 (QNN: \"The SocModel doesn't support FP16\" on a QCS6490, "
+        "github.com/immich-app/immich/discussions/25112). "
         f"{_SIM}, and rejects the float SiLU·mul (\"Unsupported nodes in QNN EP: silu_sigmoid, silu_mul, "
         "swiglu_mul\") for uint8 and uint16 alike")),
     69: HtpArchSupport(69, int16_activations=True, float_elementwise=True, source=f"{_QNN_DOCS}. {_SIM}, float SiLU·mul included"),

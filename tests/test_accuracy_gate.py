@@ -74,12 +74,13 @@ def test_a_qnn_htp_target_off_device_is_measured_on_its_qdq_graphs_and_labelled_
     host = pinned_host()  # a recorded x86 probe (AMX): no Hexagon NPU
     path, label = measured_path(resolved, host)
     assert resolved.backend == "qnn-htp" and path.backend == "ort-cpu"
+    assert host.probe is not None and resolved.cpu_threads == 8 > host.probe.usable_cpus  # the phone's cores
+    assert path.cpu_threads == path.npu_threads == host.probe.usable_cpus  # this machine's
     assert label == "ort-cpu emulation of the qnn-htp QDQ graphs (AMX INT8)" and path.backend_label == label
     # on a Snapdragon the gate runs the context binaries themselves
-    assert host.probe is not None
     phone = host.model_copy(update={"probe": host.probe.model_copy(update={"qnn_htp_mode": "device"})})
     same, phone_label = measured_path(resolved, phone)
-    assert same is resolved and phone_label == resolved.backend_label
+    assert same.backend == "qnn-htp" and phone_label == resolved.backend_label
     plain = load_profile(None)
     cpu, cpu_label = measured_path(resolve(plain, host, read_spec(plain.profile.model.source)), host)
     assert cpu.backend == "ort-cpu" and cpu_label == "ort-cpu emulation (AMX INT8)"

@@ -53,7 +53,7 @@ from mllm_deploy.errors import user_error
 from mllm_deploy.eval.agreement import Agreement, row_cosine, top1_agreement
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
-from mllm_deploy.interface.accuracy import heldout_text
+from mllm_deploy.interface.accuracy import heldout_text, threads_here
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.registry import BUILTIN_MODELS, BUILTIN_PREFIX
@@ -208,8 +208,10 @@ class _Backend:
 def _backends(bundle: OpenedBundle, resolved: Resolved, artifacts: Artifacts, only: str | None) -> list[_Backend]:
     lock = bundle.lock
     contexts = backend_support(lock.backend).context_binaries
-    cpu = replace(resolved, backend="ort-cpu", npu_threads=max(1, resolved.cpu_threads))
-    cpu = replace(cpu, backend_label=backend_label("ort-cpu", load_capabilities("host")))
+    host = load_capabilities("host")
+    cpu = replace(
+        resolved, backend="ort-cpu", npu_threads=resolved.cpu_threads, backend_label=backend_label("ort-cpu", host)
+    )
     qdq = same_build_qdq_graphs(artifacts)
     found = ("bundle QDQ graphs" if qdq is artifacts else f"QDQ graphs of the same build in this machine's cache ({qdq.root})"
              ) if qdq is not None else "none"  # fmt: skip
@@ -372,6 +374,7 @@ def verify_bundle(
         raise user_error("--chunks must be at least 1", key="--chunks", value=chunks)
     bundle = open_bundle(path, allow_simulator=True)
     resolved = bundle_deployment(bundle)
+    resolved = replace(resolved, cpu_threads=threads_here(resolved, load_capabilities("host")))  # not a phone's 8
     artifacts = open_entry(bundle.artifacts_dir, None, verify_checksums=False)  # open_bundle checked every file
     chunk = resolved.profile.prefill.chunk_size
     ids = load_tokenizer(resolved.spec).encode(heldout_text(), allow_special=False)

@@ -44,15 +44,24 @@ def heldout_text() -> str:
     return resources.files("mllm_deploy").joinpath("data", HELDOUT_TEXT).read_text(encoding="utf-8")
 
 
+def threads_here(resolved: Resolved, host: Capabilities) -> int:
+    """CPU threads for measuring on this machine: the profile's, at most the cores it has (a
+    Snapdragon profile asks for the phone's 8; more threads than cores only spin)."""
+    usable = host.probe.usable_cpus if host.probe is not None else host.cpu_cores
+    return max(1, min(resolved.cpu_threads, usable))
+
+
 def measured_path(resolved: Resolved, host: Capabilities | None = None) -> tuple[Resolved, str]:
-    """The resolved profile whose graphs the gate runs here, and what runs them in words. A
-    backend of context binaries without its NPU on this machine (`host`, default: probed) is
-    measured by running the same QDQ graphs on the CPU provider (labelled so), never silently."""
+    """The resolved profile whose graphs the gate runs here (with this machine's threads), and
+    what runs them in words. A backend of context binaries without its NPU on this machine
+    (`host`, default: probed) is measured by running the same QDQ graphs on the CPU provider
+    (labelled so), never silently."""
     host = host if host is not None else load_capabilities("host")
+    threads = threads_here(resolved, host)
     on_device = host.probe is not None and host.probe.qnn_htp_mode == "device"
     if not backend_support(resolved.backend).context_binaries or on_device:
-        return resolved, resolved.backend_label
-    emulated = replace(resolved, backend="ort-cpu", npu_threads=max(1, resolved.cpu_threads))
+        return replace(resolved, cpu_threads=threads), resolved.backend_label
+    emulated = replace(resolved, backend="ort-cpu", cpu_threads=threads, npu_threads=threads)
     units = backend_label("ort-cpu", host)  # this machine's integer units, e.g. "ort-cpu emulation (VNNI INT8)"
     label = units.replace(" emulation (", f" emulation of the {resolved.backend} QDQ graphs (")
     return replace(emulated, backend_label=label), label
@@ -67,7 +76,7 @@ def measure_accuracy(resolved: Resolved, artifacts: Artifacts, *, max_tokens: in
     ids = load_tokenizer(resolved.spec).encode(heldout_text(), allow_special=False)[:limit]
     chunk = resolved.profile.prefill.chunk_size
     path, label = measured_path(resolved)
-    with threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas"):
+    with threadpool_limits(limits=path.cpu_threads, user_api="blas"):
         float_engine = FloatEngine(load_deployment_weights(resolved))
         float_ppl = perplexity(token_nll(float_engine, ids, chunk))
         engine = open_eval_engine(path, float_engine, artifacts)

@@ -49,9 +49,12 @@ def bundles(smallest_gguf, tmp_path_factory) -> dict[str, Path]:
         yield {"ort-cpu": root / "cpu", "qnn-htp": root / "qnn", "cache": root / "cache"}
 
 
-def verify_rows(capsys, *args: str) -> dict[str, dict]:
+def verify_rows(capsys, *args: str, warns: str | None = None) -> dict[str, dict]:
+    """`verify ... --json` rows by backend (stdout holds nothing else); `warns`: text stderr must hold."""
     assert cli.main(["verify", *args, "--json"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    assert warns is None or warns in captured.err
+    rows = [json.loads(line) for line in captured.out.splitlines()]
     return {row["backend"]: row for row in rows}
 
 
@@ -91,7 +94,8 @@ def test_an_ort_cpu_bundle_runs_on_the_cpu_and_qnn_refuses_its_graphs(bundles, s
 
 def test_a_qnn_htp_bundle_runs_its_context_binaries_on_the_simulator(bundles, smallest_gguf, capsys, monkeypatch):
     monkeypatch.setenv("MLLM_DEPLOY_CACHE", str(bundles["cache"]))
-    rows = verify_rows(capsys, str(bundles["qnn-htp"]), "--reference", str(smallest_gguf))
+    rows = verify_rows(capsys, str(bundles["qnn-htp"]), "--reference", str(smallest_gguf),
+                       warns="runs here on Qualcomm's x86 HTP simulator")  # fmt: skip
     qnn, cpu = rows["qnn-htp"], rows["ort-cpu"]
     check_sane(qnn, layers=2, graph_layers=2, chunks=1)
     assert qnn["graphs"] == "bundle context binaries" and "simulator" in qnn["runs_on"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mllm_deploy.cli.common import print_diagnostics
 from mllm_deploy.errors import ExitCode
 
 
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     # deferred on purpose: verification brings onnxruntime, the engines and the backends
     from mllm_deploy.eval.verify import render_rows, rows_json, verify_bundle  # noqa: PLC0415
 
-    lock, rows = verify_bundle(args.bundle, chunks=args.chunks, layers=args.layers, backend=args.backend,
-                               reference=args.reference, progress=not args.json)  # fmt: skip
-    print(rows_json(rows) if args.json else render_rows(lock, rows))
+    bundle, rows = verify_bundle(args.bundle, chunks=args.chunks, layers=args.layers, backend=args.backend,
+                                 reference=args.reference, progress=not args.json)  # fmt: skip
+    print_diagnostics(bundle.warnings)  # e.g. a qnn-htp bundle on the simulator: for verification, not speed
+    print(rows_json(rows) if args.json else render_rows(bundle.lock, rows))
     return ExitCode.OK

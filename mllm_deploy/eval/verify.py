@@ -366,10 +366,11 @@ def verify_bundle(
     backend: str | None = None,
     reference: str | None = None,
     progress: bool = True,
-) -> tuple[BundleLock, list[VerifyRow]]:
+) -> tuple[OpenedBundle, list[VerifyRow]]:
     """Open the bundle at `path` (refusals: `open_bundle`'s, a qnn-htp bundle allowed on the
     simulator) and run its graphs on each backend of this machine (`backend`: only that one) for
-    `chunks` chunks of the held-out text; see the module docstring."""
+    `chunks` chunks of the held-out text; see the module docstring. Returns the opened bundle
+    (its lockfile, and the warnings opening it gave) and one row per backend."""
     if chunks < 1:
         raise user_error("--chunks must be at least 1", key="--chunks", value=chunks)
     bundle = open_bundle(path, allow_simulator=True)
@@ -388,7 +389,7 @@ def verify_bundle(
         ctx = _Context(resolved, FloatEngine(reference_weights(bundle, resolved, reference)),
                        FloatEngine(load_deployment_weights(resolved)), list(ids[: chunks * chunk + 1]))  # fmt: skip
         rows = [_run_backend(b, ctx, chunks, chosen, progress) for b in _backends(bundle, resolved, artifacts, backend)]
-    return bundle.lock, rows
+    return bundle, rows
 
 
 def rows_json(rows: list[VerifyRow]) -> str:

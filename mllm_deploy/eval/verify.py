@@ -44,7 +44,7 @@ from threadpoolctl import threadpool_limits
 
 from mllm_deploy.backends.base import BackendError
 from mllm_deploy.backends.registry import backend_support, open_backend
-from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, artifacts_root, open_entry
+from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, artifacts_root, model_identity, open_entry
 from mllm_deploy.compile.bundle import BundleLock
 from mllm_deploy.compile.bundle_check import OpenedBundle, open_bundle
 from mllm_deploy.device import load_capabilities
@@ -54,6 +54,7 @@ from mllm_deploy.eval.agreement import Agreement, row_cosine, top1_agreement
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
 from mllm_deploy.interface.accuracy import heldout_text, threads_here
+from mllm_deploy.interface.engines import load_deployment_weights
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.registry import BUILTIN_MODELS, BUILTIN_PREFIX
@@ -120,8 +121,6 @@ def bundle_deployment(bundle: OpenedBundle) -> Resolved:
 
 def reference_weights(bundle: OpenedBundle, resolved: Resolved, reference: str | None) -> LlamaWeights:
     """Float32 weights of the model the bundle was built from, checked by its identity."""
-    from mllm_deploy.compile.artifacts import model_identity  # noqa: PLC0415  (one lookup; same layer)
-
     lock = bundle.lock
     if reference is not None:
         candidates = [reference]
@@ -384,8 +383,6 @@ def verify_bundle(
                          key="--chunks", value=chunks, allowed=f"1..{(len(ids) - 1) // chunk}")  # fmt: skip
     chosen = parse_layers(layers, resolved.spec.n_layers)
     with threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas"):
-        from mllm_deploy.interface.engines import load_deployment_weights  # noqa: PLC0415  (bundle: on demand)
-
         ctx = _Context(resolved, FloatEngine(reference_weights(bundle, resolved, reference)),
                        FloatEngine(load_deployment_weights(resolved)), list(ids[: chunks * chunk + 1]))  # fmt: skip
         rows = [_run_backend(b, ctx, chunks, chosen, progress) for b in _backends(bundle, resolved, artifacts, backend)]

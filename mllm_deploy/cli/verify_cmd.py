@@ -44,7 +44,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # deferred on purpose: verification brings onnxruntime, the engines and the backends
-    from mllm_deploy.eval.verify import render_rows, rows_json, verify_bundle  # noqa: PLC0415
+    from mllm_deploy.eval.verify import verify_bundle  # noqa: PLC0415
+    from mllm_deploy.eval.verify_render import render_rows, rows_json  # noqa: PLC0415
 
     bundle, rows = verify_bundle(args.bundle, chunks=args.chunks, layers=args.layers, backend=args.backend,
                                  reference=args.reference, progress=not args.json)  # fmt: skip

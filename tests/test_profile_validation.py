@@ -72,6 +72,7 @@ BAD_VALUES = [
     ("calibration.source", '""', ["must not be empty"]),
     ("calibration.samples", "0", ["must be >= 1", "an integer from 1 to 4096"]),
     ("calibration.tokens_per_sample", "4", ["must be >= 8", "an integer from 8 to 65536"]),
+    ("accuracy.max_ppl_ratio", "1.0", ["must be > 1", "got 1.0", "a number > 1 and <= 100"]),
     ("ui.refresh_hz", "100", ["must be <= 60", "got 100", "a number from 0.5 to 60"]),
 ]
 

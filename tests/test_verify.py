@@ -99,6 +99,9 @@ def test_a_qnn_htp_bundle_runs_its_context_binaries_on_the_simulator(bundles, sm
     qnn, cpu = rows["qnn-htp"], rows["ort-cpu"]
     check_sane(qnn, layers=2, graph_layers=2, chunks=1)
     assert qnn["graphs"] == "bundle context binaries" and "simulator" in qnn["runs_on"]
+    # the build's gate ran the same QDQ graphs on the CPU provider, and its lockfile says so
+    gate = json.loads((bundles["qnn-htp"] / "bundle.json").read_text())["accuracy"]
+    assert gate["measured_on"].startswith("ort-cpu emulation of the qnn-htp QDQ graphs (") and not gate["forced"]
     assert qnn["assigned_nodes"] == {"QNNExecutionProvider": 8}  # one EPContext node per graph
     # the same build's QDQ graphs (the bundle ships none) from the build cache, on the CPU provider
     check_sane(cpu, layers=2, graph_layers=2, chunks=1)

@@ -42,7 +42,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mllm_deploy.backends.base import BackendError
-from mllm_deploy.backends.registry import backend_support, open_backend
+from mllm_deploy.backends.registry import BACKENDS, NpuBackendName, backend_support, open_backend
 from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, artifacts_root, model_identity, open_entry
 from mllm_deploy.compile.bundle_check import OpenedBundle, open_bundle
 from mllm_deploy.device import load_capabilities
@@ -52,6 +52,7 @@ from mllm_deploy.eval.agreement import Agreement, row_cosine, top1_agreement
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
 from mllm_deploy.interface.accuracy import heldout_text, threads_here
+from mllm_deploy.interface.deployment import EMULATOR
 from mllm_deploy.interface.engines import load_deployment_weights
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
@@ -65,13 +66,15 @@ from mllm_deploy.runtime.npu_kernels import NpuLayerKernels, load_npu_kernels
 from mllm_deploy.runtime.perplexity import rows_nll
 
 SIMULATOR_ARCH = 75  # HTP generation an ort-cpu bundle's graphs are prepared for on QNN
+QNN: NpuBackendName = next(name for name, support in BACKENDS.items() if support.context_binaries)
+"""The registered backend of QNN context binaries (qnn-htp); the CPU provider's is `EMULATOR`."""
 
 
 @dataclass
 class VerifyRow:
     """One backend's run of the bundle's graphs against float32."""
 
-    backend: str  # "ort-cpu" or "qnn-htp"
+    backend: str  # a registered backend name: EMULATOR (the CPU provider) or QNN
     runs_on: str  # what really ran the graphs, e.g. "QNN HTP x86 simulator v75 (context binaries)"
     graphs: str  # which graph files ran: "bundle context binaries", "bundle QDQ graphs", ...
     status: str  # "ok", "rejected" (QNN refused graphs), "unavailable" (see note)
@@ -207,21 +210,21 @@ def _backends(bundle: OpenedBundle, resolved: Resolved, artifacts: Artifacts, on
     contexts = backend_support(lock.backend).context_binaries
     host = load_capabilities("host")
     cpu = replace(
-        resolved, backend="ort-cpu", npu_threads=resolved.cpu_threads, backend_label=backend_label("ort-cpu", host)
+        resolved, backend=EMULATOR, npu_threads=resolved.cpu_threads, backend_label=backend_label(EMULATOR, host)
     )
     qdq = same_build_qdq_graphs(artifacts)
     found = ("bundle QDQ graphs" if qdq is artifacts else f"QDQ graphs of the same build in this machine's cache ({qdq.root})"
              ) if qdq is not None else "none"  # fmt: skip
-    out = [_Backend("ort-cpu", cpu, qdq, found, "" if qdq is not None else
+    out = [_Backend(EMULATOR, cpu, qdq, found, "" if qdq is not None else
                     "the bundle ships context binaries only and this machine's build cache has not the QDQ graphs "
                     "they were compiled from (verify on the machine that built it)")]  # fmt: skip
     mode = probe_host().qnn_htp_mode
     if mode in ("simulator", "device"):
         if contexts:
-            out.append(_Backend("qnn-htp", resolved, artifacts, "bundle context binaries"))
+            out.append(_Backend(QNN, resolved, artifacts, "bundle context binaries"))
         else:
             label = f"QNN HTP x86 simulator v{SIMULATOR_ARCH}" if mode == "simulator" else f"QNN HTP v{SIMULATOR_ARCH}"
-            out.append(_Backend("qnn-htp", replace(resolved, backend_label=label), artifacts,
+            out.append(_Backend(QNN, replace(resolved, backend_label=label), artifacts,
                                 f"bundle QDQ graphs prepared for QNN HTP v{SIMULATOR_ARCH} now", prepare_on_qnn=True,
                                 note="an ort-cpu bundle's graphs (no per-output Q/DQ) only prepared on QNN, not run: "
                                 "build a qnn-htp bundle to measure what an NPU computes"))  # fmt: skip
@@ -250,7 +253,7 @@ def _load_kernels(backend: _Backend, layers: list[int], row: VerifyRow) -> NpuLa
 def _prepare_on_qnn(artifacts: Artifacts, layers: list[int], row: VerifyRow) -> None:
     """An ort-cpu bundle's QDQ graphs prepared for QNN HTP one by one (CPU fallback disabled):
     what QNN takes, and for each graph it refuses, the nodes it named (from its log)."""
-    qnn = open_backend("qnn-htp", htp_arch=SIMULATOR_ARCH)
+    qnn = open_backend(QNN, htp_arch=SIMULATOR_ARCH)
     for layer in layers:
         for kind in GRAPH_KINDS:
             with _native_stderr() as log:
@@ -301,7 +304,7 @@ def _run_backend(backend: _Backend, ctx: _Context, chunks: int, layers: list[int
             )
         row.seconds = round(time.perf_counter() - started, 1)
         return row
-    if backend.name == "qnn-htp":
+    if backend.name == QNN:
         row.runs_on = f"{kernels.backend.describe().get('device_mode', backend.view.backend_label)} ({backend.graphs})"
     graphs, hidden = Agreement(), Agreement()
     ref_w = ctx.reference.weights

@@ -142,6 +142,11 @@ def test_verify_refuses_a_tampered_bundle_a_directory_and_a_missing_reference(bu
     assert "--reference" in err and "trimmed" in err
     assert cli.main(["verify", str(bundles["ort-cpu"]), "--reference", "builtin:smollm2-135m-instruct"]) == 2
     assert "is not the model bundle" in capsys.readouterr().err
+    # more chunks than the held-out text holds, and a layer the model does not have
+    assert cli.main(["verify", str(bundles["ort-cpu"]), "--reference", str(smallest_gguf), "--chunks", "100000"]) == 2
+    assert "--chunks" in capsys.readouterr().err
+    assert cli.main(["verify", str(bundles["ort-cpu"]), "--reference", str(smallest_gguf), "--layers", "2"]) == 2
+    assert "0..1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -83,6 +83,7 @@ def test_an_ort_cpu_bundle_runs_on_the_cpu_and_qnn_refuses_its_graphs(bundles, s
     rows = verify_rows(capsys, str(bundles["ort-cpu"]), "--reference", str(smallest_gguf), "--chunks", "2")
     cpu = rows["ort-cpu"]
     check_sane(cpu, layers=2, graph_layers=2, chunks=2)
+    assert cpu["text"] == "mllm_deploy/data/heldout.txt"
     assert cpu["graphs"] == "bundle QDQ graphs" and cpu["runs_on"].startswith("ort-cpu emulation (")
     assert set(cpu["assigned_nodes"]) == {"CPUExecutionProvider"}
     # QNN (the x86 simulator here) takes an ort-cpu bundle's graphs or says which nodes it refused
@@ -142,6 +143,15 @@ def test_verify_refuses_a_tampered_bundle_a_directory_and_a_missing_reference(bu
     assert "--reference" in err and "trimmed" in err
     assert cli.main(["verify", str(bundles["ort-cpu"]), "--reference", "builtin:smollm2-135m-instruct"]) == 2
     assert "is not the model bundle" in capsys.readouterr().err
+    # another text: its chunks are what runs (and a missing file is a located exit 2)
+    text = tmp_path / "t.txt"
+    text.write_text("The lighthouse keeper climbed the steps and lit the lamp before the fog came in. " * 8)
+    other = verify_rows(capsys, str(bundles["ort-cpu"]), "--reference", str(smallest_gguf), "--text", str(text),
+                        "--backend", "ort-cpu")["ort-cpu"]  # fmt: skip
+    check_sane(other, layers=2, graph_layers=2, chunks=1)
+    assert other["text"] == str(text)
+    assert cli.main(["verify", str(bundles["ort-cpu"]), "--text", str(tmp_path / "none.txt")]) == 2
+    assert "text file not found" in capsys.readouterr().err
     # more chunks than the held-out text holds, and a layer the model does not have
     assert cli.main(["verify", str(bundles["ort-cpu"]), "--reference", str(smallest_gguf), "--chunks", "100000"]) == 2
     assert "--chunks" in capsys.readouterr().err

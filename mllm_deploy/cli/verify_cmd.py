@@ -1,4 +1,4 @@
-"""`mllm-deploy verify BUNDLE [--chunks N] [--layers SPEC] [--backend B] [--json]`: run a bundle's
+"""`mllm-deploy verify BUNDLE [--chunks N] [--layers SPEC] [--backend B] [--text FILE] [--json]`: run a bundle's
 graphs on every backend this machine has against the float32 model."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from mllm_deploy.cli.common import print_diagnostics
-from mllm_deploy.errors import ExitCode
+from mllm_deploy.errors import ExitCode, user_error
 
 
 def register(subparsers) -> None:
@@ -38,6 +38,9 @@ def register(subparsers) -> None:
         help="the model the bundle was built from (path or builtin:NAME), for the float32 reference when "
         "the bundle's own model is trimmed (default: the built-in model of the lockfile's identity)",
     )
+    parser.add_argument(
+        "--text", metavar="FILE", help="UTF-8 text to run (default: the held-out text shipped with mllm-deploy)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per backend (one per line)")
     parser.set_defaults(func=run)
 
@@ -47,8 +50,17 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.eval.verify import verify_bundle  # noqa: PLC0415
     from mllm_deploy.eval.verify_render import render_rows, rows_json  # noqa: PLC0415
 
+    text = None
+    if args.text is not None:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise user_error("text file not found", file=args.text) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise user_error(f"cannot read the text file: {exc}", file=args.text) from None
     bundle, rows = verify_bundle(args.bundle, chunks=args.chunks, layers=args.layers, backend=args.backend,
-                                 reference=args.reference, progress=not args.json)  # fmt: skip
+                                 reference=args.reference, text=text, text_name=args.text,
+                                 progress=not args.json)  # fmt: skip
     print_diagnostics(bundle.warnings)  # e.g. a qnn-htp bundle on the simulator: for verification, not speed
     print(rows_json(rows) if args.json else render_rows(bundle.lock, rows))
     return ExitCode.OK

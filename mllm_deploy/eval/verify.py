@@ -51,7 +51,7 @@ from mllm_deploy.errors import user_error
 from mllm_deploy.eval.agreement import Agreement, row_cosine, top1_agreement
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
-from mllm_deploy.interface.accuracy import heldout_text, threads_here
+from mllm_deploy.interface.accuracy import HELDOUT_TEXT, heldout_text, threads_here
 from mllm_deploy.interface.deployment import EMULATOR
 from mllm_deploy.interface.engines import load_deployment_weights
 from mllm_deploy.model import load_tokenizer, load_weights, read_spec
@@ -82,6 +82,7 @@ class VerifyRow:
     chunk_size: int
     tokens: int  # positions scored
     layers: list[int]  # layers whose graphs ran on this backend (the rest: float linears)
+    text: str  # the text the chunks come from (the held-out text, or the --text file)
     ppl_ratio: float | None = None
     float_ppl: float | None = None
     path_ppl: float | None = None
@@ -290,7 +291,7 @@ def _run_backend(backend: _Backend, ctx: _Context, chunks: int, layers: list[int
     chunk = ctx.resolved.profile.prefill.chunk_size
     row = VerifyRow(backend=backend.name, runs_on=backend.view.backend_label, graphs=backend.graphs,
                     status="ok", chunks=chunks, chunk_size=chunk, tokens=chunks * chunk, layers=layers,
-                    note=backend.note)  # fmt: skip
+                    text=ctx.text, note=backend.note)  # fmt: skip
     if backend.artifacts is None:
         row.status = "unavailable"
         return row
@@ -356,6 +357,7 @@ class _Context:
     reference: FloatEngine  # float32 model, float32 KV cache
     path_base: FloatEngine  # the bundle's model: embedding, norms, head (its linears replaced)
     ids: list[int]
+    text: str  # what the ids come from
 
 
 def verify_bundle(
@@ -365,11 +367,14 @@ def verify_bundle(
     layers: str | None = None,
     backend: str | None = None,
     reference: str | None = None,
+    text: str | None = None,
+    text_name: str | None = None,
     progress: bool = True,
 ) -> tuple[OpenedBundle, list[VerifyRow]]:
     """Open the bundle at `path` (refusals: `open_bundle`'s, a qnn-htp bundle allowed on the
     simulator) and run its graphs on each backend of this machine (`backend`: only that one) for
-    `chunks` chunks of the held-out text; see the module docstring. Returns the opened bundle
+    `chunks` chunks of the held-out text (`text`: of this one, called `text_name`); see the module
+    docstring. Returns the opened bundle
     (its lockfile, and the warnings opening it gave) and one row per backend."""
     if chunks < 1:
         raise user_error("--chunks must be at least 1", key="--chunks", value=chunks)
@@ -378,14 +383,15 @@ def verify_bundle(
     resolved = replace(resolved, cpu_threads=threads_here(resolved, load_capabilities("host")))  # not a phone's 8
     artifacts = open_entry(bundle.artifacts_dir, None, verify_checksums=False)  # open_bundle checked every file
     chunk = resolved.profile.prefill.chunk_size
-    ids = load_tokenizer(resolved.spec).encode(heldout_text(), allow_special=False)
+    ids = load_tokenizer(resolved.spec).encode(heldout_text() if text is None else text, allow_special=False)
+    name = f"mllm_deploy/data/{HELDOUT_TEXT}" if text is None else (text_name or "the text")
     if len(ids) < chunks * chunk + 1:
-        raise user_error(f"the held-out text has {len(ids)} tokens: at most {(len(ids) - 1) // chunk} chunks of {chunk}",
+        raise user_error(f"{name} has {len(ids)} tokens: at most {(len(ids) - 1) // chunk} chunks of {chunk}",
                          key="--chunks", value=chunks, allowed=f"1..{(len(ids) - 1) // chunk}")  # fmt: skip
     chosen = parse_layers(layers, resolved.spec.n_layers)
     with threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas"):
         ctx = _Context(resolved, FloatEngine(reference_weights(bundle, resolved, reference)),
-                       FloatEngine(load_deployment_weights(resolved)), list(ids[: chunks * chunk + 1]))  # fmt: skip
+                       FloatEngine(load_deployment_weights(resolved)), list(ids[: chunks * chunk + 1]), name)  # fmt: skip
         rows = [_run_backend(b, ctx, chunks, chosen, progress) for b in _backends(bundle, resolved, artifacts, backend)]
     return bundle, rows
 

@@ -30,7 +30,7 @@ def render_rows(lock: BundleLock, rows: list[VerifyRow]) -> str:
     first = rows[0] if rows else None
     lines = [f"bundle {lock.profile_name}: target {lock.target} ({lock.backend}{htp}), chunk {lock.chunk_size}"]
     if first is not None:
-        lines.append(f"{first.chunks} chunk(s) of the held-out text ({first.tokens} tokens) through all "
+        lines.append(f"{first.chunks} chunk(s) of {first.text} ({first.tokens} tokens) through all "
                      f"{lock.kv_cache.layers} layers; the bundle's graphs in layers {_span(first.layers)}")  # fmt: skip
     for row in rows:
         lines.append(f"\n{row.backend}: {row.runs_on} - {row.status} ({row.seconds:.1f} s)")

@@ -27,7 +27,12 @@ import pytest
 import tiny_models
 from conftest import cache_env
 
+from mllm_deploy.cli.eval_cmd import report_text
 from mllm_deploy.compile.bundle import BUNDLE_FORMAT, BUNDLE_PARTS, BundleLock, bundle_sizes
+from mllm_deploy.errors import UserError
+from mllm_deploy.eval import reference as reference_module
+from mllm_deploy.eval.report import evaluate_profile
+from mllm_deploy.interface.deployment import load_deployment
 from mllm_deploy.model import read_spec
 from mllm_deploy.paths import sha256_file
 
@@ -536,3 +541,35 @@ def test_on_a_device_the_first_run_profiles_the_graphs_next_to_the_bundle(tiny_q
         # not one of the bundle's files: every listed file still verifies, the lockfile unchanged
         assert open_bundle(tiny_qnn.bundle, rehash=True, allow_simulator=True).lock.files.keys() == shipped_files
     stored.unlink()
+
+
+def test_eval_on_the_bundle_finds_the_original_model_for_its_float_baseline(deployed, tmp_path):
+    """The bundle's model is trimmed (no float linears): the float32 baseline comes from the
+    installed built-in model of the same identity, read from its file (nothing big cached)."""
+    cache = tmp_path / "empty-cache"
+    text = tmp_path / "text.txt"
+    text.write_text(PROMPT)
+    proc = mllm("eval", str(deployed.bundle), "--text", str(text), "--max-tokens", "300", "--json", cache=cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["tokens"] == 300 and report["baseline_perplexity"] > 1
+    assert 0.9 < report["perplexity"] / report["baseline_perplexity"] < 1.1
+    assert report["bundle_accuracy"]["ppl_ratio"] == deployed.lock.accuracy.ppl_ratio
+    assert report["backend"].startswith("ort-cpu")
+    assert dir_bytes(cache) < BIG
+
+
+def test_eval_on_the_bundle_without_its_original_model_reports_the_build_accuracy(deployed, smallest_gguf, monkeypatch):
+    """Where the original model is not on the machine (no built-in of that identity), `eval`
+    still runs the bundle's path and shows the accuracy its build measured instead of a ratio."""
+    monkeypatch.setattr(reference_module, "BUILTIN_MODELS", {})
+    deployment = load_deployment(str(deployed.bundle), ())
+    report = evaluate_profile(deployment, PROMPT, max_tokens=300, progress=False)
+    assert report["baseline_perplexity"] is None and report["perplexity"] > 1
+    assert report["bundle_accuracy"]["ppl_ratio"] == deployed.lock.accuracy.ppl_ratio
+    text = report_text(report)
+    assert "baseline (float32):   none" in text and "--reference MODEL" in text
+    assert f"{deployed.lock.accuracy.ppl_ratio:.4f}x float on" in text
+    with pytest.raises(UserError) as refused:  # a named reference that is not the bundle's model
+        evaluate_profile(deployment, PROMPT, max_tokens=300, progress=False, reference=str(smallest_gguf))
+    assert refused.value.diagnostics[0].key == "--reference"

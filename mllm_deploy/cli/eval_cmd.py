@@ -23,6 +23,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--max-tokens", type=int, default=4096, metavar="N", help="evaluate the first N tokens (default 4096)"
     )
+    parser.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="for a bundle: the model it was built from (path or builtin:NAME), for the float32 baseline; "
+        "default: an installed built-in model of the same identity, else no baseline (the bundle's "
+        "build-time accuracy is shown instead)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_opt_in_args(parser)
     parser.set_defaults(func=run)
@@ -41,19 +48,34 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         raise user_error(f"cannot read the text file: {exc}", file=args.text) from None
     deployment = deployment_to_run(args)
-    report = evaluate_profile(deployment, text, max_tokens=args.max_tokens)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        ratio = report["perplexity"] / report["baseline_perplexity"]
-        print(f"tokens:               {report['tokens']}")
-        print(f"backend:              {report['backend']}")
-        if "kv_cache" in report:
-            print(
-                f"KV cache:             {report['kv_cache']} ({100 * report['kv_saturated_fraction']:.4f}% of values saturated)"
-            )
-            print(f"prefill attention:    {report['attention']}")
-        print(f"perplexity:           {report['perplexity']:.3f}  ({ratio:.4f}x float)")
-        print(f"baseline (float32):   {report['baseline_perplexity']:.3f}")
-        print(f"values on the CPU:    {100 * report['outlier_fraction']:.4f}% (shadow outliers)")
+    report = evaluate_profile(deployment, text, max_tokens=args.max_tokens, reference=args.reference)
+    print(json.dumps(report) if args.json else report_text(report))
     return ExitCode.OK
+
+
+def report_text(report: dict) -> str:
+    """The report as aligned lines; the ratio to float when there is a baseline, else (a bundle
+    whose original model is not here) the bundle's build-time accuracy."""
+    lines = [f"tokens:               {report['tokens']}", f"backend:              {report['backend']}"]
+    if "kv_cache" in report:
+        saturated = 100 * report["kv_saturated_fraction"]
+        lines.append(f"KV cache:             {report['kv_cache']} ({saturated:.4f}% of values saturated)")
+        lines.append(f"prefill attention:    {report['attention']}")
+    baseline = report["baseline_perplexity"]
+    if baseline is not None:
+        ratio = report["perplexity"] / baseline
+        lines.append(f"perplexity:           {report['perplexity']:.3f}  ({ratio:.4f}x float)")
+        lines.append(f"baseline (float32):   {baseline:.3f}")
+    else:
+        built = report.get("bundle_accuracy")
+        at_build = (
+            f"{built['ppl_ratio']:.4f}x float on {built['tokens']} tokens of {built['text']}"
+            if built
+            else "not measured"
+        )
+        lines.append(f"perplexity:           {report['perplexity']:.3f}")
+        lines.append("baseline (float32):   none (the bundle's model is trimmed and the original is not "
+                     "on this machine: --reference MODEL)")  # fmt: skip
+        lines.append(f"accuracy at build:    {at_build}")
+    lines.append(f"values on the CPU:    {100 * report['outlier_fraction']:.4f}% (shadow outliers)")
+    return "\n".join(lines)

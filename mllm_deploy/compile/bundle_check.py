@@ -352,6 +352,7 @@ def _check_consistent(root: Path, lock: BundleLock) -> None:
         "chunk_size": (lock.chunk_size, built.chunk_size), "htp_arch": (lock.htp_arch, built.htp_arch),
         "soc_model": (lock.soc_model, built.soc_model), "model.identity": (lock.model.identity, built.model_identity),
         "decode_weight_block": (lock.decode_weight_block, decode.get("block")),
+        "decode_weight_bits": (lock.decode_weight_bits, decode.get("bits")),
     }  # fmt: skip
     for key, (said, found) in pairs.items():
         if said != found:
@@ -407,6 +408,7 @@ def check_built_with(bundle: OpenedBundle, resolved: Resolved) -> None:
         "prefill.chunk_size": (profile.prefill.chunk_size, lock.chunk_size),
         "decode.kv_cache": (profile.decode.kv_cache, lock.kv_cache.storage),
         "decode.weight_block": (profile.decode.weight_block, lock.decode_weight_block),
+        "decode.weight_bits": (profile.decode.weight_bits, lock.decode_weight_bits),
     }
     now = graph_settings(resolved)
     pairs.update({key: (now[key], value) for key, value in built.settings.items() if key != "calibration.source"})

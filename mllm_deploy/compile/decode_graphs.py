@@ -39,7 +39,9 @@ from mllm_deploy.model.spec import LlamaWeights
 from mllm_deploy.profile.models import DecodeSection
 
 BLOCK: int = DecodeSection.model_fields["weight_block"].default
-"""Values per 8-bit block unless a caller says otherwise: the profile's `decode.weight_block` default."""
+"""Values per block unless a caller says otherwise: the profile's `decode.weight_block` default."""
+BITS: int = DecodeSection.model_fields["weight_bits"].default
+"""Bits per weight unless a caller says otherwise: the profile's `decode.weight_bits` default."""
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
 
@@ -65,11 +67,45 @@ def dequantize_blocks_u8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return w
 
 
+def quantize_blocks_u4(w: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w float32 [N, K] -> (q uint8 [N, ceil(K/block), block/2], scale float32 [N, ceil(K/block)],
+    zero points uint8 [N, ceil(ceil(K/block)/2)]), as MatMulNBits with bits=4 reads them: per block
+    asymmetric, scale = (max - min) / 15 over the block's range widened to hold 0, zero point
+    round(-min / scale) in 0..15, code round(w / scale) + zero point in 0..15; two codes per byte
+    and two zero points per byte, the first in the low nibble (a last partial block, and an odd
+    block count's last nibble, padded with zeros)."""
+    n, k = w.shape
+    w = np.asarray(w, np.float32)
+    if k % block:
+        w = np.concatenate([w, np.zeros((n, block - k % block), np.float32)], axis=1)
+    blocks = w.reshape(n, -1, block)
+    low = np.minimum(blocks.min(axis=-1), 0.0)
+    high = np.maximum(blocks.max(axis=-1), 0.0)
+    scale = ((high - low) / np.float32(15.0)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1e-12)).astype(np.float32)
+    zero = np.clip(np.rint(-low / scale), 0, 15).astype(np.uint8)  # [N, K/block]
+    codes = np.clip(np.rint(blocks / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+    q = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    if zero.shape[1] % 2:
+        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
+    packed_zero = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+    return q, scale, packed_zero
+
+
+def dequantize_blocks_u4(q: np.ndarray, scale: np.ndarray, packed_zero: np.ndarray) -> np.ndarray:
+    """The float32 [N, ceil(K/block) * block] weights `quantize_blocks_u4`'s output stands for."""
+    n, kb, half = q.shape
+    codes = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(n, kb, 2 * half).astype(np.float32)
+    zero = np.stack([packed_zero & 0x0F, packed_zero >> 4], axis=-1).reshape(n, -1)[:, :kb].astype(np.float32)
+    w: np.ndarray = ((codes - zero[..., None]) * scale[..., None]).reshape(n, kb * 2 * half)
+    return w
+
+
 class _Builder:
     """Nodes and initializers of one segment graph."""
 
-    def __init__(self, name: str, block: int = BLOCK):
-        self.name, self._n, self.block = name, 0, block
+    def __init__(self, name: str, block: int = BLOCK, bits: int = BITS):
+        self.name, self._n, self.block, self.bits = name, 0, block, bits
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
 
@@ -109,13 +145,21 @@ class _Builder:
         return normed, total
 
     def linear(self, x: str, weights: list[np.ndarray], biases: list[np.ndarray | None] | None = None) -> str:
-        """x [1, K] @ concat(weights).T (+ concat(biases)) with 8-bit block weights."""
+        """x [1, K] @ concat(weights).T (+ concat(biases)) with block weights of `self.bits`: 8-bit
+        symmetric (zero point 128, implicit), or 4-bit asymmetric with uint8 zero points (packed
+        two per byte: float zero points take MatMulNBits off its integer kernel, measured 56x
+        slower on one 576x1536 matvec)."""
         w = np.concatenate([np.asarray(a, np.float32) for a in weights], axis=0)  # [N, K]
         n, k = w.shape
-        q, scale = quantize_blocks_u8(w, self.block)
+        if self.bits == 4:
+            q, scale, zero = quantize_blocks_u4(w, self.block)
+            quantized = [self.const("wq", q), self.const("ws", scale.reshape(-1)), self.const("wz", zero.reshape(-1))]
+        else:
+            q, scale = quantize_blocks_u8(w, self.block)
+            quantized = [self.const("wq", q), self.const("ws", scale.reshape(-1))]
         y = self.op(
-            "MatMulNBits", [x, self.const("wq", q), self.const("ws", scale.reshape(-1))], "mm",
-            domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=self.block, accuracy_level=4,
+            "MatMulNBits", [x, *quantized], "mm",
+            domain=MS_DOMAIN, K=k, N=n, bits=self.bits, block_size=self.block, accuracy_level=4,
         )  # fmt: skip
         if biases and any(b is not None for b in biases):
             full = np.concatenate(
@@ -181,11 +225,11 @@ def kv_scale_names(layer: int) -> tuple[str, str]:
     return f"k_scale_{layer}", f"v_scale_{layer}"
 
 
-def _step_model(weights: LlamaWeights, kv_int8: bool, block: int) -> onnx.ModelProto:
+def _step_model(weights: LlamaWeights, kv_int8: bool, block: int, bits: int) -> onnx.ModelProto:
     """One decode step over every layer (see the module docstring); with `kv_int8` the KV cache
     is int8 with per-channel scales as inputs (GroupQueryAttention's PER_CHANNEL quantization)."""
     spec = weights.spec
-    b = _Builder("decode_step", block)
+    b = _Builder("decode_step", block, bits)
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     kv_type = TensorProto.INT8 if kv_int8 else f32
     kv_shape: list[str | int | None] = [1, spec.n_kv_heads, "capacity", spec.head_dim]
@@ -241,27 +285,36 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def _head_model(weights: LlamaWeights, block: int) -> onnx.ModelProto:
-    head = _Builder("decode_head", block)
+def _head_model(weights: LlamaWeights, block: int, bits: int) -> onnx.ModelProto:
+    head = _Builder("decode_head", block, bits)
     return head.model(
         {"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)}
     )
 
 
-def decode_model_builders(weights: LlamaWeights, block: int = BLOCK) -> dict[str, Callable[[], onnx.ModelProto]]:
+def head_bits(bits: int) -> int:
+    """Bits of the output head's weights for decode weights of `bits`: the same."""
+    return bits
+
+
+def decode_model_builders(
+    weights: LlamaWeights, block: int = BLOCK, bits: int = BITS, head: int | None = None
+) -> dict[str, Callable[[], onnx.ModelProto]]:
     """`step` (float32 KV cache), `step_kv8` (int8 KV cache) and `head` (see the module
-    docstring) with 8-bit blocks of `block` values, each built when called: a step graph is
-    ~120 MB, so the cache writes one at a time."""
+    docstring) with `bits`-bit blocks of `block` values (the head with `head` bits, by default
+    `head_bits(bits)`), each built when called: a step graph is ~120 MB, so the cache writes one
+    at a time."""
+    head = head_bits(bits) if head is None else head
     return {
-        "step": lambda: _step_model(weights, kv_int8=False, block=block),
-        "step_kv8": lambda: _step_model(weights, kv_int8=True, block=block),
-        "head": lambda: _head_model(weights, block),
+        "step": lambda: _step_model(weights, kv_int8=False, block=block, bits=bits),
+        "step_kv8": lambda: _step_model(weights, kv_int8=True, block=block, bits=bits),
+        "head": lambda: _head_model(weights, block, head),
     }
 
 
-def build_decode_models(weights: LlamaWeights, block: int = BLOCK) -> dict[str, onnx.ModelProto]:
+def build_decode_models(weights: LlamaWeights, block: int = BLOCK, bits: int = BITS) -> dict[str, onnx.ModelProto]:
     """Every decode graph, built now (tests and scripts; the cache uses `decode_model_builders`)."""
-    return {name: build() for name, build in decode_model_builders(weights, block).items()}
+    return {name: build() for name, build in decode_model_builders(weights, block, bits).items()}
 
 
 GRAPH_NAMES = ("step", "step_kv8", "head")

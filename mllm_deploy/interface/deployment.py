@@ -246,9 +246,10 @@ BUNDLE_FIXED_KEYS = (
     "placement.",
     "decode.kv_cache",
     "decode.weight_block",
+    "decode.weight_bits",
 )
 """Keys (or sections, ending in a dot) a bundle's graphs were built with: `--set` may not change
-them on a bundle (it ships the decode step graph of its own KV cache and weight block only).
+them on a bundle (it ships the decode step graph of its own KV cache, weight block and bits only).
 Runtime keys (threads, sampling, scheduler policy, context) stay settable."""
 
 

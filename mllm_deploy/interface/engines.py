@@ -41,14 +41,15 @@ def obtain_artifacts(resolved: Resolved, *, log: Log = stderr_log, opt_in: OptIn
 def obtain_decode_graphs(
     resolved: Resolved, weights: LlamaWeights | None = None, *, opt_in: OptIn | None = None
 ) -> Path:
-    """The directory of the CPU decode graphs for the profile's `decode.weight_block`: a bundle's
-    own when the profile comes from a bundle (never built), else the cache entry, built from the
-    float weights (`weights`, or loaded now) the first time."""
+    """The directory of the CPU decode graphs for the profile's `decode.weight_block` and
+    `weight_bits`: a bundle's own when the profile comes from a bundle (never built), else the
+    cache entry, built from the float weights (`weights`, or loaded now) the first time."""
     bundled = bundle_decode_graphs(resolved, opt_in=opt_in)
     if bundled is not None:
         return bundled
     load = (lambda: weights) if weights is not None else (lambda: load_weights(resolved.spec))
-    return cached_decode_graphs(resolved.spec, load, resolved.profile.decode.weight_block)
+    decode = resolved.profile.decode
+    return cached_decode_graphs(resolved.spec, load, decode.weight_block, decode.weight_bits)
 
 
 def load_deployment_weights(resolved: Resolved) -> LlamaWeights:

@@ -171,10 +171,16 @@ class DecodeSection(_Section):
     baseline (`device.npu_backend = "none"`) always keeps float32."""
 
     weight_block: Literal[32, 64, 128] = 64
-    """Values per 8-bit block of the decode graphs' weights (one scale each), which is also the
+    """Values per block of the decode graphs' weights (one scale each), which is also the
     block the activation row is quantized in for the integer dot products. Smaller blocks follow
     the float model more closely, larger ones decode faster (README, Performance: 32 is llama.cpp's
     Q8_0 block; 64 measured 9-20% faster per token at 1.8x its small divergence from float)."""
+
+    weight_bits: Literal[4, 8] = 8
+    """Bits per weight of the decode graphs' blocks: `8` (symmetric) or `4` (asymmetric, a
+    4-bit zero point per block). 4 bits halve the decode graphs (a smaller bundle and fewer
+    bytes read per token) at some divergence from the float model (docs/method.md, decode);
+    any `weight_block` works with either."""
 
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     """Strings that end generation when they appear in the output (not included in it);

@@ -44,8 +44,8 @@ class MemoryBudget(BaseModel):
     (included in `cpu_weight_bytes`)."""
 
     decode_weight_bytes: int
-    """8-bit blocks and their float32 scales of the CPU decode graphs (one step graph and the
-    output head, `decode.weight_block` values per block) on the NPU path (included in
+    """Weight blocks, their float32 scales (and 4-bit zero points) of the CPU decode graphs (one
+    step graph and the output head, `decode.weight_block` values of `decode.weight_bits` per block) on the NPU path (included in
     `cpu_weight_bytes`). onnxruntime's prepacked copy comes on top when they are opened: measured
     1.4x these bytes resident for the default model."""
 
@@ -78,12 +78,16 @@ def shadowed_input_count(profile: Profile, spec: ModelSpec) -> int:
     return total - round(profile.outliers.prune_fraction * total)
 
 
-def decode_weight_bytes(spec: ModelSpec, block: int) -> int:
-    """Bytes of the decode graphs' 8-bit weights: every layer's linears and the output head, each
-    row in blocks of `block` int8 values (the last one padded) with one float32 scale per block."""
+def decode_weight_bytes(spec: ModelSpec, block: int, bits: int = 8) -> int:
+    """Bytes of the decode graphs' weights: every layer's linears and the output head (of
+    `compile.decode_graphs.head_bits(bits)`, the same bits), each row in blocks of `block` values
+    of `bits` bits (the last one padded) with one float32 scale per block; 4-bit blocks also
+    have a 4-bit zero point each, packed two per byte along the row (a row's odd last one padded)."""
 
     def blocked(out: int, inp: int) -> int:
-        return out * -(-inp // block) * (block + F32)
+        blocks = -(-inp // block)
+        zero_points = -(-blocks // 2) if bits == 4 else 0
+        return out * (blocks * (block * bits // 8 + F32) + zero_points)
 
     layers = sum(blocked(out, inp) for out, inp in spec.linear_shapes().values()) * spec.n_layers
     return layers + blocked(spec.vocab, spec.hidden)
@@ -132,7 +136,7 @@ def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudg
     widest_out, widest_in = max(spec.linear_shapes().values(), key=lambda shape: shape[1])
     hot = shadowed_input_count(profile, spec) * round(hot_fraction * widest_in) * widest_out * F32
     # decode runs on the CPU from its own 8-bit graphs (built from the float weights, cached)
-    decode = decode_weight_bytes(spec, profile.decode.weight_block)
+    decode = decode_weight_bytes(spec, profile.decode.weight_block, profile.decode.weight_bits)
     return MemoryBudget(
         npu_weight_bytes=npu_weights,
         npu_activation_bytes=npu_act,

@@ -31,18 +31,24 @@ from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.runtime.file_rows import FileRows
 
 
-def graph_block(graphs: Path | dict) -> int:
-    """Values per 8-bit block of decode graphs: a cached directory's manifest says it, built
-    graphs carry it in their `MatMulNBits` nodes."""
+def _graph_attribute(graphs: Path | dict, attribute: str, key: str) -> int:
+    """A `MatMulNBits` attribute of the step graph's weights: a cached directory's manifest says it
+    (`key`), built graphs carry it in their nodes."""
     if isinstance(graphs, dict):
-        return next(
-            a.i
-            for n in graphs["head"].graph.node
-            if n.op_type == "MatMulNBits"
-            for a in n.attribute
-            if a.name == "block_size"
-        )
-    return int(json.loads((Path(graphs) / "manifest.json").read_text())["block"])
+        step = graphs["step"] if "step" in graphs else graphs["step_kv8"]
+        return next(a.i for n in step.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                    if a.name == attribute)  # fmt: skip
+    return int(json.loads((Path(graphs) / "manifest.json").read_text())[key])
+
+
+def graph_block(graphs: Path | dict) -> int:
+    """Values per block of decode graphs' weights."""
+    return _graph_attribute(graphs, "block_size", "block")
+
+
+def graph_bits(graphs: Path | dict) -> int:
+    """Bits per weight of decode graphs' step (`decode.weight_bits`)."""
+    return _graph_attribute(graphs, "bits", "bits")
 
 
 class _CacheBinding:
@@ -98,8 +104,8 @@ class Int8Decoder:
         self.tok_embd = tok_embd if isinstance(tok_embd, FileRows) else FileRows(tok_embd)  # [vocab, hidden]
         self.rope = rope
         self.threads = threads
-        self.block = graph_block(graphs)
-        self.name = f"cpu-int8-ort-gqa b{self.block}"  # what decodes, as reports and the bench show it
+        self.block, self.bits = graph_block(graphs), graph_bits(graphs)
+        self.name = f"cpu-int{self.bits}-ort-gqa b{self.block}"  # what decodes, as reports and the bench show it
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -44,7 +44,7 @@ class MemoryBudget(BaseModel):
     (included in `cpu_weight_bytes`)."""
 
     decode_weight_bytes: int
-    """Weight blocks, their float32 scales (and 4-bit zero points) of the CPU decode graphs (one
+    """Weight blocks, their float32 scales (and 4-bit blocks' offsets) of the CPU decode graphs (one
     step graph and the output head, `decode.weight_block` values of `decode.weight_bits` per block) on the NPU path (included in
     `cpu_weight_bytes`). onnxruntime's prepacked copy comes on top when they are opened: measured
     1.4x these bytes resident for the default model."""
@@ -79,18 +79,16 @@ def shadowed_input_count(profile: Profile, spec: ModelSpec) -> int:
 
 
 def decode_weight_bytes(spec: ModelSpec, block: int, bits: int = 8) -> int:
-    """Bytes of the decode graphs' weights: every layer's linears and the output head (of
-    `compile.decode_graphs.head_bits(bits)`, the same bits), each row in blocks of `block` values
-    of `bits` bits (the last one padded) with one float32 scale per block; 4-bit blocks also
-    have a 4-bit zero point each, packed two per byte along the row (a row's odd last one padded)."""
+    """Bytes of the decode graphs' weights: every layer's linears in blocks of `block` values of
+    `bits` bits (a row's last block padded) with one float32 scale per block, and for 4 bits one
+    float32 offset per block too; the output head in 8-bit blocks whatever `bits` says
+    (`compile.decode_graphs.head_bits`)."""
 
-    def blocked(out: int, inp: int) -> int:
-        blocks = -(-inp // block)
-        zero_points = -(-blocks // 2) if bits == 4 else 0
-        return out * (blocks * (block * bits // 8 + F32) + zero_points)
+    def blocked(out: int, inp: int, bits: int) -> int:
+        return out * -(-inp // block) * (block * bits // 8 + F32 + (F32 if bits == 4 else 0))
 
-    layers = sum(blocked(out, inp) for out, inp in spec.linear_shapes().values()) * spec.n_layers
-    return layers + blocked(spec.vocab, spec.hidden)
+    layers = sum(blocked(out, inp, bits) for out, inp in spec.linear_shapes().values()) * spec.n_layers
+    return layers + blocked(spec.vocab, spec.hidden, 8)
 
 
 def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudget:

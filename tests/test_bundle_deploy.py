@@ -459,6 +459,7 @@ class TinyQnn:
     profile: Path
     cache: Path
     bundle: Path
+    build_stdout: str
 
 
 @pytest.fixture(scope="module")
@@ -475,10 +476,12 @@ def tiny_qnn(tmp_path_factory) -> TinyQnn:
     )
     build = mllm("build", str(profile), "--out", str(root / "bundle"), cache=root / "cache")
     assert build.returncode == 0, build.stderr
-    return TinyQnn(profile, root / "cache", root / "bundle")
+    return TinyQnn(profile, root / "cache", root / "bundle", build.stdout)
 
 
 def test_a_qnn_bundle_ships_context_binaries_no_qdq_graphs_and_no_simulator_latencies(tiny_qnn, tmp_path):
+    # the build's own timings are labelled as the simulator's, not the device's
+    assert "timed on Qualcomm's x86 HTP simulator" in tiny_qnn.build_stdout, tiny_qnn.build_stdout
     from mllm_deploy.compile.artifacts import Manifest
     from mllm_deploy.plan import build_plan
     from mllm_deploy.profile import load_profile

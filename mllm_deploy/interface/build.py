@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mllm_deploy.backends.registry import backend_support
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.build import compile_artifacts, find_artifacts
 from mllm_deploy.compile.bundle import render_bundle_contents, write_archive, write_bundle
@@ -18,6 +19,8 @@ from mllm_deploy.interface.accuracy import gate_accuracy, measure_accuracy, rend
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.engines import obtain_decode_graphs
 from mllm_deploy.plan import Plan, build_plan
+from mllm_deploy.resolve import Resolved
+from mllm_deploy.runtime.device_latency import on_hexagon_device
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def build_deployment(
         f"backend: {resolved.backend_label}; chunk {lock.chunk_size}; target {lock.target}{htp}",
         render_calibration(artifacts.calibration).rstrip("\n"),
         f"graphs: {len(latencies)}, profiled latency sum {sum(latencies.values()):.1f} ms per chunk "
-        "(measured at build; noisy on a shared machine)",
+        f"({_profiled_where(resolved)})",
     ]
     bundle = None
     if out is not None:
@@ -65,6 +68,17 @@ def build_deployment(
             tar = write_archive(bundle)
             lines.append(f"archive: {tar} ({tar.stat().st_size / 1e6:.1f} MB; unpack with `tar xf {tar.name}`)")
     return Built(artifacts, bundle, "\n".join(lines) + "\n")
+
+
+def _profiled_where(resolved: Resolved) -> str:
+    """Where the build's graph timings come from, said truthfully: a qnn-htp target built on a
+    machine without a Hexagon NPU was timed on Qualcomm's x86 simulator, which is not its speed."""
+    if backend_support(resolved.backend).needs_htp_arch and not on_hexagon_device():
+        return (
+            "timed on Qualcomm's x86 HTP simulator, hundreds of times slower than the device; a bundle's "
+            "scheduler uses the device cost model instead"
+        )
+    return "measured at build on this machine; noisy on a shared machine"
 
 
 @dataclass(frozen=True)

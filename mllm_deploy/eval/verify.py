@@ -353,6 +353,9 @@ def verify_bundle(
     if chunks < 1:
         raise user_error("--chunks must be at least 1", key="--chunks", value=chunks)
     bundle = open_bundle(path, allow_simulator=True)
+    if backend is not None and not backend_support(backend).needs_htp_arch:
+        # only the CPU provider runs: opening's note that the bundle runs on the simulator does not apply
+        bundle = replace(bundle, warnings=tuple(w for w in bundle.warnings if w.key != "target"))
     resolved = bundle_deployment(bundle)
     resolved = replace(resolved, cpu_threads=threads_here(resolved, load_capabilities("host")))  # not a phone's 8
     artifacts = open_entry(bundle.artifacts_dir, None, verify_checksums=False)  # open_bundle checked every file

@@ -45,6 +45,7 @@ from mllm_deploy.compile.artifacts import (
 )  # fmt: skip
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
 from mllm_deploy.compile.bundle import is_bundle
+from mllm_deploy.compile.bundle_latency import device_cost_model_ms, timed_off_device
 from mllm_deploy.compile.calibrate import Progress, calibration_tokens, collect_activation_stats
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
 from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
@@ -256,6 +257,7 @@ def _build_into(
     shadowed = cal.shadowed
     support = backend_support(resolved.backend)
     latencies: dict[str, float] = {}
+    off_device = timed_off_device(resolved)  # a qnn-htp target built on x86: the device cost model instead
     gfile = GGUFFile(Path(spec.path)) if spec.format == "gguf" else None  # shadow rows keep the model's blocks
     for layer in range(spec.n_layers):
         progress("building graphs", layer, spec.n_layers)
@@ -274,11 +276,15 @@ def _build_into(
             if support.context_binaries:
                 assert isinstance(backend, ContextCompiler)
                 run_path = backend.compile_context(graph.path, tmp / "contexts" / f"layer{layer}_{kind}.ctx.onnx")
-            # one run on a context-binary backend: off the device that is Qualcomm's slow simulator
-            latencies[f"{layer}/{kind}"] = profile_graph(
-                backend, run_path, runs=1 if support.context_binaries else PROFILE_RUNS
-            )
+            if off_device:  # the simulator's timings are not the device's (seconds a graph): load it, do not time it
+                backend.load(run_path)
+            else:  # one run on a context-binary backend (the device itself), else the median of several
+                latencies[f"{layer}/{kind}"] = profile_graph(
+                    backend, run_path, runs=1 if support.context_binaries else PROFILE_RUNS
+                )
     progress("building graphs", spec.n_layers, spec.n_layers)
+    if off_device:
+        latencies = device_cost_model_ms(resolved)
     report = {kind: integer_kernel_report(tmp / "graphs" / f"layer0_{kind}.onnx") for kind in GRAPH_KINDS}
     if not all(r["all_linears_integer"] for r in report.values()):
         log("note: onnxruntime's CPU provider has no integer kernel for these graphs' activations "

@@ -39,15 +39,8 @@ class BundleLatencies(BaseModel):
     """How they were obtained, in words."""
 
 
-def bundle_latencies(resolved: Resolved, profiled_ms: dict[str, float]) -> tuple[dict[str, float], BundleLatencies]:
-    """The latencies (layer/kind -> ms) a bundle of `resolved` ships, and where they come from.
-    `profiled_ms`: the artifacts' own, measured at build on this machine's backend."""
-    contexts = backend_support(resolved.backend).context_binaries
-    if not contexts or probe_host().qnn_htp_mode == "device":  # timed where it runs: the host, or the NPU itself
-        return profiled_ms, BundleLatencies(
-            source="build-host",
-            detail=f"profiled at build on {resolved.backend_label} (median of timed runs per graph)",
-        )
+def _tops(resolved: Resolved) -> float:
+    """The target's nominal INT8 TOPS; a located refusal (exit 3) when the catalog has none."""
     npu = resolved.caps.npu
     tops = npu.int8_tops if npu is not None else None
     if npu is None or not tops:
@@ -57,12 +50,38 @@ def bundle_latencies(resolved: Resolved, profiled_ms: dict[str, float]) -> tuple
             key="npu.int8_tops", exit_code=ExitCode.CANNOT_RUN,
             hint="add the NPU's nominal INT8 TOPS to the device's [npu] table",
         )  # fmt: skip
+    return float(tops)
+
+
+def device_cost_model_ms(resolved: Resolved) -> dict[str, float]:
+    """layer/kind -> ms of every NPU graph of one chunk: its INT8 operations (the plan's op counts)
+    at the target's nominal INT8 TOPS (the plan's estimate_ms, unrounded)."""
+    tops = _tops(resolved)
     plan = build_plan(resolved, prompt_tokens=resolved.profile.prefill.chunk_size)
-    modelled = {
-        f"{s.layer}/{s.kind}": s.ops / (tops * 1e12) * 1e3  # ms (the plan's estimate_ms, unrounded)
+    return {
+        f"{s.layer}/{s.kind}": s.ops / (tops * 1e12) * 1e3
         for s in plan.subgraphs
         if s.chunk == 0 and s.processor == "npu" and s.kind in GRAPH_KINDS
     }
+
+
+def timed_off_device(resolved: Resolved) -> bool:
+    """Whether timing `resolved`'s graphs here would time Qualcomm's simulator, not the device:
+    a context-binary backend on a machine without a Hexagon NPU."""
+    return backend_support(resolved.backend).context_binaries and probe_host().qnn_htp_mode != "device"
+
+
+def bundle_latencies(resolved: Resolved, profiled_ms: dict[str, float]) -> tuple[dict[str, float], BundleLatencies]:
+    """The latencies (layer/kind -> ms) a bundle of `resolved` ships, and where they come from.
+    `profiled_ms`: the artifacts' own, measured at build on this machine's backend."""
+    if not timed_off_device(resolved):  # timed where it runs: the host, or the NPU itself
+        return profiled_ms, BundleLatencies(
+            source="build-host",
+            detail=f"profiled at build on {resolved.backend_label} (median of timed runs per graph)",
+        )
+    modelled = device_cost_model_ms(resolved)
+    npu, tops = resolved.caps.npu, _tops(resolved)
+    assert npu is not None
     detail = (
         f"device cost model: each graph's INT8 operations (the plan's op counts, chunk "
         f"{resolved.profile.prefill.chunk_size}) at {resolved.caps.name}'s nominal {tops:g} INT8 TOPS "

@@ -9,18 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mllm_deploy.backends.registry import backend_support
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.build import compile_artifacts, find_artifacts
 from mllm_deploy.compile.bundle import render_bundle_contents, write_archive, write_bundle
 from mllm_deploy.compile.bundle_check import read_lock
+from mllm_deploy.compile.bundle_latency import timed_off_device
 from mllm_deploy.compile.calibration import render_calibration
 from mllm_deploy.interface.accuracy import gate_accuracy, measure_accuracy, render_accuracy
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.engines import obtain_decode_graphs
 from mllm_deploy.plan import Plan, build_plan
 from mllm_deploy.resolve import Resolved
-from mllm_deploy.runtime.device_latency import on_hexagon_device
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def build_deployment(
         f"artifacts: {artifacts.root}",
         f"backend: {resolved.backend_label}; chunk {lock.chunk_size}; target {lock.target}{htp}",
         render_calibration(artifacts.calibration).rstrip("\n"),
-        f"graphs: {len(latencies)}, profiled latency sum {sum(latencies.values()):.1f} ms per chunk "
+        f"graphs: {len(latencies)}, latency sum {sum(latencies.values()):.1f} ms per chunk "
         f"({_profiled_where(resolved)})",
     ]
     bundle = None
@@ -71,12 +70,12 @@ def build_deployment(
 
 
 def _profiled_where(resolved: Resolved) -> str:
-    """Where the build's graph timings come from, said truthfully: a qnn-htp target built on a
-    machine without a Hexagon NPU was timed on Qualcomm's x86 simulator, which is not its speed."""
-    if backend_support(resolved.backend).needs_htp_arch and not on_hexagon_device():
+    """Where the build's graph latencies come from, said truthfully: a qnn-htp target built on a
+    machine without a Hexagon NPU is not timed (Qualcomm's x86 simulator is not its speed)."""
+    if timed_off_device(resolved):
         return (
-            "timed on Qualcomm's x86 HTP simulator, hundreds of times slower than the device; a bundle's "
-            "scheduler uses the device cost model instead"
+            "the device cost model: each graph's INT8 operations at the target's nominal TOPS; not timed "
+            "on Qualcomm's x86 HTP simulator, which is hundreds of times slower than the device"
         )
     return "measured at build on this machine; noisy on a shared machine"
 

@@ -179,4 +179,3 @@ def test_verify_the_default_bundle_on_the_cpu_provider(shared_npu_cache, tmp_pat
     assert 1.0 < row["ppl_ratio"] < 1.05 and row["top1_agreement"] > 0.8 and row["logit_cosine_min"] > 0.9
     # the gate's 512 tokens and verify's first 256 of the same text agree on what the path costs
     assert abs(lock["accuracy"]["ppl_ratio"] - row["ppl_ratio"]) < 0.02
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mllm_deploy.errors import Diagnostic, user_error
@@ -102,3 +103,17 @@ def open_chat_session(deployment: Deployment) -> ChatSession:
 def print_diagnostics(diagnostics: Iterable[Diagnostic]) -> None:
     for diag in diagnostics:
         print(diag.render(), file=sys.stderr)
+
+
+def read_text_file(name: str, what: str) -> str:
+    """The UTF-8 text of the file `name` (`-`: standard input) that a command argument names; a
+    located UserError (exit 2) naming it as `what` ("prompt file", "text file") when it is
+    missing or unreadable."""
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise user_error(f"{what} not found", file=name) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise user_error(f"cannot read the {what}: {exc}", file=name) from None

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from mllm_deploy.cli.common import add_opt_in_args, add_profile_args, deployment_to_run
+from mllm_deploy.cli.common import add_opt_in_args, add_profile_args, deployment_to_run, read_text_file
 from mllm_deploy.errors import ExitCode, user_error
 
 
@@ -41,12 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 2:
         raise user_error("--max-tokens must be at least 2", value=args.max_tokens)
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise user_error("text file not found", file=args.text) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise user_error(f"cannot read the text file: {exc}", file=args.text) from None
+    text = read_text_file(args.text, "text file")
     deployment = deployment_to_run(args)
     report = evaluate_profile(deployment, text, max_tokens=args.max_tokens, reference=args.reference)
     print(json.dumps(report) if args.json else report_text(report))

@@ -10,11 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mllm_deploy.cli.common import add_generation_args, add_profile_args, deployment_for_generation, open_chat_session
-from mllm_deploy.errors import ExitCode, UserError, user_error
+from mllm_deploy.cli.common import (
+    add_generation_args,
+    add_profile_args,
+    deployment_for_generation,
+    open_chat_session,
+    read_text_file,
+)
+from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.interface.batch import BatchRequest, BatchResult, error_line, output_json, parse_batch_line
 from mllm_deploy.interface.turns import Turn, run_turn
 from mllm_deploy.runtime.report import metrics_line, result_record
@@ -53,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     deployment = deployment_for_generation(args)
     backend = deployment.backend
     if args.batch:
-        lines = _read_text(args.batch, "batch file").splitlines()
+        lines = read_text_file(args.batch, "batch file").splitlines()
     else:
-        prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file, "prompt file")
+        prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
     session = open_chat_session(deployment)
     if args.batch:
         return run_batch(session, lines, backend=backend, raw_default=args.raw, max_new_default=args.max_new_tokens)
@@ -83,17 +88,6 @@ def run(args: argparse.Namespace) -> int:
 def _write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def _read_text(name: str, what: str) -> str:
-    if name == "-":
-        return sys.stdin.read()
-    try:
-        return Path(name).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise user_error(f"{what} not found", file=name) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise user_error(f"cannot read the {what}: {exc}", file=name) from None
 
 
 def _trace_recorder(session: ChatSession) -> TraceRecorder:

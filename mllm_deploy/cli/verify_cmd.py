@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mllm_deploy.cli.common import print_diagnostics
-from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.cli.common import print_diagnostics, read_text_file
+from mllm_deploy.errors import ExitCode
 
 
 def register(subparsers) -> None:
@@ -50,14 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from mllm_deploy.eval.verify import verify_bundle  # noqa: PLC0415
     from mllm_deploy.eval.verify_render import render_rows, rows_json  # noqa: PLC0415
 
-    text = None
-    if args.text is not None:
-        try:
-            text = Path(args.text).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise user_error("text file not found", file=args.text) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise user_error(f"cannot read the text file: {exc}", file=args.text) from None
+    text = None if args.text is None else read_text_file(args.text, "text file")
     bundle, rows = verify_bundle(args.bundle, chunks=args.chunks, layers=args.layers, backend=args.backend,
                                  reference=args.reference, text=text, text_name=args.text,
                                  progress=not args.json)  # fmt: skip

@@ -9,10 +9,10 @@ The real default model's gate is checked by tests/test_bundle_deploy.py (its rat
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from plan_fixtures import capabilities, pinned_host
+from tiny_models import tiny_npu_sets as sets
 
 from mllm_deploy import cli
 from mllm_deploy.compile.bundle import BundleAccuracy, BundleLock
@@ -21,20 +21,6 @@ from mllm_deploy.interface.accuracy import gate_accuracy, heldout_text, measured
 from mllm_deploy.model import read_spec
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
-
-
-def sets(model: Path, *extra: str) -> list[str]:
-    base = [
-        f"model.source={model}",
-        "prefill.chunk_size=8",
-        "prefill.max_context=128",
-        "calibration.samples=1",
-        "calibration.tokens_per_sample=16",
-        "outliers.scale_percentile=99.0",
-        "device.npu_backend=ort-cpu",
-        *extra,
-    ]
-    return [a for s in base for a in ("--set", s)]
 
 
 def accuracy(ratio: float, limit: float = 1.05) -> BundleAccuracy:

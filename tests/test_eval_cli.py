@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from tiny_models import tiny_npu_sets as sets
 
 from mllm_deploy import cli
 
@@ -15,20 +16,6 @@ from mllm_deploy import cli
 def main(private_cache):
     """The CLI's main, run with a cache of the test's own."""
     return cli.main
-
-
-def sets(model, *extra):
-    base = [
-        f"model.source={model}",
-        "prefill.chunk_size=8",
-        "prefill.max_context=128",
-        "calibration.samples=1",
-        "calibration.tokens_per_sample=16",
-        "outliers.scale_percentile=99.0",
-        "device.npu_backend=ort-cpu",
-        *extra,
-    ]
-    return [a for s in base for a in ("--set", s)]
 
 
 def test_eval_json_reports_both_perplexities(main, smallest_gguf, tmp_path, capsys):

@@ -355,3 +355,18 @@ def write_tiny_hf(
             tok_config["chat_template"] = chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     return directory
+
+
+def tiny_npu_sets(model: Path, *extra: str) -> list[str]:
+    """`--set` arguments for a fast ort-cpu NPU path over a tiny model (chunk 8, one calibration sample)."""
+    base = [
+        f"model.source={model}",
+        "prefill.chunk_size=8",
+        "prefill.max_context=128",
+        "calibration.samples=1",
+        "calibration.tokens_per_sample=16",
+        "outliers.scale_percentile=99.0",
+        "device.npu_backend=ort-cpu",
+        *extra,
+    ]
+    return [a for s in base for a in ("--set", s)]

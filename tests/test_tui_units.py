@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +235,20 @@ def test_up_resume_uses_the_saved_profile_overrides(data_dir):
     save_session(SavedSession(name="was-float", profile=None, overrides=["placement.attention=npu"], messages=[]))
     result = _up("--resume", "was-float", env_data=data_dir)
     assert result.returncode == 3 and "--set placement.attention=npu" in result.stderr
+
+
+@pytest.mark.parametrize(("opt_in", "code", "text"), [(None, 3, "--emulate"), ("emulate", 2, "needs a terminal")])
+def test_up_resume_keeps_the_saved_opt_in(opt_in, code, text, data_dir):
+    """A Hexagon profile saved from `up --emulate` reopens emulated (here past every check, to the
+    terminal test); saved without the opt-in it is refused on this machine, naming the opt-ins."""
+    profile = str(Path(__file__).resolve().parents[1] / "profiles" / "sd8gen3.toml")
+    save_session(SavedSession(name="phone", profile=profile, overrides=[], messages=[], opt_in=opt_in))
+    result = _up("--resume", "phone", env_data=data_dir)
+    assert result.returncode == code, result.stderr
+    assert text in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_saved_session_with_an_unknown_opt_in_is_refused(data_dir):
+    save_session(SavedSession(name="odd", profile=None, overrides=[], messages=[], opt_in="npu"))  # type: ignore[arg-type]
+    result = _up("--resume", "odd", env_data=data_dir)
+    assert result.returncode == 2 and "opt_in 'npu'" in result.stderr

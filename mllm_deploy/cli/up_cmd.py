@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--resume",
         metavar="NAME",
-        help="reopen a session saved with /save (its profile and overrides, then any --set given here)",
+        help="reopen a session saved with /save (its profile, overrides and --emulate/--simulator opt-in, "
+        "then any --set given here)",
     )
     add_opt_in_args(parser)
     parser.set_defaults(func=run)
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     saved = load_session(args.resume) if args.resume else None
     profile_arg = args.profile if args.profile is not None or saved is None else saved.profile
     overrides = [*(saved.overrides if saved else []), *args.overrides]
-    deployment = load_deployment(profile_arg, overrides, opt_in=args.opt_in, to_run=True)
+    opt_in = args.opt_in or (saved.opt_in if saved else None)  # an opt-in given here wins over the saved one
+    deployment = load_deployment(profile_arg, overrides, opt_in=opt_in, to_run=True)
     print_diagnostics({d.render(): d for d in deployment.loaded.warnings + deployment.resolved.warnings}.values())
     print_diagnostics(Diagnostic(message=note, severity="warning") for note in deployment.here.notes)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):

@@ -112,6 +112,7 @@ class CommandHandlers(AppState):
             overrides=list(self.deployment.overrides),
             messages=messages,
             pending_document=self.pending_document,
+            opt_in=self.deployment.opt_in,
         )
         json_path, md_path = save_session(saved)
         self.session_name = name

@@ -1,6 +1,7 @@
 """Saved sessions: `<data dir>/sessions/NAME.json` (to reopen) and `NAME.md` (to read).
 
-A session file records the profile argument and overrides it ran with, the conversation
+A session file records the profile argument, overrides and opt-in (`--emulate` / `--simulator`)
+it ran with, the conversation
 (user/assistant messages, documents included in the user messages that carried them) and a
 document loaded but not asked about yet.
 """
@@ -12,7 +13,9 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
+from mllm_deploy.device.host import OptIn
 from mllm_deploy.errors import Diagnostic, UserError
 from mllm_deploy.paths import atomic_write_text, data_dir
 
@@ -30,6 +33,7 @@ class SavedSession:
     saved_at: str = ""
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    opt_in: OptIn | None = None  # "emulate" / "simulator": how a Hexagon target ran here (files before it: None)
 
 
 def sessions_dir() -> Path:
@@ -87,6 +91,8 @@ def load_session(name: str) -> SavedSession:
             for m in session.messages
         ):
             raise ValueError("messages must be user/assistant objects with text content")
+        if session.opt_in not in (None, *get_args(OptIn)):
+            raise ValueError(f"opt_in {session.opt_in!r} is none of {', '.join(get_args(OptIn))}")
     except (OSError, ValueError, TypeError) as exc:
         raise UserError([Diagnostic(message=f"cannot read the saved session: {exc}", file=str(path))]) from None
     return session

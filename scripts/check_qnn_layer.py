@@ -8,7 +8,9 @@ ort-cpu, and prints max/mean abs differences between the two and against float32
 Inputs are realistic activations of that layer: embeddings of a fixed token sequence,
 RMSNorm'd; the attention output comes from a plain causal softmax attention over the layer's
 own q/k/v in float (no RoPE: this checks the linears, not attention). Activation grids are
-max-abs over those samples (outliers.policy = "none").
+max-abs over those samples (outliers.policy = "none"). On an HTP arch without float arithmetic
+(v68: `backends.registry.HTP_ARCHS`) gate_up is built as the resolver builds it there, returning
+gate and up (SiLU·mul runs on the CPU, `Resolved.silu_mul_on_cpu`), and its rows compare those.
 
     .venv/bin/python scripts/check_qnn_layer.py [--chunk 16] [--layer 0] [--activations uint8]
         [--weights per-channel] [--htp-arch 75] [--soc-model 57]
@@ -28,6 +30,7 @@ import numpy as np
 
 from mllm_deploy.backends.ort_cpu import OrtCpuBackend
 from mllm_deploy.backends.qnn_htp import QnnHtpBackend
+from mllm_deploy.backends.registry import htp_arch_support
 from mllm_deploy.compile.audit import audit_graph, integer_kernel_report
 from mllm_deploy.compile.graphs import build_layer_graphs, max_abs_layer_act_quant
 from mllm_deploy.model.spec import LayerWeights
@@ -120,6 +123,8 @@ def main() -> None:
     attn_out = causal_attention(qkv["q"], qkv["k"], qkv["v"])
     mlp_in = rms_norm(x + floats["o_proj"].apply(attn_out)["attn_proj"], layer.ffn_norm)
     h = floats["gate_up"].apply(mlp_in)["h"]
+    # SiLU·mul stays in the graph only where the arch has float arithmetic (what resolve + build do)
+    split = not htp_arch_support(args.htp_arch).float_elementwise
     feeds = {
         "qkv": {"x_norm": attn_in},
         "o_proj": {"attn_out": attn_out},
@@ -132,11 +137,14 @@ def main() -> None:
     qnn = QnnHtpBackend(htp_arch=args.htp_arch, soc_model=args.soc_model)
     print(f"qnn-htp: {qnn.describe()}")
     print(f"ort-cpu: {cpu.describe()}")
-    print(f"graphs: chunk {args.chunk}, activations {args.activations}, weights int8 {args.weights}\n")
+    where = "CPU (gate_up returns gate and up: no float arithmetic on this arch)" if split else "NPU (inside gate_up)"
+    print(
+        f"graphs: chunk {args.chunk}, activations {args.activations}, weights int8 {args.weights}; SiLU·mul on the {where}\n"
+    )
     header = f"{'graph':8} {'output':10} {'|float| max':>11} {'qnn-cpu max':>11} {'mean':>9} {'qnn-float max':>13} {'mean':>9} {'cpu-float max':>13} {'mean':>9}  kernels(ort-cpu)  qnn load/run s"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
-        built = build_layer_graphs(layer, args.layer, args.chunk, act, args.weights, Path(tmp))
+        built = build_layer_graphs(layer, args.layer, args.chunk, act, args.weights, Path(tmp), split_gate_up=split)
         for kind, graph in built.items():
             audit_graph(graph.path, require_quantized_outputs=True)
             kernels = integer_kernel_report(graph.path)
@@ -146,7 +154,10 @@ def main() -> None:
             got_qnn = qnn.run(handle, feeds[kind])
             t_end = time.perf_counter()
             got_cpu = cpu.run(cpu.load(graph.path), feeds[kind])
-            want = ref.run(ref.load(floats[kind]), feeds[kind])
+            if kind == "gate_up" and split:  # the float reference of the split outputs: x_norm @ W.T
+                want = {"gate": mlp_in @ layer.w_gate.T, "up": mlp_in @ layer.w_up.T}
+            else:
+                want = ref.run(ref.load(floats[kind]), feeds[kind])
             ik = ",".join(f"{k}x{v}" for k, v in kernels["integer_kernels"].items()) or "none (float)"
             for name in want:
                 d_qc = np.abs(got_qnn[name] - got_cpu[name])

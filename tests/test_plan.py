@@ -149,3 +149,19 @@ def test_golden_plan_text_and_json(smollm_spec, name, path, tokens, update_golde
     assert set(data) == set(golden)
     assert {"subgraphs", "edges", "memory", "estimate"} <= set(data)
     assert {"id", "layer", "kind", "processor", "inputs", "outputs"} <= set(data["subgraphs"][0])
+
+
+def test_placement_shows_silu_mul_on_the_cpu_where_the_htp_arch_has_no_float_math(tmp_path, smollm_spec):
+    """On HTP v68 (qcs6490) every gate_up graph returns gate and up and the CPU applies SiLU·mul
+    (after a shadowed gate_up's correction): each layer's row says so; on v75 no row does."""
+    rows = {}
+    for target in ("qcs6490", "sd8gen3"):
+        text = f'[device]\ntarget = "{target}"\n[prefill]\nchunk_size = 128\n'
+        loaded = loaded_from(tmp_path, text)
+        resolved = resolve(loaded, capabilities(target), smollm_spec)
+        rendered = render_plan(_plan(loaded, smollm_spec), silu_mul_on_cpu=resolved.silu_mul_on_cpu)
+        rows[target] = [line.split() for line in rendered.splitlines() if line.strip().startswith("L")]
+    assert len(rows["qcs6490"]) == 30 and not any("silu_mul@cpu" in row for row in rows["sd8gen3"])
+    for row in rows["qcs6490"]:
+        after = row[row.index("gate_up@npu") + 1 :]
+        assert after[after[0] == "shadow@cpu"] == "silu_mul@cpu", row

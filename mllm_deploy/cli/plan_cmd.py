@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = json.loads(plan_to_json(plan))
         data["on_this_machine"] = {**asdict(here), "line": here.line}
+        data["silu_mul_processor"] = "cpu" if resolved.silu_mul_on_cpu else "npu"  # gate_up's SiLU·mul
         sys.stdout.write(json.dumps(data, indent=1) + "\n")
         return ExitCode.OK
-    sys.stdout.write(render_plan(plan, here=here.line))
+    sys.stdout.write(render_plan(plan, here=here.line, silu_mul_on_cpu=resolved.silu_mul_on_cpu))
     if view.calibration_report is not None:
         sys.stdout.write("\n" + view.calibration_report)
     else:

@@ -11,10 +11,12 @@ def _mib(n: int) -> str:
     return f"{n / 1024**2:,.1f} MiB"
 
 
-def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None) -> str:
+def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None, silu_mul_on_cpu: bool = False) -> str:
     """A readable plan: header, memory per processor, graphs, per-layer placement, DAG head, estimate.
     The plan is the target's (its backend, its threads); `here`: how it runs on this machine, or why
-    it cannot (`interface.deployment.RunHere.line`), printed under the target's lines."""
+    it cannot (`interface.deployment.RunHere.line`), printed under the target's lines.
+    `silu_mul_on_cpu` (`Resolved.silu_mul_on_cpu`): the target's gate_up graphs return gate and up,
+    and the placement shows SiLU·mul on the CPU after each NPU gate_up."""
     m = plan.memory
     lines = [
         f"plan for profile {plan.profile_name!r}",
@@ -62,6 +64,13 @@ def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None) -> 
     for sg in plan.subgraphs:
         if sg.chunk == 0 or sg.kind in ("final_norm", "lm_head"):
             by_layer.setdefault(sg.layer, []).append(f"{sg.kind}@{sg.processor}")
+            if silu_mul_on_cpu and sg.id.endswith(".gate_up" if sg.kind == "gate_up" else ".gate_up.shadow"):
+                # after gate_up, or after its shadow correction, which enters before SiLU
+                items = by_layer[sg.layer]
+                if sg.kind == "shadow" and items[-2] == "silu_mul@cpu":
+                    items[-2], items[-1] = items[-1], items[-2]
+                elif sg.kind == "gate_up":
+                    items.append("silu_mul@cpu")
     for layer, items in sorted(by_layer.items()):
         name = "pre" if layer < 0 else ("post" if any(i.startswith("final_norm") for i in items) else f"L{layer}")
         lines.append(f"  {name:>5}  {' '.join(items)}")

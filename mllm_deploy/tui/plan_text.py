@@ -98,5 +98,7 @@ def plan_view_text(deployment: Deployment) -> tuple[str, str, str, str]:
         summary_section(deployment),
         placement_grid(deployment),
         profile_section(deployment),
-        render_plan(deployment.plan, here=deployment.here.line).rstrip(),
+        render_plan(
+            deployment.plan, here=deployment.here.line, silu_mul_on_cpu=deployment.resolved.silu_mul_on_cpu
+        ).rstrip(),
     )

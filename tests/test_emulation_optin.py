@@ -75,6 +75,9 @@ def test_emulate_runs_the_phone_graphs_on_the_cpu_and_says_so(phone, cache):
     result = json.loads(done.stdout)
     assert result["backend"].startswith("ort-cpu emulation of sd8gen3's graphs (")
     assert result["generated_tokens"] == 3
+    # only what runs was compiled: the QDQ graphs, no QNN context binaries
+    (entry,) = (cache / "artifacts").iterdir()
+    assert len(list((entry / "graphs").glob("*.onnx"))) == 8 and not (entry / "contexts").exists()
     streamed = mllm("run", *phone, "--emulate", "--raw", "--prompt", "hi", "--max-new-tokens", "2", cache=cache)
     assert streamed.returncode == 0, streamed.stderr
     assert "| backend ort-cpu emulation of sd8gen3's graphs (" in streamed.stderr.splitlines()[-1]
@@ -92,6 +95,8 @@ def test_simulator_is_labelled(phone, cache):
     done = mllm("run", *phone, "--simulator", "--prompt", "hi", "--max-new-tokens", "2", "--json", cache=cache)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["backend"] == "QNN HTP simulator v75 (x86-64)"
+    entries = [e for e in (cache / "artifacts").iterdir() if not e.name.startswith(".")]
+    assert [len(list((e / "contexts").glob("*.ctx.onnx"))) for e in entries] == [8]  # the emulated entry, completed
     assert "warning: QNN HTP on this machine is Qualcomm's x86 simulator (200-700x slower" in done.stderr
 
 

@@ -132,9 +132,16 @@ def calibrated_shadow_inputs(resolved: Resolved) -> tuple[tuple[int, str], ...] 
 
 
 def compile_artifacts(
-    resolved: Resolved, *, force: bool = False, log: Log = stderr_log, progress: Progress = stderr_progress
+    resolved: Resolved,
+    *,
+    force: bool = False,
+    log: Log = stderr_log,
+    progress: Progress = stderr_progress,
+    contexts: bool = True,
 ) -> Artifacts:
-    """The profile's artifacts from the cache, or built now (see the module docstring)."""
+    """The profile's artifacts from the cache, or built now (see the module docstring).
+    `contexts=False`: the caller loads only the QDQ graphs (`--emulate` of a qnn-htp target), so
+    an entry built now holds no context binaries; one that lacks them is rebuilt when they are asked for."""
     if resolved.backend == "none":
         raise user_error("device.npu_backend = \"none\" runs everything in float on the CPU: nothing to compile",
                          exit_code=ExitCode.INVALID, **resolved.loaded.where("device.npu_backend"))  # fmt: skip
@@ -142,7 +149,10 @@ def compile_artifacts(
     final = artifacts_root() / entry_key(lock)
     if not force:
         try:
-            return open_entry(final, lock)
+            entry = open_entry(final, lock)
+            if not (contexts and backend_support(resolved.backend).context_binaries and not has_contexts(entry)):
+                return entry
+            log(f"artifact cache entry {final.name} holds no context binaries (built for --emulate); recompiling")
         except EntryProblem as problem:
             if final.exists():
                 log(f"artifact cache entry {final.name} rejected: {problem}; recompiling")
@@ -159,7 +169,7 @@ def compile_artifacts(
     log(render_calibration(cal).rstrip())
     tmp = make_build_dir(artifacts_root(), final.name)
     try:
-        _build_into(tmp, resolved, engine, cal, progress, log)
+        _build_into(tmp, resolved, engine, cal, progress, log, contexts)
         atomic_write_text(tmp / LOCK, lock.model_dump_json(indent=1))
         write_manifest(
             tmp,
@@ -247,8 +257,19 @@ def _audit_or_refuse(resolved: Resolved, graph_path: Path, *, require_quantized_
         )], exit_code=ExitCode.CANNOT_RUN) from None  # fmt: skip
 
 
+def has_contexts(entry: Artifacts) -> bool:
+    """Whether a cache entry holds QNN context binaries (a qnn-htp entry built for --emulate does not)."""
+    return any(rel.startswith("contexts/") for rel in entry.manifest.files)
+
+
 def _build_into(
-    tmp: Path, resolved: Resolved, engine: FloatEngine, cal: CalibrationResult, progress: Progress, log: Log
+    tmp: Path,
+    resolved: Resolved,
+    engine: FloatEngine,
+    cal: CalibrationResult,
+    progress: Progress,
+    log: Log,
+    contexts: bool = True,
 ) -> None:
     spec, p = resolved.spec, resolved.profile
     chunk = p.prefill.chunk_size
@@ -273,6 +294,8 @@ def _build_into(
                                   np.asarray(cal.input(layer, kind).hot_channels, np.int64),
                                   gguf_sources(gfile, layer, group.linears, mats))  # fmt: skip
             run_path = graph.path
+            if support.context_binaries and not contexts and off_device:  # emulated here: the graphs alone
+                continue  # (its latencies are the device cost model's, below)
             if support.context_binaries:
                 assert isinstance(backend, ContextCompiler)
                 run_path = backend.compile_context(graph.path, tmp / "contexts" / f"layer{layer}_{kind}.ctx.onnx")

@@ -30,12 +30,15 @@ if TYPE_CHECKING:
     from mllm_deploy.interface.deployment import Deployment
 
 
-def obtain_artifacts(resolved: Resolved, *, log: Log = stderr_log, opt_in: OptIn | None = None) -> Artifacts:
+def obtain_artifacts(
+    resolved: Resolved, *, log: Log = stderr_log, opt_in: OptIn | None = None, contexts: bool = True
+) -> Artifacts:
     """The NPU artifacts of `resolved` (the target's plan): a bundle's own when the profile comes
     from a bundle (never rebuilt: a bundle that does not fit is refused; `opt_in`: see
     `open_bundle`), else the verified cache entry, built now (with progress on stderr) when there
-    is none."""
-    return bundle_artifacts(resolved, opt_in=opt_in) or compile_artifacts(resolved, log=log)
+    is none; `contexts=False` when what runs here loads no context binaries (an emulation), so
+    none are compiled."""
+    return bundle_artifacts(resolved, opt_in=opt_in) or compile_artifacts(resolved, log=log, contexts=contexts)
 
 
 def obtain_decode_graphs(
@@ -77,7 +80,8 @@ def open_engine(
         engine.warm_up()
         return engine
     built = target if target is not None else resolved
-    artifacts = obtain_artifacts(built, log=log, opt_in=opt_in)
+    loads_contexts = backend_support(resolved.backend).context_binaries  # what runs here, not the target
+    artifacts = obtain_artifacts(built, log=log, opt_in=opt_in, contexts=loads_contexts)
     check_loadable(resolved, artifacts)
     return open_npu_engine(resolved, weights, artifacts, obtain_decode_graphs(built, weights, opt_in=opt_in))
 
@@ -108,7 +112,8 @@ def open_eval_engine(
     these (e.g. a qnn-htp entry's QDQ graphs run on ort-cpu), else those of `target` (default:
     `resolved`; see `open_engine` for `target` and `opt_in`)."""
     if artifacts is None:
-        artifacts = obtain_artifacts(target if target is not None else resolved, opt_in=opt_in)
+        contexts = backend_support(resolved.backend).context_binaries
+        artifacts = obtain_artifacts(target if target is not None else resolved, opt_in=opt_in, contexts=contexts)
     check_loadable(resolved, artifacts)
     kv_scales = profile_kv_scales(resolved, artifacts)
     attention = profile_chunk_attention(resolved, kv_scales)

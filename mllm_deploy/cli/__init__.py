@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from mllm_deploy import __version__
 from mllm_deploy.cli import (
@@ -28,7 +29,7 @@ from mllm_deploy.cli import (
     validate_cmd,
     verify_cmd,
 )
-from mllm_deploy.cli.common import print_diagnostics
+from mllm_deploy.cli.common import add_verbosity_args, print_diagnostics, verbosity
 from mllm_deploy.errors import ExitCode, UserError
 
 # In `--help` order. The command modules keep their heavy imports (engines, onnxruntime, textual)
@@ -62,10 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
         "out-of-order NPU/CPU scheduling.",
     )
     parser.add_argument("--version", action="version", version=f"mllm-deploy {__version__}")
+    add_verbosity_args(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in COMMAND_MODULES:
         module.register(sub)
+    _add_verbosity_everywhere(sub)
     return parser
+
+
+def _add_verbosity_everywhere(sub: argparse._SubParsersAction[Any]) -> None:
+    """-v/-q on every command and on every action of a command with actions (`models install`)."""
+    for command in set(sub.choices.values()):
+        add_verbosity_args(command)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbosity_everywhere(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,11 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return ExitCode.OK
     except Exception as exc:
-        if os.environ.get("MLLM_DEPLOY_DEBUG"):
+        if os.environ.get("MLLM_DEPLOY_DEBUG") or verbosity(args) > 0:
             traceback.print_exc()
         print(
             f"internal error: {type(exc).__name__}: {exc}\n"
-            "    this is a bug in mllm-deploy; rerun with MLLM_DEPLOY_DEBUG=1 for a traceback",
+            "    this is a bug in mllm-deploy; rerun with -v (or MLLM_DEPLOY_DEBUG=1) for a traceback",
             file=sys.stderr,
         )
         return ExitCode.INTERNAL

@@ -16,6 +16,35 @@ if TYPE_CHECKING:
     from mllm_deploy.interface.session import ChatSession
 
 
+def add_verbosity_args(parser: argparse.ArgumentParser) -> None:
+    """`-v/--verbose` and `-q/--quiet`, which every command takes (`build_parser` adds them to each
+    command's parser and its sub-actions; a new command gets them without asking). Defaults are
+    suppressed so that a sub-parser never overwrites what the parent parsed: read them with
+    `verbosity(args)`."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="say more on stderr: each long step's time when it ends, and a traceback on an internal error",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress and no informational lines on stderr (warnings and errors still print)",
+    )
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """-1 with `--quiet`, 0 by default, 1 (or more) with `-v` (`-vv`)."""
+    if getattr(args, "quiet", False):
+        return -1
+    return int(getattr(args, "verbose", 0) or 0)
+
+
 def add_profile_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
     """Positional PROFILE (a TOML file, or a bundle directory where accepted) and `--set`."""
     parser.add_argument(

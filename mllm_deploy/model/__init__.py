@@ -15,8 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mllm_deploy.errors import user_error
+from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model import registry
+from mllm_deploy.model.cards import is_card_source, lookup_card
 from mllm_deploy.model.hf_source import load_hf_weights, read_hf_spec
 from mllm_deploy.model.spec import LayerWeights, LlamaWeights, ModelSpec
 
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?![\\/])")  # "builtin:x", "hf:x"; not "C:\" or "/a:b"
-SOURCE_SYNTAX = "builtin:NAME, a path to a .gguf file, or a Hugging Face model directory"
+SOURCE_SYNTAX = "builtin:NAME, a path to a .gguf file, a Hugging Face model directory, or card:ID (architecture only)"
 
 
 def resolve_source_path(source: str, base_dir: Path | None = None) -> tuple[Path, str | None]:
@@ -66,6 +67,8 @@ def read_spec(source: str, base_dir: Path | None = None) -> ModelSpec:
     from mllm_deploy.model.gguf_file import GGUF_MAGIC  # noqa: PLC0415
     from mllm_deploy.model.gguf_source import read_gguf_spec  # noqa: PLC0415
 
+    if is_card_source(source):
+        return lookup_card(source, base_dir).to_spec(source.strip())
     path, sha256 = resolve_source_path(source, base_dir)
     if path.is_dir():
         return read_hf_spec(path, source)
@@ -87,10 +90,24 @@ def read_spec(source: str, base_dir: Path | None = None) -> ModelSpec:
     return replace(spec, file_sha256=sha256) if sha256 else spec
 
 
+def refuse_card(spec: ModelSpec, what: str) -> None:
+    """A command that needs weights or a tokenizer refuses a model card (exit 3), saying which commands take one."""
+    if spec.format == "card":
+        raise user_error(
+            f"{spec.source} is an architecture card: it has no weights or tokenizer, and this command needs {what}",
+            key="model.source",
+            value=spec.source,
+            hint="`validate`, `plan` and `estimate` take a card; to build or run, point model.source at "
+            "a .gguf file, a Hugging Face directory or a builtin:NAME",
+            exit_code=ExitCode.CANNOT_RUN,
+        )
+
+
 def load_weights(spec: ModelSpec, *, use_cache: bool = True, on_demand: bool = False) -> LlamaWeights:
     """All weights as float32, linears (out, in). GGUF weights are dequantized once and cached;
     `on_demand` (a bundle's run): nothing is written, each GGUF tensor is dequantized from the file
     when it is used, an embedding row by row (see `gguf_on_demand`)."""
+    refuse_card(spec, "its weights")
     if spec.format == "gguf":
         # deferred on purpose: the gguf library loads only when GGUF weights are read
         from mllm_deploy.model.gguf_source import load_gguf_weights  # noqa: PLC0415
@@ -101,6 +118,7 @@ def load_weights(spec: ModelSpec, *, use_cache: bool = True, on_demand: bool = F
 
 def load_tokenizer(spec: ModelSpec) -> ModelTokenizer:
     """The model's tokenizer (a ModelTokenizer)."""
+    refuse_card(spec, "its tokenizer")
     # deferred on purpose: the tokenizers library loads only when a tokenizer is needed
     from mllm_deploy.model.tokenizer import load_tokenizer as _load  # noqa: PLC0415
 

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 F32Array: TypeAlias = npt.NDArray[np.float32]
-ModelFormat = Literal["gguf", "hf"]  # one GGUF file, or a Hugging Face directory
+ModelFormat = Literal["gguf", "hf", "card"]  # one GGUF file, a Hugging Face directory, or a card (no weights)
 RopeStyle = Literal["adjacent", "half"]
 """`adjacent`: rotate pairs (2i, 2i+1) — GGUF's permuted Q/K (ggml "normal" rope).
 `half`: rotate (i, i + d/2) — Hugging Face checkpoints (NeoX style)."""

@@ -125,6 +125,8 @@ def model_identity(spec: ModelSpec) -> str:
     of every file's name and hash), so a copied model (a bundle) keeps its identity."""
     if spec.file_sha256:
         return f"sha256:{spec.file_sha256}"
+    if spec.format == "card":  # an architecture card has no files: nothing is ever built from it
+        return spec.source
     path = Path(spec.path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     memo_key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)

@@ -19,7 +19,7 @@ from mllm_deploy.cli.common import (
     open_chat_session,
     read_text_file,
 )
-from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.errors import ExitCode, UserError, user_error
 from mllm_deploy.interface.batch import BatchRequest, BatchResult, error_line, output_json, parse_batch_line
 from mllm_deploy.interface.turns import Turn, run_turn
 from mllm_deploy.runtime.report import metrics_line, result_record
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         lines = read_text_file(args.batch, "batch file").splitlines()
     else:
         prompt = args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
+        _refuse_empty(prompt, args)
     session = open_chat_session(deployment)
     if args.batch:
         return run_batch(session, lines, backend=backend, raw_default=args.raw, max_new_default=args.max_new_tokens)
@@ -85,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
     return ExitCode.INTERRUPTED if done.finish_reason == "cancelled" else ExitCode.OK
 
 
+def _refuse_empty(prompt: str, args: argparse.Namespace) -> None:
+    """An empty (or whitespace-only) prompt is refused before the model loads: the model would
+    answer it with tokens of nothing in particular."""
+    if not prompt.strip():
+        if args.prompt is not None:
+            raise user_error("the prompt is empty: give some text to send", key="--prompt", value=args.prompt)
+        raise user_error("the prompt file is empty: give some text to send", file=args.prompt_file)
+
+
 def _write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -103,6 +113,8 @@ def run_batch(session, lines: list[str], *, backend: str, raw_default: bool, max
             continue
         try:
             request = parse_batch_line(line, number, raw_default=raw_default)
+            if request.prompt is not None and not request.prompt.strip():  # "" is refused by the schema
+                raise user_error(f"line {number}: 'prompt' holds only whitespace: give some text to send")
             done = run_turn(_batch_turn(session, request, raw_default, max_new_default), None)
         except UserError as err:
             failed = True

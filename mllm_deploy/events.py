@@ -1,12 +1,17 @@
 """Plain events the runtime emits while it works; front ends (CLI, TUI) consume them.
 
-Only data here: no front-end imports, no callbacks.
+Only data here, and one hook: the progress reporter a front end installs (`reporting`) so that
+every long step (calibration, graph build, eval, ...) reports `stage, done of total` and its
+informational lines to it, wherever in the pipeline it runs. No front-end imports.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "eos", "length", "cancelled", "context"]
 
@@ -111,3 +116,48 @@ SubgraphEvent = SubgraphStarted | SubgraphFinished
 
 TurnEvent = Event | SubgraphEvent
 """What a session's turn yields to front ends: generation events with subgraph events interleaved."""
+
+
+class ProgressReporter(Protocol):
+    """What a front end shows of long steps (cli/progress.py: a terminal's bars, JSON lines, or
+    nothing; the TUI: its loading line). Called from any thread."""
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        """`done` of `total` units of `stage` are done (0 at its start, `total` at its end)."""
+
+    def note(self, message: str) -> None:
+        """An informational line (what was built, where, how long it took)."""
+
+
+_reporter: list[ProgressReporter] = []  # the installed one, last; a list so no `global` is needed
+
+
+def current_reporter() -> ProgressReporter | None:
+    """The reporter a front end installed, or None (a library caller: nothing is shown)."""
+    return _reporter[-1] if _reporter else None
+
+
+@contextmanager
+def reporting(reporter: ProgressReporter) -> Iterator[ProgressReporter]:
+    """Install `reporter` for the duration of the block (nested blocks: the innermost wins)."""
+    _reporter.append(reporter)
+    try:
+        yield reporter
+    finally:
+        _reporter.remove(reporter)
+
+
+def report_progress(stage: str, done: int, total: int) -> None:
+    """Tell the installed reporter, if any, that `done` of `total` units of `stage` are done."""
+    reporter = current_reporter()
+    if reporter is not None:
+        reporter.progress(stage, done, total)
+
+
+def report_note(message: str) -> None:
+    """An informational line to the installed reporter (nothing shown with `--quiet`), else stderr."""
+    reporter = current_reporter()
+    if reporter is not None:
+        reporter.note(message)
+    else:
+        print(message, file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ from mllm_deploy.cli import (
     build_cmd,
     chat_cmd,
     devices_cmd,
+    estimate_cmd,
     eval_cmd,
     init_cmd,
     models_cmd,
@@ -30,7 +31,9 @@ from mllm_deploy.cli import (
     verify_cmd,
 )
 from mllm_deploy.cli.common import add_verbosity_args, print_diagnostics, verbosity
+from mllm_deploy.cli.progress import reporter_for
 from mllm_deploy.errors import ExitCode, UserError
+from mllm_deploy.events import reporting
 
 # In `--help` order. The command modules keep their heavy imports (engines, onnxruntime, textual)
 # inside `run`, so importing them all here keeps `--help` light (tests/test_tui_units.py checks
@@ -48,6 +51,7 @@ COMMAND_MODULES = (
     eval_cmd,
     verify_cmd,
     bench_cmd,
+    estimate_cmd,
     up_cmd,
 )
 
@@ -86,8 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return ExitCode.INVALID
+    reporter = reporter_for(args)  # progress of long steps: bars, JSON events or nothing
     try:
-        return int(args.func(args))
+        try:
+            with reporting(reporter):
+                return int(args.func(args))
+        finally:
+            reporter.close()  # a terminal's bars stop before any message below
     except UserError as err:
         print_diagnostics(err.warnings + err.diagnostics)
         return int(err.exit_code)

@@ -13,6 +13,8 @@ import sys
 from mllm_deploy.bench.runner import BenchRequest, check_configs, expand_sweeps, render_csv, render_table, run_bench
 from mllm_deploy.cli.common import add_opt_in_args, add_profile_args
 from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.events import report_note as note
+from mllm_deploy.events import report_progress
 
 
 def _int_list(text: str) -> list[int]:
@@ -56,13 +58,19 @@ def run(args: argparse.Namespace) -> int:
     configs = expand_sweeps(args.sweep)
     check_configs(request, configs)
 
+    stage = f"bench: {len(configs)} configuration(s), each in its own process"
+    finished = 0
+    report_progress(stage, 0, len(configs))
+
     def progress(rows: list[dict]) -> None:
+        nonlocal finished
         for row in rows:
-            print(f"bench: {row['settings'] or 'default'} prompt {row['prompt_tokens']}: "
-                  f"prefill {row['prefill_tokens_per_s']} tok/s, decode {row['decode_tokens_per_s']} tok/s",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            note(f"bench: {row['settings'] or 'default'} prompt {row['prompt_tokens']}: "
+                 f"prefill {row['prefill_tokens_per_s']} tok/s, decode {row['decode_tokens_per_s']} tok/s")  # fmt: skip
             if args.jsonl:
                 print(json.dumps(row), flush=True)
+        finished += 1
+        report_progress(stage, finished, len(configs))
 
     rows = run_bench(request, configs, on_rows=progress)
     if args.json:

@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     text = None if args.text is None else read_text_file(args.text, "text file")
     bundle, rows = verify_bundle(args.bundle, chunks=args.chunks, layers=args.layers, backend=args.backend,
-                                 reference=args.reference, text=text, text_name=args.text,
-                                 progress=not args.json)  # fmt: skip
+                                 reference=args.reference, text=text, text_name=args.text)  # fmt: skip
     print_diagnostics(bundle.warnings)  # e.g. a qnn-htp bundle on the simulator: for verification, not speed
     print(rows_json(rows) if args.json else render_rows(bundle.lock, rows))
     return ExitCode.OK

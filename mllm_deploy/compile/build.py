@@ -52,6 +52,7 @@ from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
 from mllm_deploy.compile.quantize import ActQuant, WeightGranularity, activation_quant_symmetric
 from mllm_deploy.compile.shadow_store import gguf_sources, write_shadow_rows
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
+from mllm_deploy.events import current_reporter
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_tokenizer, load_weights
 from mllm_deploy.model.gguf_file import GGUFFile
@@ -68,11 +69,21 @@ PROFILE_RUNS = 3  # timed runs per graph after one warm-up (one on the QNN simul
 
 
 def stderr_log(message: str) -> None:
+    """To the front end's progress reporter (events.reporting) when one is installed, else stderr."""
+    reporter = current_reporter()
+    if reporter is not None:
+        reporter.note(message)
+        return
     print(message, file=sys.stderr, flush=True)
 
 
 def stderr_progress(stage: str, done: int, total: int) -> None:
-    """`stage: done/total` on one line of a terminal; start and end lines otherwise."""
+    """To the front end's progress reporter (events.reporting) when one is installed; else
+    `stage: done/total` on one line of a terminal, start and end lines otherwise."""
+    reporter = current_reporter()
+    if reporter is not None:
+        reporter.progress(stage, done, total)
+        return
     if sys.stderr.isatty():
         end = "\n" if done >= total else ""
         print(f"\r{stage}: {done}/{total}", end=end, file=sys.stderr, flush=True)

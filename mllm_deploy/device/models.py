@@ -236,6 +236,83 @@ class HostProbe(_Strict):
     """What the cached probe is keyed by (hostname, python, onnxruntime, CPU, kernel, ...)."""
 
 
+class EfficiencyPoint(_Strict):
+    """One point of the NPU's efficiency curve: the share of peak INT8 throughput a linear graph
+    of `rows` activation rows (the chunk size) reaches."""
+
+    rows: int = Field(ge=1, le=65536)
+    """Activation rows of the matrix product (tokens per chunk)."""
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    """Share of `npu.int8_tops` reached at that many rows."""
+
+
+class CostModel(_Strict):
+    """What `mllm-deploy estimate` prices a plan with on this device. Every figure names its
+    source in `sources` (a datasheet, a public benchmark, a measurement here, or an assumption)."""
+
+    npu_efficiency: list[EfficiencyPoint] = Field(min_length=1)
+    """Share of peak INT8 throughput by matrix rows, interpolated in log2(rows) between points
+    and held flat outside them."""
+
+    npu_full_width: int = Field(ge=1)
+    """Matrices whose narrower side (input or output features) is below this width lose
+    efficiency in proportion (the NPU's vector/tile width left idle)."""
+
+    npu_graph_launch_us: float = Field(ge=0.0)
+    """Fixed cost of executing one NPU graph (driver call, RPC to the NPU), microseconds."""
+
+    npu_sync_us: float = Field(ge=0.0)
+    """NPU<->CPU hand-off per NPU graph: its float input quantized in, its output back to the
+    CPU (cache maintenance, signalling), microseconds."""
+
+    cpu_float_efficiency: float = Field(gt=0.0, le=1.0)
+    """Share of a core's nominal float32 peak (`gflops_per_core`) the CPU subgraphs' kernels
+    (attention matmuls, norms) reach."""
+
+    cpu_task_overhead_us: float = Field(ge=0.0)
+    """Fixed cost of one CPU subgraph (dispatch, small-array work), microseconds."""
+
+    shadow_task_us: float = Field(ge=0.0)
+    """Fixed cost of one shadow-outlier correction (find the outliers, gather their weight rows,
+    scatter the product), microseconds, on top of its operations."""
+
+    memory_bandwidth_efficiency: float = Field(gt=0.0, le=1.0)
+    """Share of `memory_bandwidth_gbps` a streaming read reaches (what decode is bound by)."""
+
+    decode_token_overhead_us: float = Field(ge=0.0)
+    """Fixed cost of one decode step (graph launch, sampling, bookkeeping), microseconds."""
+
+    decode_us_per_context_token: float = Field(0.0, ge=0.0)
+    """Extra decode-step time per token already in the KV cache beyond reading it at the
+    memory bandwidth (attention's own arithmetic), microseconds."""
+
+    decode_gbps: float | None = Field(None, gt=0.0)
+    """Sustained rate at which one decode step streams its weights, GB/s, when known directly
+    (a measurement); else `memory_bandwidth_gbps` x `memory_bandwidth_efficiency`."""
+
+    app_memory_fraction: float = Field(gt=0.0, le=1.0)
+    """Share of `ram_bytes` one app may hold before the OS kills it or swaps."""
+
+    sources: dict[str, str] = Field(min_length=1)
+    """Field name -> where its figure comes from. Every figure set here has one."""
+
+    @model_validator(mode="after")
+    def _every_figure_has_a_source(self) -> CostModel:
+        fields = type(self).model_fields
+        missing = [
+            name
+            for name, info in fields.items()
+            if name != "sources" and name not in self.sources and getattr(self, name) != info.default
+        ]  # a figure left at its default (none, 0) needs no source
+        unknown = [k for k in self.sources if k not in fields]
+        if missing:
+            raise ValueError(f"no source given for {', '.join(missing)} (add it to [cost.sources])")
+        if unknown:
+            raise ValueError(f"sources name unknown figures: {', '.join(unknown)}")
+        return self
+
+
 class Capabilities(_Strict):
     """Everything the resolver and planner may assume about one target device."""
 
@@ -279,6 +356,9 @@ class Capabilities(_Strict):
 
     probe: HostProbe | None = None
     """Probe results; only for `host`."""
+
+    cost: CostModel | None = None
+    """How `estimate` prices plans on this device; none where no cost model is catalogued."""
 
     @property
     def cpu_cores(self) -> int:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
+from collections.abc import Callable
 
 from threadpoolctl import threadpool_limits
 
 from mllm_deploy.compile.bundle_check import bundle_root, read_lock
 from mllm_deploy.errors import UserError, user_error
 from mllm_deploy.eval.reference import reference_weights
+from mllm_deploy.events import report_progress
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.engines import load_deployment_weights, open_eval_engine
@@ -68,12 +69,19 @@ def _evaluate(
     path_weights = load_deployment_weights(resolved)
     float_engine = FloatEngine(path_weights)  # the path's embedding, norms and attention
     base_weights = _baseline_weights(resolved, path_weights, reference)
-    show = _progress if progress else None
+    n_chunks = -(-len(ids) // chunk)
+
+    def show(stage: str) -> Callable[[int, int], None] | None:
+        if not progress:
+            return None
+        report_progress(stage, 0, n_chunks)  # the stage starts (its ETA counts from here)
+        return lambda done, total: report_progress(stage, done, total)
+
     started = time.perf_counter()
     baseline = None
     if base_weights is not None:
         base_engine = float_engine if base_weights is path_weights else FloatEngine(base_weights)
-        baseline = perplexity(token_nll(base_engine, ids, chunk, show and (lambda d, n: show("float baseline", d, n))))
+        baseline = perplexity(token_nll(base_engine, ids, chunk, show("eval: float baseline (chunks)")))
     base_s = time.perf_counter() - started
     report: dict = {"baseline_perplexity": baseline, "tokens": len(ids), "chunk_size": chunk}
     root = bundle_root(resolved)
@@ -87,7 +95,7 @@ def _evaluate(
     kernels = engine.kernels
     cache = engine.new_cache(len(ids))
     started = time.perf_counter()
-    ppl = perplexity(token_nll(engine, ids, chunk, show and (lambda d, n: show("NPU path", d, n)), cache=cache))
+    ppl = perplexity(token_nll(engine, ids, chunk, show("eval: NPU path (chunks)"), cache=cache))
     stats = kernels.stats()
     return {
         **report,
@@ -104,8 +112,3 @@ def _evaluate(
         "seconds": time.perf_counter() - started,
         "baseline_seconds": base_s,
     }
-
-
-def _progress(stage: str, done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        print(f"\r{stage}: chunk {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)

@@ -50,6 +50,7 @@ from mllm_deploy.device.probe import probe_host
 from mllm_deploy.errors import user_error
 from mllm_deploy.eval.agreement import Agreement, row_cosine, top1_agreement
 from mllm_deploy.eval.reference import reference_weights
+from mllm_deploy.events import report_progress
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.forward.layers import ChunkSpan, FloatBlockLinears, silu_mul_
 from mllm_deploy.interface.accuracy import HELDOUT_TEXT, heldout_text, threads_here
@@ -290,6 +291,10 @@ def _run_backend(backend: _Backend, ctx: _Context, chunks: int, layers: list[int
     ref_cache = ctx.reference.new_cache(chunks * chunk)
     path_cache = path.new_cache(chunks * chunk, scales=kv_scales)
     nll_ref, nll_path, cos, top1, max_abs = [], [], [], [], 0.0
+    n_layers = ctx.reference.spec.n_layers
+    stage = f"verify {backend.name}: {chunks} chunk(s) x {n_layers} layers"
+    if progress:
+        report_progress(stage, 0, chunks * n_layers)
     for c in range(chunks):
         ids = ctx.ids[c * chunk : (c + 1) * chunk]
         targets = np.asarray(ctx.ids[c * chunk + 1 : (c + 1) * chunk + 1], np.int64)
@@ -303,8 +308,7 @@ def _run_backend(backend: _Backend, ctx: _Context, chunks: int, layers: list[int
             x_path = path.block(layer, x_path, span, path_cache)
             hidden.add(layer, x_path, x_ref)
             if progress:
-                _progress(f"{backend.name}: chunk {c + 1}/{chunks}, layer {layer + 1}/{ctx.reference.spec.n_layers}",
-                          time.perf_counter() - started)  # fmt: skip
+                report_progress(stage, c * n_layers + layer + 1, chunks * n_layers)
         ref_cache.advance(list(ids))
         path_cache.advance(list(ids))
         ref_logits, path_logits = ctx.reference.logits(x_ref), path.logits(x_path)  # [chunk, vocab]
@@ -371,8 +375,3 @@ def verify_bundle(
                        FloatEngine(load_deployment_weights(resolved)), list(ids[: chunks * chunk + 1]), name)  # fmt: skip
         rows = [_run_backend(b, ctx, chunks, chosen, progress) for b in _backends(bundle, resolved, artifacts, backend)]
     return bundle, rows
-
-
-def _progress(stage: str, seconds: float) -> None:
-    if sys.stderr.isatty():
-        print(f"\r{stage} ({seconds:.0f} s)   ", end="", file=sys.stderr, flush=True)

@@ -473,6 +473,7 @@ def tiny_qnn(tmp_path_factory) -> TinyQnn:
         f'name = "tiny-qnn"\n[model]\nsource = "{model}"\n[device]\ntarget = "sd8gen3"\nnpu_backend = "qnn-htp"\n'
         "[prefill]\nchunk_size = 32\nmax_context = 64\n[calibration]\nsamples = 1\ntokens_per_sample = 32\n"
         "[accuracy]\nmax_ppl_ratio = 2.0\n"  # a tiny random model: ~1.1x
+        "[decode]\nweight_bits = 4\nweight_block = 32\n"  # as the Snapdragon profiles: Q4_1 held exactly
     )
     build = mllm("build", str(profile), "--out", str(root / "bundle"), cache=root / "cache")
     assert build.returncode == 0, build.stderr
@@ -578,3 +579,72 @@ def test_eval_on_the_bundle_without_its_original_model_reports_the_build_accurac
     with pytest.raises(UserError) as refused:  # a named reference that is not the bundle's model
         evaluate_profile(deployment, PROMPT, max_tokens=300, progress=False, reference=str(smallest_gguf))
     assert refused.value.diagnostics[0].key == "--reference"
+
+
+def test_cold_shadow_rows_are_read_from_the_4bit_step_graph(tiny_qnn):
+    """With 4-bit decode blocks of 32 the step graph holds a Q4_1 model's linears exactly: the
+    bundle keeps no cold shadow blocks of its own, and the rows it reads from the step graph's data
+    file are the cache entry's (the model's float32 rows) bit for bit. Its Q4_1 embedding is not
+    what an 8-bit head holds, so the trimmed GGUF keeps that."""
+    from mllm_deploy.compile.artifacts import Lockfile, artifacts_root, entry_key
+    from mllm_deploy.compile.shadow_store import SHADOW_DIR, read_index
+    from mllm_deploy.model.gguf_file import GGUFFile
+    from mllm_deploy.runtime.shadow import ColdRows
+
+    bundle = tiny_qnn.bundle
+    lock = BundleLock.model_validate_json((bundle / "bundle.json").read_text())
+    assert (lock.decode_weight_bits, lock.decode_weight_block) == (4, 32)
+    assert not any(".cold" in rel for rel in lock.files)  # no second copy of the linears
+    built = Lockfile.model_validate_json((bundle / "artifacts" / "lock.json").read_text())
+    with cache_env(tiny_qnn.cache):
+        entry = artifacts_root() / entry_key(built)
+    cal = json.loads((bundle / "artifacts" / "calibration.json").read_text())
+    assert cal["shadow_inputs"]
+    for layer, kind in cal["shadow_inputs"]:
+        index = read_index(bundle / "artifacts", layer, kind)
+        assert [(c.type, c.file) for c in index.cold] == [("decode-u4", "../../decode/step_kv8.onnx.data")]
+        channels = np.arange(index.n_in)
+        shipped = ColdRows.open(bundle / "artifacts" / SHADOW_DIR, index)[channels]
+        cached = ColdRows.open(entry / SHADOW_DIR, read_index(entry, layer, kind))[channels]
+        assert shipped.shape == cached.shape and np.array_equal(shipped, cached), (layer, kind)
+    gguf_path = bundle / lock.model.source
+    assert "token_embd.weight" in GGUFFile(gguf_path).tensors
+
+
+def test_a_q8_0_embedding_is_held_once_by_the_decode_head(tmp_path):
+    """A tied Q8_0 embedding is the decode head's 8-bit blocks of 32 exactly: the bundle's GGUF leaves
+    it out and its rows are read from decode/head.onnx.data, the one file holding them, and the
+    bundle's run is token for token the profile's."""
+    from mllm_deploy.compile.decode_weights import WeightRef
+    from mllm_deploy.model.gguf_file import GGUFFile
+    from mllm_deploy.model.gguf_trim import embedding_in_head
+
+    model = tiny_models.write_tiny_gguf(tmp_path / "m", tied=True, cfg=tiny_models.SMALLEST, weight_type="Q8_0")
+    profile = tmp_path / "q8.toml"
+    profile.write_text(
+        f'name = "q8"\n[model]\nsource = "{model}"\n[device]\nnpu_backend = "ort-cpu"\n'
+        "[prefill]\nchunk_size = 8\nmax_context = 64\n[calibration]\nsamples = 1\ntokens_per_sample = 16\n"
+        "[accuracy]\nmax_ppl_ratio = 2.0\n"
+    )
+    cache = tmp_path / "cache"
+    build = mllm("build", str(profile), "--out", str(tmp_path / "bundle"), cache=cache)
+    assert build.returncode == 0, build.stderr
+    bundle = tmp_path / "bundle"
+    lock = BundleLock.model_validate_json((bundle / "bundle.json").read_text())
+    trimmed = GGUFFile(bundle / lock.model.source)
+    where = embedding_in_head(trimmed)
+    assert "token_embd.weight" not in trimmed.tensors and where is not None
+    assert where.file == "../decode/head.onnx.data" and "decode/head.onnx.data" in lock.files
+    # the head's codes are the original Q8_0 blocks' q + 128: the embedding's one copy
+    original = GGUFFile(model).raw("token_embd.weight")  # [vocab, blocks * 34]: f16 d, 32 x int8 q
+    q = original.reshape(original.shape[0], -1, 34)[:, :, 2:].copy().view(np.int8)
+    refs = json.loads((bundle / "decode" / "manifest.json").read_text())["weights"]["head"]
+    codes = WeightRef(**refs["head.wq"])
+    held = np.fromfile(bundle / "decode" / "head.onnx.data", np.uint8, count=q.size, offset=codes.offset)
+    assert np.array_equal(held.reshape(q.shape).astype(np.int16) - 128, q)
+    args = ("--prompt", "hi there", "--max-new-tokens", "4", "--json")
+    reference = mllm("run", str(profile), *args, cache=cache)
+    run = mllm("run", str(bundle), *args, cache=tmp_path / "device-cache")
+    assert reference.returncode == 0 and run.returncode == 0, run.stderr
+    got, want = json.loads(run.stdout), json.loads(reference.stdout)
+    assert (got["text"], got["generated_tokens"]) == (want["text"], want["generated_tokens"]) and got["text"]

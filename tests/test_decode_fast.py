@@ -14,6 +14,7 @@ from mllm_deploy.compile.decode_cache import cached_decode_graphs
 from mllm_deploy.compile.decode_graphs import BLOCK, build_decode_models, dequantize_blocks_u8, quantize_blocks_u8
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.model import load_weights, read_spec
+from mllm_deploy.resolve.memory import HEAD_BLOCK
 from mllm_deploy.runtime.decode_fast import Int8Decoder
 
 TINY_CFG = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, context=256)
@@ -118,7 +119,9 @@ def test_decode_graphs_use_8bit_integer_matmuls(tiny):
         assert nbits, name
         for node in nbits:
             attrs = {a.name: a.i for a in node.attribute}
-            assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == BLOCK == 64
+            block = HEAD_BLOCK if name == "head" else BLOCK  # the head: blocks of 32 (a Q8_0 embedding exactly)
+            assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == block
+    assert BLOCK == 64 and HEAD_BLOCK == 32
 
 
 def test_embedding_rows_read_from_a_memory_mapped_table(tmp_path):
@@ -255,7 +258,7 @@ def test_each_weight_block_has_its_own_cached_graphs_and_follows_the_float_engin
     for name in ("step", "step_kv8", "head"):
         sizes = {a.i for n in onnx.load(graphs / f"{name}.onnx").graph.node if n.op_type == "MatMulNBits"
                  for a in n.attribute if a.name == "block_size"}  # fmt: skip
-        assert sizes == {block}, name
+        assert sizes == {HEAD_BLOCK if name == "head" else block}, name
     engine = FloatEngine(weights)
     decoder = Int8Decoder(spec, weights.tok_embd, engine.rope, graphs, threads=1)
     assert decoder.block == block and decoder.name == f"cpu-int8-ort-gqa b{block}"

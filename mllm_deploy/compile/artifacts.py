@@ -101,10 +101,12 @@ rules), so entries built by an older rule are recompiled instead of silently reu
 4: every layer's gate_up split (SiLU·mul on the CPU) for an HTP arch without float math (v68)."""
 
 
-DECODE_FORMAT = 7
+DECODE_FORMAT = 8
 """Format of the decode graphs' directory (`compile.decode_cache`); bump when what it holds changes.
 5: the manifest records the block. 6: ... and the bits (`decode.weight_bits`). 7: 4-bit blocks
-carry float offsets, not zero points. (Here, not in decode_cache, so reading it does not import onnx.)"""
+carry float offsets, not zero points. 8: each graph's linear weights in `<graph>.onnx.data` (listed
+in the manifest's `weights`), the head in blocks of 32. (Here, not in decode_cache, so reading it
+does not import onnx.)"""
 
 
 def library_versions() -> dict[str, str]:

@@ -42,17 +42,20 @@ from mllm_deploy.compile.artifacts import (
 )
 from mllm_deploy.compile.bundle_latency import BundleLatencies, bundle_latencies
 from mllm_deploy.compile.bundle_profile import bundle_profile_toml
+from mllm_deploy.compile.decode_weights import data_file
 from mllm_deploy.errors import user_error
 from mllm_deploy.model.gguf_trim import write_trimmed_gguf
+from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.paths import atomic_write_text, make_build_dir, sha256_file
 from mllm_deploy.resolve import Resolved
 
 BUNDLE_INFO = "bundle.json"  # the lockfile; its presence makes a directory a bundle
 BUNDLE_PROFILE = "profile.toml"
 MODEL_DIR, TEMPLATES_DIR, ARTIFACTS_DIR, DECODE_DIR = "model", "model/templates", "artifacts", "decode"
-BUNDLE_FORMAT = 2
+BUNDLE_FORMAT = 3
 """Version of the bundle layout and lockfile. 1: bundle.json was a BundleInfo (no decode graphs,
-no checksums). 2: this lockfile. An mllm-deploy refuses any other version."""
+no checksums). 2: this lockfile. 3: decode graphs with their weights in `<graph>.onnx.data`, the
+embedding read from the head's (`compile.bundle_weights`). An mllm-deploy refuses any other version."""
 
 
 class _Model(BaseModel):
@@ -253,19 +256,21 @@ def write_bundle(
     try:
         model = Path(spec.path)
         identity = model_identity(spec)
+        (tmp / DECODE_DIR).mkdir()
+        shutil.copy2(Path(decode_graphs) / "manifest.json", tmp / DECODE_DIR / "manifest.json")
+        for name in decode_graph_names(profile.decode.kv_cache):  # each graph and its weights' data file
+            for file in (f"{name}.onnx", data_file(name)):
+                shutil.copy2(Path(decode_graphs) / file, tmp / DECODE_DIR / file)
         (tmp / MODEL_DIR).mkdir()
         if model.is_dir():
             shutil.copytree(model, tmp / MODEL_DIR / model.name)
         else:  # what a run reads of it: embedding, norms, tokenizer, template (the graphs hold the linears)
-            write_trimmed_gguf(model, tmp / MODEL_DIR / model.name, identity)
+            _write_bundle_gguf(spec, model, tmp / MODEL_DIR / model.name, identity, tmp / DECODE_DIR)
         source = f"{MODEL_DIR}/{model.name}"
         template = _copy_chat_template(profile.model.chat_template, resolved.loaded.base_dir, tmp)
         latencies, latency_source = bundle_latencies(resolved, artifacts.latencies_ms)
         _copy_artifacts(artifacts, tmp / ARTIFACTS_DIR, latencies)
-        (tmp / DECODE_DIR).mkdir()
-        for name in (*decode_graph_names(profile.decode.kv_cache), "manifest"):
-            suffix = ".json" if name == "manifest" else ".onnx"
-            shutil.copy2(Path(decode_graphs) / f"{name}{suffix}", tmp / DECODE_DIR / f"{name}{suffix}")
+        _share_cold_rows(tmp, profile.decode.kv_cache)
         text = bundle_profile_toml(resolved.loaded, backend=resolved.backend, model_source=source,
                                    chat_template=template)  # fmt: skip
         atomic_write_text(tmp / BUNDLE_PROFILE, text)
@@ -308,6 +313,26 @@ def write_bundle(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_bundle_gguf(spec: ModelSpec, model: Path, dest: Path, identity: str, decode_dir: Path) -> None:
+    """The trimmed GGUF (`model.gguf_trim`), without the embedding too when the bundle's decode head
+    holds every row of it exactly (`compile.bundle_weights`; else rewritten with it)."""
+    # deferred: it reads GGUF files (gguf), which opening or checking a bundle never needs
+    from mllm_deploy.compile.bundle_weights import head_embedding_is_exact, head_embedding_ref  # noqa: PLC0415
+
+    in_head = head_embedding_ref(spec, decode_dir, f"../{DECODE_DIR}")
+    write_trimmed_gguf(model, dest, identity, in_head)
+    if in_head is not None and not head_embedding_is_exact(model, dest):
+        write_trimmed_gguf(model, dest, identity)
+
+
+def _share_cold_rows(tmp: Path, kv_cache: str) -> None:
+    """Cold shadow rows read from the 4-bit step graph where it holds them exactly (`compile.bundle_weights`)."""
+    from mllm_deploy.compile.bundle_weights import share_cold_rows  # noqa: PLC0415 - deferred: see _write_bundle_gguf
+
+    step = decode_graph_names(kv_cache)[1]
+    share_cold_rows(tmp / ARTIFACTS_DIR, tmp / DECODE_DIR, step, f"../../{DECODE_DIR}")
 
 
 def shipped_artifact(rel: str, backend: str) -> bool:

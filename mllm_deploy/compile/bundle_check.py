@@ -59,6 +59,7 @@ from mllm_deploy.compile.bundle import (
     installed_versions,
     is_bundle,
 )  # fmt: skip
+from mllm_deploy.compile.decode_weights import data_file
 from mllm_deploy.device.host import OptIn
 from mllm_deploy.device.models import HostProbe
 from mllm_deploy.device.probe import probe_host
@@ -359,7 +360,8 @@ def _check_consistent(root: Path, lock: BundleLock) -> None:
             raise _refuse(root, f"its lockfile says {key} = {said!r}, but its artifacts were built with {found!r}",
                           key=key, value=said, allowed=repr(found))  # fmt: skip
     needed = [f"{ARTIFACTS_DIR}/{rel}" for rel in listed] + [f"{ARTIFACTS_DIR}/{LOCK}", f"{ARTIFACTS_DIR}/{MANIFEST}"]
-    needed += [f"{DECODE_DIR}/{name}.onnx" for name in decode_graph_names(lock.kv_cache.storage)]
+    needed += [f"{DECODE_DIR}/{file}" for name in decode_graph_names(lock.kv_cache.storage)
+               for file in (f"{name}.onnx", data_file(name))]  # fmt: skip
     needed.append(lock.model.source if lock.model.format == "gguf" else f"{lock.model.source}/config.json")
     unlisted = [rel for rel in needed if rel not in lock.files]
     if unlisted:

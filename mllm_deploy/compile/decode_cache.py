@@ -1,5 +1,6 @@
 """The CPU decode graphs on disk: built once from the float weights (see `decode_graphs`) and
-cached under `cache_dir()/decode/<key>/`, written atomically, so a warm start reads only the INT8
+cached under `cache_dir()/decode/<key>/` (each graph with its weights in a data file beside it,
+`decode_weights`), written atomically, so a warm start reads only the INT8
 graphs and never touches the float32 linear weights. Building them is the compiler's job; the
 runtime's `Int8Decoder` only opens a directory this returns (or a bundle's copy of it).
 """
@@ -17,6 +18,7 @@ import onnx
 
 from mllm_deploy.compile.artifacts import DECODE_FORMAT, model_identity
 from mllm_deploy.compile.decode_graphs import BITS, BLOCK, GRAPH_NAMES, decode_model_builders
+from mllm_deploy.compile.decode_weights import data_file, save_decode_graph
 from mllm_deploy.model.spec import LlamaWeights, ModelSpec
 from mllm_deploy.paths import cache_dir, make_build_dir
 
@@ -41,7 +43,7 @@ def _complete(entry: Path, block: int, bits: int) -> bool:
         return False
     return (isinstance(manifest, dict) and manifest.get("format") == FORMAT_VERSION and manifest.get("block") == block
             and manifest.get("bits") == bits
-            and all((entry / f"{n}.onnx").is_file() for n in GRAPH_NAMES))  # fmt: skip
+            and all((entry / f"{n}.onnx").is_file() and (entry / data_file(n)).is_file() for n in GRAPH_NAMES))  # fmt: skip
 
 
 def cached_decode_graphs(
@@ -55,19 +57,13 @@ def cached_decode_graphs(
         return final
     tmp = make_build_dir(root, final.name)
     try:
+        weights: dict[str, dict[str, object]] = {}
         for name, build in decode_model_builders(weights_loader(), block, bits).items():
-            onnx.save_model(build(), tmp / f"{name}.onnx")  # one graph in memory at a time
-        (tmp / "manifest.json").write_text(
-            json.dumps(
-                {
-                    "format": FORMAT_VERSION,
-                    "graphs": list(GRAPH_NAMES),
-                    "model": spec.path,
-                    "block": block,
-                    "bits": bits,
-                }
-            )
-        )
+            refs = save_decode_graph(build(), tmp, name)  # one graph in memory at a time
+            weights[name] = {init: ref.model_dump() for init, ref in refs.items()}
+        manifest = {"format": FORMAT_VERSION, "graphs": list(GRAPH_NAMES), "model": spec.path, "block": block,
+                    "bits": bits, "weights": weights}  # fmt: skip
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     finally:

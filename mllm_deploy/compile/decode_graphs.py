@@ -20,6 +20,15 @@ block's minimum kept as a float offset, so blocks of 32 read a GGUF's Q4_1 weigh
 the head stays 8-bit, `head_bits`): the default model's graphs 143 -> 112 MB at blocks of 32,
 mean KL from float32 0.0027 (top-1 96.5%), but ~15% slower per token on the Zen 4 host.
 
+The head is 8-bit blocks of `HEAD_BLOCK` = 32 values whatever `decode.weight_block` says:
+llama.cpp's Q8_0 block, so a GGUF's Q8_0 tied embedding comes back exactly (scale = the block's
+d, code = q + 128; checked on the default model: every row bit for bit) and a bundle keeps one
+copy of it, the head's (`compile.decode_weights`).
+
+Every linear's initializers are named `<where>.wq` (codes), `.ws` (scales), `.wo` (4-bit block
+offsets), `<where>` being `L{layer}.{kind}` or `head`, so the weights can be found in the saved
+graphs (`compile.decode_weights`).
+
 A token is two onnxruntime runs:
 
     step   x (embedding row) -> for every layer: attn_norm, qkv (MatMulNBits), GroupQueryAttention
@@ -42,6 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mllm_deploy.model.spec import LlamaWeights
 from mllm_deploy.profile.models import DecodeSection
+from mllm_deploy.resolve.memory import HEAD_BLOCK
 
 BLOCK: int = DecodeSection.model_fields["weight_block"].default
 """Values per block unless a caller says otherwise: the profile's `decode.weight_block` default."""
@@ -114,8 +124,8 @@ class _Builder:
         self._n += 1
         return f"{stem}_{self._n}"
 
-    def const(self, stem: str, value: np.ndarray) -> str:
-        name = self.tmp(stem)
+    def const(self, stem: str, value: np.ndarray, name: str | None = None) -> str:
+        name = name or self.tmp(stem)
         self.inits.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
@@ -145,13 +155,16 @@ class _Builder:
         ))  # fmt: skip
         return normed, total
 
-    def linear(self, x: str, weights: list[np.ndarray], biases: list[np.ndarray | None] | None = None) -> str:
+    def linear(
+        self, x: str, weights: list[np.ndarray], biases: list[np.ndarray | None] | None = None, *, where: str = ""
+    ) -> str:
         """x [1, K] @ concat(weights).T (+ concat(biases)) with block weights of `self.bits`: 8-bit
         symmetric (zero point 128, implicit), or 4-bit codes around MatMulNBits' default zero
         point with each block's offset added from the input's block sums (`quantize_blocks_u4`).
         Not MatMulNBits' own zero points: integer ones force 0 onto the block's grid (re-quantizing
         the default model's Q4_1 weights that way measured mean KL 0.27 from float, top-1 66%),
-        float ones take it off its integer kernel (56x slower on one 576x1536 matvec)."""
+        float ones take it off its integer kernel (56x slower on one 576x1536 matvec). `where` names
+        the weights (`<where>.wq`, `.ws`, `.wo`; empty: numbered names)."""
         w = np.concatenate([np.asarray(a, np.float32) for a in weights], axis=0)  # [N, K]
         n, k = w.shape
         offset = None
@@ -160,7 +173,7 @@ class _Builder:
         else:
             q, scale = quantize_blocks_u8(w, self.block)
         y = self.op(
-            "MatMulNBits", [x, self.const("wq", q), self.const("ws", scale.reshape(-1))], "mm",
+            "MatMulNBits", [x, self.const("wq", q, where and f"{where}.wq"), self.const("ws", scale.reshape(-1), where and f"{where}.ws")], "mm",
             domain=MS_DOMAIN, K=k, N=n, bits=self.bits, block_size=self.block, accuracy_level=4,
         )  # fmt: skip
         if offset is not None:  # + (x's block sums) @ offset.T, in float32
@@ -171,7 +184,9 @@ class _Builder:
                 flat = self.op("Pad", [flat, self.const("pads", pads)], "padded")
             rows = self.op("Reshape", [flat, self.const("rows", np.array([kb, self.block], np.int64))], "rows")
             sums = self.op("ReduceSum", [rows, self.const("axes", np.array([-1], np.int64))], "sums", keepdims=0)
-            shift = self.op("MatMul", [sums, self.const("wo", np.ascontiguousarray(offset.T))], "shift")
+            shift = self.op(
+                "MatMul", [sums, self.const("wo", np.ascontiguousarray(offset.T), where and f"{where}.wo")], "shift"
+            )
             y = self.op("Add", [y, shift], "offset")
         if biases and any(b is not None for b in biases):
             full = np.concatenate(
@@ -206,8 +221,8 @@ def _mlp_then(
     """(rms_norm(r, next_norm), r) for r the residual stream after layer `layer`'s o_proj and MLP;
     each residual add is fused with the norm that follows it."""
     w, spec = weights.layers[layer], weights.spec
-    x, h = b.add_rms_norm(b.linear(attn, [w.wo]), resid, w.ffn_norm, spec.rms_eps)
-    gate_up = b.linear(x, [w.w_gate, w.w_up])  # [1, 1, 2 ffn]
+    x, h = b.add_rms_norm(b.linear(attn, [w.wo], where=f"L{layer}.o_proj"), resid, w.ffn_norm, spec.rms_eps)
+    gate_up = b.linear(x, [w.w_gate, w.w_up], where=f"L{layer}.gate_up")  # [1, 1, 2 ffn]
     gate = b.op(
         "Slice",
         [gate_up, b.const("s0", np.array([0])), b.const("s1", np.array([spec.ffn])), b.const("ax", np.array([-1]))],
@@ -224,7 +239,7 @@ def _mlp_then(
         "up",
     )
     act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], "sig")], "silu"), up], "act")
-    return b.add_rms_norm(b.linear(act, [w.w_down]), h, next_norm, spec.rms_eps)
+    return b.add_rms_norm(b.linear(act, [w.w_down], where=f"L{layer}.down"), h, next_norm, spec.rms_eps)
 
 
 def kv_names(layer: int) -> tuple[str, str, str, str]:
@@ -269,7 +284,7 @@ def _step_model(weights: LlamaWeights, kv_int8: bool, block: int, bits: int) -> 
             ]
         if layer > 0:
             normed, resid = _mlp_then(b, weights, layer - 1, resid, attn, w.attn_norm)
-        qkv = b.linear(normed, [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv])
+        qkv = b.linear(normed, [w.wq, w.wk, w.wv], [w.bq, w.bk, w.bv], where=f"L{layer}.qkv")
         attn = b.tmp("attn")
         b.nodes.append(helper.make_node(
             "GroupQueryAttention",
@@ -297,11 +312,10 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def _head_model(weights: LlamaWeights, block: int, bits: int) -> onnx.ModelProto:
-    head = _Builder("decode_head", block, bits)
-    return head.model(
-        {"x_final": weights.spec.hidden}, {"logits": (head.linear("x_final", [weights.output]), weights.spec.vocab)}
-    )
+def _head_model(weights: LlamaWeights, bits: int) -> onnx.ModelProto:
+    head = _Builder("decode_head", HEAD_BLOCK, bits)
+    logits = head.linear("x_final", [weights.output], where="head")
+    return head.model({"x_final": weights.spec.hidden}, {"logits": (logits, weights.spec.vocab)})
 
 
 def head_bits(bits: int) -> int:
@@ -316,13 +330,13 @@ def decode_model_builders(
 ) -> dict[str, Callable[[], onnx.ModelProto]]:
     """`step` (float32 KV cache), `step_kv8` (int8 KV cache) and `head` (see the module
     docstring) with `bits`-bit blocks of `block` values (the head with `head` bits, by default
-    `head_bits(bits)`), each built when called: a step graph is ~120 MB, so the cache writes one
-    at a time."""
+    `head_bits(bits)`, in blocks of `HEAD_BLOCK`), each built when called: a step graph is ~120 MB,
+    so the cache writes one at a time."""
     head = head_bits(bits) if head is None else head
     return {
         "step": lambda: _step_model(weights, kv_int8=False, block=block, bits=bits),
         "step_kv8": lambda: _step_model(weights, kv_int8=True, block=block, bits=bits),
-        "head": lambda: _head_model(weights, block, head),
+        "head": lambda: _head_model(weights, head),
     }
 
 

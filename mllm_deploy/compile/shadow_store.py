@@ -17,6 +17,11 @@ dequantizes to the same float32 values bit for bit; checked for every row when w
                                           a source whose blocks do not reproduce the float rows)
 
 For the default model (Q4_1) the cold blocks take 5/32 of float32's bytes.
+
+In a bundle whose decode step graph holds a group's weights in 4-bit blocks that reproduce its
+cold rows exactly (`decode.weight_bits = 4`, blocks of 32: a GGUF's Q4_1 weights), the group's
+cold rows are read from that graph's data file instead (`compile.bundle_weights`): one source of
+`type` "decode-u4" whose `graph` says where the codes, scales and offsets are (`decode_graph_rows`).
 """
 
 from __future__ import annotations
@@ -39,19 +44,40 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+class GraphBlocks(_Model):
+    """Where a linear group's 4-bit blocks sit in a decode graph's data file (`compile.decode_weights`):
+    value = scale * code + (offset - 8 * scale), per block of `ColdSource.block` input channels."""
+
+    codes_offset: int = Field(ge=0)
+    """Byte offset of the codes, uint8 [out, blocks, block / 2] (two per byte, the first in the low nibble)."""
+    scales_offset: int = Field(ge=0)
+    """Byte offset of the scales, float32 [out, blocks]."""
+    offsets_offset: int = Field(ge=0)
+    """Byte offset of the block offsets, float32 [blocks, out]."""
+    blocks: int = Field(ge=1)
+    """Blocks per output row."""
+
+
+DECODE_U4 = "decode-u4"
+"""`ColdSource.type` of cold rows read from a decode step graph's 4-bit blocks."""
+
+
 class ColdSource(_Model):
     """Where the cold rows of one linear of the group come from."""
 
     file: str
-    """File name in the shadow directory."""
+    """File name in the shadow directory (for "decode-u4": the decode graph's data file, relative to it)."""
     type: str
-    """ggml type name of the stored blocks (`Q4_1`, `Q8_0`, ...), or `F32` for float32 W^T rows."""
+    """ggml type name of the stored blocks (`Q4_1`, `Q8_0`, ...), `F32` for float32 W^T rows, or
+    "decode-u4" for a decode graph's 4-bit blocks (`graph`)."""
     block: int = Field(ge=1)
     """Input channels per block (1 for F32)."""
     block_bytes: int = Field(ge=1)
     """Bytes per block (4 for F32)."""
     out: int = Field(ge=1)
-    """Output width of this linear."""
+    """Output width of this linear (of the whole group for "decode-u4")."""
+    graph: GraphBlocks | None = None
+    """For "decode-u4": where the blocks are."""
 
 
 class ShadowIndex(_Model):
@@ -183,6 +209,36 @@ def decode_gathered(blocks: np.ndarray, source: ColdSource, slot: np.ndarray, po
     values = gguf.quants.dequantize(blocks.reshape(u * out_j, block_bytes), gguf.GGMLQuantizationType[source.type])
     picked: np.ndarray = values.reshape(u, out_j, source.block)[slot, :, pos]  # [n, out_j]
     return picked.astype(np.float32, copy=False)
+
+
+def graph_block_arrays(path: Path, source: ColdSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes uint8 [out, blocks * block / 2], scales float32 [out, blocks], offsets float32
+    [blocks, out]) of a "decode-u4" source, memory-mapped from the data file at `path`."""
+    g = source.graph
+    assert g is not None and source.type == DECODE_U4
+    out, half = source.out, source.block // 2
+    return (np.memmap(path, np.uint8, "r", g.codes_offset, (out, g.blocks * half)),
+            np.memmap(path, np.float32, "r", g.scales_offset, (out, g.blocks)),
+            np.memmap(path, np.float32, "r", g.offsets_offset, (g.blocks, out)))  # fmt: skip
+
+
+def decode_graph_rows(
+    codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, block: int, channels: np.ndarray
+) -> np.ndarray:
+    """W^T rows of `channels` ([n]) from a decode graph's 4-bit blocks: codes uint8 [out, blocks *
+    block / 2] (all rows), scales float32 [out, blocks] (all rows), offsets float32 [u, out] (the
+    rows of the channels' blocks, in `np.unique(channels // block)` order) -> float32 [n, out].
+    In gguf's Q4_1 order, (d * q) + m with d the scale and m = offset - 8 * d: the model's own
+    float32 values where the blocks came from its Q4_1 weights (checked before they are used)."""
+    channels = np.asarray(channels, np.int64)
+    block_ids, slot = np.unique(channels // block, return_inverse=True)
+    pos = channels % block
+    byte = codes[:, block_ids[slot] * (block // 2) + pos // 2].T  # [n, out]
+    q = ((byte >> (4 * (pos % 2)).astype(np.uint8)[:, None]) & np.uint8(0x0F)).astype(np.float32)
+    d = scales[:, block_ids[slot]].T  # [n, out]
+    m = offsets[slot] - np.float32(8.0) * d
+    values: np.ndarray = (d * q) + m
+    return values
 
 
 def gguf_sources(

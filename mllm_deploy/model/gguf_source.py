@@ -15,7 +15,7 @@ from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model import layout, registry, weight_cache
 from mllm_deploy.model.gguf_file import GGUFFile
 from mllm_deploy.model.gguf_on_demand import on_demand_weights
-from mllm_deploy.model.gguf_trim import LINEARS_KEY, is_block_linear, is_trimmed
+from mllm_deploy.model.gguf_trim import LINEARS_KEY, embedding_in_head, is_block_linear, is_trimmed
 from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec, RopeStyle
 
 LOADER_VERSION = 1  # bump when the cached float32 arrays would differ
@@ -97,6 +97,8 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
     vocab = int(need("vocab_size", len(tokens)))
     if embd is not None and len(embd.shape) == 2:
         vocab = embd.shape[0]
+    elif (in_head := embedding_in_head(gfile)) is not None:  # a bundle's GGUF: the decode head holds it
+        vocab = in_head.rows
     if len(tokens) > vocab:
         raise user_error(f"the tokenizer has {len(tokens)} tokens but the embedding only {vocab} rows", file=file)
 
@@ -140,6 +142,8 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
     if is_trimmed(gfile):  # a bundle's model: its block linears are in the bundle's graphs (gguf_trim)
         expected = layout.expected_tensors(spec, "gguf")
         found |= {name: shape for name, shape in expected.items() if is_block_linear(name) and name not in found}
+        if embedding_in_head(gfile) is not None:  # ... and its embedding in the decode head's weights
+            found.setdefault("token_embd.weight", expected["token_embd.weight"])
     layout.check_tensor_table(spec, "gguf", found, file)
     return replace(spec, weight_bytes_f32=layout.weight_bytes_f32(layout.expected_tensors(spec, "gguf")))
 

@@ -11,6 +11,9 @@ from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.profile.models import Profile
 
 F32 = 4
+HEAD_BLOCK = 32
+"""Values per 8-bit block of the decode graphs' output head, whatever `decode.weight_block` says:
+llama.cpp's Q8_0 block, so a GGUF's Q8_0 tied embedding is held exactly (`compile.decode_graphs`)."""
 
 
 class MemoryBudget(BaseModel):
@@ -81,14 +84,14 @@ def shadowed_input_count(profile: Profile, spec: ModelSpec) -> int:
 def decode_weight_bytes(spec: ModelSpec, block: int, bits: int = 8) -> int:
     """Bytes of the decode graphs' weights: every layer's linears in blocks of `block` values of
     `bits` bits (a row's last block padded) with one float32 scale per block, and for 4 bits one
-    float32 offset per block too; the output head in 8-bit blocks whatever `bits` says
-    (`compile.decode_graphs.head_bits`)."""
+    float32 offset per block too; the output head in 8-bit blocks of 32 whatever `bits` and `block`
+    say (`compile.decode_graphs.head_bits`, `HEAD_BLOCK`)."""
 
-    def blocked(out: int, inp: int, bits: int) -> int:
+    def blocked(out: int, inp: int, bits: int, block: int = block) -> int:
         return out * -(-inp // block) * (block * bits // 8 + F32 + (F32 if bits == 4 else 0))
 
     layers = sum(blocked(out, inp, bits) for out, inp in spec.linear_shapes().values()) * spec.n_layers
-    return layers + blocked(spec.vocab, spec.hidden, 8)
+    return layers + blocked(spec.vocab, spec.hidden, 8, HEAD_BLOCK)
 
 
 def memory_budget(profile: Profile, spec: ModelSpec, backend: str) -> MemoryBudget:

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mllm_deploy.compile.shadow_store import ColdSource, ShadowIndex, decode_gathered
+from mllm_deploy.compile.shadow_store import (
+    DECODE_U4,
+    ColdSource,
+    ShadowIndex,
+    decode_gathered,
+    decode_graph_rows,
+    graph_block_arrays,
+)
 from mllm_deploy.runtime.file_rows import FileRows
 
 
@@ -108,9 +115,11 @@ class ColdRows:
     resident besides the copy (measured on the default model, every input shadowed, float32 rows:
     cold rows ~200 MB of peak RSS)."""
 
-    def __init__(self, n_in: int, sources: list[tuple[FileRows, ColdSource | None]]):
+    def __init__(self, n_in: int, sources: list[tuple[FileRows, ColdSource | None]],
+                 graph_sources: dict[int, tuple[FileRows, FileRows]] | None = None):  # fmt: skip
         self.n_in = n_in
         self._sources = sources  # (rows or column blocks, how to decode; None: float32 rows)
+        self._graph = graph_sources or {}  # source index -> (scales, offsets) of a "decode-u4" source
 
     @classmethod
     def of_float(cls, weight_t: np.ndarray) -> ColdRows:
@@ -118,19 +127,30 @@ class ColdRows:
 
     @classmethod
     def open(cls, directory: Path, index: ShadowIndex) -> ColdRows:
-        sources = []
-        for source in index.cold:
+        sources: list[tuple[FileRows, ColdSource | None]] = []
+        graph: dict[int, tuple[FileRows, FileRows]] = {}
+        for j, source in enumerate(index.cold):
+            if source.type == DECODE_U4:  # a bundle's decode graph blocks (compile.shadow_store)
+                codes, scales, offsets = graph_block_arrays(Path(directory) / source.file, source)
+                sources.append((FileRows(codes), source))
+                graph[j] = (FileRows(scales), FileRows(offsets))
+                continue
             table = np.load(Path(directory) / source.file, mmap_mode="r")
             sources.append((FileRows(table), None if source.type == "F32" else source))
-        return cls(index.n_in, sources)
+        return cls(index.n_in, sources, graph)
 
     def __getitem__(self, channels: np.ndarray) -> np.ndarray:
         """channels int64 [n] -> float32 [n, out_total]."""
         channels = np.asarray(channels, np.int64)
         parts = []
-        for rows, source in self._sources:
+        for j, (rows, source) in enumerate(self._sources):
             if source is None:
                 parts.append(rows[channels])
+            elif j in self._graph:  # every output row's codes and scales in one read each (a group: ~1 MB)
+                scales, offsets = self._graph[j]
+                every = np.arange(rows.shape[0])
+                block_ids = np.unique(channels // source.block)
+                parts.append(decode_graph_rows(rows[every], scales[every], offsets[block_ids], source.block, channels))
             else:  # each column block read once: [u, out_j, bytes] -> [n, out_j]
                 block_ids, slot = np.unique(channels // source.block, return_inverse=True)
                 parts.append(decode_gathered(rows[block_ids], source, slot, channels % source.block))

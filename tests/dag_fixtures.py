@@ -28,7 +28,7 @@ def plan_factory(path, spec, *settings):
         ],
     )
     resolved = resolve(loaded, pinned_host(), spec)
-    return lambda n_chunks: build_plan(resolved, prompt_tokens=n_chunks * CHUNK)
+    return lambda n_tokens: build_plan(resolved, prompt_tokens=n_tokens)
 
 
 def make_prefill(tiny, kernels, policy="out-of-order", cpu_threads=1, *settings):

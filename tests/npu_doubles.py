@@ -30,6 +30,7 @@ KINDS = ("qkv", "o_proj", "gate_up", "down")
 
 class FloatKernels:
     backend_label = "numpy float32 (test double)"
+    tail_chunk_tokens = 0  # no tail graphs
 
     def __init__(self, weights, chunk_tokens: int, shadow_clamp: float | None = None, shadow_layers=()):
         self.chunk_tokens = chunk_tokens
@@ -73,6 +74,7 @@ class FloatKernels:
 
 
 class OrtInt8Kernels:
+    tail_chunk_tokens = 0  # no tail graphs
     backend_label = "ort-cpu INT8 (test double)"
 
     def __init__(self, weights, chunk_tokens: int, sample_ids: list[int], npu_threads: int = 1, act: str = "uint8"):

@@ -114,3 +114,26 @@ def test_float_graph_npz_round_trip(tmp_path):
         np.testing.assert_array_equal(a[name], b[name])
     np.testing.assert_allclose(a["q"], x @ layer.wq.T + layer.bq, rtol=1e-5, atol=1e-6)
     assert ref.describe()["device_mode"].startswith("cpu float32")
+
+
+def test_load_sizes_shares_one_session_and_holds_each_handle_to_its_static_size(tmp_path):
+    """The tail graphs: one session (one copy of the weights) behind a handle per static size;
+    the smaller size gives exactly the first rows of the full one (a linear is row-wise)."""
+    layer, _, built = build_tiny(tmp_path, dtype="uint8", granularity="per-channel", bias=True)
+    cpu = OrtCpuBackend(npu_threads=1)
+    tail = CHUNK // 2
+    sizes = cpu.load_sizes(built["qkv"].path, (CHUNK, tail))
+    full, small = sizes[CHUNK], sizes[tail]
+    assert full.impl is small.impl
+    assert {s[0] for s in full.inputs.values()} == {CHUNK} and {s[0] for s in small.outputs.values()} == {tail}
+    static = cpu.load(built["qkv"].path)
+    assert full.inputs == static.inputs and full.outputs == static.outputs
+    x = layer_feeds(layer)["qkv"]["x_norm"]  # [CHUNK, hidden]
+    want = cpu.run(static, {"x_norm": x})
+    got_full = cpu.run(full, {"x_norm": x})
+    got_small = cpu.run(small, {"x_norm": np.ascontiguousarray(x[:tail])})
+    for name, value in want.items():
+        np.testing.assert_array_equal(got_full[name], value)
+        np.testing.assert_array_equal(got_small[name], value[:tail])
+    with pytest.raises(BackendError, match="shape"):  # only the planned static sizes run
+        cpu.run(small, {"x_norm": np.ascontiguousarray(x[: tail - 1])})

@@ -35,7 +35,7 @@ CHILD = textwrap.dedent("""
                                  "prefill.max_context=256", "outliers.prune_fraction=1.0"])
     resolved = resolve(loaded, pinned_host(), spec)
     fe = FloatEngine(weights)
-    prefill = DagPrefill(weights, fe.rope, FloatKernels(weights, 8), lambda n: build_plan(resolved, prompt_tokens=n * 8),
+    prefill = DagPrefill(weights, fe.rope, FloatKernels(weights, 8), lambda n: build_plan(resolved, prompt_tokens=n),
                          chunk_tokens=8, policy="out-of-order", cpu_threads=1)
     engine = DagEngine(fe, prefill, None, npu_label="test double")
     cache = engine.new_cache(256)

@@ -10,11 +10,12 @@ import threading
 import numpy as np
 import pytest
 import tiny_models
-from dag_fixtures import CHUNK, IDS, float_reference, make_prefill, run_all
+from dag_fixtures import CHUNK, IDS, float_reference, make_prefill, plan_factory, run_all
 from npu_doubles import FloatKernels, OrtInt8Kernels
 
 from mllm_deploy.events import SubgraphFinished, SubgraphStarted
 from mllm_deploy.forward.float_engine import FloatEngine
+from mllm_deploy.runtime.dag_prefill import DagPrefill
 
 CFG = tiny_models.THREE_LAYERS
 
@@ -69,7 +70,7 @@ def test_shadow_corrections_are_added_before_use(tiny_three_layers):
     kernels = FloatKernels(weights, CHUNK, shadow_clamp=clamp, shadow_layers=range(CFG.n_layers))
     prefill, engine = make_prefill(tiny_three_layers, kernels, "out-of-order", 2, "outliers.prune_fraction=0.0")
     try:
-        plan = prefill.plan_for(4)
+        plan = prefill.plan_for(4 * CHUNK)
         assert sum(s.kind == "shadow" for s in plan.subgraphs) == 4 * CFG.n_layers * 4
         ref = float_reference(engine, IDS)[0]
         logits = run_all(prefill, engine.new_cache(256), IDS)[1]
@@ -207,5 +208,47 @@ def test_a_failing_kernel_raises_and_leaves_whole_chunks(tiny_three_layers):
         with pytest.raises(RuntimeError, match="kernel exploded"):
             list(prefill.run(cache, IDS))
         assert cache.length % CHUNK == 0 and cache.token_ids == IDS[: cache.length]
+    finally:
+        prefill.close()
+
+
+class _TailFloatKernels(FloatKernels):
+    """FloatKernels that also take the tail chunks' static rows (and record the rows they ran)."""
+
+    def __init__(self, weights, chunk_tokens, tail_tokens):
+        super().__init__(weights, chunk_tokens)
+        self.tail_chunk_tokens, self.rows_run = tail_tokens, []
+
+    def run_graph(self, layer, kind, x):
+        assert x.shape[0] in (self.chunk_tokens, self.tail_chunk_tokens)
+        self.rows_run.append(x.shape[0])
+        graph = self.graphs[layer][kind]
+        out = graph.apply(x)
+        return [out[name] for name in graph.output_names]
+
+
+def test_tail_chunks_cover_the_last_tokens_and_match_the_float_engine(tiny_three_layers):
+    """64-row chunks with 16-row tail graphs: 80 tokens run as 64 + 16 (not 64 + a 64-row chunk of
+    48 padding), the tail chunk really runs 16-row graphs, and the result is the float engine's."""
+    path, spec, weights = tiny_three_layers
+    chunk, tail = 64, 16
+    kernels = _TailFloatKernels(weights, chunk, tail)
+    engine = FloatEngine(weights)
+    plan_for = plan_factory(
+        path, spec, "outliers.prune_fraction=1.0", f"prefill.tail_chunk_size={tail}", f"prefill.chunk_size={chunk}"
+    )
+    prefill = DagPrefill(weights, engine.rope, kernels, plan_for, chunk_tokens=chunk, policy="out-of-order")
+    ids = [int(i) for i in np.random.default_rng(5).integers(3, 300, size=75)]
+    try:
+        assert prefill.chunk_rows(len(ids)) == (chunk, tail)
+        cache = engine.new_cache(256)
+        chunks, logits = run_all(prefill, cache, ids)
+        assert [c.tokens for c, _ in chunks] == [64, 11]
+        assert sorted(set(kernels.rows_run)) == [tail, chunk]
+        assert kernels.rows_run.count(tail) == kernels.rows_run.count(chunk) == CFG.n_layers * 4
+        ref_logits, ref_cache = float_reference(engine, ids, chunk=chunk)
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        assert cache.token_ids == ids
+        np.testing.assert_allclose(cache.k[:, :, : len(ids)], ref_cache.k[:, :, : len(ids)], rtol=1e-5, atol=1e-5)
     finally:
         prefill.close()

@@ -43,7 +43,7 @@ def test_real_model_policies_agree_and_match_float(real):
             weights,
             engine.rope,
             kernels,
-            lambda n: build_plan(resolved, prompt_tokens=n * CHUNK),
+            lambda n: build_plan(resolved, prompt_tokens=n),
             chunk_tokens=CHUNK,
             policy=policy,
             cpu_threads=1,

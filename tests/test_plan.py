@@ -11,7 +11,7 @@ from goldens import changed_message, golden_bytes, golden_text
 from plan_fixtures import GOLDEN, REPO, capabilities, loaded_from
 
 from mllm_deploy.plan import build_plan, plan_to_json
-from mllm_deploy.plan.passes import topological_order
+from mllm_deploy.plan.passes import chunk_schedule, topological_order
 from mllm_deploy.plan.render import render_plan
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import resolve
@@ -33,9 +33,38 @@ def test_passes_run_in_order_and_dump(tmp_path, smollm_spec):
 
 def test_chunking_and_padding(tmp_path, smollm_spec):
     plan = _plan(loaded_from(tmp_path, ""), smollm_spec, prompt_tokens=300)
-    assert (plan.n_chunks, plan.padded_tokens, plan.chunk_size) == (2, 212, 256)
+    # the 44 tokens after the full chunk run as one tail chunk of 64 (cost 64 + 24 < 256 + 24)
+    assert (plan.n_chunks, plan.padded_tokens, plan.chunk_size, plan.chunk_rows) == (2, 20, 256, [256, 64])
+    assert plan.tail_chunk_size == 64 and "1 tail chunk(s) of 64" in plan.chunk_choice
     per_chunk = Counter(s.chunk for s in plan.subgraphs if s.kind != "shadow")
     assert per_chunk == {0: 1 + 30 * 7, 1: 1 + 30 * 7 + 2}  # embed + 7 per layer (+ final norm, head)
+    tail_qkv = next(s for s in plan.subgraphs if s.id == "c1.L0.qkv")
+    assert (tail_qkv.graph, tail_qkv.inputs[0].shape) == ("L0.qkv@64", (64, 576))
+    assert next(s for s in plan.subgraphs if s.id == "c1.L0.attention").ops == 2 * 2 * 64 * 320 * 576
+    off = _plan(loaded_from(tmp_path, "", ["prefill.tail_chunk_size=0"]), smollm_spec, prompt_tokens=300)
+    assert (off.n_chunks, off.padded_tokens, off.chunk_rows, off.tail_chunk_size) == (2, 212, [256, 256], 0)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "rows"),
+    [
+        (64, [64]),  # a short prompt: one tail chunk instead of 192 rows of padding
+        (65, [64, 64]),
+        (192, [64, 64, 64]),  # 3 x (64 + 24) = 264 < 280
+        (193, [256]),  # 4 x 88 = 352 > 280: one padded full chunk
+        (256, [256]),
+        (1050, [256, 256, 256, 256, 64]),
+    ],
+)
+def test_tail_chunk_choice_by_cost(tokens, rows):
+    assert chunk_schedule(tokens, 256, 64)[0] == rows
+    assert chunk_schedule(tokens, 256, 0)[0] == [256] * -(-tokens // 256)
+
+
+def test_tail_chunks_only_where_the_backend_loads_a_second_size(tmp_path, smollm_spec):
+    plan = _plan(loaded_from(tmp_path, "", ["device.target=sd8gen3"]), smollm_spec, prompt_tokens=64)
+    assert (plan.tail_chunk_size, plan.chunk_rows) == (0, [256])  # context binaries at chunk_size only
+    assert "no tail graphs" in plan.chunk_choice
 
 
 def test_chunk_sharing_one_graph_per_layer_and_linear(tmp_path, smollm_spec):

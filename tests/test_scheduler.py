@@ -299,3 +299,16 @@ def test_a_tie_goes_to_the_longer_critical_path():
     assert run.order["cpu"] == ["b", "a", "c"]
     # earliest-first would run a, b, then na before nb, and finish c at 8
     assert run.makespan == pytest.approx(optimal_makespan(graph, dur)) == 6.0
+
+
+def test_tail_chunk_tasks_keep_their_own_latencies():
+    """A tail chunk's subgraph is keyed by its rows: its latency neither comes from nor moves the
+    full chunks' figure of the same layer and kind."""
+    full = Task("c0.L0.qkv", "npu", 0, 0, "qkv")
+    tail = Task("c1.L0.qkv", "npu", 1, 0, "qkv", rows=64)
+    model = LatencyModel({("npu", "qkv", 0): 0.004, ("npu", "qkv", 0, "rows", 64): 0.001})
+    assert (model.seconds(full), model.seconds(tail)) == (0.004, 0.001)
+    model.observe(tail, 0.002)
+    assert model.seconds(full) == 0.004 and model.seconds(tail) == pytest.approx(0.0013)
+    other_layer = Task("c1.L1.qkv", "npu", 1, 1, "qkv", rows=64)
+    assert model.seconds(other_layer) == pytest.approx(0.0013)  # the mean of the tail keys only

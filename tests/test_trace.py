@@ -58,7 +58,7 @@ def engine_for(tiny, kernels, cpu_threads=1):
         weights,
         float_engine.rope,
         kernels,
-        lambda n: build_plan(resolved, prompt_tokens=n * CHUNK),
+        lambda n: build_plan(resolved, prompt_tokens=n),
         chunk_tokens=CHUNK,
         policy="out-of-order",
         cpu_threads=cpu_threads,
@@ -90,7 +90,7 @@ def test_dag_engine_generates_what_the_float_engine_generates(tiny):
         assert events[-1].token_ids == ref[-1].token_ids and len(events[-1].token_ids) == 5
         started = [e for e in events if isinstance(e, SubgraphStarted)]
         finished = [e for e in events if isinstance(e, SubgraphFinished)]
-        assert len(started) == len(finished) == len(engine.prefill.graph(3).tasks)
+        assert len(started) == len(finished) == len(engine.prefill.graph(len(PROMPT)).tasks)
         first_token = next(i for i, e in enumerate(events) if isinstance(e, TokenEmitted))
         assert all(i < first_token for i, e in enumerate(events) if isinstance(e, SubgraphFinished))
     finally:

@@ -4,6 +4,7 @@ What each backend supports is declared once, in `registry`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -41,6 +42,16 @@ class NpuBackend(Protocol):
 
     def describe(self) -> dict[str, object]:
         """{"name", "provider", "device_mode", "threads", ...}: what really runs the graphs."""
+        ...
+
+
+@runtime_checkable
+class StaticRowsLoader(Protocol):
+    """A backend that loads a QDQ graph at several static row counts sharing its weights (the
+    tail chunks' graphs: the same nodes and weights, another static first dimension)."""
+
+    def load_sizes(self, graph_path: Path, sizes: Sequence[int]) -> dict[int, GraphHandle]:
+        """Prepare the graph at `graph_path` at each row count of `sizes`: rows → handle."""
         ...
 
 

@@ -7,10 +7,12 @@ MatMulIntegerToFloat for float outputs) that runs on AMX/VNNI where the CPU has 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from mllm_deploy.backends.base import BackendError, GraphHandle, NpuBackend, check_inputs
@@ -100,6 +102,44 @@ class OrtCpuBackend(NpuBackend):
     def load(self, graph_path: Path) -> GraphHandle:
         session = ort.InferenceSession(str(graph_path), self.session_options(), providers=[CPU_PROVIDER])
         return session_handle(session, graph_path, CPU_PROVIDER)
+
+    def load_sizes(self, graph_path: Path, sizes: Sequence[int]) -> dict[int, GraphHandle]:
+        """The graph at `graph_path` at each static row count of `sizes` (`StaticRowsLoader`),
+        sharing one copy of its weights: one onnxruntime session whose first dimension is left
+        free, behind one handle per size whose inputs `check_inputs` holds to that size, so only
+        the planned static shapes ever run — as the graphs of two sizes in one QNN context binary
+        share their weights. Two static sessions would hold the weights twice (measured on the
+        default model's 120 graphs: 116 MB more RSS); the free dimension runs the same kernels at
+        the same speed, with bit-identical outputs. The session is made from a temporary copy of
+        the rewritten file, deleted at once (made from bytes in memory, onnxruntime keeps a second
+        copy of the weights: 218 MB more)."""
+        model = onnx.load(str(graph_path))
+        del model.graph.value_info[:]  # intermediate shapes of the written size: inferred per run
+        written = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+                   for v in [*model.graph.input, *model.graph.output]}  # fmt: skip
+        for value in [*model.graph.input, *model.graph.output]:
+            value.type.tensor_type.shape.dim[0].dim_param = "rows"
+        with tempfile.TemporaryDirectory(prefix="mllm-sizes-") as tmp:
+            path = Path(tmp) / graph_path.name
+            path.write_bytes(model.SerializeToString())
+            session = ort.InferenceSession(str(path), self.session_options(), providers=[CPU_PROVIDER])
+        assigned = assigned_node_counts(session)
+        if set(assigned) != {CPU_PROVIDER}:
+            raise BackendError(f"{graph_path}: nodes assigned to {assigned}, expected only {CPU_PROVIDER}")
+
+        def at(rows: int, values: Sequence[ort.NodeArg]) -> Shapes:
+            return {v.name: (rows, *written[v.name][1:]) for v in values}
+
+        return {
+            rows: GraphHandle(
+                f"{graph_path} ({rows} rows)",
+                at(rows, session.get_inputs()),
+                at(rows, session.get_outputs()),
+                session,
+                assigned,
+            )
+            for rows in sizes
+        }
 
     def run(self, handle: GraphHandle, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return run_session(handle, inputs)

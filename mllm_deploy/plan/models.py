@@ -181,7 +181,17 @@ class Plan(_Frozen):
     """Chunks of `chunk_size` covering the prompt."""
 
     padded_tokens: int
-    """Padding in the last chunk."""
+    """Padding rows over all chunks (the last full chunk, or the tail chunks)."""
+
+    tail_chunk_size: int = 0
+    """Rows of the tail graphs this plan may use (`prefill.tail_chunk_size` where the backend can
+    load the graphs at that second static size), else 0."""
+
+    chunk_rows: list[int] = Field(default_factory=list)
+    """Static rows of each chunk in order: full chunks of `chunk_size`, then any tail chunks."""
+
+    chunk_choice: str = ""
+    """How the cost model covered the prompt's last tokens, in words."""
 
     cpu_threads: int
     """Threads for CPU subgraphs."""

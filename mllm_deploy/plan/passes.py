@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mllm_deploy.backends.registry import backend_support
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, group_shapes
 from mllm_deploy.model.spec import ModelSpec
@@ -76,14 +77,55 @@ def attention_ops(spec: ModelSpec, chunk: int, context_end: int) -> int:
     return 2 * 2 * chunk * context_end * spec.q_dim
 
 
+CHUNK_OVERHEAD_ROWS = 24
+"""The cost model's fixed cost of one chunk, in rows of work. Measured on the default model (Zen 4
+host, 2 cores, 2026-12-05): one prefill chunk of 64 rows against one of 256 — the NPU graphs' time
+scales with the rows (52 vs 224 ms), the CPU side keeps ~31 ms a chunk whatever its rows (~300
+subgraph dispatches, norms and small attention calls), about 24 rows' worth of work."""
+
+
+def tail_chunk_tokens(profile: Profile, backend: str) -> int:
+    """Rows of the tail graphs a plan may use: `prefill.tail_chunk_size` when it is smaller than
+    `chunk_size` and the backend loads its graphs at a second static size (one that loads context
+    binaries compiled at `chunk_size` cannot), else 0."""
+    tail, chunk = profile.prefill.tail_chunk_size, profile.prefill.chunk_size
+    if backend == "none" or not 0 < tail < chunk or backend_support(backend).context_binaries:
+        return 0
+    return tail
+
+
+def chunk_schedule(prompt_tokens: int, chunk: int, tail: int) -> tuple[list[int], str]:
+    """(rows of each chunk, the choice in words): full chunks of `chunk`, and the tokens left after
+    them in `tail`-row chunks when those cost less than one padded full chunk (cost of a chunk: its
+    rows + CHUNK_OVERHEAD_ROWS); ties keep the full chunk."""
+    full, rest = divmod(max(1, prompt_tokens), chunk)
+    if rest == 0:
+        return [chunk] * full, "no tail: the prompt fills whole chunks"
+    if tail == 0:
+        return [chunk] * (full + 1), f"last {rest} token(s) in one padded chunk of {chunk} (no tail graphs)"
+    n_tail = math.ceil(rest / tail)
+    cost_tail, cost_full = n_tail * (tail + CHUNK_OVERHEAD_ROWS), chunk + CHUNK_OVERHEAD_ROWS
+    compared = f"cost {cost_tail} vs {cost_full} rows, {CHUNK_OVERHEAD_ROWS} a chunk"
+    if cost_tail < cost_full:
+        return [chunk] * full + [
+            tail
+        ] * n_tail, f"last {rest} token(s) in {n_tail} tail chunk(s) of {tail} ({compared})"
+    return [chunk] * (full + 1), f"last {rest} token(s) in one padded chunk of {chunk} ({n_tail} of {tail}: {compared})"
+
+
 def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
-    """Split the prompt into fixed-size chunks and lay out every subgraph with its shapes."""
-    spec, chunk = inp.spec, plan.chunk_size
-    n_chunks = max(1, math.ceil(plan.prompt_tokens / chunk))
+    """Split the prompt into static-size chunks (`chunk_schedule`) and lay out every subgraph
+    with its shapes."""
+    spec = inp.spec
+    tail = tail_chunk_tokens(inp.profile, inp.backend)
+    rows, choice = chunk_schedule(plan.prompt_tokens, plan.chunk_size, tail)
+    n_chunks = len(rows)
     subgraphs: list[Subgraph] = []
     edges: list[tuple[str, str]] = []
-    kinds = _layer_kinds(spec, chunk)
-    for c in range(n_chunks):
+    context_end = 0
+    for c, chunk in enumerate(rows):
+        kinds = _layer_kinds(spec, chunk)
+        context_end += chunk
         prev = f"c{c}.embed"
         subgraphs.append(
             _sub(prev, c, -1, "embed", [_t("token_ids", (chunk,), "int32")], [_t("residual", (chunk, spec.hidden))], 0)
@@ -92,7 +134,7 @@ def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
             for kind, ins, outs, ops in kinds:
                 sid = f"c{c}.L{layer}.{kind}"
                 if kind == "attention":
-                    ops = attention_ops(spec, chunk, (c + 1) * chunk)
+                    ops = attention_ops(spec, chunk, context_end)
                 subgraphs.append(_sub(sid, c, layer, kind, ins, outs, ops))
                 edges.append((prev, sid))
                 if kind == "attention" and c > 0:  # K/V of every earlier chunk at this layer
@@ -127,7 +169,10 @@ def chunk_pass(plan: Plan, inp: PlanInputs) -> Plan:
     return plan.model_copy(
         update={
             "n_chunks": n_chunks,
-            "padded_tokens": n_chunks * chunk - plan.prompt_tokens,
+            "padded_tokens": sum(rows) - plan.prompt_tokens,
+            "tail_chunk_size": tail,
+            "chunk_rows": rows,
+            "chunk_choice": choice,
             "subgraphs": subgraphs,
             "edges": edges,
             "passes": [*plan.passes, "chunk"],
@@ -184,6 +229,9 @@ def place_pass(plan: Plan, inp: PlanInputs) -> Plan:
             placed.append(sg)
             continue
         gid = f"L{sg.layer}.{sg.kind}" if sg.kind != "lm_head" else "lm_head"
+        rows = sg.inputs[0].shape[0] if sg.inputs else plan.chunk_size
+        if sg.kind != "lm_head" and rows != plan.chunk_size:  # the same graph at the tail's static size
+            gid = f"{gid}@{rows}"
         if gid in graphs:
             graphs[gid] = graphs[gid].model_copy(update={"used_by_chunks": graphs[gid].used_by_chunks + 1})
         else:

@@ -11,6 +11,17 @@ def _mib(n: int) -> str:
     return f"{n / 1024**2:,.1f} MiB"
 
 
+def _chunk_rows(plan: Plan) -> str:
+    """`4 x 256 + 1 x 64`: the chunks' static rows, runs of equal sizes counted."""
+    runs: list[list[int]] = []
+    for rows in plan.chunk_rows:
+        if runs and runs[-1][1] == rows:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, rows])
+    return " + ".join(f"{n} x {rows}" for n, rows in runs) or "none"
+
+
 def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None, silu_mul_on_cpu: bool = False) -> str:
     """A readable plan: header, memory per processor, graphs, per-layer placement, DAG head, estimate.
     The plan is the target's (its backend, its threads); `here`: how it runs on this machine, or why
@@ -26,8 +37,9 @@ def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None, sil
         f"  scheduler    {plan.scheduler}",
         f"  threads      cpu {plan.cpu_threads}, npu {plan.npu_threads}",
         *([f"  on this machine: {here}"] if here is not None else []),
-        f"  prompt       {plan.prompt_tokens} tokens = {plan.n_chunks} chunk(s) of {plan.chunk_size}"
-        f" ({plan.padded_tokens} padding in the last)",
+        f"  prompt       {plan.prompt_tokens} tokens = {plan.n_chunks} chunk(s): {_chunk_rows(plan)}"
+        f" ({plan.padded_tokens} padding)",
+        f"  tail         {plan.chunk_choice}",
         f"  passes       {' -> '.join(plan.passes)}",
         "",
         "memory",

@@ -73,6 +73,15 @@ class PrefillSection(_Section):
     """Tokens per prefill chunk: the static batch dimension of every NPU graph. The last chunk
     of a prompt is padded. Must be one the target NPU allows and no larger than `max_context`."""
 
+    tail_chunk_size: int = Field(64, ge=0, le=4096)
+    """Tokens per tail chunk: a second static size of the NPU graphs (the same weights) for a
+    short prompt or a prompt's last few tokens. When the tokens left after the full chunks fit in
+    tail chunks at a lower cost than one padded full chunk (the plan's cost model: padded rows
+    plus a fixed cost per chunk), they run as tail chunks; `plan` shows the choice. 0, or a value
+    not smaller than `chunk_size`: off (every chunk is `chunk_size`). Must be a size the target
+    NPU allows. Backends that load context binaries compiled at `chunk_size` only (`qnn-htp`)
+    run without tail chunks."""
+
     max_context: int = Field(4096, ge=1, le=1_048_576)
     """Most tokens (prompt + generated) one conversation may hold; sizes the KV cache.
     Must not exceed the model's own context length."""

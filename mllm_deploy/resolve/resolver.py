@@ -320,6 +320,14 @@ def _check_context(c: _Checks, profile: Profile, caps: Capabilities, spec: Model
             prefill.chunk_size,
             caps.chunk_size_rule(),
         )
+    tail = prefill.tail_chunk_size
+    if backend != "none" and 0 < tail < prefill.chunk_size and not caps.chunk_size_allowed(tail):
+        c.refuse(
+            "prefill.tail_chunk_size",
+            f"tail chunk size not allowed on {caps.id}'s NPU",
+            tail,
+            f"0 (off) or {caps.chunk_size_rule()}",
+        )
 
 
 def _check_threads(c: _Checks, profile: Profile, caps: Capabilities, backend: Backend) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -69,9 +70,10 @@ class DagEngine:
         return self.prefill.chunk_tokens
 
     def describe(self) -> dict[str, str]:
+        tail = self.prefill.kernels.tail_chunk_tokens if self.prefill.kernels is not None else 0
         return {
             "npu": self.npu_label,
-            "prefill": f"dag {self.prefill.policy}",
+            "prefill": f"dag {self.prefill.policy}" + (f", tail chunks of {tail}" if tail else ""),
             "attention": self.attention_name,
             "decode": self.decode_name,
         }
@@ -119,10 +121,17 @@ class DagEngine:
         return events
 
     def warm_up(self) -> None:
-        """Start the executor threads and touch each graph once (a one-chunk prefill + one step)."""
-        cache = self.new_cache(self.prefill.chunk_tokens + 2)
-        for _ in self.prefill_chunks(cache, [0, 0], chunk_size=self.prefill.chunk_tokens):
-            pass
+        """Start the executor threads and touch each graph once (a one-chunk prefill of each
+        static chunk size the plans use: a 2-token prompt, which may run as a tail chunk, and a
+        full chunk when it did not), then one decode step."""
+        size = self.prefill.chunk_tokens
+        cache = self.new_cache(size + 2)
+        for n in (2, size):
+            if n == size and self.prefill.chunk_rows(2) == (size,):
+                break  # the 2-token prompt ran a full chunk already
+            cache.reset()
+            for _ in self.prefill_chunks(cache, [0] * n, chunk_size=size):
+                pass
         self.decode_step(cache, 0)
         self.drain_events()
 
@@ -144,7 +153,12 @@ def seeded_latencies(kernels) -> LatencyModel:
     a qnn-htp bundle's device cost model, or its first-run profile on the device (never the
     simulator's timings: see `runtime.device_latency`; `kernels.latency_source` says which)."""
     profiled = kernels.latencies_ms() if kernels is not None else {}
-    return LatencyModel({("npu", kind, layer): ms / 1e3 for (layer, kind), ms in profiled.items()})
+    seeded: dict[tuple, float] = {("npu", kind, layer): ms / 1e3 for (layer, kind), ms in profiled.items()}
+    tail = kernels.tail_chunk_tokens if kernels is not None else 0
+    if tail:  # the tail graphs: the same work on fewer rows (measured ~linear in the rows)
+        share = tail / kernels.chunk_tokens
+        seeded |= {("npu", kind, layer, "rows", tail): ms / 1e3 * share for (layer, kind), ms in profiled.items()}
+    return LatencyModel(seeded)
 
 
 def build_dag_engine(
@@ -165,10 +179,17 @@ def build_dag_engine(
     if shadow_inputs is None and kernels is not None:
         shadow_inputs = tuple(sorted(kernels.shadowed))
 
-    def plan_for(n_chunks: int):
-        plan = build_plan(resolved, prompt_tokens=n_chunks * chunk, calibrated_shadow_inputs=shadow_inputs)
+    planned = resolved
+    if kernels is not None and kernels.tail_chunk_tokens == 0 and profile.prefill.tail_chunk_size:
+        planned = without_tail_chunks(resolved)  # kernels loaded without their tail graphs
+
+    def plan_for(n_tokens: int):
+        plan = build_plan(planned, prompt_tokens=n_tokens, calibrated_shadow_inputs=shadow_inputs)
         if kernels is not None:
             check_shadow_agreement(plan, kernels.shadowed)
+            if plan.tail_chunk_size != kernels.tail_chunk_tokens:
+                raise RuntimeError(f"the plan's tail chunks ({plan.tail_chunk_size} rows) differ from the "
+                                   f"NPU kernels' tail graphs ({kernels.tail_chunk_tokens})")  # fmt: skip
         return plan
 
     head = decoder.lm_head if decoder is not None else None
@@ -181,6 +202,14 @@ def build_dag_engine(
     )  # fmt: skip
     label = kernels.backend_label if kernels is not None else resolved.backend_label
     return DagEngine(float_engine, prefill, decoder, npu_label=label, kv_scales=kv_scales)
+
+
+def without_tail_chunks(resolved: Resolved) -> Resolved:
+    """`resolved` with `prefill.tail_chunk_size = 0`: plans of full chunks only."""
+    profile = resolved.profile
+    prefill = profile.prefill.model_copy(update={"tail_chunk_size": 0})
+    loaded = dataclasses.replace(resolved.loaded, profile=profile.model_copy(update={"prefill": prefill}))
+    return dataclasses.replace(resolved, loaded=loaded)
 
 
 def limit_malloc_retention() -> bool:
@@ -228,7 +257,7 @@ def open_npu_engine(
     Decode runs on `resolved.decode_threads` (both processors' threads, capped at the cores), over
     an int8 KV cache with the calibrated steps unless `decode.kv_cache = "float32"`."""
     limit_malloc_retention()
-    kernels = load_npu_kernels(resolved, artifacts)
+    kernels = load_npu_kernels(resolved, artifacts, tail=True)
     float_engine = FloatEngine(weights)  # no warm_up(): it would page in every float weight
     threads = decode_threads or resolved.decode_threads
     decoder = Int8Decoder(resolved.spec, weights.tok_embd, float_engine.rope, decode_graphs, threads)

@@ -4,9 +4,10 @@
     for chunk_done, logits in prefill.run(cache, new_token_ids, cancel=cancel):
         ...   # chunks commit to the KV cache in order; the last one carries the logits [1, vocab]
 
-The prompt (the tokens after what `cache` holds) is cut into `chunk_tokens` chunks, the last
-padded with PAD_TOKEN_ID rows that are never written to the cache, attended to or returned.
-Every subgraph of `plan_for(n_chunks)` runs once: linears placed on the NPU through
+The prompt (the tokens after what `cache` holds) is cut into the chunks of the plan for its
+length (`plan_for(n_tokens).chunk_rows`: full chunks of `chunk_tokens`, and maybe tail chunks of
+the tail graphs' static size), the last padded with PAD_TOKEN_ID rows that are never written to
+the cache, attended to or returned. Every subgraph of that plan runs once: linears placed on the NPU through
 `kernels.run_graph` on the NPU executor (one thread, in order); everything else (embedding,
 norms, RoPE + attention over the KV cache of all earlier chunks, shadow-outlier corrections,
 final norm, output head) on the CPU executor. A linear placed on the CPU (`npu_backend =
@@ -82,7 +83,7 @@ class DagPrefill:
         weights: LlamaWeights,
         rope: RopeTables,
         kernels,  # NpuLayerKernels, or None when nothing is placed on the NPU
-        plan_for: Callable[[int], object],  # n_chunks -> Plan
+        plan_for: Callable[[int], object],  # prompt tokens -> Plan
         *,
         chunk_tokens: int,
         policy: PolicyName = "out-of-order",
@@ -107,7 +108,8 @@ class DagPrefill:
         self.executors = {"npu": ProcessorExecutor("npu", 1), "cpu": ProcessorExecutor("cpu", cpu_threads)}
         self.on_event: Callable[[SubgraphEvent], None] | None = None
         self.last = PrefillStats()
-        self._graphs: dict[int, TaskGraph] = {}
+        self._graphs: dict[tuple[int, ...], TaskGraph] = {}  # chunk rows -> DAG
+        self._rows: dict[int, tuple[int, ...]] = {}  # prompt tokens -> chunk rows
 
     @property
     def blas_threads(self) -> int:
@@ -120,10 +122,20 @@ class DagPrefill:
         for executor in self.executors.values():
             executor.shutdown()
 
-    def graph(self, n_chunks: int) -> TaskGraph:
-        if n_chunks not in self._graphs:
-            self._graphs[n_chunks] = TaskGraph.from_plan(self.plan_for(n_chunks))
-        return self._graphs[n_chunks]
+    def graph(self, n_tokens: int) -> TaskGraph:
+        """The DAG of a prompt of `n_tokens` (one per distinct chunk layout, built once)."""
+        return self._graphs[self.chunk_rows(n_tokens)]
+
+    def chunk_rows(self, n_tokens: int) -> tuple[int, ...]:
+        """Static rows of each chunk of a prompt of `n_tokens`, as its plan cuts it."""
+        rows = self._rows.get(n_tokens)
+        if rows is None:
+            plan = self.plan_for(n_tokens)
+            rows = tuple(plan.chunk_rows) or (self.chunk_tokens,) * plan.n_chunks  # type: ignore[attr-defined]
+            if rows not in self._graphs:
+                self._graphs[rows] = TaskGraph.from_plan(plan)
+            self._rows[n_tokens] = rows
+        return rows
 
     # -- the run --------------------------------------------------------------------------
 
@@ -137,21 +149,22 @@ class DagPrefill:
         if cache.length + n > cache.capacity:
             raise ValueError(f"{n} tokens do not fit the KV cache ({cache.free} free)")
         cache.reserve(cache.length + n)  # before any task writes into the buffers
-        size = self.chunk_tokens
-        n_chunks = -(-n // size)
-        graph = self.graph(n_chunks)
+        rows = self.chunk_rows(n)
+        graph = self._graphs[rows]
         start0 = cache.length
-        self.rope.ensure(start0 + n_chunks * size)
+        self.rope.ensure(start0 + sum(rows))
         per_chunk: dict[int, int] = {}
         for task in graph.tasks.values():
             per_chunk[task.chunk] = per_chunk.get(task.chunk, 0) + 1
         chunks = []
-        for c in range(n_chunks):
-            real = list(token_ids[c * size : (c + 1) * size])
+        offset = 0
+        for c, size in enumerate(rows):
+            real = list(token_ids[offset : offset + size])
             ids = np.full(size, PAD_TOKEN_ID, np.int64)
             ids[: len(real)] = real
-            span = ChunkSpan(start=start0 + c * size, n_real=len(real), n_rows=size)
+            span = ChunkSpan(start=start0 + offset, n_real=len(real), n_rows=size)
             chunks.append(_Chunk(c, span, ids, per_chunk[c]))
+            offset += size
         yield from self._dispatch(graph, chunks, cache, cancel)
 
     def _dispatch(self, graph: TaskGraph, chunks: list[_Chunk], cache: KVCache, cancel) -> Iterator:

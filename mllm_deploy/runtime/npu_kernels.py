@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mllm_deploy.backends.base import GraphHandle
+from mllm_deploy.backends.base import GraphHandle, StaticRowsLoader
 from mllm_deploy.backends.registry import backend_support, open_backend
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.quantize import activation_quant_symmetric
@@ -38,6 +38,7 @@ from mllm_deploy.compile.shadow_store import SHADOW_DIR, read_index
 from mllm_deploy.forward.layers import silu_mul_
 from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.spec import ModelSpec
+from mllm_deploy.plan.passes import tail_chunk_tokens
 from mllm_deploy.runtime import device_latency
 from mllm_deploy.runtime.shadow import ColdRows, Correction, ShadowLinear, ShadowStats
 
@@ -46,12 +47,15 @@ class NpuLayerKernels:
     """Per-layer static-shape INT8 graphs on the NPU backend plus CPU shadow corrections."""
 
     def __init__(self, backend, handles: dict, shadows: dict[tuple[int, str], ShadowLinear], *,
-                 chunk_tokens: int, backend_label: str, latencies: dict[tuple[int, str], float]):  # fmt: skip
+                 chunk_tokens: int, backend_label: str, latencies: dict[tuple[int, str], float],
+                 tail_handles: dict | None = None, tail_chunk_tokens: int = 0):  # fmt: skip
         self.backend = backend
         self.backend_label = backend_label  # what really runs, e.g. "ort-cpu emulation (AMX INT8)"
         self.chunk_tokens = chunk_tokens  # static chunk size of every graph
         self.shadowed = frozenset(shadows)  # (layer, kind) with shadow correction
         self._handles = handles  # (layer, kind) → GraphHandle
+        self.tail_chunk_tokens = tail_chunk_tokens  # static rows of the tail graphs, or 0: none loaded
+        self._by_rows = {chunk_tokens: handles, **({tail_chunk_tokens: tail_handles} if tail_handles else {})}
         self._outputs = {key: list(h.outputs) for key, h in handles.items()}
         self._shadows = shadows
         self._latencies = latencies
@@ -67,8 +71,12 @@ class NpuLayerKernels:
         return dict(self._handles)
 
     def run_graph(self, layer: int, kind: str, x: np.ndarray) -> list[np.ndarray]:
-        """x float32 [chunk_tokens, in] → the graph's float32 outputs (see the module docstring)."""
-        handle = self._handles[(layer, kind)]
+        """x float32 [rows, in] → the graph's float32 outputs (see the module docstring); rows:
+        `chunk_tokens`, or `tail_chunk_tokens` (the same graph at the tail's static size)."""
+        graphs = self._by_rows.get(x.shape[0])
+        if graphs is None:
+            raise ValueError(f"no {kind} graph of {x.shape[0]} rows (static sizes: {sorted(self._by_rows)})")
+        handle = graphs[(layer, kind)]
         started = time.perf_counter()
         out = self.backend.run(handle, {LINEAR_GROUP[kind].graph_input: x})
         with self._lock:
@@ -132,20 +140,32 @@ class NpuLayerKernels:
         return dict(self._latencies)
 
 
-def load_npu_kernels(resolved, artifacts: Artifacts, layers: Sequence[int] | None = None) -> NpuLayerKernels:
+def load_npu_kernels(
+    resolved, artifacts: Artifacts, layers: Sequence[int] | None = None, *, tail: bool = False
+) -> NpuLayerKernels:
     """Load every graph of `artifacts` (`layers`: only those layers') on the resolved backend
     (QNN: the context binaries) and open the shadow rows (hot rows in memory; cold rows read from
-    their files on demand)."""
+    their files on demand). `tail`: also each graph at the plan's tail chunk size
+    (`plan.passes.tail_chunk_tokens`; none when the plan has no tail graphs)."""
     backend = open_backend(resolved.backend, **resolved.npu_backend_options())
     cal = artifacts.calibration
     n_layers = len(cal.layer_importance)
     handles: dict[tuple[int, str], GraphHandle] = {}
+    tail_handles: dict[tuple[int, str], GraphHandle] = {}
+    tail_rows = tail_chunk_tokens(resolved.profile, resolved.backend) if tail else 0
+    if tail_rows and not isinstance(backend, StaticRowsLoader):
+        raise RuntimeError(f"{resolved.backend} cannot load graphs at the tail chunk size {tail_rows}")
     shadows: dict[tuple[int, str], ShadowLinear] = {}
     contexts = backend_support(resolved.backend).context_binaries
     for layer in range(n_layers) if layers is None else layers:
         for kind in GRAPH_KINDS:
             path = artifacts.context_path(layer, kind) if contexts else artifacts.graph_path(layer, kind)
-            handle = backend.load(path)
+            if tail_rows:  # one copy of the weights behind both static sizes
+                assert isinstance(backend, StaticRowsLoader)
+                sizes = backend.load_sizes(path, (artifacts.lock.chunk_size, tail_rows))
+                handle, tail_handles[(layer, kind)] = sizes[artifacts.lock.chunk_size], sizes[tail_rows]
+            else:
+                handle = backend.load(path)
             handles[(layer, kind)] = handle
             if (layer, kind) in cal.shadowed:
                 grid = activation_quant_symmetric(cal.input(layer, kind).clamp, cal.activations)
@@ -162,7 +182,8 @@ def load_npu_kernels(resolved, artifacts: Artifacts, layers: Sequence[int] | Non
         seed, source = device_latency.device_latencies(backend, handles, artifacts.root, soc)
     latencies = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in seed.items()}
     kernels = NpuLayerKernels(backend, handles, shadows, chunk_tokens=artifacts.lock.chunk_size,
-                              backend_label=resolved.backend_label, latencies=latencies)  # fmt: skip
+                              backend_label=resolved.backend_label, latencies=latencies,
+                              tail_handles=tail_handles, tail_chunk_tokens=tail_rows)  # fmt: skip
     kernels.latency_source = source
     return kernels
 

@@ -52,6 +52,7 @@ class Task:
     layer: int = 0
     kind: str = "work"
     step: tuple = ()  # sequential position; tasks sharing a step may run together
+    rows: int = 0  # static rows of a tail chunk's subgraph (its own latencies); 0: a full chunk
 
 
 def plan_step(chunk: int, layer: int, kind: str, subgraph_id: str) -> tuple[int, int, int]:
@@ -84,9 +85,20 @@ class TaskGraph:
 
     @classmethod
     def from_plan(cls, plan) -> TaskGraph:
-        """The prefill DAG of a `Plan`, with sequential steps from (chunk, layer, kind)."""
+        """The prefill DAG of a `Plan`, with sequential steps from (chunk, layer, kind); a tail
+        chunk's tasks carry their rows."""
+        rows = list(getattr(plan, "chunk_rows", None) or [])
+        tail = {c for c, r in enumerate(rows) if r != plan.chunk_size}
         tasks = [
-            Task(s.id, s.processor, s.chunk, s.layer, s.kind, plan_step(s.chunk, s.layer, s.kind, s.id))
+            Task(
+                s.id,
+                s.processor,
+                s.chunk,
+                s.layer,
+                s.kind,
+                plan_step(s.chunk, s.layer, s.kind, s.id),
+                rows[s.chunk] if s.chunk in tail else 0,
+            )
             for s in plan.subgraphs
         ]
         return cls.from_edges(tasks, plan.edges)
@@ -95,7 +107,8 @@ class TaskGraph:
 class LatencyModel:
     """Expected seconds per task: seeded with profiled figures, refined by an exponential moving
     average of measured runs. Keys are `(processor, kind, layer)`; attention also keys on the
-    chunk (its cost grows with the context). Unknown keys fall back to the kind's mean."""
+    chunk (its cost grows with the context), a tail chunk's tasks on their rows. Unknown keys
+    fall back to the kind's mean (over keys of the same rows)."""
 
     def __init__(self, seeded: Mapping[tuple, float] | None = None, alpha: float = 0.3):
         self.alpha = alpha
@@ -105,13 +118,20 @@ class LatencyModel:
     def key(task: Task) -> tuple:
         if task.kind == "attention":
             return (task.processor, task.kind, task.layer, task.chunk)
+        if task.rows:
+            return (task.processor, task.kind, task.layer, "rows", task.rows)
         return (task.processor, task.kind, task.layer)
 
     def seconds(self, task: Task) -> float:
         value = self._mean.get(self.key(task))
         if value is not None:
             return value
-        same_kind = [v for k, v in self._mean.items() if k[:2] == (task.processor, task.kind)]
+        tail = task.rows and task.kind != "attention"
+        same_kind = [
+            v
+            for k, v in self._mean.items()
+            if k[:2] == (task.processor, task.kind) and (k[3:] == ("rows", task.rows) if tail else "rows" not in k)
+        ]
         return sum(same_kind) / len(same_kind) if same_kind else 0.0
 
     def observe(self, task: Task, seconds: float) -> None:

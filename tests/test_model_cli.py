@@ -40,7 +40,8 @@ def test_list_table(capsys, absent_model):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAME", "PRESENT", "VERIFIED", "COMES", "FROM", "SIZE", "PATH"]
     assert lines[1].split()[:3] == ["smollm2-135m-instruct", "yes", "yes"]
-    assert lines[2].split()[:3] == ["absent-model", "no", "-"]
+    assert lines[2].split()[:3] == ["gemma3-270m", "yes", "yes"]  # installed by `make install`
+    assert lines[3].split()[:3] == ["absent-model", "no", "-"]
 
 
 def test_pull_present_model_is_a_no_op(capsys):

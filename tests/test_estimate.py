@@ -16,8 +16,10 @@ from mllm_deploy.errors import ExitCode
 from mllm_deploy.estimate import EstimateRequest, estimate_rows
 from mllm_deploy.estimate.cost_model import efficiency, width_factor
 from mllm_deploy.estimate.simulate import critical_path
+from mllm_deploy.interface.deployment import load_deployment
 from mllm_deploy.model.cards import model_cards
 from mllm_deploy.runtime.scheduler import Task, TaskGraph, simulate
+from mllm_deploy.tui.plan_text import summary_section  # plain text, no textual
 
 COST = {
     "npu_efficiency": [{"rows": 32, "fraction": 0.1}, {"rows": 128, "fraction": 0.3}],
@@ -111,3 +113,10 @@ def test_estimate_command_json_csv_sweep_and_trace(tmp_path, capsys) -> None:
 def test_estimate_refuses_a_prompt_beyond_the_context(capsys) -> None:
     assert main(["estimate", "--prompt-tokens", "99999"]) == ExitCode.INVALID
     assert "prefill.max_context" in capsys.readouterr().err
+
+
+def test_tui_plan_view_shows_the_estimate() -> None:
+    deployment = load_deployment(None, ["device.target=sd8gen3", "model.source=card:qwen1.5-1.8b"])
+    summary = summary_section(deployment)
+    assert "Estimate on sd8gen3 (predicted, not measured" in summary
+    assert "  1024 tokens: TTFT " in summary and "bound by " in summary and ": fits" in summary

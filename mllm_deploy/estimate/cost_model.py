@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,10 +77,13 @@ class Pricing:
     decode_weight_bytes: int
     kv_bytes_per_token: int
     busy: Mapping[str, float] | None = None  # a first simulation's busy fractions (for `core_share`)
+    attention_s: Callable[[int, int], float] | None = None  # (rows, keys) -> s, measured (host), else ops
+    q_dim: int = 0  # query width, to read an attention's keys from its operations
 
     @classmethod
     def of(cls, caps: Capabilities, plan: Plan, memory: MemoryBudget, kv_bytes_per_token: int,
-           measured_npu_ms: Mapping[str, float] | None = None) -> Pricing:  # fmt: skip
+           measured_npu_ms: Mapping[str, float] | None = None,
+           attention_s: Callable[[int, int], float] | None = None, q_dim: int = 0) -> Pricing:  # fmt: skip
         return cls(
             caps=caps,
             cost=device_cost(caps),
@@ -92,6 +95,8 @@ class Pricing:
             measured_npu_ms=dict(measured_npu_ms or {}),
             decode_weight_bytes=memory.decode_weight_bytes or memory.cpu_weight_bytes,
             kv_bytes_per_token=kv_bytes_per_token,
+            attention_s=attention_s,
+            q_dim=q_dim,
         )
 
     # -- rates --------------------------------------------------------------------------------
@@ -137,10 +142,12 @@ class Pricing:
 
     def _npu(self, sub: Subgraph) -> tuple[float, Category]:
         overhead = (self.cost.npu_graph_launch_us + self.cost.npu_sync_us) * 1e-6
-        measured = self.measured_npu_ms.get(f"{sub.layer}/{sub.kind}")
-        if measured is not None:
-            return measured / 1e3 + self.cost.npu_sync_us * 1e-6, "npu compute"
         rows = sub.inputs[0].shape[0] if sub.inputs and sub.inputs[0].shape else self.chunk
+        measured = self.measured_npu_ms.get(f"{sub.layer}/{sub.kind}")
+        if measured is not None:  # measured on the full-chunk graph; a tail graph has fewer rows
+            scale = 1.0 if rows == self.chunk else rows / self.chunk * efficiency(self.cost, self.chunk) / efficiency(
+                self.cost, rows)  # fmt: skip
+            return measured * scale / 1e3 + self.cost.npu_sync_us * 1e-6, "npu compute"
         widths = [t.shape[-1] for t in (*sub.inputs, *sub.outputs) if len(t.shape) >= 2]
         narrow = min(widths) if widths else self.cost.npu_full_width
         rate = self.npu_ops_per_s * efficiency(self.cost, rows) * width_factor(self.cost, narrow)
@@ -161,6 +168,10 @@ class Pricing:
         if sub.kind == "shadow":
             return self.cost.shadow_task_us * 1e-6 + compute, "shadow work"
         if sub.kind == "attention":
+            rows = sub.inputs[0].shape[0] if sub.inputs and sub.inputs[0].shape else self.chunk
+            if self.attention_s is not None and self.q_dim and self.policy != "sequential":
+                keys = sub.ops // (4 * rows * self.q_dim)  # plan.passes.attention_ops
+                return fixed + self.attention_s(rows, keys), "cpu attention"
             return fixed + compute, "cpu attention"
         return fixed + compute, "cpu other"
 

@@ -19,7 +19,7 @@ from mllm_deploy.device import load_capabilities
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
 from mllm_deploy.estimate.cost_model import Pricing
-from mllm_deploy.estimate.host_calibration import measured_npu_latencies
+from mllm_deploy.estimate.host_calibration import measured_attention, measured_npu_latencies
 from mllm_deploy.estimate.simulate import Prediction, simulate_plan
 from mllm_deploy.interface.deployment import load_deployment_profile
 from mllm_deploy.model import read_spec
@@ -152,9 +152,10 @@ def _kv_bytes_per_token(resolved: Resolved) -> int:
 
 
 def estimate_configuration(
-    loaded: LoadedProfile, prompt_tokens: list[int], settings: dict[str, str]
+    loaded: LoadedProfile, prompt_tokens: list[int], settings: dict[str, str], *, live: bool = True
 ) -> list[Estimated]:
-    """Rows for one loaded profile (one device, model and setting) at each prompt length."""
+    """Rows for one loaded profile (one device, model and setting) at each prompt length. `live`
+    (host only): time the attention kernel and re-time a build graph now; else the stored figures."""
     resolved, caps, refusal = resolve_for_estimate(loaded)
     limit = resolved.profile.prefill.max_context
     for n in prompt_tokens:
@@ -164,11 +165,16 @@ def estimate_configuration(
                 allowed=f"1 to prefill.max_context ({limit}); raise it with --set prefill.max_context=N",
             )  # fmt: skip
     fits, available_mb, note = _fits(resolved, caps, refusal)
-    measured, calibration, shadow_inputs = measured_npu_latencies(resolved, caps)
+    measured, calibration, shadow_inputs = measured_npu_latencies(resolved, caps, live=live)
+    attention = measured_attention(resolved.spec) if caps.id == "host" and live else None
+    if attention is not None:
+        calibration += "; CPU attention: the runtime's kernel timed here"
     out = []
     for n in prompt_tokens:
         plan = build_plan(resolved, prompt_tokens=n, calibrated_shadow_inputs=shadow_inputs)
-        pricing = Pricing.of(caps, plan, resolved.memory, _kv_bytes_per_token(resolved), measured)
+        pricing = Pricing.of(
+            caps, plan, resolved.memory, _kv_bytes_per_token(resolved), measured, attention, resolved.spec.q_dim
+        )
         prediction = simulate_plan(plan, pricing)
         ttft = prediction.makespan_s
         memory = resolved.memory

@@ -12,8 +12,10 @@ import io
 import json
 from pathlib import Path
 
-from mllm_deploy.estimate.predict import Estimated, EstimateRow
+from mllm_deploy.errors import UserError
+from mllm_deploy.estimate.predict import Estimated, EstimateRow, estimate_configuration
 from mllm_deploy.events import SubgraphFinished
+from mllm_deploy.profile import LoadedProfile
 from mllm_deploy.runtime.trace import TraceRecorder
 
 
@@ -109,3 +111,23 @@ def trace_paths(base: str, estimated: list[Estimated]) -> list[Path]:
         name = f"{stem}-{e.row.device}-{model}-p{e.row.prompt_tokens}" + (f"-{i}" if e.row.settings else "")
         out.append(path.with_name(name + suffix))
     return out
+
+
+def estimate_text(loaded: LoadedProfile, prompt_tokens: tuple[int, ...] = (256, 1024)) -> str:
+    """A few lines for the TUI's plan view: the loaded profile's predicted TTFT, speeds and bottleneck
+    on its own target (stored figures only, nothing timed: the view must not wait)."""
+    limit = loaded.profile.prefill.max_context
+    lengths = [n for n in prompt_tokens if n <= limit] or [limit]
+    try:
+        rows = [e.row for e in estimate_configuration(loaded, lengths, {}, live=False)]
+    except UserError as err:
+        return "Estimate: not available (" + "; ".join(d.message for d in err.diagnostics) + ")"
+    lines = [f"Estimate on {rows[0].device} (predicted, not measured; `mllm-deploy estimate` for more)"]
+    for r in rows:
+        lines.append(
+            f"  {r.prompt_tokens:>5} tokens: TTFT {r.ttft_ms:,.0f} ms · prefill {r.prefill_tokens_per_s:,.0f} tok/s · "
+            f"decode {r.decode_tokens_per_s:.1f} tok/s · bound by {r.bound_by}"
+        )
+    fit = "fits" if rows[0].fits else f"does NOT fit: {rows[0].fits_note}"
+    lines.append(f"  memory {rows[0].peak_memory_mb['total']:,.0f} MB of {rows[0].memory_available_mb:,.0f} MB: {fit}")
+    return "\n".join(lines)

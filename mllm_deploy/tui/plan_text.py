@@ -5,6 +5,7 @@ No textual here (the plan screen shows these strings).
 
 from __future__ import annotations
 
+from mllm_deploy.estimate.render import estimate_text
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.plan.render import render_plan
 from mllm_deploy.tui.profile_values import profile_values
@@ -43,6 +44,7 @@ def summary_section(deployment: Deployment) -> str:
         f"  KV cache    {_mib(m.kv_cache_bytes)} {m.kv_cache_dtype} for {deployment.profile.prefill.max_context:,} tokens (in the CPU figure)",
         f"  graphs      {len(plan.graphs)} static NPU graph(s) shared by {plan.n_chunks} chunk(s) of {plan.chunk_size}",
         f"  outliers    {shadow.policy if shadow else deployment.profile.outliers.policy}; shadowed layers: {shadowed}",
+        estimate_text(deployment.loaded),  # predicted TTFT and speeds on the target (issue 18)
     ]
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from mllm_deploy.cli import (
     plan_cmd,
     run_cmd,
     schema_cmd,
+    serve_cmd,
     up_cmd,
     validate_cmd,
     verify_cmd,
@@ -53,6 +54,7 @@ COMMAND_MODULES = (
     bench_cmd,
     estimate_cmd,
     up_cmd,
+    serve_cmd,
 )
 
 

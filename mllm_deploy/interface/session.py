@@ -133,6 +133,11 @@ class ChatSession:
         """The assistant's reply to a whole conversation (user/assistant messages; `system`
         overrides the profile's system prompt; a conversation starting with its own system
         message keeps it). Does not change `self.messages`."""
+        return self.generate(self.chat_ids(messages, system=system), cancel=cancel, max_new_tokens=max_new_tokens)
+
+    def chat_ids(self, messages: list[dict], *, system: str | None = None) -> list[int]:
+        """The token ids of a whole conversation rendered with the chat template and the
+        generation prompt (the system message chosen as `reply_to` says)."""
         if messages and messages[0].get("role") == "system":
             head: list[dict] = []
         elif system is not None:
@@ -140,15 +145,32 @@ class ChatSession:
         else:
             head = self.system_messages
         text = self.model.render([*head, *messages], add_generation_prompt=True)
-        ids = self.model.tokenizer.encode(text, allow_special=True)
-        return self._generate(ids, cancel, max_new_tokens)
+        return self.model.tokenizer.encode(text, allow_special=True)
 
     def complete(self, text: str, *, cancel=None, max_new_tokens: int | None = None) -> Iterator[TurnEvent]:
         """Continue raw text (no chat template); BOS is added when the model asks for it."""
-        ids = self.model.tokenizer.encode(text, allow_special=True)
-        return self._generate(ids, cancel, max_new_tokens)
+        return self.generate(self.model.tokenizer.encode(text, allow_special=True), cancel=cancel,
+                             max_new_tokens=max_new_tokens)  # fmt: skip
 
-    def _generate(self, ids: list[int], cancel, max_new_tokens: int | None) -> Iterator[TurnEvent]:
+    def release_cache(self) -> None:
+        """Forget the conversation and free its KV cache's memory (a new, empty cache replaces
+        it: what the server does for a request whose client went away)."""
+        self.messages = []
+        self.cache = self.model.engine.new_cache(self.profile.prefill.max_context)
+
+    def generate(
+        self,
+        ids: list[int],
+        *,
+        cancel=None,
+        max_new_tokens: int | None = None,
+        sampling: SamplingSettings | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> Iterator[TurnEvent]:
+        """Generate after the token ids `ids` (reusing the prefix this session's cache holds),
+        with the profile's decode settings unless `sampling` is given; `stop` strings are added
+        to the profile's `decode.stop`. The prompt is fitted to `prefill.max_context` by
+        `prefill.overflow` (UserError exit 2 when it is "error" and the prompt does not fit)."""
         if not ids:
             raise UserError([Diagnostic(message="the prompt is empty")])
         decode, prefill = self.profile.decode, self.profile.prefill
@@ -156,9 +178,9 @@ class ChatSession:
         ids, dropped = fit_to_context(ids, prefill.max_context, prefill.overflow, max_new, locate=self._locate)
         request = GenerationRequest(
             max_new_tokens=max_new,
-            sampling=SamplingSettings.from_decode_section(decode),
+            sampling=sampling if sampling is not None else SamplingSettings.from_decode_section(decode),
             eos_ids=tuple(self.model.tokenizer.eos_ids),
-            stop=tuple(decode.stop),
+            stop=tuple(dict.fromkeys((*decode.stop, *stop))),
             chunk_size=min(prefill.chunk_size, prefill.max_context),
             truncated_tokens=dropped,
         )

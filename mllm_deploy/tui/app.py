@@ -20,6 +20,7 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header, Input
 
 from mllm_deploy.errors import UserError
+from mllm_deploy.events import reporting
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.session import ChatSession, LoadedModel, load_model
 from mllm_deploy.profile import LoadedProfile
@@ -33,12 +34,12 @@ from mllm_deploy.runtime.telemetry import (
 from mllm_deploy.tui.app_state import ModelLoader, SessionFactory
 from mllm_deploy.tui.command_handlers import CommandHandlers
 from mllm_deploy.tui.commands import chat_text, parse_command
-from mllm_deploy.tui.formatting import prefill_line, seconds
-from mllm_deploy.tui.messages import ModelFailed, ModelReady, WorkKind
+from mllm_deploy.tui.formatting import loading_line, prefill_line, seconds
+from mllm_deploy.tui.messages import LoadNote, LoadProgress, LoadReporter, ModelFailed, ModelReady, WorkKind
 from mllm_deploy.tui.session_adapter import close_engine, executor_slots
 from mllm_deploy.tui.sessions import SavedSession
 from mllm_deploy.tui.telemetry_view import LANE_SECONDS, telemetry_state
-from mllm_deploy.tui.turn_handlers import TurnHandlers
+from mllm_deploy.tui.turn_handlers import LoadStage, QueuedQuestion, TurnHandlers
 from mllm_deploy.tui.widgets.prompt_input import PromptInput
 from mllm_deploy.tui.widgets.telemetry_panel import TelemetryPanel
 from mllm_deploy.tui.widgets.transcript import MessageView, Transcript
@@ -95,6 +96,8 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         self.tokens_emitted = 0
         self.loading_started: float | None = None
         self.loading_detail = ""  # the last progress line of the model build
+        self.load_stage: LoadStage | None = None  # the long step the loading reports (calibration, graphs)
+        self.queued: list[QueuedQuestion] = []  # questions sent while the model loads, in order
         self.decoding = False  # the running turn is past its prefill
         self.engine_synchronous = deployment.backend == "none"
         self.metrics = SessionMetrics()
@@ -168,6 +171,7 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         self.model = self.session = None
         self.loading_started = time.perf_counter()
         self.loading_detail = ""
+        self.load_stage = None
         self.note(f"loading {self.deployment.profile.model.source} (weights, tokenizer, chat template)…")
         self.load_model_worker(self.deployment, reason)
         self.refresh_telemetry(sample=False)
@@ -175,7 +179,8 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
     @work(thread=True, group="model", exclusive=True)
     def load_model_worker(self, deployment: Deployment, reason: str) -> None:
         try:
-            model = self.model_loader(deployment)
+            with reporting(LoadReporter(self)):  # calibration and graph builds report here, not to stderr
+                model = self.model_loader(deployment)
             session = self.session_factory(model, deployment.loaded)
         except UserError as err:
             self.post_message(ModelFailed(str(err)))
@@ -191,6 +196,21 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         if lines and self.loading_started is not None:
             self.loading_detail = lines[-1]
 
+    def on_load_progress(self, message: LoadProgress) -> None:
+        """Stage, k of N and the stage's ETA in the loading line."""
+        if self.loading_started is None:
+            return
+        stage = self.load_stage
+        if stage is None or stage.name != message.stage or message.done < stage.first_done:
+            stage = LoadStage(message.stage, message.done, message.t)
+        self.load_stage = stage.at(message.done, message.total, message.t)
+        self.refresh_telemetry(sample=False)
+
+    def on_load_note(self, message: LoadNote) -> None:
+        lines = [line.strip() for line in message.text.splitlines() if line.strip()]
+        if lines and self.loading_started is not None:
+            self.loading_detail = lines[-1]
+
     def on_model_ready(self, message: ModelReady) -> None:
         self.model, self.session = message.model, message.session
         self.tracker = UtilizationTracker(slots=executor_slots(self.model), keep_seconds=TRACKER_KEEP_SECONDS)
@@ -202,9 +222,11 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
         spec = getattr(self.model, "spec", None)
         self.note(f"model ready: {getattr(spec, 'name', 'model')} in {seconds(elapsed)} · {self.deployment.npu_label} · "
                   f"context {self.deployment.profile.prefill.max_context:,} tokens · /help for commands")  # fmt: skip
+        self.send_next_queued()
 
     def on_model_failed(self, message: ModelFailed) -> None:
         self.loading_started = None
+        self.drop_queued("not sent: the model failed to load")
         self.note(message.text, role="error")
         self.notify(message.text, title="Model failed", severity="error", timeout=10)
 
@@ -229,8 +251,16 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
 
     def progress_text(self, now: float) -> str:
         if self.loading_started is not None:
-            detail = f" · {self.loading_detail}" if self.loading_detail else ""
-            return f"loading model… {now - self.loading_started:.1f} s{detail}"
+            elapsed = now - self.loading_started
+            stage = self.load_stage
+            running = stage is not None and stage.done < stage.total
+            if stage is not None and running:
+                line = loading_line(elapsed, stage.name, stage.done, stage.total, stage.seconds, stage.units)
+            else:
+                line = loading_line(elapsed, "", 0, 0, 0.0, 0)
+            detail = f" · {self.loading_detail}" if self.loading_detail and not running else ""
+            pending = f" · {len(self.queued)} question(s) pending" if self.queued else ""
+            return f"{line}{detail}{pending}"
         if self.busy is None:
             return ""
         if self.tokens_emitted:
@@ -258,9 +288,12 @@ class DeployApp(TurnHandlers, CommandHandlers, App[int]):
 
     # ---- actions --------------------------------------------------------------------------------------
     def action_cancel_work(self) -> None:
+        """Esc: cancel the running turn or document prefill, and every question still pending."""
         if self.cancel_event is not None and not self.cancel_event.is_set():
             self.cancel_event.set()
             self.notify("cancelling: stops after the current chunk or token", timeout=3)
+        if self.queued:
+            self.drop_queued("cancelled (Esc): not sent")
 
     async def action_quit(self) -> None:
         self.quit_app()

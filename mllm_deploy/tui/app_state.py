@@ -21,6 +21,7 @@ from mllm_deploy.tui.messages import WorkKind
 if TYPE_CHECKING:
     from textual.app import App
 
+    from mllm_deploy.tui.turn_handlers import QueuedQuestion
     from mllm_deploy.tui.widgets.transcript import MessageView, Transcript
 
     _AppBase = App[int]
@@ -54,6 +55,7 @@ class AppState(_AppBase):
     last_turn: str
     tracker: UtilizationTracker
     transcript: Transcript
+    queued: list[QueuedQuestion]  # questions sent while the model loads
 
     if TYPE_CHECKING:
         # defined by DeployApp (app.py)

@@ -100,3 +100,14 @@ def stats_text(metrics: SessionMetrics, *, load_seconds: float | None, peak_rss_
 def document_message(name: str, text: str) -> str:
     """The user-message prefix that carries a loaded document; the question follows it."""
     return f"Here is a document ({name}):\n\n{text.strip()}\n\n"
+
+
+def loading_line(elapsed: float, stage: str, done: int, total: int, stage_seconds: float, units: int) -> str:
+    """`loading model… 41.2 s · building graphs 12/30 · ETA 18.0 s`: the stage's ETA is its mean
+    rate so far (`units` done in `stage_seconds` since the stage began) over what is left."""
+    head = f"loading model… {elapsed:.1f} s"
+    if not stage:
+        return head
+    left = max(0, total - done)
+    eta = seconds(left * stage_seconds / units) if units > 0 and stage_seconds > 0 else "-"
+    return f"{head} · {stage} {done}/{total} · ETA {eta}"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
+from textual.app import App
 from textual.message import Message
 
 from mllm_deploy.interface.session import ChatSession, LoadedModel
@@ -20,6 +22,39 @@ class ModelReady(Message):
         self.model = model
         self.session = session
         self.reason = reason  # "start", "/set ...", ...
+
+
+class LoadProgress(Message):
+    """A long step of the model's loading (calibration, graph builds, ...): `done` of `total`."""
+
+    def __init__(self, stage: str, done: int, total: int, t: float) -> None:
+        super().__init__()
+        self.stage = stage
+        self.done = done
+        self.total = total
+        self.t = t  # time.perf_counter() when it was reported
+
+
+class LoadNote(Message):
+    """An informational line of the model's loading (what was built, where, how long it took)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class LoadReporter:
+    """The progress reporter (events.ProgressReporter) of a loading worker: posts what the
+    pipeline reports as messages to the app (thread-safe), never touching a widget."""
+
+    def __init__(self, app: App[int]) -> None:
+        self.app = app
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.app.post_message(LoadProgress(stage, done, total, time.perf_counter()))
+
+    def note(self, message: str) -> None:
+        self.app.post_message(LoadNote(message))
 
 
 class ModelFailed(Message):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from textual import work
 
@@ -18,6 +19,37 @@ from mllm_deploy.tui.formatting import seconds, turn_metrics_line, turn_summary_
 from mllm_deploy.tui.messages import EngineEvent, EngineStepStarted, SubgraphEvents, WorkFailed, WorkKind, WorkStopped
 from mllm_deploy.tui.session_adapter import SubgraphRelay, relay_subgraph_events
 from mllm_deploy.tui.telemetry_view import ENGINE_SPAN
+from mllm_deploy.tui.widgets.transcript import MessageView
+
+PENDING_TEXT = "pending: will send when the model is ready · Esc cancels"
+
+
+@dataclass
+class QueuedQuestion:
+    """A question sent while the model loads: shown at once, sent when the model is ready."""
+
+    text: str
+    view: MessageView  # the user's message in the transcript
+    pending: MessageView  # the note under it that says it waits
+
+
+@dataclass(frozen=True)
+class LoadStage:
+    """The long step the model's loading reported last (calibration, graph builds, ...)."""
+
+    name: str
+    first_done: int  # units done when the stage was first seen (its rate counts from there)
+    started: float  # time.perf_counter() then
+    done: int = 0
+    total: int = 0
+    seconds: float = 0.0  # since `started`, at the last report
+
+    @property
+    def units(self) -> int:
+        return self.done - self.first_done
+
+    def at(self, done: int, total: int, t: float) -> LoadStage:
+        return replace(self, done=done, total=total, seconds=t - self.started)
 
 
 class TurnHandlers(AppState):
@@ -63,7 +95,14 @@ class TurnHandlers(AppState):
             return False
         return True
 
-    def start_turn(self, text: str) -> None:
+    def start_turn(self, text: str, shown_as: MessageView | None = None) -> None:
+        """Send `text` now, or queue it while the model loads (`shown_as`: its message, already
+        in the transcript, when a queued question is sent)."""
+        if self.session is None and self.loading_started is not None:
+            view = self.transcript.add("user", text)
+            self.queued.append(QueuedQuestion(text, view, self.note(PENDING_TEXT)))
+            self.refresh_telemetry(sample=False)
+            return
         if not self.ready_for_work():
             return
         prompt = text
@@ -72,11 +111,29 @@ class TurnHandlers(AppState):
             prompt = self.pending_document["message"] + text
             shown = f"{text}\n(about {self.pending_document['path']})"
             self.pending_document = None
-        self.transcript.add("user", shown)
+        if shown_as is None:
+            self.transcript.add("user", shown)
         self.current_reply = self.transcript.add("assistant")
         session = self.session
         assert session is not None  # ready_for_work() checked it
         self.start_work("turn", lambda cancel: session.send(prompt, cancel=cancel))
+
+    def send_next_queued(self) -> None:
+        """The oldest pending question, sent now that the model is ready and idle."""
+        if self.queued and self.session is not None and self.busy is None:
+            question = self.queued.pop(0)
+            question.pending.remove()
+            self.start_turn(question.text, shown_as=question.view)
+
+    def drop_queued(self, why: str) -> None:
+        """Every pending question, marked `why` and forgotten."""
+        for question in self.queued:
+            question.pending.remove()
+            question.view.append(f"  [{why}]")
+        if self.queued:
+            self.notify(f"{len(self.queued)} pending question(s) {why}", timeout=4)
+        self.queued = []
+        self.refresh_telemetry(sample=False)
 
     def on_engine_step_started(self, message: EngineStepStarted) -> None:
         """The worker's thread computes the next event itself: the float engine always, the NPU
@@ -151,3 +208,4 @@ class TurnHandlers(AppState):
         self.current_reply = None
         self.activity = ""
         self.refresh_telemetry(sample=False)
+        self.send_next_queued()

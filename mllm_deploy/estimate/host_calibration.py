@@ -37,25 +37,26 @@ AttentionSeconds = Callable[[int, int], float]
 
 def measured_npu_latencies(
     resolved: Resolved, caps: Capabilities, *, live: bool = True
-) -> tuple[dict[str, float], str, tuple[tuple[int, str], ...] | None]:
-    """(layer/kind -> ms measured at build, what prices this row, calibrated shadow inputs or None).
-    `live`: re-time one graph now and scale the build's latencies to this moment's load."""
+) -> tuple[dict[str, float], str, tuple[tuple[int, str], ...] | None, float]:
+    """(layer/kind -> ms measured at build, what prices this row, calibrated shadow inputs or None,
+    load factor). `live`: re-time one graph now and scale the build's latencies (and the host's
+    measured decode rate) to this moment's load."""
     catalog = f"{caps.id} cost model (device catalog; figures and sources in device/catalog/{caps.id}.toml)"
     if caps.id != "host" or resolved.backend == "none":
-        return {}, catalog, None
+        return {}, catalog, None, 1.0
     # deferred on purpose: finding a build brings the compiler's modules (onnx), only for the host
     from mllm_deploy.compile.build import find_artifacts  # noqa: PLC0415
 
     artifacts = find_artifacts(resolved)
     if artifacts is None:
-        return {}, catalog + "; not built here, so no measured graph latencies (run `mllm-deploy build`)", None
+        return {}, catalog + "; not built here, so no measured graph latencies (run `mllm-deploy build`)", None, 1.0
     shadow = tuple(artifacts.calibration.shadow_inputs)
     factor, how = _load_factor(artifacts, resolved) if live else (1.0, "as measured at build")
     label = (
         f"host: NPU graphs from the build's measured latencies ({len(artifacts.latencies_ms)} graphs, "
         f"{resolved.backend_label}) x {factor:.2f} ({how}); CPU side from host.toml's measured figures"
     )
-    return {key: ms * factor for key, ms in artifacts.latencies_ms.items()}, label, shadow
+    return {key: ms * factor for key, ms in artifacts.latencies_ms.items()}, label, shadow, factor
 
 
 LOAD_PROBE = (0, "gate_up")

@@ -165,7 +165,7 @@ def estimate_configuration(
                 allowed=f"1 to prefill.max_context ({limit}); raise it with --set prefill.max_context=N",
             )  # fmt: skip
     fits, available_mb, note = _fits(resolved, caps, refusal)
-    measured, calibration, shadow_inputs = measured_npu_latencies(resolved, caps, live=live)
+    measured, calibration, shadow_inputs, load = measured_npu_latencies(resolved, caps, live=live)
     attention = measured_attention(resolved.spec) if caps.id == "host" and live else None
     if attention is not None:
         calibration += "; CPU attention: the runtime's kernel timed here"
@@ -190,7 +190,7 @@ def estimate_configuration(
             backend=plan.backend_label,
             ttft_ms=round(ttft * 1e3, 2),
             prefill_tokens_per_s=round(n / ttft, 1) if ttft > 0 else 0.0,
-            decode_tokens_per_s=round(1.0 / pricing.decode_step_seconds(n), 1),
+            decode_tokens_per_s=round(1.0 / (pricing.decode_step_seconds(n) * load), 1),
             peak_memory_mb={
                 "npu": round(memory.npu_bytes / MB, 1),
                 "cpu": round(memory.cpu_bytes / MB, 1),

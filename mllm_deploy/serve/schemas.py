@@ -118,7 +118,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | list[str]
     """Raw text continued without the chat template (a list must hold exactly one string)."""
 
     def token_limit(self) -> int | None:

@@ -113,6 +113,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     except OSError as exc:
         raise user_error(f"cannot listen on {host}:{port}: {exc.strerror or exc}", key="--host/--port",
                          value=f"{host}:{port}", hint="choose another --port (0: any free one)",

@@ -15,7 +15,7 @@ from plan_fixtures import capabilities, pinned_host
 from tiny_models import tiny_npu_sets as sets
 
 from mllm_deploy import cli
-from mllm_deploy.compile.bundle import BundleAccuracy, BundleLock
+from mllm_deploy.compile.bundle_lock import BundleAccuracy, BundleLock
 from mllm_deploy.errors import ExitCode, UserError
 from mllm_deploy.interface.accuracy import gate_accuracy, heldout_text, measured_path
 from mllm_deploy.model import read_spec

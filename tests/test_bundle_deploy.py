@@ -28,7 +28,8 @@ import tiny_models
 from conftest import cache_env
 
 from mllm_deploy.cli.eval_cmd import report_text
-from mllm_deploy.compile.bundle import BUNDLE_FORMAT, BUNDLE_PARTS, BundleLock, bundle_sizes
+from mllm_deploy.compile.bundle_contents import BUNDLE_PARTS, bundle_sizes
+from mllm_deploy.compile.bundle_lock import BUNDLE_FORMAT, BundleLock
 from mllm_deploy.errors import UserError
 from mllm_deploy.eval import reference as reference_module
 from mllm_deploy.eval.report import evaluate_profile
@@ -186,6 +187,13 @@ def test_the_lockfile_records_the_build_and_every_file(deployed):
     assert lock.latencies is not None and lock.latencies.source == "build-host"  # ort-cpu: profiled where it runs
     # the model: the original's identity, but only what a run reads (the graphs hold the linears)
     assert lock.model.trimmed and lock.files["model/smollm2.gguf"].size < builtin.file_bytes / 2
+    # ... nor the tied Q8_0 embedding: the decode head's blocks of 32 are its one copy (30.1 MB)
+    from mllm_deploy.model.gguf_file import GGUFFile
+    from mllm_deploy.model.gguf_trim import embedding_in_head
+
+    trimmed = GGUFFile(deployed.bundle / "model" / "smollm2.gguf")
+    assert "token_embd.weight" not in trimmed.tensors and embedding_in_head(trimmed) is not None
+    assert lock.files["model/smollm2.gguf"].size < 3_000_000 < 30_000_000 < lock.files["decode/head.onnx.data"].size
     assert "profiled at build on ort-cpu emulation" in lock.latencies.detail
 
 
@@ -196,7 +204,7 @@ def test_build_prints_each_part_and_the_total(deployed):
         files, size = sizes[part]
         assert f"  {part:<17}{files:>5} files {size / 1e6:>9.1f} MB" in out, part
     total = sum(size for _, size in sizes.values())
-    assert f"{total / 1e6:.1f} MB" in out and sizes["decode graphs"][0] == 2 and sizes["context binaries"] == (0, 0)
+    assert f"{total / 1e6:.1f} MB" in out and sizes["decode graphs"][0] == 4 and sizes["context binaries"] == (0, 0)
     assert sizes["model"][1] == deployed.lock.files["model/smollm2.gguf"].size
 
 

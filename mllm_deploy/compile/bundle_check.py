@@ -7,11 +7,8 @@ Checked, in this order (each refusal is one diagnostic naming the bundle, the fi
 field, what was expected and what was found; docs/deploy.md lists them):
 
 1. the lockfile parses (else exit 2) and has format version `BUNDLE_FORMAT` (else exit 3);
-2. every file it lists is there with its size, and its sha256 (exit 3). Hashing the default
-   model's bundle takes ~0.45 s warm and ~1.5 s cold here, so a file's verified hash is
-   remembered in `cache_dir()/verified-bundles.json` keyed by its path, size, mtime, ctime and
-   inode (any write to the file changes its ctime) and later opens only `stat` it;
-   `rehash=True` hashes everything again;
+2. every file it lists is there with its size, and its sha256 (exit 3; `compile.bundle_files`:
+   a file's verified hash is remembered, `rehash=True` hashes everything again);
 3. the artifact and decode-graph formats are this version's (exit 3);
 4. library versions (`check_bundle_versions`): QNN context binaries need the onnxruntime and
    onnxruntime-qnn they were compiled with (refused otherwise); plain QDQ graphs on the CPU
@@ -27,11 +24,9 @@ machine's Hexagon NPU (exit 3 naming the file).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypedDict, Unpack
 
 from pydantic import ValidationError
 
@@ -48,27 +43,16 @@ from mllm_deploy.compile.artifacts import (
     graph_settings,
     open_entry,
 )
-from mllm_deploy.compile.bundle import (
-    ARTIFACTS_DIR,
-    BUNDLE_FORMAT,
-    BUNDLE_INFO,
-    DECODE_DIR,
-    BundleLock,
-    BundleVersions,
-    decode_graph_names,
-    installed_versions,
-    is_bundle,
-)  # fmt: skip
+from mllm_deploy.compile.bundle import ARTIFACTS_DIR, BUNDLE_INFO, DECODE_DIR, decode_graph_names, is_bundle
+from mllm_deploy.compile.bundle_files import remember_verified, verify_bundle_files
+from mllm_deploy.compile.bundle_lock import BUNDLE_FORMAT, BundleLock, BundleVersions, installed_versions
+from mllm_deploy.compile.bundle_refusal import REBUILD, refuse_bundle
 from mllm_deploy.compile.decode_weights import data_file
 from mllm_deploy.device.host import OptIn
 from mllm_deploy.device.models import HostProbe
 from mllm_deploy.device.probe import probe_host
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
-from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
 from mllm_deploy.resolve import Resolved
-
-REBUILD = "rebuild it on the host: mllm-deploy build PROFILE --out DIR"
-STAMPS = "verified-bundles.json"
 
 
 @dataclass(frozen=True)
@@ -103,37 +87,15 @@ def open_bundle(
     only asked for a qnn-htp bundle)."""
     root = Path(path).resolve()
     lock = read_lock(root)
-    fresh = _verify_files(root, lock, rehash=rehash)
+    fresh = verify_bundle_files(root, lock, rehash=rehash)
     _check_formats(root, lock)
     warnings = check_bundle_versions(lock, root, installed_versions())
     allow_simulator = allow_simulator or opt_in == "simulator"
     warnings += check_bundle_target(lock, root, host=host, allow_simulator=allow_simulator,
                                     allow_emulation=opt_in == "emulate")  # fmt: skip
     _check_consistent(root, lock)
-    _remember(fresh)
+    remember_verified(fresh)
     return OpenedBundle(root, lock, tuple(warnings))
-
-
-def _refuse(
-    root: Path,
-    message: str,
-    *,
-    file: Path | None = None,
-    exit_code: ExitCode = ExitCode.CANNOT_RUN,
-    hint: str = REBUILD,
-    **more: Unpack[Where],
-) -> UserError:
-    """One refusal of the bundle at `root`, located at `file` (default: its lockfile)."""
-    return user_error(f"bundle {root}: {message}", file=str(file or root / BUNDLE_INFO), exit_code=exit_code,
-                      hint=hint, **more)  # fmt: skip
-
-
-class Where(TypedDict, total=False):
-    """What a refusal names besides the file: the lockfile field, what was found, what was expected."""
-
-    key: str | None
-    value: object
-    allowed: str | None
 
 
 def read_lock(root: Path) -> BundleLock:
@@ -142,16 +104,16 @@ def read_lock(root: Path) -> BundleLock:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise _refuse(root, f"its lockfile {BUNDLE_INFO} is missing", exit_code=ExitCode.INVALID) from None
+        raise refuse_bundle(root, f"its lockfile {BUNDLE_INFO} is missing", exit_code=ExitCode.INVALID) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _refuse(root, f"its lockfile does not parse as JSON: {exc}", exit_code=ExitCode.INVALID) from None
+        raise refuse_bundle(root, f"its lockfile does not parse as JSON: {exc}", exit_code=ExitCode.INVALID) from None
     if not isinstance(data, dict):
-        raise _refuse(root, "its lockfile is not a JSON object", exit_code=ExitCode.INVALID)
+        raise refuse_bundle(root, "its lockfile is not a JSON object", exit_code=ExitCode.INVALID)
     version = data.get("format_version")
     if version != BUNDLE_FORMAT:
         found = ("format 1 (written by an older mllm-deploy)" if version is None and "schema_version" in data
                  else f"format {version!r}")  # fmt: skip
-        raise _refuse(root, f"this mllm-deploy ({__version__}) reads bundle format {BUNDLE_FORMAT}; the bundle has {found}",
+        raise refuse_bundle(root, f"this mllm-deploy ({__version__}) reads bundle format {BUNDLE_FORMAT}; the bundle has {found}",
                       key="format_version", value=version, allowed=str(BUNDLE_FORMAT),
                       hint=f"run it with the mllm-deploy that built it, or {REBUILD}")  # fmt: skip
     try:
@@ -159,65 +121,14 @@ def read_lock(root: Path) -> BundleLock:
     except ValidationError as exc:
         error = exc.errors()[0]
         key = ".".join(str(part) for part in error["loc"])
-        raise _refuse(root, f"its lockfile is not valid: {error['msg']}", key=key or None,
+        raise refuse_bundle(root, f"its lockfile is not valid: {error['msg']}", key=key or None,
                       exit_code=ExitCode.INVALID) from None  # fmt: skip
     for rel in lock.files:
         pure = PurePosixPath(rel)
         if pure.is_absolute() or ".." in pure.parts or rel == BUNDLE_INFO:
-            raise _refuse(root, f"its lockfile lists {rel!r}, which is not a file inside the bundle",
+            raise refuse_bundle(root, f"its lockfile lists {rel!r}, which is not a file inside the bundle",
                           key="files", exit_code=ExitCode.INVALID)  # fmt: skip
     return lock
-
-
-def _stamp_path() -> Path:
-    return cache_dir() / STAMPS
-
-
-def _load_stamps() -> dict[str, dict[str, object]]:
-    try:
-        known = json.loads(_stamp_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return known if isinstance(known, dict) else {}
-
-
-def _verify_files(root: Path, lock: BundleLock, *, rehash: bool) -> dict[str, dict[str, object]]:
-    """Every listed file exists with its size and sha256; returns the stamps of files hashed now."""
-    known = {} if rehash else _load_stamps()
-    fresh: dict[str, dict[str, object]] = {}
-    for rel, entry in lock.files.items():
-        path = root / rel
-        try:
-            st = path.stat()
-        except OSError:
-            raise _refuse(root, f"{rel} is missing (its lockfile lists {entry.size} bytes)", file=path,
-                          hint=f"copy the whole bundle again, or {REBUILD}") from None  # fmt: skip
-        if st.st_size != entry.size or not path.is_file():
-            raise _refuse(root, f"{rel} has {st.st_size} bytes; its lockfile says {entry.size}", file=path,
-                          hint=f"the copy is damaged or was changed: copy the bundle again, or {REBUILD}")  # fmt: skip
-        stamp: dict[str, object] = {
-            "stamp": [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino],
-            "sha256": entry.sha256,
-        }
-        if known.get(str(path)) == stamp:
-            continue
-        digest = sha256_file(path)
-        if digest != entry.sha256:
-            raise _refuse(root, f"{rel} has sha256 {digest[:16]}...; its lockfile says {entry.sha256[:16]}...",
-                          file=path, hint=f"the copy is damaged or was changed: copy the bundle again, or {REBUILD}")  # fmt: skip
-        fresh[str(path)] = stamp
-    return fresh
-
-
-def _remember(fresh: dict[str, dict[str, object]]) -> None:
-    """Record the files verified now (and forget files that no longer exist); best effort."""
-    if not fresh:
-        return
-    known = _load_stamps()
-    known = {p: s for p, s in known.items() if Path(p).exists()}
-    known.update(fresh)
-    with contextlib.suppress(OSError):  # a read-only cache: the next open hashes again
-        atomic_write_text(_stamp_path(), json.dumps(known))
 
 
 def _check_formats(root: Path, lock: BundleLock) -> None:
@@ -225,7 +136,7 @@ def _check_formats(root: Path, lock: BundleLock) -> None:
                   "decode_format": (lock.decode_format, DECODE_FORMAT)}  # fmt: skip
     for key, (built, here) in from_build.items():
         if built != here:
-            raise _refuse(root, f"its {key.replace('_', ' ')} is {built!r}; this mllm-deploy ({__version__}) reads {here!r}",
+            raise refuse_bundle(root, f"its {key.replace('_', ' ')} is {built!r}; this mllm-deploy ({__version__}) reads {here!r}",
                           key=key, value=built, allowed=repr(here),
                           hint=f"run it with the mllm-deploy that built it, or {REBUILD}")  # fmt: skip
 
@@ -239,7 +150,7 @@ def check_bundle_versions(lock: BundleLock, root: Path, here: BundleVersions) ->
     warning: its kernels may round differently, so output may differ from the build machine's)."""
     built = lock.versions
     if here.onnxruntime is None:
-        raise _refuse(root, f"onnxruntime is not installed; the bundle's graphs need it (built with {built.onnxruntime})",
+        raise refuse_bundle(root, f"onnxruntime is not installed; the bundle's graphs need it (built with {built.onnxruntime})",
                       key="versions.onnxruntime", allowed=built.onnxruntime,
                       hint=f"pip install onnxruntime=={built.onnxruntime}")  # fmt: skip
     if backend_support(lock.backend).context_binaries:
@@ -347,7 +258,9 @@ def _check_consistent(root: Path, lock: BundleLock) -> None:
         listed = json.loads((root / ARTIFACTS_DIR / MANIFEST).read_text(encoding="utf-8"))["files"]
         decode = json.loads((root / DECODE_DIR / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
-        raise _refuse(root, f"its artifacts or decode graphs cannot be read: {str(exc).splitlines()[0]}") from None
+        raise refuse_bundle(
+            root, f"its artifacts or decode graphs cannot be read: {str(exc).splitlines()[0]}"
+        ) from None
     pairs = {
         "target": (lock.target, built.target), "backend": (lock.backend, built.backend),
         "chunk_size": (lock.chunk_size, built.chunk_size), "htp_arch": (lock.htp_arch, built.htp_arch),
@@ -357,7 +270,7 @@ def _check_consistent(root: Path, lock: BundleLock) -> None:
     }  # fmt: skip
     for key, (said, found) in pairs.items():
         if said != found:
-            raise _refuse(root, f"its lockfile says {key} = {said!r}, but its artifacts were built with {found!r}",
+            raise refuse_bundle(root, f"its lockfile says {key} = {said!r}, but its artifacts were built with {found!r}",
                           key=key, value=said, allowed=repr(found))  # fmt: skip
     needed = [f"{ARTIFACTS_DIR}/{rel}" for rel in listed] + [f"{ARTIFACTS_DIR}/{LOCK}", f"{ARTIFACTS_DIR}/{MANIFEST}"]
     needed += [f"{DECODE_DIR}/{file}" for name in decode_graph_names(lock.kv_cache.storage)
@@ -365,11 +278,13 @@ def _check_consistent(root: Path, lock: BundleLock) -> None:
     needed.append(lock.model.source if lock.model.format == "gguf" else f"{lock.model.source}/config.json")
     unlisted = [rel for rel in needed if rel not in lock.files]
     if unlisted:
-        raise _refuse(root, f"its lockfile does not list {unlisted[0]}" + (f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""),
+        raise refuse_bundle(root, f"its lockfile does not list {unlisted[0]}" + (f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""),
                       key="files")  # fmt: skip
     shipped = f"sha256:{lock.files[lock.model.source].sha256}"  # a trimmed GGUF's identity is its original's
     if lock.model.format == "gguf" and not lock.model.trimmed and lock.model.identity != shipped:
-        raise _refuse(root, f"its lockfile's model.identity does not match {lock.model.source}", key="model.identity")
+        raise refuse_bundle(
+            root, f"its lockfile's model.identity does not match {lock.model.source}", key="model.identity"
+        )
 
 
 def bundle_root(resolved: Resolved) -> Path | None:
@@ -390,7 +305,7 @@ def bundle_artifacts(resolved: Resolved, *, opt_in: OptIn | None = None) -> Arti
     try:
         return open_entry(bundle.artifacts_dir, None, verify_checksums=False)  # the bundle checked every file
     except EntryProblem as problem:
-        raise _refuse(bundle.root, f"its artifacts cannot be used: {problem}") from None
+        raise refuse_bundle(bundle.root, f"its artifacts cannot be used: {problem}") from None
 
 
 def bundle_decode_graphs(resolved: Resolved, *, opt_in: OptIn | None = None) -> Path | None:

@@ -7,7 +7,7 @@ that must be what its lockfile says and what this machine's Hexagon NPU is.
 from __future__ import annotations
 
 from mllm_deploy.compile.artifacts import Artifacts
-from mllm_deploy.compile.bundle_check import REBUILD
+from mllm_deploy.compile.bundle_refusal import REBUILD
 from mllm_deploy.device.host import MachineHere
 from mllm_deploy.errors import ExitCode, user_error
 

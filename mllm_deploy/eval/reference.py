@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mllm_deploy.compile.artifacts import model_identity
-from mllm_deploy.compile.bundle import BundleLock
+from mllm_deploy.compile.bundle_lock import BundleLock
 from mllm_deploy.errors import UserError, user_error
 from mllm_deploy.model import load_weights, read_spec
 from mllm_deploy.model.registry import BUILTIN_MODELS, BUILTIN_PREFIX

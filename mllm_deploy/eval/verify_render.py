@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from mllm_deploy.compile.bundle import BundleLock
+from mllm_deploy.compile.bundle_lock import BundleLock
 from mllm_deploy.eval.verify import VerifyRow
 
 

@@ -15,6 +15,7 @@ sd8gen3 bundle (`verify`, docs/deploy.md).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import resources
 
@@ -22,10 +23,11 @@ from threadpoolctl import threadpool_limits
 
 from mllm_deploy.backends.registry import backend_support
 from mllm_deploy.compile.artifacts import Artifacts
-from mllm_deploy.compile.bundle import BundleAccuracy
+from mllm_deploy.compile.bundle_lock import BundleAccuracy
 from mllm_deploy.device import load_capabilities
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.errors import ExitCode, user_error
+from mllm_deploy.events import report_progress
 from mllm_deploy.forward.float_engine import FloatEngine
 from mllm_deploy.interface.deployment import EMULATOR
 from mllm_deploy.interface.engines import load_deployment_weights, open_eval_engine
@@ -81,9 +83,13 @@ def measure_accuracy(resolved: Resolved, artifacts: Artifacts, *, max_tokens: in
     path, label = measured_path(resolved)
     with threadpool_limits(limits=path.cpu_threads, user_api="blas"):
         float_engine = FloatEngine(load_deployment_weights(resolved))
-        float_ppl = perplexity(token_nll(float_engine, ids, chunk))
+        float_ppl = perplexity(
+            token_nll(float_engine, ids, chunk, _progress("accuracy gate: float32 (chunks)", ids, chunk))
+        )
         engine = open_eval_engine(path, float_engine, artifacts)
-        path_ppl = perplexity(token_nll(engine, ids, chunk))
+        path_ppl = perplexity(
+            token_nll(engine, ids, chunk, _progress("accuracy gate: the bundle's path (chunks)", ids, chunk))
+        )
     return BundleAccuracy(
         ppl_ratio=path_ppl / float_ppl,
         float_ppl=float_ppl,
@@ -95,6 +101,12 @@ def measure_accuracy(resolved: Resolved, artifacts: Artifacts, *, max_tokens: in
         chunk_size=chunk,
         seconds=round(time.perf_counter() - started, 2),
     )
+
+
+def _progress(stage: str, ids: list[int], chunk: int) -> Callable[[int, int], None]:
+    """Reports the stage's start now, then each chunk (events.report_progress)."""
+    report_progress(stage, 0, -(-len(ids) // chunk))
+    return lambda done, total: report_progress(stage, done, total)
 
 
 def gate_accuracy(accuracy: BundleAccuracy, resolved: Resolved, *, force: bool = False) -> BundleAccuracy:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 from mllm_deploy.compile.artifacts import Artifacts
 from mllm_deploy.compile.build import compile_artifacts, find_artifacts
-from mllm_deploy.compile.bundle import render_bundle_contents, write_archive, write_bundle
+from mllm_deploy.compile.bundle import write_archive, write_bundle
 from mllm_deploy.compile.bundle_check import read_lock
+from mllm_deploy.compile.bundle_contents import render_bundle_contents
 from mllm_deploy.compile.bundle_latency import timed_off_device
 from mllm_deploy.compile.calibration import render_calibration
+from mllm_deploy.events import report_progress
 from mllm_deploy.interface.accuracy import gate_accuracy, measure_accuracy, render_accuracy
 from mllm_deploy.interface.deployment import Deployment
 from mllm_deploy.interface.engines import obtain_decode_graphs
@@ -61,10 +63,17 @@ def build_deployment(
     if out is not None:
         accuracy = gate_accuracy(measure_accuracy(resolved, artifacts), resolved, force=force_accuracy)
         lines.append(render_accuracy(accuracy))
-        bundle = write_bundle(resolved, artifacts, out, decode_graphs=obtain_decode_graphs(resolved), accuracy=accuracy)
+        stage = "writing the bundle (decode graphs, files" + (", archive)" if archive else ")")
+        steps = 3 if archive else 2
+        report_progress(stage, 0, steps)
+        decode_graphs = obtain_decode_graphs(resolved)
+        report_progress(stage, 1, steps)
+        bundle = write_bundle(resolved, artifacts, out, decode_graphs=decode_graphs, accuracy=accuracy)
+        report_progress(stage, 2, steps)
         lines += [f"bundle: {bundle}", render_bundle_contents(read_lock(bundle.resolve()))]
         if archive:
             tar = write_archive(bundle)
+            report_progress(stage, 3, steps)
             lines.append(f"archive: {tar} ({tar.stat().st_size / 1e6:.1f} MB; unpack with `tar xf {tar.name}`)")
     return Built(artifacts, bundle, "\n".join(lines) + "\n")
 

@@ -41,7 +41,7 @@ def stream_chat(
 ) -> LoadResult:
     """One streamed chat request, timed from sending it to `[DONE]`."""
     url = urlsplit(base_url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=timeout)
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     headers = {"Content-Type": "application/json"}

@@ -4,6 +4,7 @@ Runs OUTSIDE the project venv, in a separate one with Hugging Face transformers:
 
     python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install transformers gguf sentencepiece
     /tmp/refvenv/bin/python scripts/make_tokenizer_reference.py GGUF_FILE [OUT_JSON]
+    /tmp/refvenv/bin/python scripts/make_tokenizer_reference.py GEMMA3_GGUF tests/golden/tokenizer_gemma3.json sentencepiece
 
 transformers rebuilds the tokenizer from the GGUF metadata with its own converter
 (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`); we store, for varied texts, the
@@ -39,6 +40,15 @@ TEXTS = [
     " ",
     "a",
 ]
+SENTENCEPIECE_TEXTS = [  # added for a SentencePiece vocabulary (Gemma 3): its specials, byte fallback, runs
+    "<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>text after a literal bos",
+    "Byte fallback: \u0378 \U000e0041 \U0010fffd \x00\x01\x7f end",
+    "Runs:\n\n\n\n\n\t\t\t\t          x     y\r\n\r\n",
+    "Numbers 1234567890 9,876.54 -0.001 1e-9 ½ ¾ ²³",
+    "<table><tr><td>cell</td></tr></table> [multimodal] <start_of_image>",
+    "日本語と中文和한국어を混ぜた文章です。Ελληνικά αβγ",
+]
 
 
 def main() -> int:
@@ -51,7 +61,8 @@ def main() -> int:
         else Path(__file__).resolve().parent.parent / "tests/golden/tokenizer_smollm2.json"
     )
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    cases = [{"text": t, "ids": tok.encode(t, add_special_tokens=False)} for t in TEXTS]
+    texts = TEXTS + (SENTENCEPIECE_TEXTS if "sentencepiece" in sys.argv[3:] else [])
+    cases = [{"text": t, "ids": tok.encode(t, add_special_tokens=False)} for t in texts]
     import transformers
 
     doc = {

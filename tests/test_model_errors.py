@@ -146,7 +146,7 @@ def test_unsupported_architecture(tmp_path):
     assert (d.message, d.key, d.allowed) == (
         "unsupported model architecture 'phi42'",
         "general.architecture",
-        "llama, qwen2",
+        "llama, qwen2, gemma3",
     )
 
 
@@ -155,15 +155,14 @@ def test_gguf_without_tokenizer(tmp_path):
     assert one(refused(path)).message == "the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)"
 
 
-def test_sentencepiece_gguf_tokenizer_is_refused_clearly(tmp_path):
-    path = tm.write_tiny_gguf(tmp_path, tokenizer_model="llama")
+def test_sentencepiece_gguf_tokenizer_without_scores_is_refused_clearly(tmp_path):
+    path = tm.write_tiny_gguf(tmp_path, tokenizer_model="llama")  # SentencePiece pieces, no scores
     spec = read_spec(str(path))
     with pytest.raises(UserError) as info:
         load_tokenizer(spec)
     d = one(info.value)
-    assert d.message.startswith("SentencePiece ('llama') tokenizers in GGUF files are not supported") and d.file == str(
-        path
-    )
+    assert d.message == "a SentencePiece vocabulary needs tokenizer.ggml.scores with one number per token (384)"
+    assert (d.file, d.key) == (str(path), "tokenizer.ggml.scores")
 
 
 def test_hf_missing_config(good_hf, tmp_path):

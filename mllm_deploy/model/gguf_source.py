@@ -1,4 +1,4 @@
-"""Llama-family models from GGUF files: metadata -> ModelSpec, tensors -> float32 LlamaWeights.
+"""Llama-family models (and the architectures of `model.architectures`) from GGUF files: metadata -> ModelSpec, tensors -> float32 LlamaWeights.
 
 Conventions (llama.cpp): arch `llama` stores Q/K rows permuted so RoPE rotates adjacent
 pairs (ggml "normal" rope) -> rope_style "adjacent"; arch `qwen2` is converted without
@@ -13,19 +13,18 @@ from pathlib import Path
 
 from mllm_deploy.errors import ExitCode, user_error
 from mllm_deploy.model import layout, registry, weight_cache
+from mllm_deploy.model.architectures import ARCHITECTURES
 from mllm_deploy.model.gguf_file import GGUFFile
 from mllm_deploy.model.gguf_on_demand import on_demand_weights
 from mllm_deploy.model.gguf_trim import LINEARS_KEY, embedding_in_head, is_block_linear, is_trimmed
-from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec, RopeStyle
+from mllm_deploy.model.spec import F32Array, LlamaWeights, ModelSpec
 
 LOADER_VERSION = 1  # bump when the cached float32 arrays would differ
-ROPE_STYLE_OF_ARCH: dict[str, RopeStyle] = {"llama": "adjacent", "qwen2": "half"}
 # metadata keys that describe variants the float engine would run wrongly
 _UNSUPPORTED_KEYS = {
     "expert_count": "mixture-of-experts layers",
-    "attention.sliding_window": "sliding-window attention",
+    "attention.sliding_window": "sliding-window attention",  # except in an architecture with a layer pattern
     "attn_logit_softcapping": "attention logit soft-capping",
-    "final_logit_softcapping": "final logit soft-capping",
 }
 
 
@@ -54,13 +53,14 @@ def _read_gguf_spec_uncached(path: Path, source: str) -> ModelSpec:
 def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
     file = str(gfile.path)
     arch = gfile.get("general.architecture")
-    if not isinstance(arch, str) or arch not in ROPE_STYLE_OF_ARCH:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise user_error(
             f"unsupported model architecture {arch!r}",
             file=file,
             key="general.architecture",
-            allowed=", ".join(ROPE_STYLE_OF_ARCH),
+            allowed=", ".join(ARCHITECTURES),
         )
+    family = ARCHITECTURES[arch]
 
     def need(key: str, default: int | float | None = None) -> int | float:
         """The number at `{arch}.{key}`; `default` when it is absent (None: it is required)."""
@@ -74,6 +74,8 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
         return value
 
     for key, what in _UNSUPPORTED_KEYS.items():
+        if key == "attention.sliding_window" and family.global_every is not None:
+            continue
         if gfile.get(f"{arch}.{key}"):
             raise user_error(f"{what} ('{arch}.{key}') are not supported", file=file)
     scaling = gfile.get(f"{arch}.rope.scaling.type")
@@ -107,13 +109,17 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
     eos_ids = tuple(dict.fromkeys(t for t in (eos, eot) if t is not None))
     bos = _token_id(gfile, "tokenizer.ggml.bos_token_id")
     template = gfile.get("tokenizer.chat_template")
+    n_layers = int(need("block_count"))
+    window = gfile.get(f"{arch}.attention.sliding_window")
+    window = int(window) if isinstance(window, (int, float)) and window > 0 else None
+    softcap = gfile.get(f"{arch}.final_logit_softcapping")
     spec = ModelSpec(
         source=source,
         path=file,
         format="gguf",
         architecture=arch,
         name=str(gfile.get("general.name") or gfile.path.stem),
-        n_layers=int(need("block_count")),
+        n_layers=n_layers,
         hidden=hidden,
         ffn=int(need("feed_forward_length")),
         n_heads=n_heads,
@@ -122,7 +128,7 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
         vocab=vocab,
         context=int(need("context_length")),
         rope_theta=float(need("rope.freq_base", 10000.0)),
-        rope_style=ROPE_STYLE_OF_ARCH[arch],
+        rope_style=family.rope_style_gguf,
         rms_eps=float(need("attention.layer_norm_rms_epsilon")),
         tied_embeddings="output.weight" not in gfile.tensors,
         qkv_bias="blk.0.attn_q.bias" in gfile.tensors,
@@ -137,6 +143,15 @@ def _spec_from_file(gfile: GGUFFile, source: str) -> ModelSpec:
             "tokenizer_pre": gfile.get("tokenizer.ggml.pre"),
             "tensor_types": _type_histogram(gfile),
         },
+        activation=family.activation,
+        embedding_scale=float(hidden) ** 0.5 if family.scale_embeddings else 1.0,
+        qk_norm=family.qk_norm,
+        sandwich_norms=family.sandwich_norms,
+        layer_kinds=family.layer_kinds(n_layers, window),
+        sliding_window=window if family.global_every is not None else None,
+        local_rope_theta=family.local_rope_theta,
+        attention_scale=family.query_pre_attn_scalar**-0.5 if family.query_pre_attn_scalar else None,
+        final_logit_softcap=float(softcap) if isinstance(softcap, (int, float)) and softcap > 0 else None,
     )
     found = {name: info.shape for name, info in gfile.tensors.items()}
     if is_trimmed(gfile):  # a bundle's model: its block linears are in the bundle's graphs (gguf_trim)

@@ -31,6 +31,14 @@ BIAS_TENSORS: dict[str, tuple[str, str]] = {
     "bk": ("attn_k.bias", "self_attn.k_proj.bias"),
     "bv": ("attn_v.bias", "self_attn.v_proj.bias"),
 }
+QK_NORM_TENSORS: dict[str, tuple[str, str]] = {
+    "q_norm": ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    "k_norm": ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+}
+SANDWICH_NORM_TENSORS: dict[str, tuple[str, str]] = {  # Gemma 2/3: ffn_norm is HF's pre_feedforward_layernorm
+    "post_attn_norm": ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    "post_ffn_norm": ("post_ffw_norm.weight", "post_feedforward_layernorm.weight"),
+}
 # global tensors: key -> (GGUF name, HF name)
 GLOBAL_TENSORS: dict[str, tuple[str, str]] = {
     "tok_embd": ("token_embd.weight", "model.embed_tokens.weight"),
@@ -48,9 +56,23 @@ def field_shape(spec: ModelSpec, field: str) -> tuple[int, ...]:
         "w_down": linears["ffn_down"],
         "attn_norm": (spec.hidden,), "ffn_norm": (spec.hidden,), "output_norm": (spec.hidden,),
         "bq": (spec.q_dim,), "bk": (spec.kv_dim,), "bv": (spec.kv_dim,),
+        "q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,),
+        "post_attn_norm": (spec.hidden,), "post_ffn_norm": (spec.hidden,),
         "tok_embd": (spec.vocab, spec.hidden), "output": (spec.vocab, spec.hidden),
     }  # fmt: skip
     return by_field[field]
+
+
+def optional_layer_tensors(spec: ModelSpec) -> dict[str, tuple[str, str]]:
+    """LAYER_TENSORS plus the per-layer tensors the spec's family has (biases, QK norms, sandwich norms)."""
+    per_layer = dict(LAYER_TENSORS)
+    if spec.qkv_bias:
+        per_layer.update(BIAS_TENSORS)
+    if spec.qk_norm:
+        per_layer.update(QK_NORM_TENSORS)
+    if spec.sandwich_norms:
+        per_layer.update(SANDWICH_NORM_TENSORS)
+    return per_layer
 
 
 def expected_tensors(spec: ModelSpec, fmt: ModelFormat) -> dict[str, tuple[int, ...]]:
@@ -62,9 +84,7 @@ def expected_tensors(spec: ModelSpec, fmt: ModelFormat) -> dict[str, tuple[int, 
         if key == "output" and spec.tied_embeddings:
             continue
         out[names[col]] = field_shape(spec, key)
-    per_layer = dict(LAYER_TENSORS)
-    if spec.qkv_bias:
-        per_layer.update(BIAS_TENSORS)
+    per_layer = optional_layer_tensors(spec)
     for i in range(spec.n_layers):
         for field, names in per_layer.items():
             out[prefix.format(i=i) + names[col]] = field_shape(spec, field)
@@ -108,9 +128,7 @@ def assemble_weights(spec: ModelSpec, fmt: ModelFormat, read: Callable[[str], F3
     tok_embd = read(GLOBAL_TENSORS["tok_embd"][col])
     layers = []
     for i in range(spec.n_layers):
-        fields = {f: read(prefix.format(i=i) + names[col]) for f, names in LAYER_TENSORS.items()}
-        if spec.qkv_bias:
-            fields.update({f: read(prefix.format(i=i) + names[col]) for f, names in BIAS_TENSORS.items()})
+        fields = {f: read(prefix.format(i=i) + names[col]) for f, names in optional_layer_tensors(spec).items()}
         layers.append(LayerWeights(**fields))
     output_norm = read(GLOBAL_TENSORS["output_norm"][col])
     output = tok_embd if spec.tied_embeddings else read(GLOBAL_TENSORS["output"][col])

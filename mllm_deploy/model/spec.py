@@ -16,6 +16,9 @@ import numpy.typing as npt
 F32Array: TypeAlias = npt.NDArray[np.float32]
 ModelFormat = Literal["gguf", "hf", "card"]  # one GGUF file, a Hugging Face directory, or a card (no weights)
 RopeStyle = Literal["adjacent", "half"]
+Activation = Literal["silu", "gelu_tanh"]
+LayerKind = Literal["global", "local"]
+"""`global`: causal attention over every earlier token; `local`: over the last `sliding_window`."""
 """`adjacent`: rotate pairs (2i, 2i+1) — GGUF's permuted Q/K (ggml "normal" rope).
 `half`: rotate (i, i + d/2) — Hugging Face checkpoints (NeoX style)."""
 
@@ -50,6 +53,19 @@ class ModelSpec:
     add_bos: bool = False
     chat_template: str | None = None  # the model's own Jinja template, if any
     extra: dict[str, object] = field(default_factory=dict)  # format-specific facts, for reports
+    # -- family differences (model/architectures.py); the defaults are Llama's ---------------
+    activation: Activation = "silu"  # of the gated MLP: SwiGLU (silu) or GeGLU (gelu_tanh)
+    embedding_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(hidden))
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Gemma 3)
+    sandwich_norms: bool = False  # RMSNorm after attention and after the MLP too (Gemma 2/3)
+    layer_kinds: tuple[LayerKind, ...] = ()  # per layer; empty: every layer is "global"
+    sliding_window: int | None = None  # keys a "local" layer's query sees, itself included
+    local_rope_theta: float | None = None  # RoPE base of "local" layers (rope_theta: the global ones)
+    attention_scale: float | None = None  # of q·k; None: 1/sqrt(head_dim)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) when set
+
+    def layer_kind(self, layer: int) -> LayerKind:
+        return self.layer_kinds[layer] if self.layer_kinds else "global"
 
     @property
     def q_dim(self) -> int:
@@ -92,6 +108,10 @@ class LayerWeights:
     bq: F32Array | None = None  # [n_heads*head_dim] (Qwen2)
     bk: F32Array | None = None  # [n_kv_heads*head_dim]
     bv: F32Array | None = None  # [n_kv_heads*head_dim]
+    q_norm: F32Array | None = None  # [head_dim] (qk_norm)
+    k_norm: F32Array | None = None  # [head_dim]
+    post_attn_norm: F32Array | None = None  # [hidden] (sandwich_norms)
+    post_ffn_norm: F32Array | None = None  # [hidden]
 
 
 @dataclass

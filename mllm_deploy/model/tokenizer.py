@@ -3,7 +3,8 @@
 GGUF byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is rebuilt from
 `tokenizer.ggml.tokens` / `tokenizer.ggml.merges` with the pre-tokenizer llama.cpp uses for
 `tokenizer.ggml.pre`; control and user-defined tokens (`token_type` 3 and 4) become special
-tokens, matched whole in the text. SentencePiece vocabularies (`llama`) are refused.
+tokens, matched whole in the text. SentencePiece BPE vocabularies (`llama`, e.g. Gemma 3's) are
+built by `spm_tokenizer`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from mllm_deploy.errors import user_error
 from mllm_deploy.model.detokenize import StreamDecoder
 from mllm_deploy.model.spec import ModelSpec
+from mllm_deploy.model.spm_tokenizer import spm_tokenizer_from_gguf_metadata
 
 # llama.cpp's split regexes per `tokenizer.ggml.pre` (the Llama 3 / Qwen2 ones as published
 # with those models' tokenizer.json); GPT-2's own regex is ByteLevel(use_regex=True).
@@ -60,7 +62,9 @@ PRE_TOKENIZERS: dict[str, tuple[Callable[[], pre_tokenizers.PreTokenizer], bool]
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that are matched whole
 
 
-END_OF_GENERATION = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>"})
+END_OF_GENERATION = frozenset(
+    {"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "</s>", "<end_of_turn>"}
+)
 """Special tokens that end generation whichever of them the model file names as EOS."""
 
 
@@ -123,10 +127,12 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, object], file: str) -> T
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise user_error("the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)", file=file)
+    if model == "llama":
+        return spm_tokenizer_from_gguf_metadata(metadata, tokens, file)
     if model != "gpt2":
-        what = "SentencePiece ('llama')" if model == "llama" else repr(model)
         raise user_error(
-            f"{what} tokenizers in GGUF files are not supported; supported: byte-level BPE ('gpt2')",
+            f"{model!r} tokenizers in GGUF files are not supported; supported: byte-level BPE ('gpt2'), "
+            "SentencePiece BPE ('llama')",
             file=file,
             key="tokenizer.ggml.model",
             hint="use the model's Hugging Face directory (tokenizer.json) instead",

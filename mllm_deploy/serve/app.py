@@ -53,6 +53,12 @@ class ServeSettings:
     api_key: str | None = None  # when set, every endpoint but /health wants `Authorization: Bearer KEY`
 
 
+def served_model_id(source: str, name: str) -> str:
+    """The id `/v1/models` lists and requests name: a built-in model's registry id
+    (`builtin:smollm2-135m-instruct` -> `smollm2-135m-instruct`), else the model's own name."""
+    return source.split(":", 1)[1] if source.startswith("builtin:") else name
+
+
 class LoadProgress:
     """The progress reporter installed while the engine loads: remembers the stage for /health and
     passes everything on to the command's own reporter (its bars or JSON events)."""
@@ -79,7 +85,7 @@ class ServeState:
     def __init__(self, deployment: Deployment, settings: ServeSettings):
         self.deployment = deployment
         self.settings = settings
-        self.model_id = deployment.resolved.spec.name
+        self.model_id = served_model_id(deployment.resolved.spec.source, deployment.resolved.spec.name)
         self.backend = deployment.backend
         self.max_context = deployment.profile.prefill.max_context
         self.queue: FairQueue[Job] = FairQueue(settings.max_queue)

@@ -172,8 +172,9 @@ def parse_request(model: type[RequestT], body: dict[str, Any]) -> RequestT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
+        errors = exc.errors(include_url=False)
+        error = max(errors, key=lambda e: len(e["loc"]))  # of a union's branches, the one that got furthest
+        param = ".".join(str(part) for part in error["loc"] if not _is_type_tag(part)) or None
         if error["type"] == "extra_forbidden":
             message = (
                 f"unrecognized request argument supplied: {param} (this server refuses fields it does not implement)"
@@ -183,6 +184,11 @@ def parse_request(model: type[RequestT], body: dict[str, Any]) -> RequestT:
         else:
             message = f"'{param}': {error['msg']} (got {_short(error.get('input'))})"
         raise ApiError(400, message, param=param) from None
+
+
+def _is_type_tag(part: int | str) -> bool:
+    """A union branch pydantic puts in an error's location (`str`, `list[TextPart]`), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
 
 
 def _short(value: Any) -> str:

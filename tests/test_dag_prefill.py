@@ -237,7 +237,9 @@ def test_tail_chunks_cover_the_last_tokens_and_match_the_float_engine(tiny_three
     plan_for = plan_factory(
         path, spec, "outliers.prune_fraction=1.0", f"prefill.tail_chunk_size={tail}", f"prefill.chunk_size={chunk}"
     )
-    prefill = DagPrefill(weights, engine.rope, kernels, plan_for, chunk_tokens=chunk, policy="out-of-order")
+    prefill = DagPrefill(
+        weights, engine.rope, kernels, plan_for, chunk_tokens=chunk, policy="out-of-order", tail_chunk_tokens=tail
+    )
     ids = [int(i) for i in np.random.default_rng(5).integers(3, 300, size=75)]
     try:
         assert prefill.chunk_rows(len(ids)) == (chunk, tail)

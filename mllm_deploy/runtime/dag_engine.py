@@ -23,6 +23,7 @@ from mllm_deploy.forward.float_engine import FLOAT_ENGINE_NAME, FloatEngine
 from mllm_deploy.forward.kv_cache import KVCache, KVScales
 from mllm_deploy.model.spec import LlamaWeights
 from mllm_deploy.plan import build_plan
+from mllm_deploy.plan.passes import tail_chunk_tokens
 from mllm_deploy.resolve import Resolved
 from mllm_deploy.runtime.attention_int8 import Int8ChunkAttention
 from mllm_deploy.runtime.dag_prefill import DagPrefill
@@ -70,7 +71,7 @@ class DagEngine:
         return self.prefill.chunk_tokens
 
     def describe(self) -> dict[str, str]:
-        tail = self.prefill.kernels.tail_chunk_tokens if self.prefill.kernels is not None else 0
+        tail = self.prefill.tail_chunk_tokens
         return {
             "npu": self.npu_label,
             "prefill": f"dag {self.prefill.policy}" + (f", tail chunks of {tail}" if tail else ""),
@@ -199,6 +200,7 @@ def build_dag_engine(
         chunk_tokens=chunk, policy=policy or profile.scheduler.policy, cpu_threads=resolved.cpu_threads,
         latencies=seeded_latencies(kernels), lm_head=head, embedding=rows,
         chunk_attention=profile_chunk_attention(resolved, kv_scales),
+        tail_chunk_tokens=tail_chunk_tokens(planned.profile, planned.backend),
     )  # fmt: skip
     label = kernels.backend_label if kernels is not None else resolved.backend_label
     return DagEngine(float_engine, prefill, decoder, npu_label=label, kv_scales=kv_scales)

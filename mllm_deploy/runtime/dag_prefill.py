@@ -38,6 +38,7 @@ from mllm_deploy.forward.layers import ChunkSpan, rms_norm, silu_mul_
 from mllm_deploy.forward.rope import RopeTables
 from mllm_deploy.model.linears import LINEAR_GROUP
 from mllm_deploy.model.spec import LlamaWeights
+from mllm_deploy.plan.passes import chunk_schedule
 from mllm_deploy.runtime.executors import ProcessorExecutor, TaskFinished, TaskStarted
 from mllm_deploy.runtime.scheduler import LatencyModel, PolicyName, Scheduler, Task, TaskGraph
 
@@ -92,6 +93,7 @@ class DagPrefill:
         lm_head: Callable[[np.ndarray], np.ndarray] | None = None,  # [1, hidden] -> [1, vocab]
         embedding=None,  # indexable like tok_embd (e.g. file_rows.FileRows)
         chunk_attention=None,  # Int8ChunkAttention over an int8 KV cache, or None: float32 attention
+        tail_chunk_tokens: int = 0,  # rows of the plans' tail chunks (Plan.tail_chunk_size), or 0: none
     ):
         self.weights = weights
         self.spec = weights.spec
@@ -99,6 +101,7 @@ class DagPrefill:
         self.kernels = kernels
         self.plan_for = plan_for
         self.chunk_tokens = chunk_tokens
+        self.tail_chunk_tokens = tail_chunk_tokens
         self.policy = policy
         self.cpu_threads = cpu_threads
         self.latencies = latencies or LatencyModel()
@@ -108,8 +111,7 @@ class DagPrefill:
         self.executors = {"npu": ProcessorExecutor("npu", 1), "cpu": ProcessorExecutor("cpu", cpu_threads)}
         self.on_event: Callable[[SubgraphEvent], None] | None = None
         self.last = PrefillStats()
-        self._graphs: dict[tuple[int, ...], TaskGraph] = {}  # chunk rows -> DAG
-        self._rows: dict[int, tuple[int, ...]] = {}  # prompt tokens -> chunk rows
+        self._graphs: dict[tuple[int, ...], TaskGraph] = {}  # chunk rows -> DAG, one plan per layout
 
     @property
     def blas_threads(self) -> int:
@@ -123,19 +125,19 @@ class DagPrefill:
             executor.shutdown()
 
     def graph(self, n_tokens: int) -> TaskGraph:
-        """The DAG of a prompt of `n_tokens` (one per distinct chunk layout, built once)."""
-        return self._graphs[self.chunk_rows(n_tokens)]
+        """The DAG of a prompt of `n_tokens`: planned once per chunk layout (a plan of a 4,096-token
+        prompt takes ~0.2 s to build, too long to pay again for every prompt length)."""
+        rows = self.chunk_rows(n_tokens)
+        if rows not in self._graphs:
+            plan = self.plan_for(n_tokens)
+            if tuple(plan.chunk_rows) != rows:  # type: ignore[attr-defined]
+                raise RuntimeError(f"the plan cuts {n_tokens} tokens into {plan.chunk_rows}, not {list(rows)}")  # type: ignore[attr-defined]
+            self._graphs[rows] = TaskGraph.from_plan(plan)
+        return self._graphs[rows]
 
     def chunk_rows(self, n_tokens: int) -> tuple[int, ...]:
-        """Static rows of each chunk of a prompt of `n_tokens`, as its plan cuts it."""
-        rows = self._rows.get(n_tokens)
-        if rows is None:
-            plan = self.plan_for(n_tokens)
-            rows = tuple(plan.chunk_rows) or (self.chunk_tokens,) * plan.n_chunks  # type: ignore[attr-defined]
-            if rows not in self._graphs:
-                self._graphs[rows] = TaskGraph.from_plan(plan)
-            self._rows[n_tokens] = rows
-        return rows
+        """Static rows of each chunk of a prompt of `n_tokens`, by the plan's rule (`chunk_schedule`)."""
+        return tuple(chunk_schedule(n_tokens, self.chunk_tokens, self.tail_chunk_tokens)[0])
 
     # -- the run --------------------------------------------------------------------------
 
@@ -150,7 +152,7 @@ class DagPrefill:
             raise ValueError(f"{n} tokens do not fit the KV cache ({cache.free} free)")
         cache.reserve(cache.length + n)  # before any task writes into the buffers
         rows = self.chunk_rows(n)
-        graph = self._graphs[rows]
+        graph = self.graph(n)
         start0 = cache.length
         self.rope.ensure(start0 + sum(rows))
         per_chunk: dict[int, int] = {}

@@ -56,8 +56,12 @@ def test_unknown_target_and_missing_model_are_invalid(tmp_path, capsys):
 def test_plan_dump_dir_and_prompt_tokens(tmp_path, capsys):
     assert main(["plan", "--dump-dir", str(tmp_path / "d"), "--prompt-tokens", "100"]) == 0
     out = capsys.readouterr().out
-    assert "100 tokens = 1 chunk(s) of 256 (156 padding in the last)" in out
+    # 100 tokens: two tail chunks of 64 (cost 2 x 88 rows) rather than one padded chunk of 256 (280)
+    assert "100 tokens = 2 chunk(s): 2 x 64 (28 padding)" in out
+    assert "last 100 token(s) in 2 tail chunk(s) of 64 (cost 176 vs 280 rows, 24 a chunk)" in out
     assert len(list((tmp_path / "d").glob("*.json"))) == 4
+    assert main(["plan", "--prompt-tokens", "100", "--set", "prefill.tail_chunk_size=0"]) == 0
+    assert "100 tokens = 1 chunk(s) of 256 (156 padding in the last)" in capsys.readouterr().out
     assert main(["plan", "--prompt-tokens", "99999"]) == 2
     assert "--prompt-tokens out of range" in capsys.readouterr().err
 

@@ -11,15 +11,19 @@ def _mib(n: int) -> str:
     return f"{n / 1024**2:,.1f} MiB"
 
 
-def _chunk_rows(plan: Plan) -> str:
-    """`4 x 256 + 1 x 64`: the chunks' static rows, runs of equal sizes counted."""
+def _chunks(plan: Plan) -> str:
+    """`4 chunk(s) of 256 (0 padding in the last)`, or with tail chunks `5 chunk(s): 4 x 256 +
+    1 x 64 (38 padding)`: the chunks' static rows, runs of equal sizes counted."""
+    if all(rows == plan.chunk_size for rows in plan.chunk_rows):
+        return f"{plan.n_chunks} chunk(s) of {plan.chunk_size} ({plan.padded_tokens} padding in the last)"
     runs: list[list[int]] = []
     for rows in plan.chunk_rows:
         if runs and runs[-1][1] == rows:
             runs[-1][0] += 1
         else:
             runs.append([1, rows])
-    return " + ".join(f"{n} x {rows}" for n, rows in runs) or "none"
+    layout = " + ".join(f"{n} x {rows}" for n, rows in runs)
+    return f"{plan.n_chunks} chunk(s): {layout} ({plan.padded_tokens} padding)"
 
 
 def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None, silu_mul_on_cpu: bool = False) -> str:
@@ -37,8 +41,7 @@ def render_plan(plan: Plan, *, dag_lines: int = 24, here: str | None = None, sil
         f"  scheduler    {plan.scheduler}",
         f"  threads      cpu {plan.cpu_threads}, npu {plan.npu_threads}",
         *([f"  on this machine: {here}"] if here is not None else []),
-        f"  prompt       {plan.prompt_tokens} tokens = {plan.n_chunks} chunk(s): {_chunk_rows(plan)}"
-        f" ({plan.padded_tokens} padding)",
+        f"  prompt       {plan.prompt_tokens} tokens = {_chunks(plan)}",
         f"  tail         {plan.chunk_choice}",
         f"  passes       {' -> '.join(plan.passes)}",
         "",

@@ -105,7 +105,8 @@ class DagEngine:
         pad_last_chunk: bool = False,
         logit_rows: str = "last",
     ) -> Iterator:
-        """Like FloatEngine.prefill_chunks; chunks are always padded to the graphs' static size."""
+        """Like FloatEngine.prefill_chunks; every chunk is padded to a static size of the graphs
+        (`chunk_size`, or the tail chunks' `tail_chunk_size` where the plan chooses them)."""
         if logit_rows != "last":
             raise ValueError("the DAG prefill returns logits of the last token only")
         if chunk_size != self.prefill.chunk_tokens:

@@ -6,9 +6,10 @@ sd8gen3 qnn-htp bundle (chunk 32; context binaries for HTP v75), built once per 
 the idle host); each verify takes well under a second, the simulator included (16.6 s for this
 file and test_accuracy_gate.py together, the slow test included). The real default model:
 `test_verify_the_default_bundle_on_the_cpu_provider` (slow). Its sd8gen3 bundle on the simulator
-through all 30 layers passed as a slow test here (183 s cold on a shared host) but pushed the CI
-suite past its 10-minute budget (649 s against 534 s), so it is a documented command instead:
-docs/deploy.md has it and its figures.
+through all 30 layers: `test_verify_the_default_sd8gen3_bundle_on_the_simulator_through_all_layers`,
+marked `simulator` (and slow): ~100-180 s on a quiet host, 824 s measured under a load average of ~18
+(2026-12-05), so `make test` leaves it out (it pushed the CI suite past
+its 10-minute budget: 649 s against 534 s) and `make test-simulator` runs it alone.
 """
 
 from __future__ import annotations
@@ -179,3 +180,25 @@ def test_verify_the_default_bundle_on_the_cpu_provider(shared_npu_cache, tmp_pat
     assert 1.0 < row["ppl_ratio"] < 1.05 and row["top1_agreement"] > 0.8 and row["logit_cosine_min"] > 0.9
     # the gate's 512 tokens and verify's first 256 of the same text agree on what the path costs
     assert abs(lock["accuracy"]["ppl_ratio"] - row["ppl_ratio"]) < 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.simulator
+def test_verify_the_default_sd8gen3_bundle_on_the_simulator_through_all_layers(shared_npu_cache, tmp_path, capsys):
+    """What a Snapdragon 8 Gen 3 would compute: the real default model's 120 A16W8 context binaries
+    on Qualcomm's v75 simulator, one chunk through all 30 layers, against float32. As cheap as that
+    can be: one chunk (the graphs' static 256 rows: fewer tokens would cost the same), the simulator
+    row alone (`--backend qnn-htp`), the shared cache (calibration of the default model reused).
+    Measured (2-core AMD EPYC, shared): build 15-25 s with calibration cached, the row ~97 s
+    (0.9944x float, top-1 96.9%, logit cosine min 0.990); 183 s with a cold cache; 819 s with the
+    host shared with seven other jobs (load average ~18)."""
+    profile = Path(__file__).resolve().parents[1] / "profiles" / "sd8gen3.toml"
+    with cache_env(shared_npu_cache):
+        assert cli.main(["build", str(profile), "--out", str(tmp_path / "sd8")]) == 0
+        capsys.readouterr()
+        row = verify_rows(capsys, str(tmp_path / "sd8"), "--backend", "qnn-htp")["qnn-htp"]
+    check_sane(row, layers=30, graph_layers=30, chunks=1)
+    assert row["graphs"] == "bundle context binaries" and "simulator" in row["runs_on"]
+    assert row["assigned_nodes"] == {"QNNExecutionProvider": 120}  # one EPContext node per graph, no CPU fallback
+    # the target keeps the host's accuracy promise (A16W8; uint8 outputs measured 1.16x here)
+    assert row["ppl_ratio"] < 1.02 and row["top1_agreement"] > 0.9 and row["logit_cosine_min"] > 0.95

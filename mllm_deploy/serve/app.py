@@ -127,9 +127,10 @@ class ServeState:
             job.post(JobFailed(ApiError(503, "the server is shutting down", type="server_error")))
 
     def retry_after(self) -> int:
-        """Seconds until the queue has room, from the measured mean request time (at least 1)."""
+        """Seconds until the queue has room: the running request ends and the next one leaves the
+        queue, which takes about the measured mean time of the last requests (at least 1)."""
         mean = self.worker.mean_request_seconds() if self.worker is not None else 1.0
-        return max(1, math.ceil(mean * max(1, len(self.queue)) / 2))
+        return max(1, math.ceil(mean))
 
 
 def build_app(state: ServeState) -> Starlette:

@@ -10,19 +10,21 @@ graphs while attention (dynamic: a chunk against every earlier token) stays on t
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from mllm_deploy.forward.attention import chunk_attention
 from mllm_deploy.model.spec import LayerWeights
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [T, hidden] * weight / sqrt(mean(x^2) + eps)."""
     mean_sq = np.einsum("th,th->t", x, x)[:, None] / np.float32(x.shape[1])  # [T, 1]
-    return x * (1.0 / np.sqrt(mean_sq + np.float32(eps))) * weight
+    out = np.multiply(x, 1.0 / np.sqrt(mean_sq + np.float32(eps)))  # [T, hidden]
+    out *= weight  # in place: a second [T, hidden] temporary cost 6x the arithmetic (page faults)
+    return out
 
 
 def silu_mul_(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -98,57 +100,7 @@ def causal_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start:
     (L = start + real tokens).
     Query t sees keys j <= start + t. Padding rows (start + t >= L) see every real key and
     are discarded by the caller; padding keys are never in `keys`.
-    Returns [T, n_heads * head_dim].
+    Returns [T, n_heads * head_dim]. The kernel is `forward.attention.chunk_attention`
+    (onnxruntime's GroupQueryAttention on as many threads as BLAS may use).
     """
-    n_rows, n_heads, head_dim = q.shape
-    n_keys = keys.shape[1]
-    group = n_heads // n_kv_heads
-    # Query head h uses KV head h // group; the group's heads and rows form one matrix.
-    q_by_head = q.reshape(n_rows, n_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
-    q_by_head = q_by_head * np.float32(1.0 / np.sqrt(head_dim))  # [kv_heads, group, T, head_dim]
-    q_grouped = q_by_head.reshape(n_kv_heads, group * n_rows, head_dim)
-    scores = np.matmul(
-        q_grouped, keys.transpose(0, 2, 1), out=_scratch((n_kv_heads, group * n_rows, n_keys))
-    )  # [kv_heads, group*T, L]
-    n_new = n_keys - start  # keys of this chunk: only they can lie in a query's future
-    if n_new > 1:
-        grid = scores.reshape(n_kv_heads, group, n_rows, n_keys)
-        grid[..., start:] += _future_mask(n_rows, n_new)
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    denom = scores.sum(axis=-1, keepdims=True)  # [kv_heads, group*T, 1]
-    out = scores @ values  # [kv_heads, group*T, head_dim]
-    out /= denom  # normalise after the product: head_dim columns instead of L
-    out = out.reshape(n_kv_heads, group, n_rows, head_dim).transpose(2, 0, 1, 3)
-    return out.reshape(n_rows, n_heads * head_dim)
-
-
-_MASK_CACHE: dict[tuple[int, int], np.ndarray] = {}
-_SCRATCH = threading.local()
-
-
-def _scratch(shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 array of `shape` from this thread's reusable buffer (grown on demand).
-
-    The attention scores of a chunk are megabytes ([kv_heads, group*T, L], 9 MB at T = 256,
-    L = 1,024); a fresh array per call is a fresh mmap whose pages fault in on first touch —
-    measured on the default model's 1,024-token prefill, reusing the buffer cut attention's
-    CPU time by a fifth. Only the calling thread uses its buffer, and a caller is done with the
-    scores before its next call."""
-    size = int(np.prod(shape))
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.size < size:
-        buffer = _SCRATCH.buffer = np.empty(max(size, 1), np.float32)
-    return buffer[:size].reshape(shape)
-
-
-def _future_mask(n_rows: int, n_new: int) -> np.ndarray:
-    """[n_rows, n_new] float32: -inf where key column > query row, else 0."""
-    mask = _MASK_CACHE.get((n_rows, n_new))
-    if mask is None:
-        future = np.arange(n_new)[None, :] > np.arange(n_rows)[:, None]
-        mask = np.where(future, np.float32(-np.inf), np.float32(0.0)).astype(np.float32)
-        if len(_MASK_CACHE) > 64:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[(n_rows, n_new)] = mask
-    return mask
+    return chunk_attention(q, keys, values, start, n_kv_heads)

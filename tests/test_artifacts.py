@@ -199,7 +199,7 @@ def test_a_new_calibration_generator_rebuilds_samples_statistics_and_artifacts(
     """Self-generated samples are cached apart from the artifacts; a new GENERATION_VERSION must
     not reuse the text an earlier generator wrote (that once made two caches' scales differ)."""
     from mllm_deploy.compile import build as build_module
-    from mllm_deploy.compile import calibrate
+    from mllm_deploy.compile import calibration_text
 
     lock = art.expected_lock(resolved_for(smallest_gguf))
     calls = []
@@ -213,7 +213,7 @@ def test_a_new_calibration_generator_rebuilds_samples_statistics_and_artifacts(
 
     assert build_module._cached_samples(lock, produce(3)) == [[1, 2, 3]]
     assert build_module._cached_samples(lock, produce(4)) == [[1, 2, 3]]  # cached
-    monkeypatch.setattr(calibrate, "GENERATION_VERSION", calibrate.GENERATION_VERSION + 1)
+    monkeypatch.setattr(calibration_text, "GENERATION_VERSION", calibration_text.GENERATION_VERSION + 1)
     newer = art.expected_lock(resolved_for(smallest_gguf))
     assert art.entry_key(newer) != art.entry_key(lock) and art.stats_key(newer) != art.stats_key(lock)
     assert build_module._cached_samples(newer, produce(5)) == [[1, 2, 5]]

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mllm_deploy.compile.calibrate import _TopValues, text_file_tokens
+from mllm_deploy.compile.calibrate import _TopValues
+from mllm_deploy.compile.calibration_text import text_file_tokens
 from mllm_deploy.compile.calibration import (
     ActivationStats,
     InputStats,

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mllm_deploy import __version__
 from mllm_deploy.backends.registry import NpuBackendName, backend_support
-from mllm_deploy.compile import calibrate
+from mllm_deploy.compile import calibration_text
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult
 from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.paths import atomic_write_text, cache_dir, sha256_file
@@ -179,7 +179,7 @@ def _calibration_source_identity(source: str, base_dir: Path | None) -> str:
     """`self` with the generator's version (new generator code rebuilds samples, statistics and
     artifacts), or the matched files with size and mtime, so edited calibration text rebuilds."""
     if source == "self":
-        return f"self:generation-{calibrate.GENERATION_VERSION}"  # read now: tests patch the module
+        return f"self:generation-{calibration_text.GENERATION_VERSION}"  # read now: tests patch the module
 
     pattern = Path(source).expanduser()
     if not pattern.is_absolute() and base_dir is not None:

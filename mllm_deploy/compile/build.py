@@ -46,9 +46,11 @@ from mllm_deploy.compile.artifacts import (
 from mllm_deploy.compile.audit import GraphAuditError, audit_graph, integer_kernel_report
 from mllm_deploy.compile.bundle import is_bundle
 from mllm_deploy.compile.bundle_latency import device_cost_model_ms, timed_off_device
-from mllm_deploy.compile.calibrate import Progress, calibration_tokens, collect_activation_stats
+from mllm_deploy.compile.calibrate import collect_activation_stats
 from mllm_deploy.compile.calibration import ActivationStats, CalibrationResult, derive_calibration, render_calibration
+from mllm_deploy.compile.calibration_text import Progress, calibration_tokens
 from mllm_deploy.compile.graphs import LayerActQuant, build_layer_graphs
+from mllm_deploy.compile.parallel import BuildPool
 from mllm_deploy.compile.quantize import ActQuant, WeightGranularity, activation_quant_symmetric
 from mllm_deploy.compile.shadow_store import gguf_sources, write_shadow_rows
 from mllm_deploy.errors import Diagnostic, ExitCode, UserError, user_error
@@ -208,20 +210,19 @@ def calibration_stats(
     started = time.perf_counter()
     # numpy's BLAS on one thread, whatever cpu_threads says: multithreaded BLAS sums in another
     # order, so the self-generated calibration text could diverge with the thread setting and
-    # the same profile build different artifacts. One thread also avoids oversubscribing a busy
-    # machine (2 threads on 2 shared cores made calibration ~30x slower, from spin-waiting).
+    # the same profile build different artifacts; and its spinning threads oversubscribe a busy
+    # machine (2 threads on 2 shared cores made calibration ~30x slower). The cores are used by
+    # splitting the work instead, into parts computed exactly as on one thread (compile.parallel).
     blas = threadpool_limits(limits=1, user_api="blas")
     log(f"calibrating on {p.calibration.samples} x {p.calibration.tokens_per_sample} tokens "
         f"from {p.calibration.source!r} (once per model and calibration settings)")  # fmt: skip
     try:
-        samples = _cached_samples(
-            lock,
-            lambda: calibration_tokens(
-                p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir, resolved.loaded.where, progress
-            ),
-        )
-        stats = collect_activation_stats(engine, samples, p.outliers.scale_percentile, source=p.calibration.source,
-                                         chunk_size=p.prefill.chunk_size, progress=progress, started=started)  # fmt: skip
+        with BuildPool() as pool:
+            samples = _cached_samples(lock, lambda: calibration_tokens(
+                p, load_tokenizer(resolved.spec), engine, resolved.loaded.base_dir, resolved.loaded.where, progress, pool
+            ))  # fmt: skip
+            stats = collect_activation_stats(engine, samples, p.outliers.scale_percentile, source=p.calibration.source,
+                                             chunk_size=p.prefill.chunk_size, progress=progress, started=started, pool=pool)  # fmt: skip
     finally:
         blas.restore_original_limits()
     store_stats(key, stats)

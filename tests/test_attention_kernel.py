@@ -35,6 +35,7 @@ CASES = [  # rows, start, real rows, heads, kv heads, head_dim
     (150, 40, 61, 4, 1, 8),  # a padded chunk: rows 61.. see every real key
     (20, 10, 20, 2, 2, 256),  # head_dim 256 (Gemma 3)
     (9, 5, 7, 4, 2, 4),  # head_dim 4: the numpy version
+    (10, 30, 8, 4, 2, 16),  # few rows: the numpy version
 ]
 
 

@@ -276,11 +276,13 @@ def test_memory_budget_of_default_profile(tmp_path, smollm_spec):
     assert m.npu_weight_bytes == linear_params + 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) * 4
     assert m.kv_cache_bytes == 2 * 30 * 4096 * 192 * 1  # int8 KV cache (decode.kv_cache default)
     assert m.cpu_weight_bytes >= 49152 * 576 * 4 + m.decode_weight_bytes  # float embeddings (tied head), decode graphs
-    # decode graphs, blocks of 64 (+ a float32 scale each): the layers' linears and the output head
-    blocks = 30 * (960 * 9 + 576 * 9 + 2 * 1536 * 9 + 576 * 24) + 49152 * 9
-    assert m.decode_weight_bytes == blocks * (64 + 4)
+    # decode graphs, blocks of 64 (+ a float32 scale each): the layers' linears; the output head in
+    # blocks of 32 whatever the profile says (HEAD_BLOCK: a Q8_0 embedding exactly)
+    blocks = 30 * (960 * 9 + 576 * 9 + 2 * 1536 * 9 + 576 * 24)
+    head = 49152 * 18 * (32 + 4)
+    assert m.decode_weight_bytes == blocks * (64 + 4) + head
     q8_0 = resolve(loaded_from(tmp_path, "[decode]\nweight_block = 32\n"), capabilities("host"), smollm_spec)
-    assert q8_0.memory.decode_weight_bytes == 2 * blocks * (32 + 4)
+    assert q8_0.memory.decode_weight_bytes == 2 * blocks * (32 + 4) + head
     assert q8_0.memory.cpu_weight_bytes - m.cpu_weight_bytes == q8_0.memory.decode_weight_bytes - m.decode_weight_bytes
     float_kv = resolve(loaded_from(tmp_path, '[decode]\nkv_cache = "float32"\n'), capabilities("host"), smollm_spec)
     assert float_kv.memory.kv_cache_bytes == 2 * 30 * 4096 * 192 * 4

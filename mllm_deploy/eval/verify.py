@@ -61,7 +61,7 @@ from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP
 from mllm_deploy.model.spec import LayerWeights
 from mllm_deploy.profile import load_profile
 from mllm_deploy.resolve import Resolved, resolve_profile
-from mllm_deploy.resolve.resolver import backend_label
+from mllm_deploy.resolve.choices import backend_label
 from mllm_deploy.runtime.dag_engine import profile_chunk_attention, profile_kv_scales
 from mllm_deploy.runtime.npu_kernels import NpuLayerKernels, load_npu_kernels
 from mllm_deploy.runtime.perplexity import rows_nll

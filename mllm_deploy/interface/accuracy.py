@@ -33,7 +33,7 @@ from mllm_deploy.interface.deployment import EMULATOR
 from mllm_deploy.interface.engines import load_deployment_weights, open_eval_engine
 from mllm_deploy.model import load_tokenizer
 from mllm_deploy.resolve import Resolved
-from mllm_deploy.resolve.resolver import backend_label
+from mllm_deploy.resolve.choices import backend_label
 from mllm_deploy.runtime.perplexity import perplexity, token_nll
 
 HELDOUT_TEXT = "heldout.txt"

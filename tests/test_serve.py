@@ -210,7 +210,8 @@ def test_load_32_requests_from_8_clients(server, model_id, session, record_prope
     assert server.metric("mllm_deploy_queue_depth") == 0
 
 
-def test_metrics_are_prometheus_text(server):
+def test_metrics_are_prometheus_text(server, client, model_id):
+    client.completions.create(model=model_id, prompt="Hello", max_tokens=3)  # at least one request ran
     status, headers, raw = server.request("GET", "/metrics")
     text = raw.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")

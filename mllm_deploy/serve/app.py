@@ -121,10 +121,18 @@ class ServeState:
         self.ready_at = time.perf_counter()
 
     def begin_shutdown(self) -> None:
-        """Stop taking requests: the waiting ones are answered 503 (the running one may finish)."""
+        """Stop taking requests: the waiting ones are answered 503 (the running one may finish).
+        Safe to call again, and from a signal handler (the queue's lock is reentrant)."""
         self.shutting_down = True
         for job in self.queue.close():
             job.post(JobFailed(ApiError(503, "the server is shutting down", type="server_error")))
+
+    def cancel_running(self) -> None:
+        """Stop the running generation between tokens (shutdown: its bound has passed)."""
+        worker = self.worker
+        running = worker.running if worker is not None else None
+        if running is not None:
+            running.cancel.set()
 
     def retry_after(self) -> int:
         """Seconds until the queue has room: the running request ends and the next one leaves the

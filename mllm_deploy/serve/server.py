@@ -8,6 +8,7 @@ let the running one finish within `shutdown_seconds` (then cancel it) and return
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import socket
 import sys
@@ -23,15 +24,17 @@ from mllm_deploy.interface.session import LoadedModel
 from mllm_deploy.serve.app import ServeSettings, ServeState, build_app
 
 WORKER_STOP_SECONDS = 5.0
+HARD_STOP_AFTER_CANCEL_SECONDS = 5  # uvicorn cancels what is still open this long after the cancel
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, with SIGINT/SIGTERM ending it gracefully and *not* re-raised afterwards
     (uvicorn re-raises them, which would turn a clean stop into exit 130 or a kill by SIGTERM)."""
 
-    def __init__(self, config: uvicorn.Config, state: ServeState):
+    def __init__(self, config: uvicorn.Config, state: ServeState, shutdown_seconds: float):
         super().__init__(config)
         self.state = state
+        self.shutdown_seconds = shutdown_seconds
         self.signals: list[int] = []
 
     @contextlib.contextmanager
@@ -49,9 +52,16 @@ class _Server(uvicorn.Server):
     def _on_signal(self, sig: int, frame: object) -> None:
         self.signals.append(sig)
         if self.should_exit:  # a second signal: do not wait for the running request
+            self.state.cancel_running()
             self.force_exit = True
+            return
         self.should_exit = True
-        self.state.shutting_down = True
+        self.state.begin_shutdown()  # the waiting requests are answered 503 now
+        # the running one may finish within the bound; then it is cancelled between tokens, so its
+        # stream still ends with a finish chunk and [DONE] before uvicorn's own (later) hard timeout
+        timer = threading.Timer(self.shutdown_seconds, self.state.cancel_running)
+        timer.daemon = True
+        timer.start()
 
 
 def serve(
@@ -77,10 +87,10 @@ def serve(
         port=port,
         log_level="info" if access_log else "warning",
         access_log=access_log,
-        timeout_graceful_shutdown=max(1, round(shutdown_seconds)),
+        timeout_graceful_shutdown=math.ceil(shutdown_seconds) + HARD_STOP_AFTER_CANCEL_SECONDS,
         lifespan="on",
     )
-    server = _Server(config, state)
+    server = _Server(config, state, shutdown_seconds)
     state.on_load_failed = lambda: setattr(server, "should_exit", True)
     outer = current_reporter()
 

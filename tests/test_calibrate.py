@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from mllm_deploy.compile.calibrate import _TopValues
-from mllm_deploy.compile.calibration_text import text_file_tokens
 from mllm_deploy.compile.calibration import (
     ActivationStats,
     InputStats,
@@ -14,6 +13,7 @@ from mllm_deploy.compile.calibration import (
     choose_hot_channels,
     derive_calibration,
 )
+from mllm_deploy.compile.calibration_text import text_file_tokens
 from mllm_deploy.errors import UserError
 from mllm_deploy.model.linears import GRAPH_KINDS
 
@@ -188,3 +188,64 @@ def test_kv_range_takes_rope_pair_norms_for_keys_and_channel_maxima_for_values(r
     result = kv.result()
     assert result.keys[0][0][pair[0]] == pytest.approx(5.0) and result.keys[0][0][pair[1]] == pytest.approx(5.0)
     assert result.values[0][0] == pytest.approx([1.0, 2.0, 0.5, 0.0])
+
+
+def test_statistics_do_not_depend_on_cores_blocks_or_kept_activations(tmp_path, monkeypatch):
+    """Layer by layer over blocks of samples on 1 or 3 threads, activations kept or recomputed:
+    the same statistics, value for value (chunked samples of different lengths)."""
+    import tiny_models
+
+    from mllm_deploy.compile import calibrate
+    from mllm_deploy.compile.parallel import BuildPool
+    from mllm_deploy.forward.float_engine import FloatEngine
+    from mllm_deploy.model import load_weights, read_spec
+
+    cfg = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
+    spec = read_spec(str(tiny_models.write_tiny_gguf(tmp_path, tied=False, cfg=cfg)))
+    engine = FloatEngine(load_weights(spec, use_cache=False))
+    samples = [[3 + (i * 7 + j * 5) % 250 for i in range(20 + 3 * j)] for j in range(5)]
+
+    def stats(workers):
+        with BuildPool(workers) as pool:
+            result = calibrate.collect_activation_stats(engine, samples, 99.0, source="self", chunk_size=8, pool=pool)
+        return result.model_dump(exclude={"seconds"})
+
+    whole = stats(1)  # one block
+    monkeypatch.setattr(calibrate, "BLOCK_TOKENS", 45)  # blocks of one or two whole samples
+    assert len(calibrate.blocks_of(samples, 8)) == 4
+    one = stats(1)
+    monkeypatch.setattr(calibrate, "KEEP_BYTES", 0)  # the probes recompute the float layer
+    assert stats(3) == one
+    assert one["tokens"] == sum(len(s) for s in samples) and all(i["grid_damage"] > 0 for i in one["inputs"])
+    # other blocks: products of other row counts, equal up to float rounding (OpenBLAS small-matrix kernel;
+    # a rounding step of the fake-quantized input that flips moves a small damage by up to 0.1%)
+    assert [i["grid_damage"] for i in one["inputs"]] == pytest.approx(
+        [i["grid_damage"] for i in whole["inputs"]], rel=1e-2
+    )
+    assert one["output_max_clamped"] == pytest.approx(whole["output_max_clamped"], rel=1e-5)
+
+
+def test_self_generated_text_is_the_same_on_one_or_several_threads(tmp_path):
+    import tiny_models
+
+    from mllm_deploy.compile.calibration_text import self_generated_tokens
+    from mllm_deploy.compile.parallel import BuildPool
+    from mllm_deploy.forward.float_engine import FloatEngine
+    from mllm_deploy.model import load_weights, read_spec
+
+    cfg = tiny_models.TinyConfig(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, context=256)
+    spec = read_spec(str(tiny_models.write_tiny_gguf(tmp_path, tied=False, cfg=cfg)))
+    engine = FloatEngine(load_weights(spec, use_cache=False))
+
+    class Tok:
+        eos_ids, bos_id = (2,), 1
+
+        def encode(self, text, allow_special=False):
+            return [3 + ord(c) % 200 for c in text][: 5 + len(text) % 7]
+
+    texts = []
+    for workers in (1, 2):
+        with BuildPool(workers) as pool:
+            texts.append(self_generated_tokens(engine, Tok(), 4, 24, pool=pool))
+    assert texts[0] == texts[1]
+    assert [len(s) for s in texts[0]] == [24] * 4 and not {1, 2} & {t for s in texts[0] for t in s[12:]}

@@ -15,11 +15,11 @@ from typing import Literal, Protocol
 import numpy as np
 
 from mllm_deploy.events import ChunkDone, SubgraphEvent
+from mllm_deploy.forward.family import float_block_linears, head_rms_norm, sliding_window_attention
 from mllm_deploy.forward.kv_cache import KVCache, KVScales
 from mllm_deploy.forward.layers import (
     BlockLinears,
     ChunkSpan,
-    FloatBlockLinears,
     causal_attention,
     rms_norm,
 )
@@ -75,7 +75,14 @@ class FloatEngine:
         self.spec: ModelSpec = spec
         self.weights = weights
         self.rope = RopeTables(spec.head_dim, spec.rope_theta, spec.rope_style, n_positions=1024)
-        self.block_linears: list[BlockLinears] = [FloatBlockLinears(layer) for layer in weights.layers]
+        self.local_rope = (  # "local" (sliding-window) layers' own RoPE base (Gemma 3)
+            RopeTables(spec.head_dim, spec.local_rope_theta, spec.rope_style, n_positions=1024)
+            if spec.local_rope_theta is not None
+            else self.rope
+        )
+        self.block_linears: list[BlockLinears] = [
+            float_block_linears(layer, spec.activation) for layer in weights.layers
+        ]
         self.chunk_attention: ChunkAttention | None = None  # attend int8 caches in integer kernels (NPU path)
         self.cancel: threading.Event | None = None  # not checked inside a chunk: the float engine has no subgraphs
 
@@ -140,18 +147,36 @@ class FloatEngine:
         """Rotate q/k, store the real rows' k/v in the cache, attend. Returns [T, q_dim]."""
         spec = self.spec
         n_rows = q.shape[0]
-        q = self.rope.apply(q.reshape(n_rows, spec.n_heads, spec.head_dim), span.start)
-        k = self.rope.apply(k.reshape(n_rows, spec.n_kv_heads, spec.head_dim), span.start)
+        q = q.reshape(n_rows, spec.n_heads, spec.head_dim)
+        k = k.reshape(n_rows, spec.n_kv_heads, spec.head_dim)
+        w = self.weights.layers[layer]
+        if w.q_norm is not None and w.k_norm is not None:  # QK-norm (Gemma 3), before RoPE
+            q, k = head_rms_norm(q, w.q_norm, spec.rms_eps), head_rms_norm(k, w.k_norm, spec.rms_eps)
+        if spec.attention_scale is not None:  # attention divides by sqrt(head_dim): make it this scale
+            q = q * np.float32(spec.attention_scale * np.sqrt(spec.head_dim))
+        local = spec.layer_kind(layer) == "local"
+        rope = self.local_rope if local else self.rope
+        q, k = rope.apply(q, span.start), rope.apply(k, span.start)
         v = v.reshape(n_rows, spec.n_kv_heads, spec.head_dim)
         cache.write(layer, span.start, k[: span.n_real], v[: span.n_real])
+        if local and spec.sliding_window is not None:
+            if self.chunk_attention is not None and cache.scales is not None:
+                raise NotImplementedError("sliding-window layers over an int8 KV cache")
+            keys, values = cache.attention_window(layer, span.start, k[: span.n_real], v[: span.n_real])
+            return sliding_window_attention(q, keys, values, span.start, spec.n_kv_heads, spec.sliding_window)
         return attend_stored_chunk(q, k, v, span, cache, layer, spec.n_kv_heads, self.chunk_attention)
 
     def out_mlp_step(self, layer: int, x: np.ndarray, attn: np.ndarray) -> np.ndarray:
         """Residual stream after the block: x + wo(attn), then + mlp(norm(.)). [T, hidden]."""
-        linears = self.block_linears[layer]
-        h = x + linears.attn_output(attn)
-        h_norm = rms_norm(h, self.weights.layers[layer].ffn_norm, self.spec.rms_eps)
-        return h + linears.mlp(h_norm)
+        linears, w, eps = self.block_linears[layer], self.weights.layers[layer], self.spec.rms_eps
+        out = linears.attn_output(attn)
+        if w.post_attn_norm is not None:  # sandwich norms (Gemma 2/3)
+            out = rms_norm(out, w.post_attn_norm, eps)
+        h = x + out
+        mlp = linears.mlp(rms_norm(h, w.ffn_norm, eps))
+        if w.post_ffn_norm is not None:
+            mlp = rms_norm(mlp, w.post_ffn_norm, eps)
+        return h + mlp
 
     def block(self, layer: int, x: np.ndarray, span: ChunkSpan, cache: KVCache) -> np.ndarray:
         q, k, v = self.qkv_step(layer, x)
@@ -161,7 +186,11 @@ class FloatEngine:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Output head on x [n, hidden] -> [n, vocab]."""
         x_norm = rms_norm(x, self.weights.output_norm, self.spec.rms_eps)
-        return x_norm @ self.weights.output.T
+        logits = x_norm @ self.weights.output.T
+        cap = self.spec.final_logit_softcap
+        if cap is not None:  # cap * tanh(logits / cap)
+            logits = np.float32(cap) * np.tanh(logits / np.float32(cap))
+        return logits
 
     # -- whole chunks ------------------------------------------------------------------------
 
@@ -180,9 +209,12 @@ class FloatEngine:
             raise ValueError(f"{n_real} tokens do not fit the KV cache ({cache.free} free)")
         span = ChunkSpan(start=cache.length, n_real=n_real, n_rows=n_rows)
         self.rope.ensure(span.start + n_rows)
+        self.local_rope.ensure(span.start + n_rows)
         ids = np.full(n_rows, PAD_TOKEN_ID, np.int64)
         ids[:n_real] = token_ids
         x = self.weights.tok_embd[ids]  # [T, hidden]
+        if self.spec.embedding_scale != 1.0:  # Gemma: * sqrt(hidden)
+            x = x * np.float32(self.spec.embedding_scale)
         for layer in range(self.spec.n_layers):
             x = self.block(layer, x, span, cache)
         cache.advance(list(token_ids))

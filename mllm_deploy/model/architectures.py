@@ -26,6 +26,7 @@ class Architecture:
     global_every: int | None = None  # every N-th layer (1-based) is global, the others local
     local_rope_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this); None: 1/sqrt(head_dim)
+    npu_path: bool = True  # the compiler's graphs implement its blocks (else: float path only, refused at validate)
 
     def layer_kinds(self, n_layers: int, sliding_window: int | None) -> tuple[LayerKind, ...]:
         if self.global_every is None or sliding_window is None:
@@ -41,6 +42,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "gemma3", rope_style_gguf="half", activation="gelu_tanh", scale_embeddings=True, qk_norm=True,
             sandwich_norms=True, global_every=6, local_rope_theta=10_000.0, query_pre_attn_scalar=256.0,
+            npu_path=False,  # its graphs (GeGLU, QK-norm, sandwich norms, windows) are not built yet
         ),
     )
 }  # fmt: skip
+
+
+def npu_architectures() -> list[str]:
+    """The architectures whose blocks the NPU path (compile/, runtime/) implements."""
+    return [name for name, arch in ARCHITECTURES.items() if arch.npu_path]

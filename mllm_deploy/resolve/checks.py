@@ -11,6 +11,7 @@ from pathlib import Path
 from mllm_deploy.backends.registry import BACKENDS, HTP_ARCHS, NpuBackendName, backend_support
 from mllm_deploy.device.models import Capabilities
 from mllm_deploy.errors import Diagnostic
+from mllm_deploy.model.architectures import ARCHITECTURES, npu_architectures
 from mllm_deploy.model.spec import ModelSpec
 from mllm_deploy.profile.loaded import LoadedProfile
 from mllm_deploy.profile.models import Profile
@@ -78,6 +79,19 @@ def check_backend(c: Checks, profile: Profile, caps: Capabilities, backend: Back
             "QNN HTP on this machine is Qualcomm's x86 simulator: correct, but 200-700x slower "
             "than the CPU; use it to check graphs, not for speed",
             wanted,
+        )
+
+
+def check_architecture(c: Checks, spec: ModelSpec, backend: Backend) -> None:
+    """The NPU path implements only some architectures' blocks (model.architectures)."""
+    family = ARCHITECTURES.get(spec.architecture)
+    if backend != "none" and family is not None and not family.npu_path:
+        c.refuse(
+            "model.source",
+            f"the NPU path does not implement the {spec.architecture} architecture yet (it runs in float32 only)",
+            spec.architecture,
+            ", ".join(npu_architectures()),
+            hint='set device.npu_backend = "none" to run it on the CPU in float32',
         )
 
 

@@ -20,6 +20,7 @@ from mllm_deploy.profile.loaded import LoadedProfile
 from mllm_deploy.profile.models import Profile
 from mllm_deploy.resolve.checks import (
     Checks,
+    check_architecture,
     check_attention,
     check_backend,
     check_context,
@@ -85,6 +86,7 @@ def resolve(loaded: LoadedProfile, caps: Capabilities, spec: ModelSpec) -> Resol
     c.warnings.extend(loaded.warnings)
     backend = choose_backend(profile, caps)
     check_backend(c, profile, caps, backend)
+    check_architecture(c, spec, backend)
     if backend != "none" and caps.npu is not None:
         check_dtypes(c, profile, caps, backend)
     check_placement(c, profile, caps, backend)

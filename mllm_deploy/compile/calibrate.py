@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mllm_deploy.compile.calibrate_layer import Block, LayerActs, float_layer, probe_layer
+from mllm_deploy.compile.calibrate_layer import Block, LayerActs, check_plain_blocks, float_layer, probe_layer
 from mllm_deploy.compile.calibration import ActivationStats, InputStats, KVAbsMax
 from mllm_deploy.compile.calibration_text import Progress
 from mllm_deploy.compile.parallel import BuildPool
@@ -129,6 +129,7 @@ def collect_activation_stats(
             return collect_activation_stats(engine, samples, percentile, source=source, chunk_size=chunk_size,
                                             progress=progress, started=started, pool=own)  # fmt: skip
     started = time.perf_counter() if started is None else started
+    check_plain_blocks(engine)
     spec = engine.spec
     total_tokens = sum(len(s) for s in samples)
     blocks = blocks_of(samples, chunk_size)

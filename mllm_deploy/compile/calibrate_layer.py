@@ -30,6 +30,18 @@ from mllm_deploy.model.linears import GRAPH_KINDS, LINEAR_GROUP, GraphKind
 from mllm_deploy.model.spec import LayerWeights
 
 
+def check_plain_blocks(engine: FloatEngine) -> None:
+    """Calibration re-runs the pieces of a plain Llama-family block (the NPU path's): refuse a model
+    whose blocks have more (QK-norm, sandwich norms, sliding windows, attention or logit scaling)."""
+    spec = engine.spec
+    extras = [name for name in ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+              if any(getattr(w, name, None) is not None for w in engine.weights.layers)]  # fmt: skip
+    extras += [name for name in ("sliding_window", "attention_scale", "final_logit_softcap")
+               if getattr(spec, name, None) is not None]  # fmt: skip
+    if extras:
+        raise NotImplementedError(f"calibration of blocks with {', '.join(extras)} (only plain Llama-family blocks)")
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One chunk of a sample, as `FloatEngine.prefill` would run it."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mllm_deploy.compile.calibrate_layer import check_plain_blocks
 from mllm_deploy.compile.parallel import BuildPool, products_t
 from mllm_deploy.errors import Location, user_error
 from mllm_deploy.forward.float_engine import FloatEngine
@@ -134,6 +135,7 @@ def self_generated_tokens(
         with BuildPool() as own:
             return self_generated_tokens(engine, tokenizer, samples, tokens_per_sample, progress, own)
 
+    check_plain_blocks(engine)  # _BatchStep runs a plain block's pieces
     rng = np.random.default_rng(GEN_SEED)
     banned = [t for t in {*tokenizer.eos_ids, tokenizer.bos_id} if t is not None]
     seqs: list[list[int]] = []

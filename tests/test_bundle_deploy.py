@@ -324,8 +324,8 @@ def _has_hexagon(cache: Path) -> bool:
 @pytest.mark.parametrize(
     ("changes", "exit_code", "says"),
     [
-        ({"format_version": 3}, 3, "format_version: bundle {b}: this mllm-deploy"),
-        ({"format_version": None}, 3, "reads bundle format 2; the bundle has format None"),
+        ({"format_version": 2}, 3, "format_version: bundle {b}: this mllm-deploy"),
+        ({"format_version": None}, 3, "reads bundle format 3; the bundle has format None"),
         ({"backend": "qnn-htp", "htp_arch": 75, "soc_model": 57, "versions__onnxruntime_qnn": "0.0.1"}, 3,
          "versions.onnxruntime_qnn: bundle {b}: its QNN context binaries were compiled with onnxruntime-qnn 0.0.1"),
         ({"chunk_size": 128}, 3, "its lockfile says chunk_size = 128, but its artifacts were built with 256"),

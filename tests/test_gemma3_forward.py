@@ -11,7 +11,7 @@ import pytest
 
 from mllm_deploy.forward.family import gelu_tanh_mul_, head_rms_norm, sliding_window_attention
 from mllm_deploy.forward.float_engine import FloatEngine
-from mllm_deploy.model import load_tokenizer, load_weights, read_spec
+from mllm_deploy.model import load_weights, read_spec
 
 
 def _naive(q, keys, values, start, n_kv_heads, window):
@@ -55,14 +55,13 @@ REFERENCE = Path(__file__).parent / "golden" / "gemma3_reference.npz"
 
 @pytest.fixture(scope="module")
 def gemma_engine():
-    spec = read_spec("builtin:gemma3-270m")
-    return FloatEngine(load_weights(spec, on_demand=True)), load_tokenizer(spec)
+    return FloatEngine(load_weights(read_spec("builtin:gemma3-270m"), on_demand=True))
 
 
 @pytest.mark.slow  # ~1-2 min on 2 loaded cores: the 262k-row head dominates each decode step
 @pytest.mark.parametrize("prompt", [0, 3])  # a short prompt, and 738 tokens (> the 512-token window)
 def test_greedy_continuation_and_logits_equal_transformers(gemma_engine, prompt):
-    engine, tok = gemma_engine
+    engine = gemma_engine
     ref = np.load(REFERENCE)
     ids = ref[f"p{prompt}_prompt"].tolist()
     assert prompt != 3 or len(ids) > 512  # the local layers' window really slides
@@ -72,5 +71,6 @@ def test_greedy_continuation_and_logits_equal_transformers(gemma_engine, prompt)
     for step in range(steps):
         top_ids, top_logits = ref[f"p{prompt}_top_ids"][step], ref[f"p{prompt}_top_logits"][step]
         assert int(np.argmax(logits)) == int(ref[f"p{prompt}_greedy"][step]), (prompt, step)
-        np.testing.assert_allclose(logits[top_ids], top_logits, atol=0.05 * float(np.abs(top_logits).max()))
+        # measured: at most 5e-5 apart (logits up to ~24) over all 4 prompts x 8 steps
+        np.testing.assert_allclose(logits[top_ids], top_logits, rtol=0, atol=1e-3)
         logits = engine.decode_step(cache, int(ref[f"p{prompt}_greedy"][step]))

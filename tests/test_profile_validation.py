@@ -39,6 +39,7 @@ BAD_VALUES = [
     ("device.cpu_threads", "0", ["must be >= 1", "got 0", "an integer from 1 to 256"]),
     ("device.npu_threads", "257", ["must be <= 256", "got 257", "an integer from 1 to 256"]),
     ("prefill.chunk_size", "5000", ["must be <= 4096", "got 5000", "an integer from 1 to 4096"]),
+    ("prefill.tail_chunk_size", "-1", ["must be >= 0", "got -1", "an integer from 0 to 4096"]),
     (
         "prefill.max_context",
         '"4096"',
@@ -172,7 +173,7 @@ def test_did_you_mean_for_misspelt_or_misplaced_keys(tmp_path, text, key, hint):
 
 def test_unknown_key_lists_the_keys_of_its_section(tmp_path):
     (diag,) = errors_of(write_profile(tmp_path, "[prefill]\nchunk = 1\n")).diagnostics
-    assert diag.allowed == "keys of [prefill]: chunk_size, max_context, overflow, attention"
+    assert diag.allowed == "keys of [prefill]: chunk_size, tail_chunk_size, max_context, overflow, attention"
     assert diag.value == 1
 
 
